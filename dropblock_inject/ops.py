@@ -1,0 +1,367 @@
+"""DropBlock, the op: functional forms and ``nn.Module`` wrappers.
+
+Implements DropBlock from `"DropBlock: A regularization method for convolutional networks"
+<https://arxiv.org/abs/1810.12890>`_ (Ghiasi, Lin & Le, NeurIPS 2018) with the semantics of the
+authors' TensorFlow code (``tensorflow/tpu``, ``resnet_model.py``):
+
+* the block is clipped to the feature map, per spatial axis;
+* seeds are drawn only where a whole block fits (the *valid* region), independently per sample and
+  (by default) per channel, at the rate
+  ``gamma = (1 - keep_prob) / prod(block) * prod(size) / prod(size - block + 1)``;
+* every seed zeroes the block whose top-left corner it is;
+* the output is ``x * mask * numel(mask) / sum(mask)``, the ratio computed in fp32 and safe when the
+  whole mask is dropped (the output is then all zeros);
+* in eval mode, or when ``keep_prob == 1``, the op is the identity and draws no random numbers.
+
+Two interchangeable implementations produce the same distribution:
+
+* a *sparse* one (eager, CPU): seeds are rare (``gamma`` is well under 1% at the paper's settings), so
+  their count is drawn from a Poisson law and their positions uniformly, which yields exactly
+  independent Bernoulli(``gamma``) seeds per position (Poisson splitting). The blocks are then written
+  as a scatter of zeros. Backward saves only the seed coordinates and recomputes the scatter.
+* a *dense* one (under ``torch.compile`` and on accelerators): a Bernoulli seed map grown into blocks
+  by a stride-1 max-pool, applied by a custom autograd function that saves a ``bool`` mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DropBlock2d", "DropBlock3d", "drop_block2d", "drop_block3d"]
+
+
+def _check_block_size(block_size: object) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int, but got {block_size!r} ({type(block_size).__name__})")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, but got {block_size}")
+    return block_size
+
+
+def _check_keep_prob(keep_prob: object) -> float:
+    if isinstance(keep_prob, Tensor) and keep_prob.numel() == 1:
+        keep_prob = keep_prob.item()
+    if isinstance(keep_prob, bool) or not isinstance(keep_prob, (int, float)):
+        raise TypeError(f"keep_prob must be a float, but got {keep_prob!r} ({type(keep_prob).__name__})")
+    if not 0.0 <= keep_prob <= 1.0:  # also rejects NaN
+        raise ValueError(f"keep_prob has to be between 0 and 1, but got {keep_prob}")
+    return float(keep_prob)
+
+
+def _check_input(x: Tensor, spatial_dims: int, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} expects a Tensor input, but got {type(x).__name__}")
+    rank = spatial_dims + 2
+    if x.dim() != rank:
+        layout = "(N, C, H, W)" if spatial_dims == 2 else "(N, C, T, H, W)"
+        raise ValueError(f"{name} expects a {rank}-D input {layout}, but got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} expects a floating point input, but got dtype {x.dtype}")
+
+
+def _geometry(spatial: Sequence[int], block_size: int) -> tuple[tuple[int, ...], tuple[int, ...], float]:
+    """Clipped block, valid seed region, and gamma's feature-size factor for a map of size ``spatial``."""
+    block = tuple(min(block_size, s) for s in spatial)
+    valid = tuple(s - b + 1 for s, b in zip(spatial, block))
+    factor = math.prod(spatial) / (math.prod(block) * math.prod(valid))
+    return block, valid, factor
+
+
+def seed_rate(keep_prob: float, spatial: Sequence[int], block_size: int) -> float:
+    """The per-position seed probability ``gamma`` of DropBlock on a map of size ``spatial``.
+
+    Args:
+        keep_prob: target fraction of kept activations.
+        spatial: the spatial size, ``(H, W)`` or ``(T, H, W)``.
+        block_size: the requested block size, clipped to each axis of the map.
+
+    Returns:
+        ``gamma = (1 - keep_prob) / prod(block) * prod(spatial) / prod(spatial - block + 1)``.
+    """
+    _, _, factor = _geometry(spatial, block_size)
+    return (1.0 - keep_prob) * factor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sparse implementation: eager, CPU, per-channel masks
+
+
+def _sample_seeds(n: int, gamma: float, device: torch.device) -> Tensor:
+    """Flat indices, in ``[0, n)``, of independent Bernoulli(``gamma``) seeds.
+
+    The number of draws is Poisson(-log(1 - gamma) * n) and their positions uniform with replacement, so
+    each position receives Poisson(-log(1 - gamma)) draws independently of the others: it is a seed with
+    probability exactly ``gamma``. A position drawn twice is harmless (its block is zeroed twice).
+    """
+    if n == 0 or gamma <= 0.0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    if gamma >= 1.0:
+        return torch.arange(n, device=device)
+    rate = torch.tensor(-math.log1p(-gamma) * n, dtype=torch.float64)
+    return torch.randint(n, (int(torch.poisson(rate).item()),), device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cell_offsets(block: tuple[int, ...], strides: tuple[int, ...], device: torch.device) -> Tensor:
+    """Memory offsets of the cells of a block relative to its top-left corner, for spatial ``strides``."""
+    cell = torch.zeros((), dtype=torch.long)
+    for size, stride in zip(block, strides):
+        cell = (cell.unsqueeze(-1) + torch.arange(size) * stride).flatten()
+    return cell.to(device)
+
+
+def _block_offsets(seeds: Tensor, seed_shape: Sequence[int], strides: Sequence[int],
+                   block: tuple[int, ...]) -> Tensor:
+    """Memory offsets of every cell of the blocks anchored at ``seeds`` (flat indices into ``seed_shape``)."""
+    base = torch.zeros_like(seeds)
+    rest = seeds
+    for size, stride in zip(reversed(seed_shape), reversed(strides)):
+        base += (rest % size) * stride
+        rest = rest // size
+    cells = _cell_offsets(block, tuple(strides[2:]), seeds.device)
+    return (base.unsqueeze(1) + cells).flatten()
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D view of the memory of a freshly allocated, non-overlapping and dense tensor."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+_LANES = 8 * 255  # bytes summed per int64 word lane without a carry between the 8 byte lanes
+
+
+def _count_marked(offsets: Tensor, numel: int) -> int:
+    """Number of distinct values in ``offsets`` (all in ``[0, numel)``), without sorting them.
+
+    The values are marked in a byte map, which is then summed eight bytes at a time as int64 words in groups
+    of 255 words (so no byte lane overflows), several times faster than counting the bytes one by one.
+    """
+    marks = torch.zeros(-(-numel // _LANES) * _LANES, dtype=torch.uint8, device=offsets.device)
+    marks.index_fill_(0, offsets, 1)
+    lanes = marks.view(torch.int64).view(-1, 255).sum(dim=1)
+    return int(lanes.view(torch.uint8).sum())
+
+
+class _SparseDropBlock(torch.autograd.Function):
+    """``x * mask * scale`` for a per-channel mask given by its block seeds; saves only the seeds."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, seeds: Tensor, seed_shape: tuple[int, ...], block: tuple[int, ...],  # type: ignore[override]
+                normalize: bool) -> Tensor:
+        out = torch.empty_like(x)  # x's memory format when x is dense, contiguous otherwise
+        strides = out.stride()
+        offsets = _block_offsets(seeds, seed_shape, strides, block)
+        numel = x.numel()
+        scale = 1.0
+        if normalize:
+            scale = numel / max(numel - _count_marked(offsets, numel), 1)
+        torch.mul(x, scale, out=out)
+        _flat(out).index_fill_(0, offsets, 0)
+        ctx.save_for_backward(seeds)
+        ctx.meta = (seed_shape, strides, block, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+        (seeds,) = ctx.saved_tensors
+        seed_shape, strides, block, scale = ctx.meta
+        grad_in = torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
+        torch.mul(grad, scale, out=grad_in)
+        _flat(grad_in).index_fill_(0, _block_offsets(seeds, seed_shape, strides, block), 0)
+        return grad_in, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dense implementation: shared masks, accelerators and torch.compile
+
+
+def _dense_keep_mask(mask_shape: Sequence[int], block: tuple[int, ...], valid: tuple[int, ...],
+                     gamma: Tensor | float, device: torch.device) -> Tensor:
+    """A ``bool`` keep mask of ``mask_shape``: Bernoulli seeds on the valid region, grown into blocks.
+
+    Blocks are grown with running sums: after padding each axis with ``b`` zeros in front and ``b - 1``
+    behind, ``csum[p + b] - csum[p]`` counts the seeds whose block covers position ``p``. This is exact and
+    far cheaper than the usual stride-1 max-pool of the seed map (a 7x7 max-pool costs ~100x more on CPU).
+    """
+    counts = (torch.rand((*mask_shape[:2], *valid), device=device) < gamma).to(torch.float32)
+    pad: list[int] = []
+    for size in reversed(block):
+        pad += [size, size - 1]
+    counts = F.pad(counts, pad)
+    for dim, (size, length) in enumerate(zip(block, mask_shape[2:]), start=2):
+        csum = counts.cumsum(dim)  # small integers: exact in fp32
+        counts = csum.narrow(dim, size, length) - csum.narrow(dim, 0, length)
+    return counts == 0
+
+
+class _ApplyKeepMask(torch.autograd.Function):
+    """``x * keep * scale`` for a ``bool`` mask broadcastable to ``x``; saves the mask, not a float copy."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(keep, scale)
+        return _apply_keep_mask(x, keep, scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        keep, scale = ctx.saved_tensors
+        return _apply_keep_mask(grad, keep, scale), None, None
+
+
+def _apply_keep_mask(x: Tensor, keep: Tensor, scale: Tensor) -> Tensor:
+    if keep.shape == x.shape:
+        return (x * keep).mul_(scale.to(x.dtype))
+    # a mask shared across channels: fold the scale into the small mask, then one pass over x
+    return x * (keep.to(torch.float32) * scale).to(x.dtype)
+
+
+def _drop_block(x: Tensor, keep_prob: float | Tensor, block_size: int, per_channel: bool, scale: bool,
+                dense: bool) -> Tensor:
+    spatial = tuple(x.shape[2:])
+    block, valid, factor = _geometry(spatial, block_size)
+    gamma = (1.0 - keep_prob) * factor
+    mask_shape = (x.shape[0], x.shape[1] if per_channel else 1, *spatial)
+    if all(v == 1 for v in valid):
+        # every block covers the whole map: the mask is one value per channel (or sample), broadcast over it
+        keep = torch.rand((*mask_shape[:2], *valid), device=x.device) >= gamma
+    elif per_channel and not dense:
+        seed_shape = (*mask_shape[:2], *valid)
+        seeds = _sample_seeds(math.prod(seed_shape), float(gamma), x.device)
+        return _SparseDropBlock.apply(x, seeds, seed_shape, block, scale)
+    else:
+        keep = _dense_keep_mask(mask_shape, block, valid, gamma, x.device)
+    if scale:
+        factor_t = keep.numel() / keep.sum(dtype=torch.float32).clamp_min_(1.0)
+    else:
+        factor_t = torch.ones((), dtype=torch.float32, device=x.device)
+    return _ApplyKeepMask.apply(x, keep, factor_t)
+
+
+def _functional(x: Tensor, keep_prob: float, block_size: int, per_channel: bool, scale: bool, training: bool,
+                spatial_dims: int, name: str) -> Tensor:
+    _check_input(x, spatial_dims, name)
+    block_size = _check_block_size(block_size)
+    keep_prob = _check_keep_prob(keep_prob)
+    if not training or keep_prob == 1.0 or x.numel() == 0:
+        return x
+    dense = x.device.type != "cpu" or torch.compiler.is_compiling()
+    return _drop_block(x, keep_prob, block_size, per_channel, scale, dense)
+
+
+def drop_block2d(x: Tensor, keep_prob: float, block_size: int = 7, *, per_channel: bool = True,
+                 scale: bool = True, training: bool = True) -> Tensor:
+    """DropBlock on a batch of 2-D feature maps.
+
+    Args:
+        x (Tensor[N, C, H, W]): the input feature maps, any floating point dtype and memory format.
+        keep_prob (float): the expected fraction of kept activations, in [0, 1].
+        block_size (int): side of the square block to drop, clipped to the map per axis. Default: 7.
+        per_channel (bool): draw an independent mask for every channel, as the reference does; ``False``
+            shares one mask across the channels of a sample. Default: ``True``.
+        scale (bool): multiply the kept activations by ``numel(mask) / sum(mask)``. Default: ``True``.
+        training (bool): apply the op; ``False`` returns ``x`` unchanged. Default: ``True``.
+
+    Returns:
+        Tensor[N, C, H, W]: the input with blocks zeroed, in the input's dtype and memory format.
+    """
+    return _functional(x, keep_prob, block_size, per_channel, scale, training, 2, "drop_block2d")
+
+
+def drop_block3d(x: Tensor, keep_prob: float, block_size: int = 7, *, per_channel: bool = True,
+                 scale: bool = True, training: bool = True) -> Tensor:
+    """DropBlock on a batch of 3-D feature maps (video or volumes).
+
+    Args:
+        x (Tensor[N, C, T, H, W]): the input feature maps, any floating point dtype and memory format.
+        keep_prob (float): the expected fraction of kept activations, in [0, 1].
+        block_size (int): side of the cubic block to drop, clipped to the map per axis. Default: 7.
+        per_channel (bool): an independent mask for every channel; ``False`` shares one per sample.
+        scale (bool): multiply the kept activations by ``numel(mask) / sum(mask)``. Default: ``True``.
+        training (bool): apply the op; ``False`` returns ``x`` unchanged. Default: ``True``.
+
+    Returns:
+        Tensor[N, C, T, H, W]: the input with blocks zeroed, in the input's dtype and memory format.
+    """
+    return _functional(x, keep_prob, block_size, per_channel, scale, training, 3, "drop_block3d")
+
+
+class _DropBlockNd(nn.Module):
+    _spatial_dims: int = 2
+
+    def __init__(self, block_size: int = 7, keep_prob: float = 1.0, *, per_channel: bool = True,
+                 scale: bool = True) -> None:
+        super().__init__()
+        self.block_size = _check_block_size(block_size)
+        self.per_channel = bool(per_channel)
+        self.scale = bool(scale)
+        keep_prob = _check_keep_prob(keep_prob)
+        self._keep_prob = keep_prob
+        # The tensor copy is what a compiled graph reads, so changing keep_prob never recompiles; it is not
+        # persistent, so state_dict keys are those of the model without DropBlock.
+        self.register_buffer("keep_prob_tensor", torch.tensor(keep_prob, dtype=torch.float32), persistent=False)
+
+    @property
+    def keep_prob(self) -> float:
+        """The current keep probability; setting it updates the tensor buffer in place (no allocation)."""
+        return self._keep_prob
+
+    @keep_prob.setter
+    def keep_prob(self, value: float) -> None:
+        value = _check_keep_prob(value)
+        self._keep_prob = value
+        with torch.no_grad():
+            self.keep_prob_tensor.fill_(value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        if torch.compiler.is_compiling():
+            # read the buffer, not the Python float, so a new keep_prob does not trigger a recompile
+            return _drop_block(x, self.keep_prob_tensor.to(torch.float32), self.block_size, self.per_channel,
+                               self.scale, dense=True)
+        name = type(self).__name__
+        _check_input(x, self._spatial_dims, name)
+        if self._keep_prob == 1.0 or x.numel() == 0:
+            return x
+        return _drop_block(x, self._keep_prob, self.block_size, self.per_channel, self.scale,
+                           dense=x.device.type != "cpu")
+
+    def extra_repr(self) -> str:
+        return (f"block_size={self.block_size}, keep_prob={self._keep_prob}, per_channel={self.per_channel}, "
+                f"scale={self.scale}")
+
+
+class DropBlock2d(_DropBlockNd):
+    """DropBlock on 2-D feature maps, as a module; see :func:`drop_block2d`.
+
+    Args:
+        block_size (int): side of the square block, clipped to the feature map. Default: 7.
+        keep_prob (float): expected fraction of kept activations; 1 disables the op. Schedulers set it
+            through the :attr:`keep_prob` property. Default: 1.0.
+        per_channel (bool): independent masks per channel (the reference); ``False`` shares one mask.
+        scale (bool): rescale kept activations by ``numel(mask) / sum(mask)``. Default: ``True``.
+
+    Shape:
+        Input ``(N, C, H, W)``, output the same. Identity in eval mode.
+    """
+
+    _spatial_dims = 2
+
+
+class DropBlock3d(_DropBlockNd):
+    """DropBlock on 3-D feature maps ``(N, C, T, H, W)``, as a module; see :func:`drop_block3d`.
+
+    Args:
+        block_size (int): side of the cubic block, clipped to the feature map. Default: 7.
+        keep_prob (float): expected fraction of kept activations; 1 disables the op. Default: 1.0.
+        per_channel (bool): independent masks per channel; ``False`` shares one mask per sample.
+        scale (bool): rescale kept activations by ``numel(mask) / sum(mask)``. Default: ``True``.
+    """
+
+    _spatial_dims = 3
