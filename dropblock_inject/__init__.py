@@ -1,6 +1,35 @@
-"""dropblock_inject: put DropBlock into an existing CNN with torch.fx, schedule it, strip it before export."""
+"""dropblock_inject: put DropBlock into an existing CNN with torch.fx, schedule it, strip it before export.
 
+Public API::
+
+    inject(model, recipe, *, example_input=None) -> model
+    plan(model, recipe, *, example_input=None) -> list[InsertionPoint]
+    strip(model) -> model
+    KeepProbScheduler(model, total_steps, *, target=None)
+    DropBlock2d, DropBlock3d, drop_block2d, drop_block3d
+    load_recipe(name_or_path_or_dict) -> Recipe;  available_recipes() -> list[str]
+    RecipeError, SurgeryError
+"""
+
+from .graph import InsertionPoint, SurgeryError, format_plan, inject, injected_dropblocks, plan, strip
 from .ops import DropBlock2d, DropBlock3d, drop_block2d, drop_block3d
+from .recipe import Recipe, RecipeError, available_recipes, load_recipe
 
-__all__ = ["DropBlock2d", "DropBlock3d", "drop_block2d", "drop_block3d"]
+__all__ = [
+    "DropBlock2d",
+    "DropBlock3d",
+    "InsertionPoint",
+    "Recipe",
+    "RecipeError",
+    "SurgeryError",
+    "available_recipes",
+    "drop_block2d",
+    "drop_block3d",
+    "format_plan",
+    "inject",
+    "injected_dropblocks",
+    "load_recipe",
+    "plan",
+    "strip",
+]
 __version__ = "0.1.0"

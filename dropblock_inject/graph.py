@@ -1,0 +1,614 @@
+"""FX surgery: find insertion points (``plan``), insert DropBlock (``inject``) and remove it (``strip``).
+
+How it works. Only the smallest modules that hold the chosen nodes are traced (typically each residual
+block), with every child module a leaf except plain ``nn.Sequential`` containers, which are traced
+through. For each such *scope*, DropBlock ``call_module`` nodes are inserted into its graph and the
+scope's ``forward`` is replaced, on that instance only, by a callable that runs the rewritten graph in
+training mode and the module's original ``forward`` in eval mode. So:
+
+* the model keeps its type, its module objects, its Parameters and its ``state_dict`` (DropBlock has no
+  persistent state); the inserted modules live in a ``dropblocks`` ``ModuleDict`` on each scope;
+* eval() runs the original code, bit for bit; anything fx would bake into the traced graph from
+  ``self.training`` follows train()/eval() because the traced graph only ever runs in training mode,
+  and children (StochasticDepth, DropPath, Dropout, ...) stay leaves that read their own flag;
+* ``strip`` deletes the instance ``forward`` and the ``dropblocks`` container: the original objects remain.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import operator
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .ops import DropBlock2d, DropBlock3d, _DropBlockNd
+from .recipe import Recipe, RecipeError, RecipeLike, Rule, ScheduleConfig, load_recipe
+
+__all__ = ["InsertionPoint", "SurgeryError", "inject", "plan", "strip", "format_plan", "injected_dropblocks"]
+
+_CONTAINER = "dropblocks"
+
+
+class SurgeryError(RuntimeError):
+    """A model that cannot be rewritten as asked: an untraceable target, or a model already injected."""
+
+
+@dataclass(frozen=True)
+class InsertionPoint:
+    """Where one DropBlock goes.
+
+    Attributes:
+        module: path of the traced scope (e.g. ``"layer3.0"``).
+        after: the fx node after which DropBlock is inserted (for a shortcut, the addition's shortcut
+            operand, e.g. ``"x"`` for an identity shortcut or ``"downsample_1"`` for a projection).
+        kind: ``"branch"`` or ``"shortcut"``.
+        block_size: DropBlock's block size.
+        shape: feature shape at that point for the example input, ``None`` when it was not computed.
+        keep_prob: final keep_prob of this point (the schedule's target).
+        drop_rate_scale: this point's drop rate relative to the recipe's.
+        per_channel: independent masks per channel.
+        rule: name of the recipe rule that selected it.
+    """
+
+    module: str
+    after: str
+    kind: str
+    block_size: int
+    shape: tuple[int, ...] | None
+    keep_prob: float
+    drop_rate_scale: float = 1.0
+    per_channel: bool = True
+    rule: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# node kinds
+
+_CONV_TYPES = (nn.Conv2d, nn.Conv3d)
+_NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+_NORM_NAMES = {"FrozenBatchNorm2d", "LayerNorm2d", "LayerNorm3d", "BatchNormAct2d", "GroupNormAct", "FrozenBatchNormAct2d"}
+_ACT_TYPES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish,
+              nn.PReLU)
+_ACT_NAMES = {"Swish", "HardSwish", "Mish", "GELU", "HardMish", "QuickGELU", "GELUTanh"}
+_ACT_FUNCTIONS: set[Any] = {torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, nn.functional.silu,
+                            nn.functional.gelu, nn.functional.hardswish, nn.functional.leaky_relu,
+                            nn.functional.elu, nn.functional.mish}
+_ACT_METHODS = {"relu", "relu_"}
+_ADD_FUNCTIONS: set[Any] = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
+def _module_kind(m: nn.Module) -> str | None:
+    if isinstance(m, _CONV_TYPES):
+        return "conv"
+    if isinstance(m, _NORM_TYPES) or type(m).__name__ in _NORM_NAMES:
+        return "norm"
+    if isinstance(m, _ACT_TYPES) or type(m).__name__ in _ACT_NAMES:
+        return "act"
+    if not isinstance(m, nn.Sequential):
+        # a conv-norm(-act) module such as timm's ConvNormAct: one conv, a norm, nothing but acts besides
+        kinds = [_module_kind(c) if not isinstance(c, (nn.Identity, nn.Dropout)) else "skip" for c in m.children()]
+        if kinds.count("conv") == 1 and "norm" in kinds and set(kinds) <= {"conv", "norm", "act", "skip"}:
+            return "unit"
+    return None
+
+
+def _is_plain_sequential(m: nn.Module) -> bool:
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+class _Tracer(fx.Tracer):
+    """Traces one module's own forward; children are leaves, except plain Sequential containers."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return not _is_plain_sequential(m) or isinstance(m, _DropBlockNd)
+
+
+def _trace(scope: nn.Module, path: str) -> fx.Graph:
+    """The training-mode graph of ``scope``; SurgeryError naming ``path`` if fx cannot trace it."""
+    was_training = scope.training
+    scope.training = True  # only the scope's own flag can be baked: children are leaves
+    try:
+        return _Tracer().trace(scope)
+    except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
+                           f"{type(e).__name__}: {e}") from e
+    finally:
+        scope.training = was_training
+
+
+# ----------------------------------------------------------------------------------------------------------
+# graph analysis
+
+
+@dataclass
+class _Candidate:
+    node: fx.Node
+    kind: str  # "branch" | "shortcut"
+    kinds: frozenset[str]  # node kinds (branch) or empty (shortcut)
+    add: fx.Node | None = None  # the residual addition, for shortcuts
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass
+class _Scope:
+    path: str
+    module: nn.Module
+    graph: fx.Graph
+    candidates: list[_Candidate]
+    residual: bool
+    output_shape: tuple[int, ...] | None
+    spatial_dims: int
+
+
+def _node_kinds(node: fx.Node, scope: nn.Module) -> frozenset[str]:
+    if node.op == "call_module":
+        kind = _module_kind(scope.get_submodule(str(node.target)))
+        return frozenset({kind}) if kind else frozenset()
+    if (node.op == "call_function" and node.target in _ACT_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _ACT_METHODS):
+        return frozenset({"act"})
+    return frozenset()
+
+
+def _add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS)
+    if not is_add or len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or "get_attr" in (a.op, b.op) or a is b:
+        return None
+    return a, b
+
+
+def _analyze(path: str, scope: nn.Module, graph: fx.Graph, shapes: _ShapeLog | None) -> _Scope:
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    ancestors: dict[fx.Node, int] = {}
+    for n in nodes:
+        bits = 0
+        for p in n.all_input_nodes:
+            bits |= ancestors[p] | (1 << index[p])
+        ancestors[n] = bits
+    kinds = {n: _node_kinds(n, scope) for n in nodes}
+    placeholders = sum(1 << index[n] for n in nodes if n.op == "placeholder")
+    heavy = sum(1 << index[n] for n in nodes if kinds[n] & {"conv", "unit", "norm"})
+    node_shapes = shapes.node_shapes(path, scope, graph) if shapes else {}
+
+    candidates: list[_Candidate] = []
+    on_shortcut = 0
+    residual = False
+    for n in nodes:
+        operands = _add_operands(n)
+        if operands is None:
+            continue
+        a, b = operands
+        own = {x: ancestors[x] | (1 << index[x]) for x in (a, b)}
+        excl = {a: own[a] & ~own[b], b: own[b] & ~own[a]}
+        if not (ancestors[a] | (1 << index[a])) & placeholders or not (ancestors[b] | (1 << index[b])) & placeholders:
+            continue  # not a residual: one operand does not derive from the scope's input
+        shortcut, branch = sorted((b, a), key=lambda x: (bin(excl[x] & heavy).count("1"), bin(excl[x]).count("1")))
+        if not excl[branch] & heavy:
+            continue  # neither side holds a layer: not a residual connection
+        # the shortcut must start at the scope's input: its exclusive path is fed only by placeholders
+        starts = [m for m in nodes if excl[shortcut] >> index[m] & 1] or [shortcut]
+        feeders = {p for m in starts for p in m.all_input_nodes if not excl[shortcut] >> index[p] & 1}
+        if shortcut.op != "placeholder" and not all(p.op == "placeholder" for p in feeders):
+            continue
+        residual = True
+        on_shortcut |= excl[shortcut]
+        shape = node_shapes.get(branch.name) or node_shapes.get(n.name)
+        candidates.append(_Candidate(shortcut, "shortcut", frozenset(), add=n, shape=shape))
+    for n in nodes:
+        if kinds[n] and not (on_shortcut >> index[n] & 1):
+            candidates.append(_Candidate(n, "branch", _unit_kinds(n, kinds), shape=node_shapes.get(n.name)))
+    output = next(n for n in reversed(nodes) if n.op == "output")
+    out_arg = output.args[0]
+    out_shape = node_shapes.get(out_arg.name) if isinstance(out_arg, fx.Node) else None
+    if shapes is not None and out_shape is None:
+        out_shape = shapes.module_output(path)
+    conv3d = any(isinstance(m, (nn.Conv3d, nn.BatchNorm3d)) for m in scope.modules())
+    return _Scope(path, scope, graph, candidates, residual, out_shape, 3 if conv3d else 2)
+
+
+def _unit_kinds(node: fx.Node, kinds: dict[fx.Node, frozenset[str]]) -> frozenset[str]:
+    """Add the ``unit`` kind: a norm right after a conv, a conv not followed by a norm, a conv-norm module."""
+    k = set(kinds[node])
+    if "norm" in k and any("conv" in kinds[p] for p in node.all_input_nodes):
+        k.add("unit")
+    if "conv" in k and not any("norm" in kinds[u] for u in node.users):
+        k.add("unit")
+    return frozenset(k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shapes from one forward pass
+
+
+class _ShapeLog:
+    """Output shapes of every module call and input shapes of every module, from one eval forward."""
+
+    def __init__(self, model: nn.Module, example_input: Any) -> None:
+        self.calls: dict[str, list[tuple[int, ...] | None]] = defaultdict(list)
+        self.inputs: dict[str, list[tuple[int, ...] | None]] = {}
+        handles = []
+        for name, m in model.named_modules():
+            handles.append(m.register_forward_hook(functools.partial(self._hook, name)))
+            handles.append(m.register_forward_pre_hook(functools.partial(self._pre_hook, name)))
+        modes = {m: m.training for m in model.modules()}
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        self.input_spatial = tuple(tensors[0].shape[2:]) if tensors else ()
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(*args)
+        except Exception as e:
+            raise SurgeryError(f"the example input of shape {[tuple(t.shape) for t in tensors]} failed to run "
+                               f"through the model: {type(e).__name__}: {e}") from e
+        finally:
+            for h in handles:
+                h.remove()
+            for m, mode in modes.items():
+                m.training = mode
+
+    @staticmethod
+    def _shape(value: Any) -> tuple[int, ...] | None:
+        return tuple(value.shape) if isinstance(value, Tensor) else None
+
+    def _hook(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        self.calls[name].append(self._shape(output))
+
+    def _pre_hook(self, name: str, module: nn.Module, args: Any) -> None:
+        self.inputs.setdefault(name, [self._shape(a) for a in args])
+
+    def module_output(self, path: str) -> tuple[int, ...] | None:
+        calls = self.calls.get(path)
+        return calls[0] if calls else None
+
+    def stride(self, shape: tuple[int, ...] | None) -> int | None:
+        if not shape or len(shape) != len(self.input_spatial) + 2 or not self.input_spatial:
+            return None
+        if shape[-1] <= 0:
+            return None
+        return round(self.input_spatial[-1] / shape[-1])
+
+    def node_shapes(self, path: str, scope: nn.Module, graph: fx.Graph) -> dict[str, tuple[int, ...] | None]:
+        """Shapes of the graph's nodes: module calls from the log, elementwise ops from their first input."""
+        shapes: dict[str, tuple[int, ...] | None] = {}
+        seen: dict[str, int] = defaultdict(int)
+        inputs = self.inputs.get(path, [])
+        placeholder = 0
+        for n in graph.nodes:
+            shape = None
+            if n.op == "placeholder":
+                shape = inputs[placeholder] if placeholder < len(inputs) else None
+                placeholder += 1
+            elif n.op == "call_module":
+                full = f"{path}.{n.target}" if path else str(n.target)
+                calls = self.calls.get(full, [])
+                shape = calls[seen[full]] if seen[full] < len(calls) else None
+                seen[full] += 1
+            elif n.op in ("call_function", "call_method") and (
+                    n.target in _ACT_FUNCTIONS or n.target in _ACT_METHODS or _add_operands(n) is not None):
+                first = n.args[0] if n.args else None
+                shape = shapes.get(first.name) if isinstance(first, fx.Node) else None
+            shapes[n.name] = shape
+        return shapes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# planning
+
+
+def _owner(path: str, model: nn.Module) -> str:
+    """The module whose own forward calls the module at ``path``: its nearest non-Sequential ancestor,
+    or, when that is the model itself, the outermost Sequential below the model that contains it."""
+    parts = path.split(".")
+    ancestors = [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]  # parent first, root ("") last
+    for anc in ancestors:
+        if anc == "":
+            break
+        if not _is_plain_sequential(model.get_submodule(anc)):
+            return anc
+    top = parts[0]
+    return top if len(parts) > 1 and _is_plain_sequential(model.get_submodule(top)) else ""
+
+
+def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: _ShapeLog | None) -> list[str]:
+    if rule.modules is not None:
+        chosen = [p for p in modules if p and rule.matches_path(p) and _module_kind(modules[p]) is None
+                  and not isinstance(modules[p], _DropBlockNd)]
+        # a glob such as "layer3.**" also matches modules inside a block: keep the outermost match
+        outer = set(chosen)
+        chosen = [p for p in chosen if not any(p.startswith(q + ".") for q in outer)]
+    else:
+        owners = {}
+        for p, m in modules.items():
+            if p and _module_kind(m) is not None:
+                owners.setdefault(_owner(p, model), []).append(p)
+        chosen = []
+        for owner, leaves in owners.items():
+            if rule.stride is not None and shapes is not None:
+                strides = {shapes.stride(shapes.module_output(p)) for p in leaves}
+                strides.add(shapes.stride(shapes.module_output(owner)))
+                if not strides & set(rule.stride):
+                    continue
+            chosen.append(owner)
+    if rule.types is not None:
+        chosen = [p for p in chosen if type(modules[p]).__name__ in rule.types
+                  or f"{type(modules[p]).__module__}.{type(modules[p]).__qualname__}" in rule.types]
+    return chosen
+
+
+def _select(scope: _Scope, rule: Rule, shapes: _ShapeLog | None) -> list[_Candidate]:
+    wanted = set(rule.after)
+    out_stride = shapes.stride(scope.output_shape) if shapes else None
+    selected = []
+    for c in scope.candidates:
+        if c.kind == "shortcut":
+            if not rule.shortcut:
+                continue
+        elif not ("any" in wanted or c.kinds & wanted):
+            continue
+        if c.shape is not None and (len(c.shape) != scope.spatial_dims + 2 or math.prod(c.shape[2:]) <= 1):
+            continue  # not a feature map (e.g. a 1x1 squeeze map, or a channels-last tensor)
+        if rule.stride is not None:
+            stride = shapes.stride(c.shape) if shapes else None
+            in_stage = scope.residual and out_stride in rule.stride
+            if c.kind == "shortcut":
+                if not (in_stage or stride in rule.stride):
+                    continue
+            elif not (stride in rule.stride or in_stage):
+                continue
+        selected.append(c)
+    return selected
+
+
+@dataclass
+class _Plan:
+    scopes: dict[str, _Scope]
+    points: dict[str, list[tuple[_Candidate, InsertionPoint]]]
+
+
+def _needs_shapes(recipe: Recipe) -> bool:
+    return any(r.stride is not None for r in recipe.rules)
+
+
+def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes: bool) -> _Plan:
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    shapes = None
+    if with_shapes or _needs_shapes(recipe):
+        if example_input is None:
+            example_input = torch.randn(1, 3, 224, 224)
+        shapes = _ShapeLog(model, example_input)
+    modules = dict(model.named_modules())
+    scopes: dict[str, _Scope] = {}
+    chosen: dict[str, dict[tuple[str, str], tuple[_Candidate, InsertionPoint]]] = defaultdict(dict)
+    for rule in recipe.rules:
+        count = 0
+        for path in _rule_scopes(model, rule, modules, shapes):
+            if path not in scopes:
+                scopes[path] = _analyze(path, modules[path], _trace(modules[path], path), shapes)
+            for c in _select(scopes[path], rule, shapes):
+                point = InsertionPoint(
+                    module=path, after=c.node.name, kind=c.kind,
+                    block_size=rule.block_size or recipe.dropblock.block_size, shape=c.shape,
+                    keep_prob=recipe.keep_prob(rule), drop_rate_scale=recipe.drop_rate_scale(rule),
+                    per_channel=recipe.dropblock.per_channel if rule.per_channel is None else rule.per_channel,
+                    rule=rule.name)
+                key = (c.kind, c.node.name if c.kind == "branch" else c.add.name)  # type: ignore[union-attr]
+                chosen[path][key] = (c, point)  # a later rule overrides an earlier one
+                count += 1
+        if count == 0:
+            raise RecipeError(f"rule {rule.name!r} of recipe {recipe.name!r} matches no insertion point in "
+                              f"{type(model).__name__} (modules={list(rule.modules) if rule.modules else None}, "
+                              f"types={list(rule.types) if rule.types else None}, "
+                              f"stride={list(rule.stride) if rule.stride else None}, after={list(rule.after)}, "
+                              f"shortcut={rule.shortcut})")
+    order = {name: i for i, name in enumerate(modules)}
+    points = {p: sorted(chosen[p].values(), key=lambda cp: _node_order(scopes[p].graph, cp[0]))
+              for p in sorted(chosen, key=order.__getitem__)}
+    return _Plan(scopes, points)
+
+
+def _node_order(graph: fx.Graph, c: _Candidate) -> int:
+    target = c.add if c.kind == "shortcut" else c.node
+    return next(i for i, n in enumerate(graph.nodes) if n is target)
+
+
+def plan(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -> list[InsertionPoint]:
+    """List where ``recipe`` would insert DropBlock in ``model``, changing nothing.
+
+    Args:
+        model: the network.
+        recipe: a recipe name, path, dict or :class:`~dropblock_inject.recipe.Recipe`.
+        example_input: input used to compute feature shapes and strides (default ``1x3x224x224``).
+
+    Returns:
+        The insertion points, in module order then graph order. ``format_plan`` prints them as a table.
+
+    Raises:
+        RecipeError: a bad recipe, or a rule that selects nothing.
+        SurgeryError: a selected module that torch.fx cannot trace.
+    """
+    recipe = load_recipe(recipe)
+    _check_not_injected(model)
+    built = _build_plan(model, recipe, example_input, with_shapes=True)
+    return [p for pts in built.points.values() for _, p in pts]
+
+
+def format_plan(points: Sequence[InsertionPoint]) -> str:
+    """A plain-text table of insertion points with totals."""
+    header = ("module", "after", "kind", "block", "keep_prob", "shape", "rule")
+    rows = [(p.module, p.after, p.kind, str(p.block_size), f"{p.keep_prob:.4g}",
+             "x".join(map(str, p.shape)) if p.shape else "-", p.rule) for p in points]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    branch = sum(p.kind == "branch" for p in points)
+    lines.append(f"{len(points)} DropBlocks: {branch} branch, {len(points) - branch} shortcut, "
+                 f"in {len({p.module for p in points})} modules")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the injected forward
+
+
+def _compile_graph(graph: fx.Graph, name: str) -> Callable[..., Any]:
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, f"<dropblock_inject: {name}>", "exec"), namespace)  # noqa: S102 - fx codegen
+    return namespace["forward"]
+
+
+class _InjectedForward:
+    """Stored as ``module.forward``: the rewritten graph in training mode, the original forward in eval.
+
+    Pickles (torch.save of a whole model), deep-copies and compiles; its code is regenerated from the graph.
+    """
+
+    def __init__(self, module: nn.Module, graph: fx.Graph, original: Callable[..., Any] | None,
+                 name: str) -> None:
+        self.module = module
+        self.graph = graph
+        self.original = original  # an instance-level forward that was there before, if any
+        self.name = name
+        self._fn = _compile_graph(graph, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.module.training:
+            return self._fn(self.module, *args, **kwargs)
+        if self.original is not None:
+            return self.original(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_InjectedForward, (self.module, self.graph, self.original, self.name))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _InjectedForward:
+        return _InjectedForward(copy.deepcopy(self.module, memo), copy.deepcopy(self.graph, memo),
+                                copy.deepcopy(self.original, memo), self.name)
+
+
+def _injected_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    for name, m in model.named_modules():
+        if isinstance(m.__dict__.get("forward"), _InjectedForward):
+            yield name, m
+
+
+def _check_not_injected(model: nn.Module) -> None:
+    for name, _ in _injected_modules(model):
+        raise SurgeryError(f"the model is already injected (module {name or '<root>'!r} was rewritten); "
+                           f"call dropblock_inject.strip(model) first")
+
+
+def injected_dropblocks(model: nn.Module) -> list[_DropBlockNd]:
+    """The DropBlock modules that ``inject`` inserted into ``model``, in module order."""
+    return [m for _, m in model.named_modules() if isinstance(m, _DropBlockNd) and hasattr(m, "point")]
+
+
+def _rewrite(scope: _Scope, points: list[tuple[_Candidate, InsertionPoint]], schedule: ScheduleConfig,
+             container_name: str) -> tuple[fx.Graph, nn.ModuleDict]:
+    graph = fx.Graph()
+    remap: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(scope.graph, remap)
+    graph.output(output)
+    container = nn.ModuleDict()
+    cls = DropBlock3d if scope.spatial_dims == 3 else DropBlock2d
+    for c, point in points:
+        key = f"{point.kind}_{point.after}" if point.kind == "shortcut" else point.after
+        db = cls(point.block_size, point.keep_prob, per_channel=point.per_channel)
+        db.point = point  # type: ignore[assignment]
+        db.schedule = schedule  # type: ignore[assignment]
+        container[key] = db
+        source = remap[c.node]
+        if c.kind == "branch":
+            with graph.inserting_after(source):
+                new = graph.call_module(f"{container_name}.{key}", (source,))
+            source.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        else:
+            add = remap[c.add]  # type: ignore[index]
+            with graph.inserting_before(add):
+                new = graph.call_module(f"{container_name}.{key}", (source,))
+            add.replace_input_with(source, new)
+    graph.lint()
+    return graph, container
+
+
+def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -> nn.Module:
+    """Insert DropBlock into ``model`` in place, where ``recipe`` says.
+
+    Args:
+        model: the network, usually with pretrained weights loaded.
+        recipe: a recipe name (see :func:`~dropblock_inject.available_recipes`), path, dict or Recipe.
+        example_input: input used when a rule selects by output stride (default ``1x3x224x224``); with
+            path-based recipes no forward pass is run unless it is given.
+
+    Returns:
+        ``model`` itself: same type, same Parameter objects, same ``state_dict``. Each DropBlock starts at
+        its final keep_prob; a :class:`~dropblock_inject.KeepProbScheduler` ramps it during training.
+
+    Raises:
+        RecipeError: a bad recipe, or a rule that selects nothing.
+        SurgeryError: the model is already injected, or a selected module cannot be traced. On any error
+            the model is left exactly as it was.
+    """
+    recipe = load_recipe(recipe)
+    _check_not_injected(model)
+    built = _build_plan(model, recipe, example_input, with_shapes=example_input is not None)
+    rewrites = []
+    for path, points in built.points.items():
+        scope = built.scopes[path]
+        name = _CONTAINER
+        while hasattr(scope.module, name):
+            name = f"_{name}"
+        graph, container = _rewrite(scope, points, recipe.schedule, name)
+        rewrites.append((scope.module, path, graph, container, name))
+    done: list[tuple[nn.Module, str]] = []
+    try:
+        for module, path, graph, container, name in rewrites:
+            original = module.__dict__.get("forward")
+            fwd = _InjectedForward(module, graph, original, f"{type(module).__name__} {path}")
+            module.add_module(name, container)
+            module.forward = fwd  # type: ignore[method-assign]
+            done.append((module, name))
+    except Exception:
+        for module, name in done:
+            _undo(module)
+        raise
+    return model
+
+
+def _undo(module: nn.Module) -> None:
+    fwd = module.__dict__.pop("forward")
+    if fwd.original is not None:
+        module.forward = fwd.original  # type: ignore[method-assign]
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.ModuleDict) and child and all(hasattr(c, "point") for c in child.values()):
+            delattr(module, name)
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """Remove every DropBlock that :func:`inject` inserted; a model never injected is returned unchanged.
+
+    Args:
+        model: an injected (or plain) model.
+
+    Returns:
+        ``model`` itself, made of its original module objects with their current (trained) weights, ready
+        for TorchScript, ONNX or torch.export.
+    """
+    for _, module in list(_injected_modules(model)):
+        _undo(module)
+    return model
