@@ -20,6 +20,7 @@ import copy
 import functools
 import math
 import operator
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -81,6 +82,7 @@ _ACT_FUNCTIONS: set[Any] = {torch.relu, torch.relu_, nn.functional.relu, nn.func
                             nn.functional.gelu, nn.functional.hardswish, nn.functional.leaky_relu,
                             nn.functional.elu, nn.functional.mish}
 _ACT_METHODS = {"relu", "relu_"}
+_UNIT_NAME = re.compile(r"conv.*(norm|bn)", re.IGNORECASE)  # ConvNormAct, ConvBnAct, ...
 _ADD_FUNCTIONS: set[Any] = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 
@@ -92,7 +94,7 @@ def _module_kind(m: nn.Module) -> str | None:
         return "norm"
     if isinstance(m, _ACT_TYPES) or type(m).__name__ in _ACT_NAMES:
         return "act"
-    if not isinstance(m, nn.Sequential):
+    if not isinstance(m, nn.Sequential) and _UNIT_NAME.search(type(m).__name__):
         # a conv-norm(-act) module such as timm's ConvNormAct: one conv, a norm, nothing but acts besides
         kinds = [_module_kind(c) if not isinstance(c, (nn.Identity, nn.Dropout)) else "skip" for c in m.children()]
         if kinds.count("conv") == 1 and "norm" in kinds and set(kinds) <= {"conv", "norm", "act", "skip"}:
@@ -309,24 +311,26 @@ class _ShapeLog:
 # planning
 
 
+def _is_container(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
 def _owner(path: str, model: nn.Module) -> str:
-    """The module whose own forward calls the module at ``path``: its nearest non-Sequential ancestor,
-    or, when that is the model itself, the outermost Sequential below the model that contains it."""
+    """The module whose own forward calls the module at ``path``: its nearest ancestor that is not a
+    container (Sequential, ModuleList, ModuleDict), the model itself ("") if there is none. Containers are
+    never rewritten: their forward may iterate over their children, which must not gain a new one."""
     parts = path.split(".")
-    ancestors = [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]  # parent first, root ("") last
-    for anc in ancestors:
-        if anc == "":
-            break
-        if not _is_plain_sequential(model.get_submodule(anc)):
+    for i in range(len(parts) - 1, 0, -1):
+        anc = ".".join(parts[:i])
+        if not _is_container(model.get_submodule(anc)):
             return anc
-    top = parts[0]
-    return top if len(parts) > 1 and _is_plain_sequential(model.get_submodule(top)) else ""
+    return ""
 
 
 def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: _ShapeLog | None) -> list[str]:
     if rule.modules is not None:
         chosen = [p for p in modules if p and rule.matches_path(p) and _module_kind(modules[p]) is None
-                  and not isinstance(modules[p], _DropBlockNd)]
+                  and not isinstance(modules[p], _DropBlockNd) and not _is_container(modules[p])]
         # a glob such as "layer3.**" also matches modules inside a block: keep the outermost match
         outer = set(chosen)
         chosen = [p for p in chosen if not any(p.startswith(q + ".") for q in outer)]
@@ -394,6 +398,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shape
     modules = dict(model.named_modules())
     scopes: dict[str, _Scope] = {}
     chosen: dict[str, dict[tuple[str, str], tuple[_Candidate, InsertionPoint]]] = defaultdict(dict)
+    total = 0
     for rule in recipe.rules:
         count = 0
         for path in _rule_scopes(model, rule, modules, shapes):
@@ -409,12 +414,15 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shape
                 key = (c.kind, c.node.name if c.kind == "branch" else c.add.name)  # type: ignore[union-attr]
                 chosen[path][key] = (c, point)  # a later rule overrides an earlier one
                 count += 1
-        if count == 0:
+        total += count
+        if count == 0 and not rule.optional:
             raise RecipeError(f"rule {rule.name!r} of recipe {recipe.name!r} matches no insertion point in "
                               f"{type(model).__name__} (modules={list(rule.modules) if rule.modules else None}, "
                               f"types={list(rule.types) if rule.types else None}, "
                               f"stride={list(rule.stride) if rule.stride else None}, after={list(rule.after)}, "
                               f"shortcut={rule.shortcut})")
+    if total == 0:
+        raise RecipeError(f"recipe {recipe.name!r} matches no insertion point in {type(model).__name__}")
     order = {name: i for i, name in enumerate(modules)}
     points = {p: sorted(chosen[p].values(), key=lambda cp: _node_order(scopes[p].graph, cp[0]))
               for p in sorted(chosen, key=order.__getitem__)}

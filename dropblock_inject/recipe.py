@@ -23,6 +23,7 @@ Format::
         after: [norm]           # node kinds on residual branches: conv, norm, act, unit, or any
         shortcut: true          # also on the shortcut of every residual addition
         drop_rate_scale: 1.0    # optional overrides: block_size, keep_prob, drop_rate_scale, per_channel
+        optional: false         # true: this rule may select nothing (the recipe as a whole may not)
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class Rule:
         shortcut: also insert on the shortcut of each residual addition.
         block_size, keep_prob, per_channel: overrides of the recipe's ``dropblock`` section.
         drop_rate_scale: multiplies the recipe's drop rate ``1 - keep_prob`` for this rule.
+        optional: selecting nothing is not an error (the recipe as a whole must still select something).
     """
 
     name: str
@@ -108,6 +110,7 @@ class Rule:
     keep_prob: float | None = None
     drop_rate_scale: float = 1.0
     per_channel: bool | None = None
+    optional: bool = False
 
     def matches_path(self, path: str) -> bool:
         """Whether the module path ``path`` matches one of this rule's globs (always, without globs)."""
@@ -266,7 +269,7 @@ def _schedule(value: Any, key: str) -> ScheduleConfig:
 
 
 _RULE_KEYS = ("name", "modules", "types", "stride", "after", "shortcut", "block_size", "keep_prob",
-              "drop_rate_scale", "per_channel")
+              "drop_rate_scale", "per_channel", "optional")
 
 
 def _rule(value: Any, key: str, index: int) -> Rule:
@@ -312,6 +315,7 @@ def _rule(value: Any, key: str, index: int) -> Rule:
         keep_prob=_prob(value["keep_prob"], f"{key}.keep_prob") if "keep_prob" in value else None,
         drop_rate_scale=drop_rate_scale,
         per_channel=_bool(value["per_channel"], f"{key}.per_channel") if "per_channel" in value else None,
+        optional=_bool(value.get("optional", False), f"{key}.optional"),
     )
 
 

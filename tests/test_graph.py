@@ -1,0 +1,362 @@
+"""FX surgery: plan / inject / strip and the nine surgery guarantees."""
+
+import copy
+import io
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import dropblock_inject as dbi
+from dropblock_inject.ops import _DropBlockNd
+
+X = torch.randn(2, 3, 64, 64)
+PAPER_LIKE = {"rules": [{"name": "blocks", "modules": ["**"], "after": ["norm"], "shortcut": True}]}
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model, state):
+    sd = model.state_dict()
+    return list(sd) == list(state) and all(torch.equal(sd[k], state[k]) for k in state)
+
+
+def _counts(points):
+    branch = sum(p.kind == "branch" for p in points)
+    return branch, len(points) - branch
+
+
+def _set_keep(model, value):
+    for m in dbi.injected_dropblocks(model):
+        m.keep_prob = value
+
+
+# ------------------------------------------------------------------------------------------------ real models
+
+RESNETS = {
+    "tv_resnet18": (lambda: torchvision.models.resnet18(), (8, 4)),
+    "tv_resnet50": (lambda: torchvision.models.resnet50(), (27, 9)),
+    "tv_resnet101": (lambda: torchvision.models.resnet101(), (78, 26)),
+    "tv_resnext50": (lambda: torchvision.models.resnext50_32x4d(), (27, 9)),
+    "tv_wide_resnet50_2": (lambda: torchvision.models.wide_resnet50_2(), (27, 9)),
+    "timm_resnet50": (lambda: timm.create_model("resnet50", pretrained=False), (27, 9)),
+    "timm_seresnet50": (lambda: timm.create_model("seresnet50", pretrained=False), (27, 9)),
+}
+
+
+@pytest.mark.parametrize("name", list(RESNETS))
+def test_paper_recipe_on_resnet_family(name):
+    ctor, expected = RESNETS[name]
+    model = ctor().eval()
+    ref = model(X)
+    state = _state(model)
+    params = [id(p) for p in model.parameters()]
+    points = dbi.plan(model, "resnet50_paper")
+    assert _counts(points) == expected
+    assert all(p.module.split(".")[0] in ("layer3", "layer4") for p in points)
+    assert {round(p.keep_prob, 6) for p in points if p.module.startswith("layer4")} == {0.9}
+    assert {round(p.keep_prob, 6) for p in points if p.module.startswith("layer3")} == {0.975}
+    assert all(p.block_size == 7 for p in points)
+    out = dbi.inject(model, "resnet50_paper")
+    assert out is model and type(model) is type(ctor())
+    assert len(dbi.injected_dropblocks(model)) == sum(expected)
+    assert [id(p) for p in model.parameters()] == params
+    assert _same_state(model, state)
+    assert torch.equal(model(X), ref)
+    dbi.strip(model)
+    assert not any(isinstance(m, _DropBlockNd) for m in model.modules())
+    assert _same_state(model, state)
+    assert torch.equal(model(X), ref)
+
+
+def test_resnet50_exact_paper_placement():
+    model = torchvision.models.resnet50()
+    points = dbi.plan(model, "resnet50_paper")
+    first = [(p.after, p.kind) for p in points if p.module == "layer3.0"]
+    assert first == [("bn1", "branch"), ("bn2", "branch"), ("bn3", "branch"), ("downsample_1", "shortcut")]
+    assert [(p.after, p.kind) for p in points if p.module == "layer4.2"][-1] == ("x", "shortcut")
+    assert points[0].shape == (1, 256, 28, 28)  # stride 8 in the first block of group 3, before it downsamples
+    text = dbi.format_plan(points)
+    assert "36 DropBlocks: 27 branch, 9 shortcut, in 9 modules" in text
+
+
+def test_train_output_at_keep_prob_one_is_bit_identical():
+    model = torchvision.models.resnet50().train()
+    twin = copy.deepcopy(model)
+    dbi.inject(model, "resnet50_paper")
+    _set_keep(model, 1.0)
+    torch.manual_seed(3)
+    a = model(X)
+    torch.manual_seed(3)
+    b = twin(X)
+    assert torch.equal(a, b)
+    assert _same_state(model, twin.state_dict())  # BN statistics updated identically
+
+
+def test_train_mode_drops_and_backprops():
+    model = torchvision.models.resnet18().train()
+    dbi.inject(model, "resnet50_paper")
+    _set_keep(model, 0.7)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((o == 0).float().mean().item()))
+             for m in dbi.injected_dropblocks(model)]
+    model(X).sum().backward()
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 12
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+class _BlockWithTrainingFlag(nn.Module):
+    """A residual block whose own forward reads self.training (fx would bake it in)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        y = F.dropout(y, 0.5, self.training)
+        return x + y
+
+
+def test_training_dependent_code_still_switches():
+    block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _BlockWithTrainingFlag(8))
+    ref_eval = block.eval()(X)
+    dbi.inject(block, {"rules": [{"modules": ["1"], "after": ["norm"], "shortcut": True}]})
+    assert torch.equal(block.eval()(X), ref_eval)
+    _set_keep(block, 1.0)
+    block.train()
+    twin = copy.deepcopy(block)
+    dbi.strip(twin)
+    torch.manual_seed(1)
+    a = block(X)
+    torch.manual_seed(1)
+    b = twin(X)
+    assert torch.equal(a, b) and not torch.equal(a, ref_eval)  # dropout active in train mode
+    assert torch.equal(block.eval()(X), twin.eval()(X))  # and off again in eval mode
+
+
+@pytest.mark.parametrize("ctor", [
+    lambda: torchvision.models.convnext_tiny(stochastic_depth_prob=0.5),
+    lambda: torchvision.models.efficientnet_b0(stochastic_depth_prob=0.5, dropout=0.5),
+    lambda: timm.create_model("resnet26", pretrained=False, drop_path_rate=0.5, drop_rate=0.5),
+], ids=["convnext_sd", "efficientnet_sd", "timm_resnet_droppath"])
+def test_stochastic_depth_models_keep_train_eval_behaviour(ctor):
+    model = ctor().eval()
+    ref = model(X)
+    dbi.inject(model, "paper_generic", example_input=torch.randn(1, 3, 64, 64))
+    assert torch.equal(model(X), ref)
+    _set_keep(model, 1.0)
+    model.train()
+    twin = copy.deepcopy(model)
+    dbi.strip(twin)
+    torch.manual_seed(5)
+    a = model(X)
+    torch.manual_seed(5)
+    b = twin(X)
+    assert torch.equal(a, b)
+    assert torch.equal(model.eval()(X), twin.eval()(X))
+
+
+# ------------------------------------------------------------------------------------------------ add styles
+
+class _Res(nn.Module):
+    def __init__(self, style, c=8, project=False):
+        super().__init__()
+        self.style = style
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.proj = nn.Sequential(nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)) if project else None
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        s = self.proj(x) if self.proj is not None else x
+        if self.style == "add":
+            out = y + s
+        elif self.style == "radd":
+            out = s + y
+        elif self.style == "iadd":
+            y += s
+            out = y
+        elif self.style == "torch.add":
+            out = torch.add(s, y)
+        elif self.style == "method":
+            out = y.add(s)
+        else:  # add_
+            out = y.add_(s)
+        return F.relu(out)
+
+
+class _Net(nn.Module):
+    def __init__(self, style, project):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = _Res(style, project=project)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.block(self.stem(x))
+        if x.sum() > 0:  # data-dependent control flow: the whole model is not traceable
+            x = x * 1.0
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("project", [False, True])
+@pytest.mark.parametrize("style", ["add", "radd", "iadd", "torch.add", "method", "add_"])
+def test_every_residual_add_style(style, project):
+    model = _Net(style, project).eval()
+    ref = model(X)
+    points = dbi.plan(model, {"rules": [{"modules": ["block"], "after": ["norm"], "shortcut": True}]})
+    kinds = [(p.after, p.kind) for p in points]
+    assert kinds[:2] == [("bn1", "branch"), ("bn2", "branch")]
+    assert kinds[2] == ("proj_1" if project else "x", "shortcut")
+    assert len(kinds) == 3
+    dbi.inject(model, {"rules": [{"modules": ["block"], "after": ["norm"], "shortcut": True}]})
+    assert torch.equal(model(X), ref)
+    model.train()
+    _set_keep(model, 0.5)
+    model(X).sum().backward()
+
+
+def test_untraceable_target_named_with_fx_message_and_model_untouched():
+    model = _Net("add", False)
+    state = _state(model)
+    with pytest.raises(dbi.SurgeryError, match=r"cannot trace module '<root>' \(_Net\).*control flow"):
+        dbi.inject(model, {"rules": [{"types": ["_Net"], "after": ["conv"]}]})
+    assert _same_state(model, state) and "forward" not in model.__dict__
+    assert not dbi.injected_dropblocks(model)
+
+
+def test_inject_twice_is_error_and_strip_plain_is_noop():
+    model = torchvision.models.resnet18()
+    assert dbi.strip(model) is model
+    dbi.inject(model, "resnet50_paper")
+    with pytest.raises(dbi.SurgeryError, match="already injected"):
+        dbi.inject(model, "resnet50_paper")
+    dbi.strip(model)
+    dbi.inject(model, "resnet50_paper")  # after strip, injecting again works
+    assert len(dbi.injected_dropblocks(model)) == 12
+
+
+def test_checkpoints_cross_load():
+    injected = torchvision.models.resnet18()
+    dbi.inject(injected, "resnet50_paper")
+    plain = torchvision.models.resnet18()
+    plain.load_state_dict(injected.state_dict())
+    other = torchvision.models.resnet18()
+    injected.load_state_dict(other.state_dict())
+    assert _same_state(injected, other.state_dict())
+
+
+def test_deepcopy_pickle_and_optimizer_built_before():
+    model = torchvision.models.resnet18()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dbi.inject(model, "resnet50_paper")
+    model.train()
+    _set_keep(model, 0.8)
+    model(X).sum().backward()
+    before = model.layer4[0].conv1.weight.clone()
+    opt.step()
+    assert not torch.equal(before, model.layer4[0].conv1.weight)
+    clone = copy.deepcopy(model)
+    assert len(dbi.injected_dropblocks(clone)) == 12
+    assert clone.layer3[0].forward.module is clone.layer3[0]
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (clone, loaded):
+        m.eval()
+        assert torch.equal(m(X), model.eval()(X))
+        m.train()
+        m(X).sum().backward()
+        dbi.strip(m)
+        assert not dbi.injected_dropblocks(m)
+
+
+def test_torch_compile_injected_model():
+    from torch._dynamo.testing import CompileCounter
+
+    model = torchvision.models.resnet18().train()
+    dbi.inject(model, "resnet50_paper")
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    for keep in (0.95, 0.9, 0.8):
+        _set_keep(model, keep)
+        out = compiled(X)
+        assert torch.isfinite(out).all()
+    assert counter.frame_count == 1
+
+
+def test_stripped_model_scripts_and_exports():
+    model = torchvision.models.resnet18()
+    dbi.inject(model, "resnet50_paper")
+    model.train()
+    model(X)
+    dbi.strip(model).eval()
+    ref = model(X)
+    scripted = torch.jit.script(model)
+    assert torch.allclose(scripted(X), ref, atol=1e-5)
+    exported = torch.export.export(model, (X,))
+    assert torch.allclose(exported.module()(X), ref, atol=1e-5)
+
+
+def test_retinanet_backbone_detections_identical():
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=64,
+                                   max_size=64).eval()
+    images = [torch.rand(3, 64, 64)]
+    ref = model(images)
+    dbi.inject(model, "retinanet_resnet50_fpn")
+    assert _counts([m.point for m in dbi.injected_dropblocks(model)]) == (27, 9)
+    assert all(m.point.module.startswith("backbone.body.layer") for m in dbi.injected_dropblocks(model))
+    out = model(images)
+    for a, b in zip(out, ref):
+        for k in a:
+            assert torch.equal(a[k], b[k])
+    model.train()
+    losses = model(images, [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}])
+    sum(losses.values()).backward()
+    dbi.strip(model).eval()
+    assert not dbi.injected_dropblocks(model)
+
+
+def test_whole_detector_untraceable_is_named():
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+    with pytest.raises(dbi.SurgeryError, match="cannot trace module 'transform' \\(GeneralizedRCNNTransform\\)"):
+        dbi.inject(model, {"rules": [{"modules": ["transform"], "after": ["any"]}]})
+    assert not dbi.injected_dropblocks(model)
+
+
+@pytest.mark.parametrize("ctor, expected", [
+    (lambda: torchvision.models.vgg11_bn(), (2, 0)),
+    (lambda: torchvision.models.densenet121(), (81, 0)),
+    (lambda: torchvision.models.resnet50(), (27, 9)),
+], ids=["vgg11_bn", "densenet121", "resnet50"])
+def test_paper_generic(ctor, expected):
+    model = ctor().eval()
+    ref = model(X)
+    points = dbi.plan(model, "paper_generic")
+    assert _counts(points) == expected
+    assert all(p.shape is not None and len(p.shape) == 4 and p.shape[-1] in (28, 14, 7) for p in points)
+    dbi.inject(model, "paper_generic")
+    assert torch.equal(model(X), ref)
+
+
+def test_se_maps_never_selected():
+    model = timm.create_model("seresnet50", pretrained=False)
+    points = dbi.plan(model, {"rules": [{"modules": ["**"], "after": ["any"], "stride": [16, 32]}]})
+    assert points and all(p.shape[-1] > 1 for p in points)
+    assert not any(".se" in p.module for p in points)

@@ -1,0 +1,126 @@
+"""Recipe loading and validation."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dropblock_inject as dbi
+from dropblock_inject.recipe import Recipe, RecipeError, available_recipes, load_recipe
+
+MINIMAL = {"rules": [{"modules": ["layer4.*"], "after": ["norm"], "shortcut": True}]}
+
+
+def test_shipped_recipes_load():
+    names = available_recipes()
+    for required in ("resnet50_paper", "paper_generic", "retinanet_resnet50_fpn", "resnet_paper"):
+        assert required in names
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.name == name and recipe.rules and recipe.description
+
+
+def test_resnet50_paper_values():
+    r = load_recipe("resnet50_paper")
+    assert r.dropblock.block_size == 7 and r.dropblock.keep_prob == 0.9
+    by_name = {rule.name: rule for rule in r.rules}
+    assert r.keep_prob(by_name["group4"]) == pytest.approx(0.9)
+    assert r.keep_prob(by_name["group3"]) == pytest.approx(0.975)
+
+
+def test_name_path_dict_and_recipe_forms(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    from_path = load_recipe(path)
+    from_str_path = load_recipe(str(path))
+    from_dict = load_recipe(MINIMAL)
+    assert from_path.rules == from_dict.rules == from_str_path.rules
+    assert load_recipe(from_dict) is from_dict
+    assert load_recipe(load_recipe("resnet50_paper").to_dict()).rules == load_recipe("resnet50_paper").rules
+
+
+def test_unknown_name_lists_known():
+    with pytest.raises(RecipeError, match="unknown recipe 'nope'.*resnet50_paper"):
+        load_recipe("nope")
+
+
+@pytest.mark.parametrize(
+    "doc, key",
+    [
+        ({"rules": []}, "rules"),
+        ({}, "rules"),
+        ({"rules": [{"modules": ["a"], "bogus": 1}]}, "rules[0].bogus"),
+        ({"rules": [{"modules": ["a"]}], "dropblock": {"keep_prob": 1.5}}, "dropblock.keep_prob"),
+        ({"rules": [{"modules": ["a"]}], "dropblock": {"block_size": 0}}, "dropblock.block_size"),
+        ({"rules": [{"modules": ["a"]}], "dropblock": {"block_size": True}}, "dropblock.block_size"),
+        ({"rules": [{"modules": ["a"], "after": ["bn"]}]}, "rules[0].after[0]"),
+        ({"rules": [{"modules": 3}]}, "rules[0].modules"),
+        ({"rules": [{"modules": ["a"], "stride": ["x"]}]}, "rules[0].stride[0]"),
+        ({"rules": [{"modules": ["a"], "keep_prob": 0.9, "drop_rate_scale": 0.5}]}, "rules[0].drop_rate_scale"),
+        ({"rules": [{"modules": ["a"], "shortcut": "yes"}]}, "rules[0].shortcut"),
+        ({"rules": [{"modules": ["a"]}], "schedule": {"ramp_fraction": 0}}, "schedule.ramp_fraction"),
+        ({"rules": [{"modules": ["a"]}], "extra": 1}, "extra"),
+        ({"rules": [{"name": "a", "modules": ["x"]}, {"name": "a", "modules": ["y"]}]}, "rules[1].name"),
+    ],
+)
+def test_bad_values_name_the_key(doc, key):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(doc)
+    assert f"'{key}'" in str(info.value)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_rule_matching_nothing_names_rule_and_leaves_model():
+    model = torchvision.models.resnet18()
+    before = copy.deepcopy(model.state_dict())
+    modules_before = [n for n, _ in model.named_modules()]
+    recipe = {"rules": [{"name": "ok", "modules": ["layer4.*"]}, {"name": "ghost", "modules": ["layer9.*"]}]}
+    with pytest.raises(RecipeError, match="rule 'ghost'"):
+        dbi.inject(model, recipe)
+    assert [n for n, _ in model.named_modules()] == modules_before
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not dbi.injected_dropblocks(model)
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.floats(allow_nan=True),
+                     st.text(max_size=8))
+_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                         st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+                       max_leaves=10)
+_keys = st.sampled_from(["rules", "dropblock", "schedule", "description", "name", "modules", "after", "stride",
+                         "shortcut", "block_size", "keep_prob", "per_channel", "drop_rate_scale", "types",
+                         "start_keep_prob", "ramp_fraction", "optional", "junk"])
+_docs = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                       st.dictionaries(_keys, inner, max_size=5)), max_leaves=14)
+
+_FUZZ_MODEL = torchvision.models.resnet18()
+_FUZZ_STATE = {k: v.clone() for k, v in _FUZZ_MODEL.state_dict().items()}
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc=st.one_of(_docs, st.dictionaries(_keys, _values, max_size=5)))
+def test_fuzzed_documents_raise_only_recipe_error(doc):
+    try:
+        recipe = load_recipe(doc) if isinstance(doc, dict) else load_recipe({"rules": doc})
+    except RecipeError:
+        return
+    assert isinstance(recipe, Recipe)
+    try:
+        dbi.inject(_FUZZ_MODEL, recipe, example_input=torch.randn(1, 3, 64, 64))
+    except (RecipeError, dbi.SurgeryError):
+        assert not dbi.injected_dropblocks(_FUZZ_MODEL)
+    finally:
+        dbi.strip(_FUZZ_MODEL)
+    assert all(torch.equal(_FUZZ_STATE[k], v) for k, v in _FUZZ_MODEL.state_dict().items())
