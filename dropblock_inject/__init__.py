@@ -14,11 +14,13 @@ Public API::
 from .graph import InsertionPoint, SurgeryError, format_plan, inject, injected_dropblocks, plan, strip
 from .ops import DropBlock2d, DropBlock3d, drop_block2d, drop_block3d
 from .recipe import Recipe, RecipeError, available_recipes, load_recipe
+from .schedule import KeepProbScheduler
 
 __all__ = [
     "DropBlock2d",
     "DropBlock3d",
     "InsertionPoint",
+    "KeepProbScheduler",
     "Recipe",
     "RecipeError",
     "SurgeryError",

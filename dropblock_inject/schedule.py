@@ -1,0 +1,268 @@
+"""Linear keep_prob schedule over the global step, for every DropBlock that :func:`inject` inserted.
+
+As in the authors' code (tensorflow/tpu ``resnet_main.py``), keep_prob falls linearly from its start value to
+its target as training advances, and stays at the target once the ramp is over (the reference keeps going;
+this clamps). Every DropBlock ramps to its own target: a point whose rule has ``drop_rate_scale`` ``s`` drops
+``s`` times the recipe's rate all along the ramp, so in ``resnet50_paper`` layer3 (``s = 0.25``) ends at
+``1 - 0.1 / 4 = 0.975`` while layer4 ends at 0.9. For a DropBlock with scale ``s``::
+
+    start  = 1 - (1 - schedule.start_keep_prob) * s
+    target = point.keep_prob                      # or 1 - (1 - target) * s when a target is given
+    keep_prob(step) = start - min(step / (schedule.ramp_fraction * total_steps), 1) * (start - target)
+
+The schedule is a pure function of the global step: ``step(global_step)`` can be called any number of times,
+in any order, and every rank of a distributed job computes the same values without communicating.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+from torch import nn
+
+from .graph import injected_dropblocks
+from .ops import _DropBlockNd
+from .recipe import ScheduleConfig
+
+__all__ = ["KeepProbScheduler"]
+
+_STATE_VERSION = 1
+
+
+def _check_total_steps(total_steps: object) -> int:
+    if isinstance(total_steps, bool) or isinstance(total_steps, float):
+        raise TypeError(f"total_steps must be an int, but got {total_steps!r} ({type(total_steps).__name__})"
+                        + ("; pass int(total_steps)" if isinstance(total_steps, float) and
+                           math.isfinite(total_steps) else ""))
+    try:
+        value = operator.index(total_steps)  # int, numpy integers, 0-d integer tensors
+    except TypeError:
+        raise TypeError(f"total_steps must be an int, but got {total_steps!r} "
+                        f"({type(total_steps).__name__})") from None
+    if value <= 0:
+        raise ValueError(f"total_steps must be a positive int, but got {value}")
+    return value
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool):
+        raise TypeError(f"global_step must be an int, but got {step!r}")
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise TypeError(f"global_step must be an int, but got {step!r} ({type(step).__name__})") from None
+    if value < 0:
+        raise ValueError(f"global_step must be >= 0, but got {value}")
+    return value
+
+
+def _check_target(target: object) -> float | None:
+    if target is None:
+        return None
+    if isinstance(target, bool) or not isinstance(target, (int, float)):
+        raise TypeError(f"target must be a float keep_prob in [0, 1] or None, but got {target!r} "
+                        f"({type(target).__name__})")
+    if not 0.0 <= target <= 1.0:  # also rejects NaN
+        raise ValueError(f"target must be a keep_prob in [0, 1], but got {target}")
+    return float(target)
+
+
+def _clamp(value: float) -> float:
+    return min(max(value, 0.0), 1.0)
+
+
+class KeepProbScheduler:
+    """Ramps the keep_prob of every injected DropBlock linearly with the global step.
+
+    Building the scheduler applies step 0, so the model starts at the schedule's start values (``inject``
+    leaves each DropBlock at its final keep_prob). Then call :meth:`step` with the global step before each
+    forward pass; it is idempotent and costs one float per DropBlock (a DropBlock whose value does not change
+    is not touched, and none allocates: the values go into each module's existing ``keep_prob_tensor``).
+
+    Example::
+
+        model = dropblock_inject.inject(torchvision.models.resnet50(), "resnet50_paper")
+        sched = dropblock_inject.KeepProbScheduler(model, total_steps=len(loader) * epochs)
+        for step, (x, y) in enumerate(loader):
+            sched.step(step)
+            ...
+
+    Args:
+        model: a model that :func:`~dropblock_inject.inject` rewrote (or a wrapper of it: DDP, a
+            LightningModule, ...). The DropBlocks are collected once, here.
+        total_steps: number of optimizer steps of the whole training run; the ramp ends after
+            ``schedule.ramp_fraction * total_steps`` of them.
+        target: the final keep_prob for a DropBlock of drop-rate scale 1; ``None`` keeps the recipe's. The
+            per-rule scales still apply: a point of scale ``s`` ends at ``1 - (1 - target) * s``.
+
+    Raises:
+        TypeError: ``total_steps`` is not an int, ``target`` not a number, or ``model`` not a Module.
+        ValueError: ``total_steps <= 0``, ``target`` outside [0, 1], or no injected DropBlock in ``model``.
+
+    Values are clamped to [0, 1] (which only matters for drop-rate scales above 1).
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int, *, target: float | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
+        self._dropblocks: tuple[_DropBlockNd, ...] = tuple(injected_dropblocks(model))
+        if not self._dropblocks:
+            raise ValueError(f"{type(model).__name__} has no DropBlock inserted by dropblock_inject; call "
+                             f"dropblock_inject.inject(model, recipe) first (or the model was stripped)")
+        self.total_steps = _check_total_steps(total_steps)
+        self.target = _check_target(target)
+        self.last_step: int = 0
+        self._precompute()
+        self.step(0)
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _precompute(self) -> None:
+        """Per-DropBlock floats: ramp length in steps, start value, distance to the target, target."""
+        ramps, starts, deltas, targets = [], [], [], []
+        for db in self._dropblocks:
+            point = db.point  # type: ignore[attr-defined]
+            sched: ScheduleConfig = getattr(db, "schedule", None) or ScheduleConfig()
+            scale = float(point.drop_rate_scale)
+            start = _clamp(1.0 - (1.0 - sched.start_keep_prob) * scale)
+            if self.target is None:
+                target = float(point.keep_prob)
+            else:
+                target = _clamp(1.0 - (1.0 - self.target) * scale)
+            ramps.append(sched.ramp_fraction * self.total_steps)
+            starts.append(start)
+            deltas.append(start - target)
+            targets.append(target)
+        self._ramps = tuple(ramps)
+        self._starts = tuple(starts)
+        self._deltas = tuple(deltas)
+        self._targets = tuple(targets)
+
+        # the headline: a DropBlock of drop-rate scale 1 under the first DropBlock's schedule
+        first = self._dropblocks[0]
+        sched = getattr(first, "schedule", None) or ScheduleConfig()
+        self._headline_ramp = sched.ramp_fraction * self.total_steps
+        self._headline_start = float(sched.start_keep_prob)
+        self._headline_target = self.target if self.target is not None else self._recipe_target()
+
+    def _recipe_target(self) -> float:
+        """The recipe's keep_prob (drop-rate scale 1), recovered from the DropBlocks' points."""
+        points = [db.point for db in self._dropblocks]  # type: ignore[attr-defined]
+        for p in points:
+            if p.drop_rate_scale == 1.0:
+                return float(p.keep_prob)
+        for p in points:
+            if p.drop_rate_scale > 0:
+                return _clamp(1.0 - (1.0 - p.keep_prob) / p.drop_rate_scale)
+        return 1.0
+
+    @staticmethod
+    def _value(step: int, ramp: float, start: float, delta: float, target: float) -> float:
+        if ramp <= 0 or step >= ramp:
+            return target  # exactly the target once the ramp is over
+        return start - (step / ramp) * delta
+
+    # ------------------------------------------------------------------------------------------------------
+
+    @property
+    def dropblocks(self) -> tuple[_DropBlockNd, ...]:
+        """The DropBlock modules this scheduler drives, in module order."""
+        return self._dropblocks
+
+    @property
+    def keep_prob(self) -> float:
+        """The current keep_prob of a DropBlock of drop-rate scale 1 (the recipe's headline value)."""
+        return self.keep_prob_at(self.last_step)
+
+    def keep_prob_at(self, global_step: int) -> float:
+        """The headline keep_prob (drop-rate scale 1) at ``global_step``, without changing any module.
+
+        Args:
+            global_step: a step >= 0.
+
+        Returns:
+            The keep_prob a DropBlock of drop-rate scale 1 has at that step.
+        """
+        step = _check_step(global_step)
+        start = self._headline_start
+        return _clamp(self._value(step, self._headline_ramp, start, start - self._headline_target,
+                                  self._headline_target))
+
+    def keep_probs_at(self, global_step: int) -> list[float]:
+        """Every DropBlock's keep_prob at ``global_step`` (in :attr:`dropblocks` order), changing nothing.
+
+        Args:
+            global_step: a step >= 0.
+
+        Returns:
+            One float per DropBlock.
+        """
+        step = _check_step(global_step)
+        value = self._value
+        return [value(step, r, s, d, t)
+                for r, s, d, t in zip(self._ramps, self._starts, self._deltas, self._targets)]
+
+    def step(self, global_step: int) -> float:
+        """Set every DropBlock's keep_prob for ``global_step``.
+
+        Idempotent (the values are a function of the step only), so it is safe to call it again for the
+        same step, after a resume, or on every rank of a distributed job.
+
+        Args:
+            global_step: the number of optimizer steps taken so far (>= 0); steps past the end of the ramp
+                keep the final values.
+
+        Returns:
+            The headline keep_prob (drop-rate scale 1) now in effect, as :attr:`keep_prob`.
+
+        Raises:
+            TypeError: ``global_step`` is not an int.
+            ValueError: ``global_step`` is negative.
+        """
+        step = _check_step(global_step)
+        value = self._value
+        for db, r, s, d, t in zip(self._dropblocks, self._ramps, self._starts, self._deltas, self._targets):
+            v = value(step, r, s, d, t)
+            if db._keep_prob != v:  # noqa: SLF001 - skip the buffer fill (a kernel launch on GPU) if unchanged
+                db.keep_prob = v
+        self.last_step = step
+        return self.keep_prob
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state: ``total_steps``, ``target`` and ``last_step`` (plain Python values).
+
+        Returns:
+            A dict that :meth:`load_state_dict` accepts, safe for ``torch.save`` with ``weights_only=True``.
+        """
+        return {"version": _STATE_VERSION, "total_steps": self.total_steps, "target": self.target,
+                "last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict` and re-apply its values to the DropBlocks.
+
+        Args:
+            state_dict: the dict returned by :meth:`state_dict` (possibly of another scheduler over a copy of
+                the same model, e.g. before a restart).
+
+        Raises:
+            KeyError: a required key is missing.
+            TypeError, ValueError: a stored value is invalid (as for the constructor).
+        """
+        missing = [k for k in ("total_steps", "target", "last_step") if k not in state_dict]
+        if missing:
+            raise KeyError(f"KeepProbScheduler state_dict is missing {missing}; got keys {sorted(state_dict)}")
+        total_steps = _check_total_steps(state_dict["total_steps"])
+        target = _check_target(state_dict["target"])
+        last_step = _check_step(state_dict["last_step"])
+        self.total_steps = total_steps
+        self.target = target
+        self._precompute()
+        self.step(last_step)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(dropblocks={len(self._dropblocks)}, total_steps={self.total_steps}, "
+                f"target={self.target}, last_step={self.last_step}, keep_prob={self.keep_prob:.6g})")
