@@ -124,3 +124,23 @@ def test_fuzzed_documents_raise_only_recipe_error(doc):
     finally:
         dbi.strip(_FUZZ_MODEL)
     assert all(torch.equal(_FUZZ_STATE[k], v) for k, v in _FUZZ_MODEL.state_dict().items())
+
+
+def test_wheel_ships_recipes(tmp_path):
+    """A non-editable install finds the shipped recipes (they live in top-level recipes/ in the source)."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(tmp_path / "site")
+    code = "import dropblock_inject as d; print(d.__file__); print(','.join(d.available_recipes()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
+                         check=True, capture_output=True, text=True).stdout.splitlines()
+    assert out[0].startswith(str(tmp_path / "site"))
+    assert set(out[1].split(",")) >= {"resnet50_paper", "paper_generic", "retinanet_resnet50_fpn"}
