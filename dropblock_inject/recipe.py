@@ -335,6 +335,10 @@ def _from_dict(data: Any, name: str) -> Recipe:
     if not isinstance(raw_rules, (list, tuple)) or not raw_rules:
         raise _fail("rules", f"expected a non-empty list of rules, got {raw_rules!r}")
     rules = tuple(_rule(r, f"rules[{i}]", i) for i, r in enumerate(raw_rules))
+    for i, rule in enumerate(rules):
+        if rule.keep_prob is None and 1.0 - (1.0 - dropblock.keep_prob) * rule.drop_rate_scale < 0.0:
+            raise _fail(f"rules[{i}].drop_rate_scale",
+                        f"{rule.drop_rate_scale!r} times the drop rate {1.0 - dropblock.keep_prob:g} exceeds 1")
     names = [r.name for r in rules]
     for i, n in enumerate(names):
         if n in names[:i]:

@@ -65,6 +65,8 @@ def test_unknown_name_lists_known():
         ({"rules": [{"modules": ["a"]}], "schedule": {"ramp_fraction": 0}}, "schedule.ramp_fraction"),
         ({"rules": [{"modules": ["a"]}], "extra": 1}, "extra"),
         ({"rules": [{"name": "a", "modules": ["x"]}, {"name": "a", "modules": ["y"]}]}, "rules[1].name"),
+        ({"rules": [{"modules": ["a"], "drop_rate_scale": 4}], "dropblock": {"keep_prob": 0.7}},
+         "rules[0].drop_rate_scale"),
     ],
 )
 def test_bad_values_name_the_key(doc, key):
