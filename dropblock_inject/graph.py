@@ -195,7 +195,7 @@ def _analyze(path: str, scope: nn.Module, graph: fx.Graph, shapes: _ShapeLog | N
         a, b = operands
         own = {x: ancestors[x] | (1 << index[x]) for x in (a, b)}
         excl = {a: own[a] & ~own[b], b: own[b] & ~own[a]}
-        if not (ancestors[a] | (1 << index[a])) & placeholders or not (ancestors[b] | (1 << index[b])) & placeholders:
+        if not own[a] & placeholders or not own[b] & placeholders:
             continue  # not a residual: one operand does not derive from the scope's input
         shortcut, branch = sorted((b, a), key=lambda x: (bin(excl[x] & heavy).count("1"), bin(excl[x]).count("1")))
         if not excl[branch] & heavy:
