@@ -20,7 +20,12 @@ Two interchangeable implementations produce the same distribution:
   independent Bernoulli(``gamma``) seeds per position (Poisson splitting). The blocks are then written
   as a scatter of zeros. Backward saves only the seed coordinates and recomputes the scatter.
 * a *dense* one (under ``torch.compile`` and on accelerators): a Bernoulli seed map grown into blocks
-  by a stride-1 max-pool, applied by a custom autograd function that saves a ``bool`` mask.
+  (running sums, equivalent to a stride-1 max-pool), applied by a custom autograd function that saves a
+  ``bool`` mask.
+
+Masks broadcast over the input (shared across channels with ``per_channel=False``, or one value per channel
+when the block covers the whole map) are small: they are built densely on every device as the scaled
+multiplier itself and applied by a plain product, whose backward keeps only that small multiplier.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["DropBlock2d", "DropBlock3d", "drop_block2d", "drop_block3d"]
@@ -142,6 +146,8 @@ def _count_marked(offsets: Tensor, numel: int) -> int:
     The values are marked in a byte map, which is then summed eight bytes at a time as int64 words in groups
     of 255 words (so no byte lane overflows), several times faster than counting the bytes one by one.
     """
+    if offsets.numel() == 0:
+        return 0
     marks = torch.zeros(-(-numel // _LANES) * _LANES, dtype=torch.uint8, device=offsets.device)
     marks.index_fill_(0, offsets, 1)
     lanes = marks.view(torch.int64).view(-1, 255).sum(dim=1)
@@ -181,27 +187,35 @@ class _SparseDropBlock(torch.autograd.Function):
 # dense implementation: shared masks, accelerators and torch.compile
 
 
+def _dense_block_counts(mask_shape: Sequence[int], block: tuple[int, ...], valid: tuple[int, ...],
+                        gamma: Tensor | float, device: torch.device) -> Tensor:
+    """Per position of ``mask_shape``, the number of Bernoulli(``gamma``) valid seeds whose block covers it.
+
+    Blocks are grown with running sums: the seeds are drawn straight into a zero buffer padded on each axis
+    with ``b`` zeros in front and ``b - 1`` behind, and ``csum[p + b] - csum[p]`` counts the seeds whose
+    block covers position ``p``. This is exact (small integers in fp32) and far cheaper than the usual
+    stride-1 max-pool of the seed map (a 7x7 max-pool costs ~100x more on CPU). Returns fp32 counts.
+    """
+    spatial = tuple(mask_shape[2:])
+    counts = torch.zeros((*mask_shape[:2], *(s + b for s, b in zip(spatial, block))), device=device)
+    seeds = counts
+    for dim, (size, length) in enumerate(zip(block, valid), start=2):
+        seeds = seeds.narrow(dim, size, length)
+    seeds.uniform_().lt_(gamma)  # in place on the view: 1.0 for a seed, 0.0 elsewhere
+    for dim, (size, length) in enumerate(zip(block, spatial), start=2):
+        csum = counts.cumsum(dim)
+        counts = csum.narrow(dim, size, length) - csum.narrow(dim, 0, length)
+    return counts
+
+
 def _dense_keep_mask(mask_shape: Sequence[int], block: tuple[int, ...], valid: tuple[int, ...],
                      gamma: Tensor | float, device: torch.device) -> Tensor:
-    """A ``bool`` keep mask of ``mask_shape``: Bernoulli seeds on the valid region, grown into blocks.
-
-    Blocks are grown with running sums: after padding each axis with ``b`` zeros in front and ``b - 1``
-    behind, ``csum[p + b] - csum[p]`` counts the seeds whose block covers position ``p``. This is exact and
-    far cheaper than the usual stride-1 max-pool of the seed map (a 7x7 max-pool costs ~100x more on CPU).
-    """
-    counts = (torch.rand((*mask_shape[:2], *valid), device=device) < gamma).to(torch.float32)
-    pad: list[int] = []
-    for size in reversed(block):
-        pad += [size, size - 1]
-    counts = F.pad(counts, pad)
-    for dim, (size, length) in enumerate(zip(block, mask_shape[2:]), start=2):
-        csum = counts.cumsum(dim)  # small integers: exact in fp32
-        counts = csum.narrow(dim, size, length) - csum.narrow(dim, 0, length)
-    return counts == 0
+    """A ``bool`` keep mask of ``mask_shape``: Bernoulli seeds on the valid region, grown into blocks."""
+    return _dense_block_counts(mask_shape, block, valid, gamma, device) == 0
 
 
 class _ApplyKeepMask(torch.autograd.Function):
-    """``x * keep * scale`` for a ``bool`` mask broadcastable to ``x``; saves the mask, not a float copy."""
+    """``x * keep * scale`` for a ``bool`` mask of x's shape; saves the mask, not a float copy."""
 
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
@@ -215,10 +229,12 @@ class _ApplyKeepMask(torch.autograd.Function):
 
 
 def _apply_keep_mask(x: Tensor, keep: Tensor, scale: Tensor) -> Tensor:
-    if keep.shape == x.shape:
-        return (x * keep).mul_(scale.to(x.dtype))
-    # a mask shared across channels: fold the scale into the small mask, then one pass over x
-    return x * (keep.to(torch.float32) * scale).to(x.dtype)
+    return (x * keep).mul_(scale.to(x.dtype))
+
+
+def _normalizer(kept: Tensor, numel: int) -> Tensor:
+    """``numel / kept`` in fp32, and 0 when nothing is kept (a zero mask must not meet an inf scale)."""
+    return torch.where(kept > 0, numel / kept.clamp_min(1.0), 0.0)
 
 
 def _drop_block(x: Tensor, keep_prob: float | Tensor, block_size: int, per_channel: bool, scale: bool,
@@ -227,20 +243,29 @@ def _drop_block(x: Tensor, keep_prob: float | Tensor, block_size: int, per_chann
     block, valid, factor = _geometry(spatial, block_size)
     gamma = (1.0 - keep_prob) * factor
     mask_shape = (x.shape[0], x.shape[1] if per_channel else 1, *spatial)
-    if all(v == 1 for v in valid):
-        # every block covers the whole map: the mask is one value per channel (or sample), broadcast over it
-        keep = torch.rand((*mask_shape[:2], *valid), device=x.device) >= gamma
-    elif per_channel and not dense:
-        seed_shape = (*mask_shape[:2], *valid)
-        seeds = _sample_seeds(math.prod(seed_shape), float(gamma), x.device)
-        return _SparseDropBlock.apply(x, seeds, seed_shape, block, scale)
-    else:
+    whole_map = all(v == 1 for v in valid)
+    if per_channel and not whole_map:
+        if not dense:
+            seed_shape = (*mask_shape[:2], *valid)
+            seeds = _sample_seeds(math.prod(seed_shape), float(gamma), x.device)
+            return _SparseDropBlock.apply(x, seeds, seed_shape, block, scale)
         keep = _dense_keep_mask(mask_shape, block, valid, gamma, x.device)
-    if scale:
-        factor_t = keep.numel() / keep.sum(dtype=torch.float32).clamp_min_(1.0)
+        if scale:
+            factor_t = _normalizer(keep.sum(dtype=torch.float32), keep.numel())
+        else:
+            factor_t = torch.ones((), dtype=torch.float32, device=x.device)
+        return _ApplyKeepMask.apply(x, keep, factor_t)
+    # A mask broadcast over x: one per sample (shared across channels), or one value per channel when every
+    # block covers the whole map. It is small, so it is built as the scaled fp32 multiplier itself and
+    # applied by a plain product, whose backward keeps only that multiplier (1/C or 1/(H*W) of x).
+    if whole_map:
+        multiplier = torch.rand((*mask_shape[:2], *valid), device=x.device).ge_(gamma)
     else:
-        factor_t = torch.ones((), dtype=torch.float32, device=x.device)
-    return _ApplyKeepMask.apply(x, keep, factor_t)
+        multiplier = _dense_block_counts(mask_shape, block, valid, gamma, x.device).eq_(0)
+    if scale:
+        # numel(mask) / sum(mask) over the small mask equals the ratio over the broadcast one
+        multiplier.mul_(_normalizer(multiplier.sum(), multiplier.numel()))
+    return x * multiplier.to(x.dtype)
 
 
 def _functional(x: Tensor, keep_prob: float, block_size: int, per_channel: bool, scale: bool, training: bool,
