@@ -1,0 +1,85 @@
+"""Zoo coverage (issue 7): models of torchvision and timm (random weights) through ``check_model``."""
+
+import pytest
+import torch
+
+from dropblock_inject import coverage
+
+torchvision = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm")
+
+FAST_TV = ["resnet18", "mobilenet_v3_small"]
+FAST_TIMM = ["resnet10t", "regnetx_002", "efficientnet_b0"]
+
+
+@pytest.mark.parametrize("name", FAST_TV)
+def test_torchvision_sample(name):
+    row = coverage.check_model(name, lambda: torchvision.models.get_model(name, weights=None),
+                               family=coverage._tv_family(name), library="torchvision")
+    assert row.status == "ok", row.reason
+    assert row.branch > 0
+
+
+@pytest.mark.parametrize("name", FAST_TIMM)
+def test_timm_sample(name):
+    row = coverage.check_model(name, lambda: timm.create_model(name, pretrained=False),
+                               family=coverage._timm_family(name), library="timm")
+    assert row.status == "ok", row.reason
+    assert row.branch > 0
+
+
+def test_resnet18_counts_match_paper_placement():
+    # layer3 + layer4 of a ResNet-18: 4 BasicBlocks, 2 branch points + 1 shortcut each
+    row = coverage.check_model("resnet18", lambda: torchvision.models.resnet18(weights=None))
+    assert (row.status, row.branch, row.shortcut) == ("ok", 8, 4)
+
+
+def test_check_model_reports_failures_without_raising():
+    def broken():
+        raise RuntimeError("no such model\nsecond line")
+
+    row = coverage.check_model("broken", broken)
+    assert row.status == "fail" and row.reason == "build: RuntimeError: no such model"
+
+    row = coverage.check_model("linear", lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2)))
+    assert row.status == "fail" and row.reason.startswith("plan:")
+
+
+def test_report_table(tmp_path):
+    rows = [coverage.CoverageRow("a", "resnet", 8, 4, 0.1, "ok", "", "torchvision"),
+            coverage.CoverageRow("b", "squeezenet", 0, 0, float("nan"), "fail", "plan: x | y", "torchvision"),
+            coverage.CoverageRow("vit_b_16", "vision_transformer", status="skipped: not a CNN", library="torchvision"),
+            coverage.CoverageRow("c", "dla", 1, 1, 0.2, "ok", "", "timm")]
+    assert coverage.pass_rates(rows) == {"torchvision": (1, 2), "timm": (1, 1)}
+    out = tmp_path / "coverage.md"
+    coverage.write_report(rows, out)
+    text = out.read_text()
+    assert "torchvision: 1/2 CNNs pass (50.0%)" in text and "timm: 1/1 CNNs pass (100.0%)" in text
+    assert "| torchvision | b | squeezenet | 0 | 0 |  | fail | plan: x \\| y |" in text
+
+
+def test_video_r3d_recipe():
+    row = coverage.check_video_model("r3d_18", lambda: torchvision.models.get_model("r3d_18", weights=None),
+                                     shape=(1, 3, 4, 32, 32))
+    assert row.status == "ok", row.reason
+    assert (row.branch, row.shortcut) == (8, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", coverage.VIDEO_MODELS)
+def test_video_models(name):
+    row = coverage.check_video_model(name, lambda: torchvision.models.get_model(name, weights=None))
+    assert row.status == "ok", row.reason
+
+
+@pytest.mark.slow
+def test_zoo_sweep_pass_rates(tmp_path):
+    # the whole timm sample and every torchvision classifier but the heaviest (coverage.TV_HEAVY), so that
+    # it fits CI's 30 minutes on 2 CPU cores; `python -m dropblock_inject.coverage` runs them all
+    rows = coverage.sweep(light=True, report=tmp_path / "coverage.md", log=None)
+    rates = coverage.pass_rates(rows)
+    failures = "\n".join(f"{r.library} {r.model}: {r.reason}" for r in rows if r.status == "fail")
+    passed, checked = rates["torchvision"]
+    assert passed >= 0.95 * checked, failures
+    passed, checked = rates["timm"]
+    assert passed >= 0.90 * checked, failures
