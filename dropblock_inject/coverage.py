@@ -325,13 +325,18 @@ def _is_cnn(name: str, family: str) -> bool:
 
 
 def sweep(fast: bool = False, recipe: Any = "paper_generic", libraries: tuple[str, ...] = ("torchvision", "timm"),
-          report: Path | None = None, keep_json: bool = False, light: bool = False, log: Callable[[str], None] | None = print) -> list[CoverageRow]:
+          report: Path | None = None, keep_json: bool = False, light: bool = False,
+          names: list[str] | None = None, reverse: bool = False, log: Callable[[str], None] | None = print) -> list[CoverageRow]:
     rows: list[CoverageRow] = []
     zoo = []
     if "torchvision" in libraries:
         zoo += [("torchvision", *m) for m in torchvision_models(fast, light)]
     if "timm" in libraries:
         zoo += [("timm", *m) for m in timm_models(fast)]
+    if names:
+        zoo = [z for z in zoo if z[1] in names]
+    if reverse:
+        zoo.reverse()
     for lib, name, family, ctor, size in zoo:
         t0 = time.perf_counter()
         if not _is_cnn(name, family):
@@ -396,6 +401,8 @@ def write_report(rows: list[CoverageRow], path: Path, recipe: Any = "paper_gener
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dropblock_inject.coverage", description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="a small sample of each library only")
+    parser.add_argument("--names", nargs="+", help="only these models")
+    parser.add_argument("--reverse", action="store_true", help="sweep in reverse order")
     parser.add_argument("--light", action="store_true", help="leave out the heaviest torchvision models")
     parser.add_argument("--recipe", default="paper_generic")
     parser.add_argument("--only", choices=["torchvision", "timm"], default=None)
@@ -406,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.merge:
         rows = [CoverageRow(**r) for f in args.merge for r in json.loads(Path(f).read_text())]
-        done = {(r.library, r.model) for r in rows}
+        unique = {(r.library, r.model): r for r in reversed(rows)}  # the first row of a model wins
+        rows = [r for r in rows if unique[(r.library, r.model)] is r]
+        done = set(unique)
         for lib, zoo in (("torchvision", torchvision_models), ("timm", timm_models)):
             for name, family, _, _ in zoo(args.fast):
                 if (lib, name) not in done:
@@ -418,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{lib}: {p}/{n} pass ({100 * p / max(n, 1):.1f}%)")
         return 0
     libs = (args.only,) if args.only else ("torchvision", "timm")
-    rows = sweep(args.fast, args.recipe, libs, Path(args.out), keep_json=args.json, light=args.light)
+    rows = sweep(args.fast, args.recipe, libs, Path(args.out), keep_json=args.json, light=args.light,
+                 names=args.names, reverse=args.reverse)
     for lib, (p, n) in pass_rates(rows).items():
         print(f"{lib}: {p}/{n} pass ({100 * p / max(n, 1):.1f}%)")
     return 0
