@@ -281,7 +281,8 @@ class _ShapeLog:
             return None
         if shape[-1] <= 0:
             return None
-        return round(self.input_spatial[-1] / shape[-1])
+        # nearest power of two: unpadded convs and floor-mode pools give e.g. 224 / 13 or 299 / 17
+        return 2 ** round(math.log2(self.input_spatial[-1] / shape[-1]))
 
     def node_shapes(self, path: str, scope: nn.Module, graph: fx.Graph) -> dict[str, tuple[int, ...] | None]:
         """Shapes of the graph's nodes: module calls from the log, elementwise ops from their first input."""
