@@ -1,0 +1,266 @@
+"""ResNet-50 training step on CPU: the cost of DropBlock, ours against timm's and torchvision's.
+
+One train step = forward, cross-entropy loss, ``zero_grad``, backward, SGD (momentum 0.9) step, on a fixed
+random batch (default 8 x 3 x 160 x 160). Candidates, each a separate model with its own optimizer:
+
+* ``tv plain``           torchvision ``resnet50`` (the baseline of the ``tv`` rows);
+* ``tv + dbi``           the same with ``dropblock_inject.inject(model, "resnet50_paper")``: 36 DropBlocks
+                         (27 branch + 9 shortcut, layer3 + layer4), keep_prob at the paper's target
+                         (0.9 in layer4, 0.975 in layer3), block 7, per-channel masks;
+* ``tv + tv.ops``        the same placement wired by hand with ``torchvision.ops.DropBlock2d`` (``p`` =
+                         1 - keep_prob, block 7): bn1/bn2/bn3 become ``Sequential(bn, DropBlock2d)``, the
+                         projection shortcut gets a DropBlock after its BN, and an identity shortcut becomes
+                         the DropBlock itself (``Bottleneck`` applies ``downsample`` to the shortcut);
+* ``timm plain``         timm ``resnet50`` (the baseline of the ``timm`` rows);
+* ``timm drop_block``    timm ``resnet50(drop_block_rate=0.1)``: timm's own placement, one shared-channel
+                         DropBlock after bn2 of each layer3 (block 5, gamma x 0.25) and layer4 (block 3) block:
+                         9 DropBlocks, not the paper's 36;
+* ``timm + dbi``         timm ``resnet50`` with ``resnet50_paper`` (36 DropBlocks, as ``tv + dbi``).
+
+Time: all candidates run in one process, interleaved round-robin (the order rotates every round) after a
+warm-up; the table reports the median step time and its overhead over the plain model of the same family.
+
+Memory: one extra step of each candidate under ``torch.profiler`` with ``profile_memory=True``; the peak of
+the running sum of every CPU tensor allocation and free during the step (forward, backward, optimizer step,
+gradients freed before it starts) is the "step peak": activations saved for backward, gradients, transient
+buffers. "Total peak" adds what is live before the step (parameters, buffers, momentum). Both are exact byte
+counts of tensor memory (no allocator caching, no RSS noise) and do not depend on machine load.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_train_step.py                       # batch 8 at 160 px, 15 rounds
+    .venv/bin/python benchmarks/bench_train_step.py --batch 16 --size 224 --rounds 10
+    .venv/bin/python benchmarks/bench_train_step.py --only "tv plain" "tv + dbi" --profile "tv + dbi"
+
+``--profile NAME`` prints a torch.profiler table (top ops by self CPU time) of one step of that candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dropblock_inject as dbi
+
+KEEP_PROB = 0.9  # the paper's target in layer4; layer3 drops a quarter of that rate
+BLOCK = 7
+
+
+@dataclass
+class Candidate:
+    name: str
+    baseline: str  # the plain model of the same family ("" for a baseline itself)
+    model: nn.Module
+    opt: torch.optim.Optimizer = field(init=False)
+    times: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.model.train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.opt.step()
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def tv_resnet50() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)  # the same initial weights for every torchvision candidate
+    return torchvision.models.resnet50()
+
+
+def timm_resnet50(**kwargs) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("resnet50", pretrained=False, **kwargs)
+
+
+def with_dropblock_inject(model: nn.Module) -> nn.Module:
+    """``resnet50_paper``; inject leaves every DropBlock at its final keep_prob (0.9 / 0.975)."""
+    dbi.inject(model, "resnet50_paper")
+    keep = sorted({round(m.keep_prob, 6) for m in dbi.injected_dropblocks(model)})
+    assert len(dbi.injected_dropblocks(model)) == 36 and keep == [0.9, 0.975], keep
+    return model
+
+
+def with_torchvision_dropblock(model: nn.Module) -> nn.Module:
+    """The paper's placement with ``torchvision.ops.DropBlock2d``, wired by hand (see the module docstring)."""
+    from torchvision.ops import DropBlock2d
+
+    count = 0
+    for layer, drop in (("layer3", (1 - KEEP_PROB) / 4), ("layer4", 1 - KEEP_PROB)):
+        for block in getattr(model, layer):
+            for bn in ("bn1", "bn2", "bn3"):
+                setattr(block, bn, nn.Sequential(getattr(block, bn), DropBlock2d(drop, BLOCK)))
+            if block.downsample is None:
+                block.downsample = DropBlock2d(drop, BLOCK)  # identity shortcut: downsample(x) = DropBlock(x)
+            else:
+                block.downsample.append(DropBlock2d(drop, BLOCK))
+            count += 4
+    assert count == 36
+    return model
+
+
+FACTORIES: dict[str, tuple[str, Callable[[], nn.Module]]] = {
+    "tv plain": ("", tv_resnet50),
+    "tv + dbi": ("tv plain", lambda: with_dropblock_inject(tv_resnet50())),
+    "tv + tv.ops": ("tv plain", lambda: with_torchvision_dropblock(tv_resnet50())),
+    "timm plain": ("", timm_resnet50),
+    "timm drop_block": ("timm plain", lambda: timm_resnet50(drop_block_rate=0.1)),
+    "timm + dbi": ("timm plain", lambda: with_dropblock_inject(timm_resnet50())),
+}
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+
+
+def state_bytes(c: Candidate) -> int:
+    """Bytes of the tensors live between steps: parameters, buffers, optimizer state (gradients excluded)."""
+    tensors = {t.data_ptr(): t.numel() * t.element_size()
+               for t in [*c.model.parameters(), *c.model.buffers()] if t.numel()}
+    for state in c.opt.state.values():
+        for t in state.values():
+            if isinstance(t, torch.Tensor) and t.numel():
+                tensors[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(tensors.values())
+
+
+def step_peak_bytes(c: Candidate, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Peak of the running sum of CPU tensor allocations during one step, above what was live at its start."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    c.opt.zero_grad(set_to_none=True)  # before profiling: frees of earlier blocks are not reported
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = F.cross_entropy(c.model(x), y)
+        loss.backward()
+        c.opt.step()
+    allocs = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation:
+            allocs.append((e.start_time_ns, e.extra_fields.alloc_size))
+    allocs.sort()
+    live = peak = 0
+    for _, size in allocs:
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def profile_step(c: Candidate, x: torch.Tensor, y: torch.Tensor, rows: int = 25) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    c.step(x, y)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        c.step(x, y)
+    print(f"\n### torch.profiler, one step of {c.name!r} (self CPU time)\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=160, help="input height and width")
+    parser.add_argument("--rounds", type=int, default=15, help="timed steps per candidate")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate first (>= 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--only", nargs="+", choices=list(FACTORIES), help="run these candidates only")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--profile", nargs="+", default=[], choices=list(FACTORIES),
+                        help="print a torch.profiler table of one step of these candidates")
+    args = parser.parse_args()
+
+    args.warmup = max(args.warmup, 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # denormals in a slowly trained net would time the FPU, not the model
+    names = args.only or list(FACTORIES)
+    for n in list(names):  # a candidate's baseline always runs too
+        base = FACTORIES[n][0]
+        if base and base not in names:
+            names.insert(0, base)
+    cands = [Candidate(n, FACTORIES[n][0], FACTORIES[n][1]()) for n in names]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
+    y = torch.randint(0, 1000, (args.batch,), generator=g)
+
+    print(f"# ResNet-50 train step, CPU: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch} x 3 x {args.size} x {args.size}, {args.rounds} interleaved rounds "
+          f"(+{args.warmup} warm-up), load average before: {os.getloadavg()[0]:.2f}")
+    for c in list(cands):  # the first warm-up step; a candidate that cannot run this shape is dropped
+        try:
+            c.step(x, y)
+        except Exception as e:  # noqa: BLE001 - e.g. torchvision's DropBlock2d and an even clipped block
+            print(f"skipping {c.name!r}: {type(e).__name__}: {e}")
+            cands.remove(c)
+            for d in [d for d in cands if d.baseline == c.name]:
+                d.baseline = ""
+    for _ in range(args.warmup - 1):
+        for c in cands:
+            c.step(x, y)
+    for r in range(args.rounds):
+        order = cands[r % len(cands):] + cands[:r % len(cands)]
+        for c in order:
+            t = time.perf_counter()
+            c.step(x, y)
+            c.times.append(time.perf_counter() - t)
+    load_after = os.getloadavg()[0]
+
+    mem = {}
+    if not args.no_memory:
+        for c in cands:
+            mem[c.name] = (step_peak_bytes(c, x, y), state_bytes(c))
+
+    by_name = {c.name: c for c in cands}
+    med = {c.name: statistics.median(c.times) for c in cands}
+    print(f"load average after: {load_after:.2f}\n")
+    print("| candidate | DropBlocks | median step (s) | min (s) | time overhead | step peak (MiB) | step peak "
+          "overhead | total peak (MiB) | total peak overhead |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c in cands:
+        n_db = sum(type(m).__name__ == "DropBlock2d" for m in c.model.modules())
+        over = f"{100 * (med[c.name] / med[c.baseline] - 1):+.1f}%" if c.baseline else "baseline"
+        row = f"| {c.name} | {n_db} | {med[c.name]:.3f} | {min(c.times):.3f} | {over} |"
+        if mem:
+            peak, state = mem[c.name]
+            if c.baseline:
+                bpeak, bstate = mem[c.baseline]
+                p_over = f"{100 * (peak / bpeak - 1):+.2f}%"
+                t_over = f"{100 * ((peak + state) / (bpeak + bstate) - 1):+.2f}%"
+            else:
+                p_over = t_over = "baseline"
+            row += f" {peak / 2**20:.1f} | {p_over} | {(peak + state) / 2**20:.1f} | {t_over} |"
+        else:
+            row += " - | - | - | - |"
+        print(row)
+    spread = {c.name: (statistics.quantiles(c.times, n=4) if len(c.times) >= 4 else [min(c.times)] * 3)
+              for c in cands}
+    print("\nquartiles of step time (s): " + "; ".join(
+        f"{n}: {q[0]:.3f}/{q[1]:.3f}/{q[2]:.3f}" for n, q in spread.items()))
+
+    for n in args.profile:
+        profile_step(by_name.get(n) or Candidate(n, FACTORIES[n][0], FACTORIES[n][1]()), x, y)
+
+
+if __name__ == "__main__":
+    main()
