@@ -1,6 +1,6 @@
 """Forward + backward of DropBlock on CPU: ours against timm, torchvision and the ``dropblock`` package.
 
-All candidates are timed in ONE run, interleaved round-robin (the order rotates every round) over many
+All candidates are timed in ONE run, interleaved round-robin (in a new random order every round) over many
 repetitions after a warm-up; the tables report medians, which are robust to the noise of a shared machine.
 
 Ratios (> 1 means we are faster):
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Callable
@@ -99,9 +100,11 @@ def bench_shape(shape: tuple[int, ...], rounds: int, warmup: int) -> dict[str, d
     x = torch.randn(shape, requires_grad=True)
     grad = torch.randn(shape)
     times: dict[str, list[float]] = {name: [] for name, *_ in cands}
+    order = random.Random(0)
     for r in range(warmup + rounds):
-        k = r % len(cands)
-        for name, _, _, m in cands[k:] + cands[:k]:  # rotate the order every round
+        # a fresh random order every round: no candidate always runs after the same one (whose memory traffic
+        # decides what is left in the caches)
+        for name, _, _, m in order.sample(cands, len(cands)):
             t = _time_once(lambda: _step(m, x, grad))
             if r >= warmup:
                 times[name].append(t)

@@ -69,7 +69,8 @@ def _check_input(x: Tensor, spatial_dims: int, name: str) -> None:
         raise TypeError(f"{name} expects a floating point input, but got dtype {x.dtype}")
 
 
-def _geometry(spatial: Sequence[int], block_size: int) -> tuple[tuple[int, ...], tuple[int, ...], float]:
+@functools.lru_cache(maxsize=512)
+def _geometry(spatial: tuple[int, ...], block_size: int) -> tuple[tuple[int, ...], tuple[int, ...], float]:
     """Clipped block, valid seed region, and gamma's feature-size factor for a map of size ``spatial``."""
     block = tuple(min(block_size, s) for s in spatial)
     valid = tuple(s - b + 1 for s, b in zip(spatial, block))
@@ -88,7 +89,7 @@ def seed_rate(keep_prob: float, spatial: Sequence[int], block_size: int) -> floa
     Returns:
         ``gamma = (1 - keep_prob) / prod(block) * prod(spatial) / prod(spatial - block + 1)``.
     """
-    _, _, factor = _geometry(spatial, block_size)
+    _, _, factor = _geometry(tuple(spatial), block_size)
     return (1.0 - keep_prob) * factor
 
 
@@ -201,7 +202,7 @@ def _dense_block_counts(mask_shape: Sequence[int], block: tuple[int, ...], valid
     seeds = counts
     for dim, (size, length) in enumerate(zip(block, valid), start=2):
         seeds = seeds.narrow(dim, size, length)
-    seeds.uniform_().lt_(gamma)  # in place on the view: 1.0 for a seed, 0.0 elsewhere
+    seeds.bernoulli_(gamma)  # in place on the view: 1.0 for a seed, 0.0 elsewhere
     for dim, (size, length) in enumerate(zip(block, spatial), start=2):
         csum = counts.cumsum(dim)
         counts = csum.narrow(dim, size, length) - csum.narrow(dim, 0, length)
@@ -240,7 +241,9 @@ def _normalizer(kept: Tensor, numel: int) -> Tensor:
 def _drop_block(x: Tensor, keep_prob: float | Tensor, block_size: int, per_channel: bool, scale: bool,
                 dense: bool) -> Tensor:
     spatial = tuple(x.shape[2:])
-    block, valid, factor = _geometry(spatial, block_size)
+    # dynamo traces through lru_cache wrappers (with a warning): give it the plain function
+    geometry = _geometry.__wrapped__ if torch.compiler.is_compiling() else _geometry
+    block, valid, factor = geometry(spatial, block_size)
     gamma = (1.0 - keep_prob) * factor
     mask_shape = (x.shape[0], x.shape[1] if per_channel else 1, *spatial)
     whole_map = all(v == 1 for v in valid)
@@ -264,7 +267,11 @@ def _drop_block(x: Tensor, keep_prob: float | Tensor, block_size: int, per_chann
         multiplier = _dense_block_counts(mask_shape, block, valid, gamma, x.device).eq_(0)
     if scale:
         # numel(mask) / sum(mask) over the small mask equals the ratio over the broadcast one
-        multiplier.mul_(_normalizer(multiplier.sum(), multiplier.numel()))
+        if dense:
+            multiplier.mul_(_normalizer(multiplier.sum(), multiplier.numel()))
+        else:  # eager CPU: a Python scalar is several times cheaper than the tensor arithmetic
+            kept = multiplier.sum().item()
+            multiplier.mul_(multiplier.numel() / kept if kept else 0.0)
     return x * multiplier.to(x.dtype)
 
 
