@@ -97,40 +97,73 @@ def seed_rate(keep_prob: float, spatial: Sequence[int], block_size: int) -> floa
 # sparse implementation: eager, CPU, per-channel masks
 
 
-def _sample_seeds(n: int, gamma: float, device: torch.device) -> Tensor:
-    """Flat indices, in ``[0, n)``, of independent Bernoulli(``gamma``) seeds.
+def _sample_seeds(n_planes: int, n_anchors: int, gamma: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Independent Bernoulli(``gamma``) seeds over ``n_planes`` maps of ``n_anchors`` valid positions each.
 
-    The number of draws is Poisson(-log(1 - gamma) * n) and their positions uniform with replacement, so
-    each position receives Poisson(-log(1 - gamma)) draws independently of the others: it is a seed with
-    probability exactly ``gamma``. A position drawn twice is harmless (its block is zeroed twice).
+    Returns the seeds' plane and anchor indices. The number of draws is Poisson(-log(1 - gamma) * n) and
+    each draw is uniform over the ``n = n_planes * n_anchors`` positions (plane and anchor drawn
+    independently), so each position receives Poisson(-log(1 - gamma)) draws independently of the others:
+    it is a seed with probability exactly ``gamma``. A position drawn twice is harmless (its block is
+    zeroed twice and counted once).
     """
+    n = n_planes * n_anchors
     if n == 0 or gamma <= 0.0:
-        return torch.empty(0, dtype=torch.long, device=device)
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty
     if gamma >= 1.0:
-        return torch.arange(n, device=device)
+        every = torch.arange(n, device=device)
+        return every // n_anchors, every % n_anchors
     rate = torch.tensor(-math.log1p(-gamma) * n, dtype=torch.float64)
-    return torch.randint(n, (int(torch.poisson(rate).item()),), device=device)
+    k = int(torch.poisson(rate).item())
+    return torch.randint(n_planes, (k,), device=device), torch.randint(n_anchors, (k,), device=device)
 
 
-@functools.lru_cache(maxsize=256)
-def _cell_offsets(block: tuple[int, ...], strides: tuple[int, ...], device: torch.device) -> Tensor:
-    """Memory offsets of the cells of a block relative to its top-left corner, for spatial ``strides``."""
-    cell = torch.zeros((), dtype=torch.long)
-    for size, stride in zip(block, strides):
-        cell = (cell.unsqueeze(-1) + torch.arange(size) * stride).flatten()
-    return cell.to(device)
+@functools.lru_cache(maxsize=512)
+def _grid(extent: tuple[int, ...], strides: tuple[int, ...], device: torch.device) -> Tensor:
+    """Offsets ``sum(i * stride)`` of every position ``i`` of a box of size ``extent``, in row-major order."""
+    offsets = torch.zeros((), dtype=torch.long)
+    for size, stride in zip(extent, strides):
+        offsets = (offsets.unsqueeze(-1) + torch.arange(size) * stride).flatten()
+    return offsets.to(device)
 
 
-def _block_offsets(seeds: Tensor, seed_shape: Sequence[int], strides: Sequence[int],
-                   block: tuple[int, ...]) -> Tensor:
-    """Memory offsets of every cell of the blocks anchored at ``seeds`` (flat indices into ``seed_shape``)."""
-    base = torch.zeros_like(seeds)
-    rest = seeds
-    for size, stride in zip(reversed(seed_shape), reversed(strides)):
-        base += (rest % size) * stride
-        rest = rest // size
-    cells = _cell_offsets(block, tuple(strides[2:]), seeds.device)
-    return (base.unsqueeze(1) + cells).flatten()
+def _block_rows(plane_base: Tensor, anchor: Tensor, valid: tuple[int, ...], block: tuple[int, ...],
+                strides: tuple[int, ...]) -> Tensor:
+    """Flat offsets of the first cell of every row (the last spatial axis) of the blocks of the given seeds.
+
+    ``plane_base`` is the offset of each seed's (sample, channel) plane, ``anchor`` its position in the valid
+    region, ``strides`` the spatial strides of the map.
+    """
+    corner = _grid(valid, strides, anchor.device).index_select(0, anchor).add_(plane_base)
+    return (corner.unsqueeze(1) + _grid(block[:-1], strides[:-1], anchor.device)).flatten()
+
+
+def _fill_rows(flat: Tensor, rows: Tensor, length: int, stride: int, value: float) -> None:
+    """Writes ``value`` at ``flat[r + i * stride]`` for every ``r`` in ``rows`` and ``i < length``.
+
+    One index per row of a block rather than per cell: scattering through a strided view of rows is two to
+    three times faster than a flat scatter of every cell.
+    """
+    if rows.numel() == 0:
+        return
+    flat.as_strided((flat.numel() - (length - 1) * stride, length), (1, stride)).index_fill_(0, rows, value)
+
+
+_LANES = 8 * 255  # bytes summed per int64 word lane without a carry between the 8 byte lanes
+
+
+def _count_marked(rows: Tensor, numel: int, length: int, stride: int) -> int:
+    """Number of distinct cells that ``_fill_rows(·, rows, length, stride, ·)`` writes, without sorting.
+
+    The cells are marked in a byte map, which is then summed eight bytes at a time as int64 words in groups
+    of 255 words (so no byte lane overflows), several times faster than counting the bytes one by one.
+    """
+    if rows.numel() == 0:
+        return 0
+    marks = torch.zeros(-(-numel // _LANES) * _LANES, dtype=torch.uint8, device=rows.device)
+    _fill_rows(marks, rows, length, stride, 1)
+    lanes = marks.view(torch.int64).view(-1, 255).sum(dim=1)
+    return int(lanes.view(torch.uint8).sum())
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -138,49 +171,41 @@ def _flat(t: Tensor) -> Tensor:
     return t.as_strided((t.numel(),), (1,))
 
 
-_LANES = 8 * 255  # bytes summed per int64 word lane without a carry between the 8 byte lanes
-
-
-def _count_marked(offsets: Tensor, numel: int) -> int:
-    """Number of distinct values in ``offsets`` (all in ``[0, numel)``), without sorting them.
-
-    The values are marked in a byte map, which is then summed eight bytes at a time as int64 words in groups
-    of 255 words (so no byte lane overflows), several times faster than counting the bytes one by one.
-    """
-    if offsets.numel() == 0:
-        return 0
-    marks = torch.zeros(-(-numel // _LANES) * _LANES, dtype=torch.uint8, device=offsets.device)
-    marks.index_fill_(0, offsets, 1)
-    lanes = marks.view(torch.int64).view(-1, 255).sum(dim=1)
-    return int(lanes.view(torch.uint8).sum())
-
-
 class _SparseDropBlock(torch.autograd.Function):
-    """``x * mask * scale`` for a per-channel mask given by its block seeds; saves only the seeds."""
+    """``x * mask * scale`` for a per-channel mask drawn as block seeds; backward keeps only the seeds."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, seeds: Tensor, seed_shape: tuple[int, ...], block: tuple[int, ...],  # type: ignore[override]
+    def forward(ctx, x: Tensor, gamma: float, block: tuple[int, ...], valid: tuple[int, ...],  # type: ignore[override]
                 normalize: bool) -> Tensor:
         out = torch.empty_like(x)  # x's memory format when x is dense, contiguous otherwise
-        strides = out.stride()
-        offsets = _block_offsets(seeds, seed_shape, strides, block)
+        n, c = x.shape[:2]
+        plane, anchor = _sample_seeds(n * c, math.prod(valid), gamma, x.device)
+        stride_n, stride_c, *spatial_strides = out.stride()
+        if stride_n == c * stride_c:  # contiguous, or any layout keeping the planes in order
+            plane_base = plane.mul_(stride_c)
+        else:  # e.g. channels_last
+            plane_base = (plane // c).mul_(stride_n).add_(plane.remainder_(c).mul_(stride_c))
+        strides = tuple(spatial_strides)
+        rows = _block_rows(plane_base, anchor, valid, block, strides)
         numel = x.numel()
         scale = 1.0
         if normalize:
-            scale = numel / max(numel - _count_marked(offsets, numel), 1)
+            scale = numel / max(numel - _count_marked(rows, numel, block[-1], strides[-1]), 1)
         torch.mul(x, scale, out=out)
-        _flat(out).index_fill_(0, offsets, 0)
-        ctx.save_for_backward(seeds)
-        ctx.meta = (seed_shape, strides, block, scale)
+        _fill_rows(_flat(out), rows, block[-1], strides[-1], 0.0)
+        ctx.save_for_backward(plane_base, anchor)  # a few bytes per seed; the rows are 3 cheap ops away
+        ctx.meta = (out.stride(), valid, block, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
-        (seeds,) = ctx.saved_tensors
-        seed_shape, strides, block, scale = ctx.meta
-        grad_in = torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
+        stride, valid, block, scale = ctx.meta
+        plane_base, anchor = ctx.saved_tensors
+        strides = tuple(stride[2:])
+        rows = _block_rows(plane_base, anchor, valid, block, strides)
+        grad_in = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device)
         torch.mul(grad, scale, out=grad_in)
-        _flat(grad_in).index_fill_(0, _block_offsets(seeds, seed_shape, strides, block), 0)
+        _fill_rows(_flat(grad_in), rows, block[-1], strides[-1], 0.0)
         return grad_in, None, None, None, None
 
 
@@ -249,9 +274,7 @@ def _drop_block(x: Tensor, keep_prob: float | Tensor, block_size: int, per_chann
     whole_map = all(v == 1 for v in valid)
     if per_channel and not whole_map:
         if not dense:
-            seed_shape = (*mask_shape[:2], *valid)
-            seeds = _sample_seeds(math.prod(seed_shape), float(gamma), x.device)
-            return _SparseDropBlock.apply(x, seeds, seed_shape, block, scale)
+            return _SparseDropBlock.apply(x, float(gamma), block, valid, scale)
         keep = _dense_keep_mask(mask_shape, block, valid, gamma, x.device)
         if scale:
             factor_t = _normalizer(keep.sum(dtype=torch.float32), keep.numel())

@@ -334,6 +334,26 @@ def test_channels_last_3d():
         check_grad(lambda t, fn=fn: fn(t, 0.7, 3), x)
 
 
+@pytest.mark.parametrize("shape, memory_format", [((4, 8, 11, 9), torch.channels_last),
+                                                  ((2, 3, 5, 11, 9), torch.channels_last_3d)])
+def test_sparse_mask_does_not_depend_on_memory_format(shape, memory_format):
+    # the sparse path scatters block rows through the output's own strides: a channels-last map must get
+    # exactly the blocks a contiguous one gets from the same seeds
+    x = torch.rand(shape) + 0.5
+    g = torch.randn(shape)
+    results = []
+    for t in (x, x.to(memory_format=memory_format)):
+        t = t.clone().requires_grad_()
+        torch.manual_seed(3)
+        y = sparse(t, 0.6, 3)
+        y.backward(g)
+        results.append((y.detach(), t.grad))
+    (y_ref, g_ref), (y_cl, g_cl) = results
+    assert (y_ref == 0).any()
+    assert torch.equal(y_ref, y_cl)
+    assert torch.equal(g_ref, g_cl)
+
+
 @pytest.mark.parametrize("path", list(PATHS))
 def test_non_contiguous_input(path):
     base = (torch.rand(4, 16, 14, 28) + 0.5).requires_grad_()
