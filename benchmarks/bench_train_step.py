@@ -17,8 +17,11 @@ random batch (default 8 x 3 x 160 x 160). Candidates, each a separate model with
                          9 DropBlocks, not the paper's 36;
 * ``timm + dbi``         timm ``resnet50`` with ``resnet50_paper`` (36 DropBlocks, as ``tv + dbi``).
 
-Time: all candidates run in one process, interleaved round-robin (the order rotates every round) after a
-warm-up; the table reports the median step time and its overhead over the plain model of the same family.
+Time: all candidates run in one process, interleaved (every round runs each candidate once, in a new random
+order) after a warm-up. The table reports the median step time, its overhead over the plain model of the
+same family, and the *paired* overhead: the median over rounds of (candidate's step / baseline's step in
+the same round), which cancels the slow drift of a shared machine's speed that medians taken separately
+do not.
 
 Memory: one extra step of each candidate under ``torch.profiler`` with ``profile_memory=True``; the peak of
 the running sum of every CPU tensor allocation and free during the step (forward, backward, optimizer step,
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -218,9 +222,9 @@ def main() -> None:
     for _ in range(args.warmup - 1):
         for c in cands:
             c.step(x, y)
-    for r in range(args.rounds):
-        order = cands[r % len(cands):] + cands[:r % len(cands)]
-        for c in order:
+    rng = random.Random(0)
+    for _ in range(args.rounds):
+        for c in rng.sample(cands, len(cands)):
             t = time.perf_counter()
             c.step(x, y)
             c.times.append(time.perf_counter() - t)
@@ -234,13 +238,18 @@ def main() -> None:
     by_name = {c.name: c for c in cands}
     med = {c.name: statistics.median(c.times) for c in cands}
     print(f"load average after: {load_after:.2f}\n")
-    print("| candidate | DropBlocks | median step (s) | min (s) | time overhead | step peak (MiB) | step peak "
-          "overhead | total peak (MiB) | total peak overhead |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| candidate | DropBlocks | median step (s) | min (s) | time overhead | paired overhead | step peak (MiB) "
+          "| step peak overhead | total peak (MiB) | total peak overhead |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in cands:
         n_db = sum(type(m).__name__ == "DropBlock2d" for m in c.model.modules())
-        over = f"{100 * (med[c.name] / med[c.baseline] - 1):+.1f}%" if c.baseline else "baseline"
-        row = f"| {c.name} | {n_db} | {med[c.name]:.3f} | {min(c.times):.3f} | {over} |"
+        if c.baseline:
+            base = by_name[c.baseline].times
+            over = f"{100 * (med[c.name] / med[c.baseline] - 1):+.1f}%"
+            paired = f"{100 * (statistics.median(t / b for t, b in zip(c.times, base)) - 1):+.1f}%"
+        else:
+            over = paired = "baseline"
+        row = f"| {c.name} | {n_db} | {med[c.name]:.3f} | {min(c.times):.3f} | {over} | {paired} |"
         if mem:
             peak, state = mem[c.name]
             if c.baseline:
