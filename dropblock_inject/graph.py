@@ -106,11 +106,41 @@ def _is_plain_sequential(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
+_INPLACE_OPERATORS = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                      "ilshift", "irshift", "imatmul")
+
+
+class _Proxy(fx.Proxy):
+    """An fx Proxy that records augmented assignments (``out += identity``) as the in-place operators.
+
+    A plain Proxy has no ``__iadd__``, so Python falls back to ``out = out + identity``, and the rewritten
+    graph would allocate a new tensor where the original code reused one (fx's code generator emits
+    ``operator.iadd`` back as ``+=``).
+    """
+
+
+def _inplace(name: str) -> Callable[[fx.Proxy, Any], fx.Proxy]:
+    target = getattr(operator, name)
+
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", target, (self, other), {})
+
+    method.__name__ = f"__{name}__"
+    return method
+
+
+for _name in _INPLACE_OPERATORS:
+    setattr(_Proxy, f"__{_name}__", _inplace(_name))
+
+
 class _Tracer(fx.Tracer):
     """Traces one module's own forward; children are leaves, except plain Sequential containers."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return not _is_plain_sequential(m) or isinstance(m, _DropBlockNd)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
 
 def _trace(scope: nn.Module, path: str) -> fx.Graph:
@@ -497,6 +527,10 @@ class _InjectedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.module.training:
+            if torch.jit.is_tracing():
+                raise SurgeryError(f"torch.jit.trace cannot record the random DropBlock ops of {self.name!r} in "
+                                   f"training mode; trace the model in eval() mode, or call "
+                                   f"dropblock_inject.strip(model) first")
             return self._fn(self.module, *args, **kwargs)
         if self.original is not None:
             return self.original(*args, **kwargs)
@@ -508,6 +542,20 @@ class _InjectedForward:
     def __deepcopy__(self, memo: dict[int, Any]) -> _InjectedForward:
         return _InjectedForward(copy.deepcopy(self.module, memo), copy.deepcopy(self.graph, memo),
                                 copy.deepcopy(self.original, memo), self.name)
+
+
+class _RefuseScripting:
+    """Stored as ``module.__prepare_scriptable__``, which ``torch.jit.script`` calls before compiling."""
+
+    def __init__(self, name: str, original: Callable[[], nn.Module] | None) -> None:
+        self.name = name
+        self.original = original  # an instance-level hook that was there before, if any
+
+    def __call__(self) -> nn.Module:
+        raise SurgeryError(f"torch.jit.script cannot compile the forward that dropblock_inject installed on "
+                           f"{self.name!r}; call dropblock_inject.strip(model) before scripting (or use "
+                           f"torch.jit.trace / torch.export / torch.onnx.export in eval mode, which see the "
+                           f"original forward)")
 
 
 def _injected_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
@@ -591,6 +639,8 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
             fwd = _InjectedForward(module, graph, original, f"{type(module).__name__} {path}")
             module.add_module(name, container)
             module.forward = fwd  # type: ignore[method-assign]
+            module.__dict__["__prepare_scriptable__"] = _RefuseScripting(
+                fwd.name, module.__dict__.get("__prepare_scriptable__"))
             done.append((module, name))
     except Exception:
         for module, name in done:
@@ -600,6 +650,9 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
 
 
 def _undo(module: nn.Module) -> None:
+    guard = module.__dict__.pop("__prepare_scriptable__", None)
+    if isinstance(guard, _RefuseScripting) and guard.original is not None:
+        module.__dict__["__prepare_scriptable__"] = guard.original
     fwd = module.__dict__.pop("forward")
     if fwd.original is not None:
         module.forward = fwd.original  # type: ignore[method-assign]

@@ -285,14 +285,25 @@ def test_unstripped_torch_export_graph_has_no_dropblock(injected_small):
     assert any("keep_prob_tensor" in k for k in program.constants)
 
 
-def test_unstripped_model_does_not_script(injected_small):
-    """torch.jit.script cannot compile the instance-level forward that inject installs."""
-    model, _ = injected_small
-    with pytest.raises(Exception) as info:  # noqa: PT011 - the type is what the issue is about
+def test_unstripped_model_does_not_script_and_says_strip(injected_small):
+    """torch.jit.script cannot compile the instance-level forward that inject installs: it must say so."""
+    model, twin = injected_small
+    with pytest.raises(dbi.SurgeryError, match=r"strip\(model\) before scripting"):
         torch.jit.script(model.eval())
-    if "strip" not in str(info.value):
-        pytest.xfail(f"torch.jit.script of an injected model fails with an unhelpful message "
-                     f"({type(info.value).__name__}: {info.value}); graph.py should tell the user to strip")
+    stripped = dbi.strip(copy.deepcopy(model))  # the guard goes with strip, and scripting then works
+    scripted = torch.jit.script(stripped)
+    with torch.no_grad():
+        assert torch.equal(scripted(X), twin.eval()(X))
+
+
+def test_unstripped_model_does_not_trace_in_train_mode(injected_small):
+    model, _ = injected_small
+    model.train()
+    try:
+        with pytest.raises(dbi.SurgeryError, match=r"eval\(\) mode, or call dropblock_inject.strip"):
+            torch.jit.trace(model, (X,), check_trace=False)
+    finally:
+        model.eval()
 
 
 # ------------------------------------------------------------------------------------------------ compile

@@ -56,6 +56,7 @@ def test_paper_recipe_on_resnet_family(name):
     ref = model(X)
     state = _state(model)
     params = [id(p) for p in model.parameters()]
+    attrs = {name: sorted(m.__dict__) for name, m in model.named_modules()}
     points = dbi.plan(model, "resnet50_paper")
     assert _counts(points) == expected
     assert all(p.module.split(".")[0] in ("layer3", "layer4") for p in points)
@@ -70,6 +71,7 @@ def test_paper_recipe_on_resnet_family(name):
     assert torch.equal(model(X), ref)
     dbi.strip(model)
     assert not any(isinstance(m, _DropBlockNd) for m in model.modules())
+    assert {name: sorted(m.__dict__) for name, m in model.named_modules()} == attrs  # no attribute left over
     assert _same_state(model, state)
     assert torch.equal(model(X), ref)
 
@@ -360,3 +362,21 @@ def test_se_maps_never_selected():
     points = dbi.plan(model, {"rules": [{"modules": ["**"], "after": ["any"], "stride": [16, 32]}]})
     assert points and all(p.shape[-1] > 1 for p in points)
     assert not any(".se" in p.module for p in points)
+
+
+@pytest.mark.parametrize("keep_prob", [1.0, 0.8])
+def test_augmented_assignment_stays_in_place(keep_prob):
+    """``out += identity`` in the original forward must stay in place in the rewritten training graph.
+
+    torchvision's Bottleneck adds the shortcut into bn3's output and applies an in-place ReLU: the block
+    returns the very tensor its last BN (or the DropBlock after it) produced, with no extra allocation.
+    """
+    block = torchvision.models.resnet50().layer3[1].train()
+    dbi.inject(block, {"rules": [{"types": ["Bottleneck"], "after": ["norm"], "shortcut": True}]})
+    _set_keep(block, keep_prob)
+    produced = []
+    last = block.dropblocks["bn3"]  # the add's first operand now
+    last.register_forward_hook(lambda m, a, out: produced.append(out.data_ptr()))
+    out = block(torch.randn(2, 1024, 8, 8))
+    assert out.data_ptr() == produced[0]
+    assert "+=" in block.forward.graph.python_code("self").src
