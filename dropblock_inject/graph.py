@@ -575,6 +575,20 @@ def injected_dropblocks(model: nn.Module) -> list[_DropBlockNd]:
     return [m for _, m in model.named_modules() if isinstance(m, _DropBlockNd) and hasattr(m, "point")]
 
 
+# modules whose backward does not read their output: DropBlock may overwrite it
+_OUTPUT_NOT_SAVED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d,
+                     nn.Conv3d)
+
+
+def _writable(source: fx.Node, scope: nn.Module) -> bool:
+    """Whether DropBlock may work in place on ``source``: a fresh BatchNorm or convolution output (exact
+    types: subclasses such as timm's BatchNormAct2d end with an activation that keeps its output for
+    backward) that nothing but the DropBlock reads."""
+    if source.op != "call_module" or len(source.users) != 1:
+        return False
+    return type(scope.get_submodule(str(source.target))) in _OUTPUT_NOT_SAVED
+
+
 def _rewrite(scope: _Scope, points: list[tuple[_Candidate, InsertionPoint]], schedule: ScheduleConfig,
              container_name: str) -> tuple[fx.Graph, nn.ModuleDict]:
     graph = fx.Graph()
@@ -599,6 +613,7 @@ def _rewrite(scope: _Scope, points: list[tuple[_Candidate, InsertionPoint]], sch
             with graph.inserting_before(add):
                 new = graph.call_module(f"{container_name}.{key}", (source,))
             add.replace_input_with(source, new)
+        db.inplace = _writable(source, scope.module)
     graph.lint()
     return graph, container
 

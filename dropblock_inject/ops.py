@@ -152,16 +152,26 @@ def _fill_rows(flat: Tensor, rows: Tensor, length: int, stride: int, value: floa
 _LANES = 8 * 255  # bytes summed per int64 word lane without a carry between the 8 byte lanes
 
 
-def _count_marked(rows: Tensor, numel: int, length: int, stride: int) -> int:
-    """Number of distinct cells that ``_fill_rows(·, rows, length, stride, ·)`` writes, without sorting.
+def _count_dropped(plane: Tensor, anchor: Tensor, n_planes: int, spatial: tuple[int, ...],
+                   valid: tuple[int, ...], block: tuple[int, ...]) -> int:
+    """Number of distinct cells that the blocks of the given seeds cover, without sorting anything.
 
-    The cells are marked in a byte map, which is then summed eight bytes at a time as int64 words in groups
-    of 255 words (so no byte lane overflows), several times faster than counting the bytes one by one.
+    Only the (sample, channel) planes that hold a seed are looked at: each gets a slot in a small byte map
+    of contiguous planes (a few hundred planes rather than N * C, so no large buffer is zeroed and faulted
+    in), the blocks' rows are marked there, and the map is summed eight bytes at a time as int64 words in
+    groups of 255 words (so no byte lane overflows), several times faster than counting bytes one by one.
     """
-    if rows.numel() == 0:
+    if plane.numel() == 0:
         return 0
-    marks = torch.zeros(-(-numel // _LANES) * _LANES, dtype=torch.uint8, device=rows.device)
-    _fill_rows(marks, rows, length, stride, 1)
+    seen = torch.zeros(n_planes, dtype=torch.long, device=plane.device)
+    seen.index_fill_(0, plane, 1)
+    plane_numel = math.prod(spatial)
+    slot_base = seen.cumsum_(0).index_select(0, plane).sub_(1).mul_(plane_numel)
+    strides = tuple(math.prod(spatial[i + 1:]) for i in range(len(spatial)))
+    rows = _block_rows(slot_base, anchor, valid, block, strides)
+    numel = min(plane.numel(), n_planes) * plane_numel
+    marks = torch.zeros(-(-numel // _LANES) * _LANES, dtype=torch.uint8, device=plane.device)
+    _fill_rows(marks, rows, block[-1], 1, 1)
     lanes = marks.view(torch.int64).view(-1, 255).sum(dim=1)
     return int(lanes.view(torch.uint8).sum())
 
@@ -176,10 +186,19 @@ class _SparseDropBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, gamma: float, block: tuple[int, ...], valid: tuple[int, ...],  # type: ignore[override]
-                normalize: bool) -> Tensor:
-        out = torch.empty_like(x)  # x's memory format when x is dense, contiguous otherwise
-        n, c = x.shape[:2]
+                normalize: bool, inplace: bool) -> Tensor:
+        if inplace:
+            out = x
+            ctx.mark_dirty(x)
+        else:
+            out = torch.empty_like(x)  # x's memory format when x is dense, contiguous otherwise
+        n, c, *spatial = x.shape
         plane, anchor = _sample_seeds(n * c, math.prod(valid), gamma, x.device)
+        numel = x.numel()
+        scale = 1.0
+        if normalize:
+            dropped = _count_dropped(plane, anchor, n * c, tuple(spatial), valid, block)
+            scale = numel / max(numel - dropped, 1)
         stride_n, stride_c, *spatial_strides = out.stride()
         if stride_n == c * stride_c:  # contiguous, or any layout keeping the planes in order
             plane_base = plane.mul_(stride_c)
@@ -187,18 +206,17 @@ class _SparseDropBlock(torch.autograd.Function):
             plane_base = (plane // c).mul_(stride_n).add_(plane.remainder_(c).mul_(stride_c))
         strides = tuple(spatial_strides)
         rows = _block_rows(plane_base, anchor, valid, block, strides)
-        numel = x.numel()
-        scale = 1.0
-        if normalize:
-            scale = numel / max(numel - _count_marked(rows, numel, block[-1], strides[-1]), 1)
-        torch.mul(x, scale, out=out)
+        if inplace:
+            x.mul_(scale)
+        else:
+            torch.mul(x, scale, out=out)
         _fill_rows(_flat(out), rows, block[-1], strides[-1], 0.0)
         ctx.save_for_backward(plane_base, anchor)  # a few bytes per seed; the rows are 3 cheap ops away
         ctx.meta = (out.stride(), valid, block, scale)
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:  # type: ignore[override]
         stride, valid, block, scale = ctx.meta
         plane_base, anchor = ctx.saved_tensors
         strides = tuple(stride[2:])
@@ -206,7 +224,7 @@ class _SparseDropBlock(torch.autograd.Function):
         grad_in = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device)
         torch.mul(grad, scale, out=grad_in)
         _fill_rows(_flat(grad_in), rows, block[-1], strides[-1], 0.0)
-        return grad_in, None, None, None, None
+        return grad_in, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,8 +281,15 @@ def _normalizer(kept: Tensor, numel: int) -> Tensor:
     return torch.where(kept > 0, numel / kept.clamp_min(1.0), 0.0)
 
 
+def _is_dense(x: Tensor) -> bool:
+    """Whether x's elements fill its memory exactly (any permutation of the dimensions)."""
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4
+                                                   else torch.channels_last_3d)
+
+
 def _drop_block(x: Tensor, keep_prob: float | Tensor, block_size: int, per_channel: bool, scale: bool,
-                dense: bool) -> Tensor:
+                dense: bool, inplace: bool = False) -> Tensor:
+    inplace = inplace and not dense  # the dense path (accelerators, torch.compile) always allocates
     spatial = tuple(x.shape[2:])
     # dynamo traces through lru_cache wrappers (with a warning): give it the plain function
     geometry = _geometry.__wrapped__ if torch.compiler.is_compiling() else _geometry
@@ -274,7 +299,7 @@ def _drop_block(x: Tensor, keep_prob: float | Tensor, block_size: int, per_chann
     whole_map = all(v == 1 for v in valid)
     if per_channel and not whole_map:
         if not dense:
-            return _SparseDropBlock.apply(x, float(gamma), block, valid, scale)
+            return _SparseDropBlock.apply(x, float(gamma), block, valid, scale, inplace and _is_dense(x))
         keep = _dense_keep_mask(mask_shape, block, valid, gamma, x.device)
         if scale:
             factor_t = _normalizer(keep.sum(dtype=torch.float32), keep.numel())
@@ -295,22 +320,23 @@ def _drop_block(x: Tensor, keep_prob: float | Tensor, block_size: int, per_chann
         else:  # eager CPU: a Python scalar is several times cheaper than the tensor arithmetic
             kept = multiplier.sum().item()
             multiplier.mul_(multiplier.numel() / kept if kept else 0.0)
-    return x * multiplier.to(x.dtype)
+    multiplier = multiplier.to(x.dtype)
+    return x.mul_(multiplier) if inplace else x * multiplier
 
 
 def _functional(x: Tensor, keep_prob: float, block_size: int, per_channel: bool, scale: bool, training: bool,
-                spatial_dims: int, name: str) -> Tensor:
+                inplace: bool, spatial_dims: int, name: str) -> Tensor:
     _check_input(x, spatial_dims, name)
     block_size = _check_block_size(block_size)
     keep_prob = _check_keep_prob(keep_prob)
     if not training or keep_prob == 1.0 or x.numel() == 0:
         return x
     dense = x.device.type != "cpu" or torch.compiler.is_compiling()
-    return _drop_block(x, keep_prob, block_size, per_channel, scale, dense)
+    return _drop_block(x, keep_prob, block_size, per_channel, scale, dense, inplace)
 
 
 def drop_block2d(x: Tensor, keep_prob: float, block_size: int = 7, *, per_channel: bool = True,
-                 scale: bool = True, training: bool = True) -> Tensor:
+                 scale: bool = True, training: bool = True, inplace: bool = False) -> Tensor:
     """DropBlock on a batch of 2-D feature maps.
 
     Args:
@@ -321,15 +347,18 @@ def drop_block2d(x: Tensor, keep_prob: float, block_size: int = 7, *, per_channe
             shares one mask across the channels of a sample. Default: ``True``.
         scale (bool): multiply the kept activations by ``numel(mask) / sum(mask)``. Default: ``True``.
         training (bool): apply the op; ``False`` returns ``x`` unchanged. Default: ``True``.
+        inplace (bool): write the result into ``x`` (on CPU, outside ``torch.compile``), saving an
+            allocation; only for an ``x`` that nothing else reads and whose producer does not keep it for
+            backward (e.g. a BatchNorm or convolution output). Default: ``False``.
 
     Returns:
         Tensor[N, C, H, W]: the input with blocks zeroed, in the input's dtype and memory format.
     """
-    return _functional(x, keep_prob, block_size, per_channel, scale, training, 2, "drop_block2d")
+    return _functional(x, keep_prob, block_size, per_channel, scale, training, inplace, 2, "drop_block2d")
 
 
 def drop_block3d(x: Tensor, keep_prob: float, block_size: int = 7, *, per_channel: bool = True,
-                 scale: bool = True, training: bool = True) -> Tensor:
+                 scale: bool = True, training: bool = True, inplace: bool = False) -> Tensor:
     """DropBlock on a batch of 3-D feature maps (video or volumes).
 
     Args:
@@ -339,22 +368,25 @@ def drop_block3d(x: Tensor, keep_prob: float, block_size: int = 7, *, per_channe
         per_channel (bool): an independent mask for every channel; ``False`` shares one per sample.
         scale (bool): multiply the kept activations by ``numel(mask) / sum(mask)``. Default: ``True``.
         training (bool): apply the op; ``False`` returns ``x`` unchanged. Default: ``True``.
+        inplace (bool): write the result into ``x`` (on CPU, outside ``torch.compile``); see
+            :func:`drop_block2d`. Default: ``False``.
 
     Returns:
         Tensor[N, C, T, H, W]: the input with blocks zeroed, in the input's dtype and memory format.
     """
-    return _functional(x, keep_prob, block_size, per_channel, scale, training, 3, "drop_block3d")
+    return _functional(x, keep_prob, block_size, per_channel, scale, training, inplace, 3, "drop_block3d")
 
 
 class _DropBlockNd(nn.Module):
     _spatial_dims: int = 2
 
     def __init__(self, block_size: int = 7, keep_prob: float = 1.0, *, per_channel: bool = True,
-                 scale: bool = True) -> None:
+                 scale: bool = True, inplace: bool = False) -> None:
         super().__init__()
         self.block_size = _check_block_size(block_size)
         self.per_channel = bool(per_channel)
         self.scale = bool(scale)
+        self.inplace = bool(inplace)
         keep_prob = _check_keep_prob(keep_prob)
         self._keep_prob = keep_prob
         # The tensor copy is what a compiled graph reads, so changing keep_prob never recompiles; it is not
@@ -385,11 +417,11 @@ class _DropBlockNd(nn.Module):
         if self._keep_prob == 1.0 or x.numel() == 0:
             return x
         return _drop_block(x, self._keep_prob, self.block_size, self.per_channel, self.scale,
-                           dense=x.device.type != "cpu")
+                           dense=x.device.type != "cpu", inplace=self.inplace)
 
     def extra_repr(self) -> str:
         return (f"block_size={self.block_size}, keep_prob={self._keep_prob}, per_channel={self.per_channel}, "
-                f"scale={self.scale}")
+                f"scale={self.scale}" + (", inplace=True" if self.inplace else ""))
 
 
 class DropBlock2d(_DropBlockNd):
@@ -401,6 +433,9 @@ class DropBlock2d(_DropBlockNd):
             through the :attr:`keep_prob` property. Default: 1.0.
         per_channel (bool): independent masks per channel (the reference); ``False`` shares one mask.
         scale (bool): rescale kept activations by ``numel(mask) / sum(mask)``. Default: ``True``.
+        inplace (bool): write into the input (CPU, eager), as ``nn.ReLU(inplace=True)`` does; ``inject``
+            sets it where the input is a BatchNorm or convolution output read by nothing else.
+            Default: ``False``.
 
     Shape:
         Input ``(N, C, H, W)``, output the same. Identity in eval mode.
@@ -417,6 +452,7 @@ class DropBlock3d(_DropBlockNd):
         keep_prob (float): expected fraction of kept activations; 1 disables the op. Default: 1.0.
         per_channel (bool): independent masks per channel; ``False`` shares one mask per sample.
         scale (bool): rescale kept activations by ``numel(mask) / sum(mask)``. Default: ``True``.
+        inplace (bool): write into the input (CPU, eager); see :class:`DropBlock2d`. Default: ``False``.
     """
 
     _spatial_dims = 3

@@ -380,3 +380,36 @@ def test_augmented_assignment_stays_in_place(keep_prob):
     out = block(torch.randn(2, 1024, 8, 8))
     assert out.data_ptr() == produced[0]
     assert "+=" in block.forward.graph.python_code("self").src
+
+
+def test_inplace_only_on_fresh_batchnorm_and_conv_outputs():
+    """DropBlock overwrites a plain BatchNorm/conv output read by nothing else, and nothing more; training
+    gives the same outputs and gradients as out-of-place DropBlocks under the same seed."""
+    model = torchvision.models.resnet18()
+    dbi.inject(model, "resnet50_paper")
+    flags = {(d.point.module, d.point.after): d.inplace for d in dbi.injected_dropblocks(model)}
+    assert flags == {("layer3.0", "bn1"): True, ("layer3.0", "bn2"): True, ("layer3.0", "downsample_1"): True,
+                     ("layer3.1", "bn1"): True, ("layer3.1", "bn2"): True, ("layer3.1", "x"): False,
+                     ("layer4.0", "bn1"): True, ("layer4.0", "bn2"): True, ("layer4.0", "downsample_1"): True,
+                     ("layer4.1", "bn1"): True, ("layer4.1", "bn2"): True, ("layer4.1", "x"): False}
+    twin = copy.deepcopy(model)
+    for d in dbi.injected_dropblocks(twin):
+        d.inplace = False
+    grads = []
+    for m in (model, twin):
+        m.train()
+        _set_keep(m, 0.7)
+        torch.manual_seed(4)
+        out = m(X)
+        out.square().mean().backward()
+        grads.append((out.detach(), [p.grad for p in m.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+
+    # timm's BatchNormAct2d ends with an activation that keeps its output for backward: never in place
+    effnet = timm.create_model("efficientnet_b0", pretrained=False)
+    dbi.inject(effnet, "paper_generic")
+    assert not any(d.inplace for d in dbi.injected_dropblocks(effnet))
+    effnet.train()
+    _set_keep(effnet, 0.7)
+    effnet(X).sum().backward()

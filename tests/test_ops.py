@@ -772,3 +772,45 @@ def test_properties_2d(cfg):
 @given(configs(3))
 def test_properties_3d(cfg):
     _check_invariants(*cfg)
+
+
+# ------------------------------------------------------------------------------------------------ inplace
+
+
+@pytest.mark.parametrize("per_channel, block_size", [(True, 3), (False, 3), (True, 16)])  # sparse, shared, whole map
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inplace_matches_out_of_place(per_channel, block_size, channels_last):
+    base = torch.rand(4, 6, 12, 12) + 0.5
+    if channels_last:
+        base = base.to(memory_format=torch.channels_last)
+    g = torch.randn(4, 6, 12, 12)
+    results = []
+    for inplace in (False, True):
+        leaf = base.clone().requires_grad_()
+        h = leaf * 1.0  # a fresh non-leaf, like a BatchNorm output
+        ptr = h.data_ptr()
+        torch.manual_seed(11)
+        y = DropBlock2d(block_size, 0.7, per_channel=per_channel, inplace=inplace)(h)
+        assert (y.data_ptr() == ptr) == inplace
+        y.backward(g)
+        results.append((y.detach(), leaf.grad))
+    (y0, g0), (y1, g1) = results
+    assert (y0 == 0).any()
+    assert torch.equal(y0, y1)
+    assert torch.equal(g0, g1)
+
+
+def test_inplace_functional_and_fallbacks():
+    x = torch.rand(2, 4, 10, 20) + 0.5
+    strided = x.clone()[:, :, :, ::2]  # not dense: worked on out of place
+    torch.manual_seed(0)
+    ref = drop_block2d(strided.contiguous(), 0.6, 3)
+    torch.manual_seed(0)
+    out = drop_block2d(strided, 0.6, 3, inplace=True)
+    assert torch.equal(out, ref)
+    y = x.clone()
+    assert drop_block2d(y, 0.6, 3, inplace=True) is y  # dense: written into
+    assert "inplace=True" in repr(DropBlock2d(3, 0.9, inplace=True))
+    leaf = torch.rand(2, 4, 10, 10, requires_grad=True)  # like nn.ReLU(inplace=True) on a leaf
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        DropBlock2d(3, 0.6, inplace=True)(leaf)
