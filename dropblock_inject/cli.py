@@ -1,4 +1,4 @@
-"""Command line: ``python -m dropblock_inject {demo,plan,recipes,show}``."""
+"""Command line: ``python -m dropblock_inject {demo,plan,recipes,show,viz}``."""
 
 from __future__ import annotations
 
@@ -119,6 +119,35 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print("demo OK")
 
 
+def _cmd_viz(args: argparse.Namespace) -> None:
+    """Three PNGs: DropBlock masks on a photo, the recipe's schedule on the model, and its plan per stage."""
+    from . import viz  # matplotlib is optional: an ImportError here names the extra to install
+    from .schedule import KeepProbScheduler
+
+    viz._figure_tools()  # fail before building anything when matplotlib is missing
+    if args.steps < 1:
+        raise ValueError(f"--steps must be a positive int, got {args.steps}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.model)
+    example = _parse_input(args.input) if args.input else None  # None: 1x3x224x224, only if the recipe needs shapes
+    points = plan(model, args.recipe, example_input=example)
+    name = load_recipe(args.recipe).name
+    n_branch = sum(p.kind == "branch" for p in points)
+    paths = [viz.plot_plan(out / "plan.png", points, title=f"{args.model} + {name}: {len(points)} DropBlocks "
+                                                            f"({n_branch} branch, {len(points) - n_branch} shortcut)")]
+    inject(model, args.recipe, example_input=example)
+    try:
+        sched = KeepProbScheduler(model, total_steps=args.steps)
+        paths.append(viz.plot_schedule(out / "schedule.png", sched,
+                                       title=f"{args.model} + {name}: keep_prob over {args.steps} steps"))
+    finally:
+        strip(model)
+    paths.append(viz.plot_masks(out / "masks.png", seed=args.seed))
+    for path in paths:
+        print(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m dropblock_inject`` and the ``dropblock-inject`` script."""
     parser = argparse.ArgumentParser(prog="dropblock_inject", description=__doc__)
@@ -137,10 +166,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--batch", type=int, default=4)
     d.add_argument("--size", type=int, default=96)
     d.set_defaults(func=_cmd_demo)
+    v = sub.add_parser("viz", help="write PNGs of DropBlock masks, the recipe's schedule and its plan (needs the "
+                                   "viz extra)")
+    v.add_argument("--out", required=True, help="directory for masks.png, schedule.png and plan.png")
+    v.add_argument("--model", default="torchvision:resnet50", help="model spec (default: %(default)s)")
+    v.add_argument("--recipe", default="resnet50_paper", help="recipe name or YAML path (default: %(default)s)")
+    v.add_argument("--steps", type=int, default=10_000, help="total training steps of the schedule (default: "
+                                                             "%(default)s)")
+    v.add_argument("--input", default=None, help="example input shape, for recipes that select by stride "
+                                                 "(default: 1x3x224x224, only when the recipe needs one)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
+    v.set_defaults(func=_cmd_viz)
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (RecipeError, SurgeryError, ValueError, ImportError) as e:
+    except (RecipeError, SurgeryError, ValueError, ImportError, OSError) as e:
         print(f"dropblock_inject: error: {e}", file=sys.stderr)
         return 2
     return 0

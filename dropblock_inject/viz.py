@@ -1,0 +1,418 @@
+"""Pictures: DropBlock masks over a photo, the keep_prob schedule, and where a recipe puts DropBlock.
+
+Needs the optional ``viz`` extra (matplotlib, and scikit-image for the default photo)::
+
+    pip install "dropblock_inject[viz]"
+
+    from dropblock_inject import viz
+    viz.plot_masks("masks.png")                                   # block size x keep_prob grid on a photo
+    viz.plot_schedule("schedule.png", KeepProbScheduler(model, total_steps=10_000))
+    viz.plot_plan("plan.png", dropblock_inject.plan(model, "resnet50_paper"))
+
+or, from the command line, ``python -m dropblock_inject viz --out DIR``.
+
+Each ``plot_*`` function draws what a small helper computes (:func:`mask_panels`, :func:`schedule_curves`,
+:func:`plan_counts`), so the numbers in a picture can be checked without looking at it. Figures are drawn on
+a :class:`matplotlib.figure.Figure` with the Agg canvas: no pyplot, no global state, no display needed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence, Union
+
+import numpy as np
+import torch
+
+from .graph import InsertionPoint
+from .ops import drop_block2d, seed_rate
+from .schedule import KeepProbScheduler
+
+__all__ = [
+    "MaskPanel",
+    "ScheduleCurve",
+    "StageCount",
+    "expected_drop_fraction",
+    "mask_panels",
+    "plan_counts",
+    "plot_masks",
+    "plot_plan",
+    "plot_schedule",
+    "schedule_curves",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_EXTRA = 'pip install "dropblock_inject[viz]"'
+
+
+def _figure_tools() -> tuple[Any, Any]:
+    """matplotlib's ``Figure`` and ``FigureCanvasAgg``, or an ImportError naming the extra to install."""
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(f"dropblock_inject.viz needs matplotlib ({e}); install it with {_EXTRA}") from e
+    return Figure, FigureCanvasAgg
+
+
+def _sample_photo() -> np.ndarray:
+    """scikit-image's ``chelsea`` photo (300 x 451 RGB, shipped in the scikit-image wheel)."""
+    try:
+        from skimage import data
+    except ImportError as e:
+        raise ImportError(f"dropblock_inject.viz needs scikit-image for its sample photo ({e}); install it with "
+                          f"{_EXTRA}, or pass image=") from e
+    return data.chelsea()
+
+
+def _save(fig: Any, canvas_type: Any, path: PathLike, dpi: int) -> Path:
+    out = Path(path)
+    canvas_type(fig)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masks
+
+
+def expected_drop_fraction(size: Sequence[int], block_size: int, keep_prob: float) -> float:
+    """The exact expected fraction of a map that DropBlock drops (``scale=False`` masks).
+
+    The paper's seed rate ``gamma`` aims at dropping ``1 - keep_prob`` of the map but ignores that blocks
+    overlap, so the true fraction is lower, the more so for large drop rates. A position is kept when none of
+    the ``n(p)`` valid seeds whose block covers it fires, so the expectation is
+    ``1 - mean_p (1 - gamma) ** n(p)``.
+
+    Args:
+        size: the map's ``(H, W)``.
+        block_size: the requested block size (clipped to the map, as the op does).
+        keep_prob: the op's keep_prob.
+
+    Returns:
+        The expected dropped fraction, in [0, 1].
+    """
+    height, width = (int(s) for s in size)
+    gamma = min(seed_rate(keep_prob, (height, width), block_size), 1.0)
+    covering = []
+    for extent in (height, width):
+        block = min(block_size, extent)
+        positions = np.arange(extent)
+        # seeds at anchors a in [0, extent - block] cover [a, a + block - 1]
+        covering.append(np.minimum(positions, extent - block) - np.maximum(0, positions - block + 1) + 1)
+    n = np.outer(covering[0], covering[1])
+    return float(1.0 - np.mean((1.0 - gamma) ** n))
+
+
+@dataclass(frozen=True)
+class MaskPanel:
+    """One DropBlock mask of :func:`mask_panels`.
+
+    Attributes:
+        block_size: the op's block size.
+        keep_prob: the op's keep_prob.
+        keep: ``bool`` tensor ``(C, H, W)``, ``True`` where the op kept the value.
+        dropped: measured dropped fraction of ``keep``.
+        expected: :func:`expected_drop_fraction` for this map, block size and keep_prob.
+    """
+
+    block_size: int
+    keep_prob: float
+    keep: torch.Tensor
+    dropped: float
+    expected: float
+
+
+def mask_panels(size: Sequence[int], *, block_sizes: Sequence[int] = (3, 7, 15),
+                keep_probs: Sequence[float] = (0.9, 0.75, 0.5), channels: int = 3, per_channel: bool = False,
+                seed: int = 0) -> list[MaskPanel]:
+    """DropBlock masks drawn by the real op, :func:`~dropblock_inject.drop_block2d` with ``scale=False`` on ones.
+
+    The global RNG is left as it was: the masks come from a forked RNG seeded with ``seed``.
+
+    Args:
+        size: the map's ``(H, W)``.
+        block_sizes: block sizes, one row of panels each.
+        keep_probs: keep probabilities, one column each.
+        channels: channels of each mask (3 for an RGB overlay).
+        per_channel: independent masks per channel (the reference's default); ``False`` shares one.
+        seed: the RNG seed.
+
+    Returns:
+        Panels in row-major order (``block_sizes`` outer, ``keep_probs`` inner).
+    """
+    height, width = (int(s) for s in size)
+    if height < 1 or width < 1 or channels < 1:
+        raise ValueError(f"size and channels must be positive, got size={tuple(size)}, channels={channels}")
+    panels = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ones = torch.ones(1, channels, height, width)
+        for block_size in block_sizes:
+            for keep_prob in keep_probs:
+                mask = drop_block2d(ones, keep_prob, block_size, per_channel=per_channel, scale=False)[0]
+                keep = mask > 0.5
+                panels.append(MaskPanel(block_size=int(block_size), keep_prob=float(keep_prob), keep=keep,
+                                        dropped=1.0 - keep.float().mean().item(),
+                                        expected=expected_drop_fraction((height, width), block_size, keep_prob)))
+    return panels
+
+
+def _as_rgb(image: Any) -> np.ndarray:
+    """An ``(H, W, 3)`` float array in [0, 1] from an ``(H, W)`` / ``(H, W, 3|4)`` array or a ``(3, H, W)`` tensor."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.dim() == 3 and image.shape[0] in (1, 3):
+            image = image.permute(1, 2, 0)
+        image = image.numpy()
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image must be (H, W), (H, W, 3) or (3, H, W), got shape {array.shape}")
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    array = array[..., :3]
+    if np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.float64) / np.iinfo(array.dtype).max
+    return np.clip(array.astype(np.float64), 0.0, 1.0)
+
+
+def plot_masks(path: PathLike, *, image: Any = None, block_sizes: Sequence[int] = (3, 7, 15),
+               keep_probs: Sequence[float] = (0.9, 0.75, 0.5), per_channel: bool = False, stride: int = 8,
+               seed: int = 0, dpi: int = 80) -> Path:
+    """A grid of DropBlock masks (block size x keep_prob) applied to a photo, saved as an image file.
+
+    Each mask is drawn by :func:`mask_panels` on an ``(H / stride, W / stride)`` map, as DropBlock on a feature
+    map of that output stride would be, and shown upsampled over the photo; each panel's title gives the
+    measured dropped fraction and its exact expectation (:func:`expected_drop_fraction`), which is below
+    ``1 - keep_prob`` because blocks overlap.
+
+    Args:
+        path: where to write the figure; the format follows the suffix (``.png``).
+        image: ``(H, W, 3)`` / ``(H, W)`` array (uint8 or float in [0, 1]) or ``(3, H, W)`` tensor; ``None``
+            uses scikit-image's ``chelsea`` photo.
+        block_sizes: block sizes, one row each.
+        keep_probs: keep probabilities, one column each.
+        per_channel: independent masks per RGB channel (coloured blocks) instead of one shared mask.
+        stride: image pixels per mask cell.
+        seed: the RNG seed of the masks.
+        dpi: resolution of the saved figure.
+
+    Returns:
+        ``path``, as a :class:`~pathlib.Path`.
+
+    Raises:
+        ImportError: matplotlib (or, with ``image=None``, scikit-image) is not installed.
+    """
+    figure_type, canvas_type = _figure_tools()
+    rgb = _as_rgb(_sample_photo() if image is None else image)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive int, got {stride!r}")
+    height, width = rgb.shape[:2]
+    size = (math.ceil(height / stride), math.ceil(width / stride))
+    panels = mask_panels(size, block_sizes=block_sizes, keep_probs=keep_probs, channels=3,
+                         per_channel=per_channel, seed=seed)
+    rows, cols = len(block_sizes), len(keep_probs)
+    aspect = height / width
+    fig = figure_type(figsize=(3.2 * cols, 3.2 * aspect * rows + 0.9), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for panel, ax in zip(panels, axes.flat):
+        keep = panel.keep.permute(1, 2, 0).numpy()
+        keep = keep.repeat(stride, axis=0).repeat(stride, axis=1)[:height, :width]
+        ax.imshow(rgb * keep)
+        ax.set_title(f"block {panel.block_size}, keep {panel.keep_prob:g}\n"
+                     f"dropped {panel.dropped:.1%} (expected {panel.expected:.1%})", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    masks = "independent per RGB channel" if per_channel else "shared by the RGB channels"
+    fig.suptitle(f"DropBlock masks on a {size[0]}x{size[1]} map (stride {stride}), {masks}", fontsize=10)
+    return _save(fig, canvas_type, path, dpi)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# schedule
+
+
+def _stage(module: str, level: int | None = None) -> str:
+    """The group a module path belongs to: its first ``level`` components, or (``None``) its parent, the
+    container of the residual block (``layer3.0`` -> ``layer3``, ``stages.2.blocks.1`` -> ``stages.2.blocks``,
+    ``trunk_output.block3.block3-0`` -> ``trunk_output.block3``); a top-level path is its own group."""
+    if not module:
+        return "(model)"
+    parts = module.split(".")
+    if level is not None:
+        return ".".join(parts[:level])
+    return ".".join(parts[:-1]) if len(parts) > 1 else module
+
+
+@dataclass(frozen=True)
+class ScheduleCurve:
+    """keep_prob over the global step shared by a group of DropBlocks.
+
+    Attributes:
+        label: the stages (and recipe rules) of the group, e.g. ``"layer3 (group3)"``.
+        count: how many DropBlocks follow this curve.
+        steps: global steps, increasing, from 0 to ``total_steps``.
+        keep_probs: keep_prob at each step.
+    """
+
+    label: str
+    count: int
+    steps: tuple[int, ...]
+    keep_probs: tuple[float, ...]
+
+
+def schedule_curves(scheduler: KeepProbScheduler, *, num_points: int = 201) -> list[ScheduleCurve]:
+    """The distinct keep_prob ramps of a scheduler (e.g. layer3 and layer4 targets), without changing the model.
+
+    Args:
+        scheduler: a :class:`~dropblock_inject.KeepProbScheduler`.
+        num_points: how many steps to sample between 0 and ``scheduler.total_steps`` (fewer when there are
+            fewer steps).
+
+    Returns:
+        One curve per distinct ramp, in the order of its first DropBlock.
+    """
+    if not isinstance(scheduler, KeepProbScheduler):
+        raise TypeError(f"scheduler must be a KeepProbScheduler, got {type(scheduler).__name__}")
+    if num_points < 2:
+        raise ValueError(f"num_points must be >= 2, got {num_points}")
+    steps = tuple(sorted({int(round(float(s))) for s in np.linspace(0, scheduler.total_steps, num_points)}))
+    per_step = [scheduler.keep_probs_at(s) for s in steps]  # [step][dropblock]
+    groups: dict[tuple[float, ...], list[Any]] = {}
+    for i, db in enumerate(scheduler.dropblocks):
+        groups.setdefault(tuple(values[i] for values in per_step), []).append(db)
+    curves = []
+    for values, members in groups.items():
+        stages = list(dict.fromkeys(_stage(db.point.module) for db in members))
+        rules = [r for r in dict.fromkeys(db.point.rule for db in members) if r]
+        label = ", ".join(stages) + (f" ({', '.join(rules)})" if rules else "")
+        curves.append(ScheduleCurve(label=label, count=len(members), steps=steps, keep_probs=values))
+    return curves
+
+
+def plot_schedule(path: PathLike, scheduler: KeepProbScheduler, *, num_points: int = 201, title: str | None = None,
+                  dpi: int = 100) -> Path:
+    """keep_prob over the global step for each distinct ramp of ``scheduler``, saved as an image file.
+
+    Args:
+        path: where to write the figure; the format follows the suffix (``.png``).
+        scheduler: a :class:`~dropblock_inject.KeepProbScheduler`; it is only read.
+        num_points: steps sampled per curve.
+        title: the figure's title; a default one names the number of DropBlocks and steps.
+        dpi: resolution of the saved figure.
+
+    Returns:
+        ``path``, as a :class:`~pathlib.Path`.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    figure_type, canvas_type = _figure_tools()
+    curves = schedule_curves(scheduler, num_points=num_points)
+    fig = figure_type(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for curve in curves:
+        ax.plot(curve.steps, curve.keep_probs, linewidth=2,
+                label=f"{curve.label}: {curve.count} DropBlocks, ends at {curve.keep_probs[-1]:.4g}")
+    ax.set_xlabel("global step")
+    ax.set_ylabel("keep_prob")
+    ax.set_xlim(0, scheduler.total_steps)
+    low = min(min(c.keep_probs) for c in curves)
+    ax.set_ylim(max(0.0, low - 0.1 * (1.0 - low) - 0.005), 1.005)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(title or f"Linear keep_prob schedule: {len(scheduler.dropblocks)} DropBlocks, "
+                          f"{scheduler.total_steps} steps", fontsize=10)
+    return _save(fig, canvas_type, path, dpi)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plan
+
+
+class StageCount(NamedTuple):
+    """DropBlocks of one stage in a plan: on residual branches and on shortcuts."""
+
+    stage: str
+    branch: int
+    shortcut: int
+
+
+def plan_counts(points: Sequence[InsertionPoint], *, level: int | None = None) -> list[StageCount]:
+    """DropBlocks per stage of a :func:`~dropblock_inject.plan`, branch and shortcut apart.
+
+    Args:
+        points: the insertion points.
+        level: group module paths by their first ``level`` components; ``None`` groups the traced modules
+            (residual blocks) by their parent (``layer3.0`` and ``layer3.1`` -> ``layer3``).
+
+    Returns:
+        One row per stage, in plan order.
+    """
+    counts: dict[str, list[int]] = {}
+    for p in points:
+        if p.kind not in ("branch", "shortcut"):
+            raise ValueError(f"insertion point kind must be 'branch' or 'shortcut', got {p.kind!r}")
+        row = counts.setdefault(_stage(p.module, level), [0, 0])
+        row[p.kind == "shortcut"] += 1
+    return [StageCount(stage, branch, shortcut) for stage, (branch, shortcut) in counts.items()]
+
+
+def plot_plan(path: PathLike, points: Sequence[InsertionPoint], *, level: int | None = None,
+              title: str | None = None, dpi: int = 100) -> Path:
+    """A stacked bar chart of DropBlocks per stage (branch and shortcut), saved as an image file.
+
+    Each bar is annotated with its total and the block sizes and final keep_probs of its points.
+
+    Args:
+        path: where to write the figure; the format follows the suffix (``.png``).
+        points: the insertion points of :func:`~dropblock_inject.plan`.
+        level: how to group module paths into stages; see :func:`plan_counts`.
+        title: the figure's title; a default one gives the totals.
+        dpi: resolution of the saved figure.
+
+    Returns:
+        ``path``, as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: ``points`` is empty.
+        ImportError: matplotlib is not installed.
+    """
+    figure_type, canvas_type = _figure_tools()
+    if not points:
+        raise ValueError("plot_plan needs at least one insertion point; plan() returned none")
+    rows = plan_counts(points, level=level)
+    settings: dict[str, tuple[set[int], set[float]]] = {}
+    for p in points:
+        sizes, keeps = settings.setdefault(_stage(p.module, level), (set(), set()))
+        sizes.add(p.block_size)
+        keeps.add(round(p.keep_prob, 6))
+    fig = figure_type(figsize=(max(4.8, 1.3 * len(rows) + 2.0), 3.8), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(rows))
+    branch = np.array([r.branch for r in rows])
+    shortcut = np.array([r.shortcut for r in rows])
+    ax.bar(x, branch, label="residual branch", color="tab:blue")
+    ax.bar(x, shortcut, bottom=branch, label="shortcut", color="tab:orange")
+    for i, row in enumerate(rows):
+        sizes, keeps = settings[row.stage]
+        note = (f"{row.branch + row.shortcut}\nblock {'/'.join(map(str, sorted(sizes)))}\n"
+                f"keep {'/'.join(f'{k:g}' for k in sorted(keeps))}")
+        ax.annotate(note, (i, row.branch + row.shortcut), xytext=(0, 3), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [r.stage for r in rows], rotation=30 if len(rows) > 4 else 0, ha="right" if len(rows) > 4
+                  else "center", fontsize=8)
+    ax.set_ylabel("DropBlocks")
+    ax.set_ylim(0, max(branch + shortcut) * 1.45)
+    ax.legend(fontsize=8, loc="upper left")
+    n_branch = int(branch.sum())
+    ax.set_title(title or f"{len(points)} DropBlocks: {n_branch} branch, {len(points) - n_branch} shortcut",
+                 fontsize=10)
+    return _save(fig, canvas_type, path, dpi)
