@@ -1,0 +1,82 @@
+"""Smoke test of examples/regularization_experiment.py (the full run is documented in the README)."""
+
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("tqdm")
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "regularization_experiment.py"
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    spec = importlib.util.spec_from_file_location("regularization_experiment", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# one thread: the smoke test stays fast on a busy 2-core machine, where two threads oversubscribe
+QUICK = ["--quick", "--threads", "1"]
+
+
+def test_quick_run_prints_the_table(experiment, capsys):
+    runs = experiment.main(QUICK)
+    out = capsys.readouterr().out
+    assert [r.arm for r in runs] == list(experiment.ARMS) and {r.seed for r in runs} == {0}
+    for r in runs:
+        assert 0.0 <= r.test_acc <= 1.0 and 0.0 <= r.train_acc <= 1.0
+        # one epoch: the training loss is already below chance level, log(10) (eval accuracy needs more epochs
+        # for BatchNorm's running statistics to settle)
+        assert 0.0 < r.train_loss < math.log(10)
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| arm | test accuracy (%)")
+    assert [row.split(" | ")[0][2:] for row in rows[1:]] == list(experiment.ARMS)
+    for row, run in zip(rows[1:], runs):
+        assert re.search(rf"\| {100 * run.test_acc:.2f} ± 0\.00 \|", row)
+    assert "9 DropBlocks: 6 branch, 3 shortcut" in out  # the inline recipe's plan
+
+
+def test_the_scheduled_arm_steps_the_scheduler_every_step(experiment, monkeypatch):
+    import dropblock_inject as dbi
+
+    seen = {}
+    real_step = dbi.KeepProbScheduler.step
+
+    def spy_step(self, global_step):
+        seen.setdefault("steps", []).append(global_step)
+        return real_step(self, global_step)
+
+    monkeypatch.setattr(dbi.KeepProbScheduler, "step", spy_step)
+    runs = experiment.main([*QUICK, "--arms", "dropblock+schedule"])
+    assert len(runs) == 1 and runs[0].arm == "dropblock+schedule"
+    steps_per_epoch = 898 // 64
+    # step(0) at construction, then once per training step
+    assert seen["steps"] == [0, *range(steps_per_epoch)]
+
+
+def test_table_pairs_by_seed(experiment):
+    Run = experiment.Run
+    runs = [Run("baseline", 0, 0.90, 1.0, 0.1, 1.0), Run("baseline", 1, 0.80, 1.0, 0.1, 1.0),
+            Run("dropout", 0, 0.92, 0.99, 0.2, 1.0), Run("dropout", 1, 0.84, 0.98, 0.2, 1.0)]
+    table = experiment.table(runs)
+    assert "| baseline | 85.00 ± 7.07 | — | 100.00 ± 0.00 | 0.100 ± 0.000 | 2 |" in table
+    assert "| dropout | 88.00 ± 5.66 | 3.00 ± 1.41 | 98.50 ± 0.71 | 0.200 ± 0.000 | 2 |" in table
