@@ -10,6 +10,9 @@ Ratios (> 1 means we are faster):
 * shared mode: fastest shared-mask peer (timm ``couple_channels=True``, ``dropblock.DropBlock2D``) divided
   by ours with ``per_channel=False``.
 
+Each ratio is given twice: of the medians, and *paired* (the median over rounds of the peer's time divided by
+ours in the same round), which cancels the drift of a shared machine's speed between rounds.
+
 "Saved" is what autograd keeps for backward (unique storages seen by ``saved_tensors_hooks``, the input
 itself excluded), in bytes per input element.
 
@@ -95,7 +98,7 @@ def saved_bytes_per_element(module: nn.Module, x: Tensor) -> float:
     return sum(storages.values()) / x.numel()
 
 
-def bench_shape(shape: tuple[int, ...], rounds: int, warmup: int) -> dict[str, dict[str, float | str]]:
+def bench_shape(shape: tuple[int, ...], rounds: int, warmup: int) -> dict[str, dict]:
     cands = _candidates()
     x = torch.randn(shape, requires_grad=True)
     grad = torch.randn(shape)
@@ -108,35 +111,39 @@ def bench_shape(shape: tuple[int, ...], rounds: int, warmup: int) -> dict[str, d
             t = _time_once(lambda: _step(m, x, grad))
             if r >= warmup:
                 times[name].append(t)
-    results: dict[str, dict[str, float | str]] = {}
+    results: dict[str, dict] = {}
     for name, mode, ours, m in cands:
         results[name] = {
             "mode": mode,
             "ours": ours,
             "median_ms": statistics.median(times[name]),
+            "times": times[name],
             "saved": saved_bytes_per_element(m, x),
         }
     return results
 
 
-def _ratio(results: dict[str, dict[str, float | str]], mode: str) -> tuple[float, str]:
-    peers = {n: r["median_ms"] for n, r in results.items() if r["mode"] == mode and not r["ours"]}
-    ours = next(r["median_ms"] for r in results.values() if r["mode"] == mode and r["ours"])
-    best = min(peers, key=peers.__getitem__)
-    return float(peers[best]) / float(ours), best
+def _ratio(results: dict[str, dict], mode: str) -> tuple[float, float, str]:
+    """(fastest peer's median / ours, median over rounds of that peer's time / ours in the same round, peer)."""
+    peers = {n: r for n, r in results.items() if r["mode"] == mode and not r["ours"]}
+    ours = next(r for r in results.values() if r["mode"] == mode and r["ours"])
+    best = min(peers, key=lambda n: peers[n]["median_ms"])
+    paired = statistics.median(p / o for p, o in zip(peers[best]["times"], ours["times"]))
+    return float(peers[best]["median_ms"]) / float(ours["median_ms"]), paired, best
 
 
-def print_table(shape: tuple[int, ...], results: dict[str, dict[str, float | str]]) -> tuple[float, float]:
+def print_table(shape: tuple[int, ...], results: dict[str, dict]) -> tuple[float, float, float, float]:
     print(f"\n### {tuple(shape)}  (fwd+bwd, fp32, keep_prob={KEEP_PROB}, block_size={BLOCK})\n")
     print("| candidate | mode | median ms | saved for backward (B/elem) |")
     print("|---|---|---:|---:|")
     for name, r in results.items():
         label = f"**{name}**" if r["ours"] else name
         print(f"| {label} | {r['mode']} | {r['median_ms']:.3f} | {r['saved']:.3f} |")
-    pc, pc_peer = _ratio(results, PER_CHANNEL)
-    sh, sh_peer = _ratio(results, SHARED)
-    print(f"\nper-channel speed-up: **{pc:.1f}x** (vs {pc_peer}); shared speed-up: **{sh:.2f}x** (vs {sh_peer})")
-    return pc, sh
+    pc, pc_paired, pc_peer = _ratio(results, PER_CHANNEL)
+    sh, sh_paired, sh_peer = _ratio(results, SHARED)
+    print(f"\nper-channel speed-up: **{pc:.1f}x** (paired {pc_paired:.1f}x, vs {pc_peer}); "
+          f"shared speed-up: **{sh:.2f}x** (paired {sh_paired:.2f}x, vs {sh_peer})")
+    return pc, pc_paired, sh, sh_paired
 
 
 def main() -> None:
@@ -156,10 +163,10 @@ def main() -> None:
     for shape in SHAPES:
         summary.append((shape, *print_table(shape, bench_shape(shape, rounds, warmup))))
     print("\n### Summary\n")
-    print("| shape | per-channel: fastest peer / ours | shared: fastest peer / ours |")
-    print("|---|---:|---:|")
-    for shape, pc, sh in summary:
-        print(f"| {tuple(shape)} | {pc:.1f}x | {sh:.2f}x |")
+    print("| shape | per-channel: fastest peer / ours | paired | shared: fastest peer / ours | paired |")
+    print("|---|---:|---:|---:|---:|")
+    for shape, pc, pc_paired, sh, sh_paired in summary:
+        print(f"| {tuple(shape)} | {pc:.1f}x | {pc_paired:.1f}x | {sh:.2f}x | {sh_paired:.2f}x |")
     print(f"\nload average at end: {_load()} (other work on the machine makes every timing noisier)")
 
 

@@ -18,6 +18,8 @@ from torch import nn
 import dropblock_inject as dbi
 from dropblock_inject.graph import injected_dropblocks
 
+from _models import SmallResNet
+
 WORLD_SIZE = 2
 STEPS = 6
 TOTAL_STEPS = 4  # shorter than the run, so the clamp past the end is exercised too
@@ -31,30 +33,8 @@ RECIPE = {
 }
 
 
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.downsample(x))
-
-
-class SmallNet(nn.Module):
-    def __init__(self, width: int = 8, num_classes: int = 4) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, width, 3, 1, 1)
-        self.layer3 = nn.Sequential(Block(width, 2 * width, 2), Block(2 * width, 2 * width, 1))
-        self.layer4 = nn.Sequential(Block(2 * width, 4 * width, 2))
-        self.fc = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.layer4(self.layer3(F.relu(self.stem(x)))).mean((2, 3)))
+def SmallNet() -> SmallResNet:  # noqa: N802
+    return SmallResNet((("layer3", (2, 1)), ("layer4", (2,))), num_classes=4, stem_norm=False, project=True)
 
 
 def _free_port() -> int:

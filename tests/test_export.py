@@ -31,42 +31,17 @@ from torch import nn
 import dropblock_inject as dbi
 from dropblock_inject.ops import _DropBlockNd
 
+import _models
+
 X = torch.randn(2, 3, 64, 64)
 
 
 # ------------------------------------------------------------------------------------------------ models
 
 
-class Block(nn.Module):
-    """A basic residual block with a projection shortcut when the shape changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                         if stride != 1 or cin != cout else nn.Identity())
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class SmallResNet(nn.Module):
+def SmallResNet(width: int = 16, num_classes: int = 10) -> _models.SmallResNet:  # noqa: N802
     """A hand-written residual CNN: 64 px in, 16x16 maps in ``stage3``, 8x8 in ``stage4``."""
-
-    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.stage3 = nn.Sequential(Block(width, 2 * width, 2), Block(2 * width, 2 * width, 1))
-        self.stage4 = nn.Sequential(Block(2 * width, 4 * width, 2), Block(4 * width, 4 * width, 1))
-        self.head = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x):
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.stage4(self.stage3(self.stem(x))), 1), 1))
+    return _models.SmallResNet((("stage3", (2, 1)), ("stage4", (2, 1))), width, num_classes, stem_stride=2)
 
 
 SMALL_RECIPE = {
@@ -332,10 +307,15 @@ class _DropLog:
 
     def __init__(self, model: nn.Module) -> None:
         self.records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-        self.handles = [m.register_forward_hook(self._hook) for m in dbi.injected_dropblocks(model)]
+        self.live: list[torch.Tensor] = []
+        self.handles = [h for m in dbi.injected_dropblocks(model)
+                        for h in (m.register_forward_pre_hook(self._pre_hook), m.register_forward_hook(self._hook))]
+
+    def _pre_hook(self, module, args):
+        self.live.append(args[0] != 0)  # before the op: an in-place DropBlock overwrites its input
 
     def _hook(self, module, args, out):
-        live = args[0] != 0
+        live = self.live.pop()
         self.records.append((module, (live & (out == 0)).sum(), live.sum()))
 
     def rates(self, expected: dict[nn.Module, float]) -> tuple[float, float]:
