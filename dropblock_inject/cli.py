@@ -134,8 +134,8 @@ def _cmd_viz(args: argparse.Namespace) -> None:
     points = plan(model, args.recipe, example_input=example)
     name = load_recipe(args.recipe).name
     n_branch = sum(p.kind == "branch" for p in points)
-    paths = [viz.plot_plan(out / "plan.png", points, title=f"{args.model} + {name}: {len(points)} DropBlocks "
-                                                            f"({n_branch} branch, {len(points) - n_branch} shortcut)")]
+    paths = [viz.plot_plan(out / "plan.png", points, title=f"{args.model} + {name}\n{len(points)} DropBlocks: "
+                                                            f"{n_branch} branch, {len(points) - n_branch} shortcut")]
     inject(model, args.recipe, example_input=example)
     try:
         sched = KeepProbScheduler(model, total_steps=args.steps)

@@ -184,7 +184,7 @@ def _as_rgb(image: Any) -> np.ndarray:
 
 
 def plot_masks(path: PathLike, *, image: Any = None, block_sizes: Sequence[int] = (3, 7, 15),
-               keep_probs: Sequence[float] = (0.9, 0.75, 0.5), per_channel: bool = False, stride: int = 8,
+               keep_probs: Sequence[float] = (0.9, 0.75, 0.5), per_channel: bool = False, stride: int = 4,
                seed: int = 0, dpi: int = 80) -> Path:
     """A grid of DropBlock masks (block size x keep_prob) applied to a photo, saved as an image file.
 
@@ -211,9 +211,9 @@ def plot_masks(path: PathLike, *, image: Any = None, block_sizes: Sequence[int] 
         ImportError: matplotlib (or, with ``image=None``, scikit-image) is not installed.
     """
     figure_type, canvas_type = _figure_tools()
-    rgb = _as_rgb(_sample_photo() if image is None else image)
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be a positive int, got {stride!r}")
+    rgb = _as_rgb(_sample_photo() if image is None else image)
     height, width = rgb.shape[:2]
     size = (math.ceil(height / stride), math.ceil(width / stride))
     panels = mask_panels(size, block_sizes=block_sizes, keep_probs=keep_probs, channels=3,
