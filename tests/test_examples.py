@@ -48,10 +48,11 @@ def test_quick_run_prints_the_table(experiment, capsys):
         # for BatchNorm's running statistics to settle)
         assert 0.0 < r.train_loss < math.log(10)
     rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| arm | test accuracy (%)")
-    assert [row.split(" | ")[0][2:] for row in rows[1:]] == list(experiment.ARMS)
-    for row, run in zip(rows[1:], runs):
+    assert rows[0].startswith("| arm | test accuracy (%)") and rows[5] == "| arm | seed 0 |"
+    assert [row.split(" | ")[0][2:] for row in rows[1:5]] == list(experiment.ARMS)
+    for row, per_seed, run in zip(rows[1:5], rows[6:], runs):
         assert re.search(rf"\| {100 * run.test_acc:.2f} ± 0\.00 \|", row)
+        assert per_seed == f"| {run.arm} | {100 * run.test_acc:.2f} |"
     assert "9 DropBlocks: 6 branch, 3 shortcut" in out  # the inline recipe's plan
 
 
@@ -68,7 +69,7 @@ def test_the_scheduled_arm_steps_the_scheduler_every_step(experiment, monkeypatc
     monkeypatch.setattr(dbi.KeepProbScheduler, "step", spy_step)
     runs = experiment.main([*QUICK, "--arms", "dropblock+schedule"])
     assert len(runs) == 1 and runs[0].arm == "dropblock+schedule"
-    steps_per_epoch = 898 // 64
+    steps_per_epoch = 449 // 64  # 1797 digits, a quarter for training
     # step(0) at construction, then once per training step
     assert seen["steps"] == [0, *range(steps_per_epoch)]
 
@@ -80,3 +81,5 @@ def test_table_pairs_by_seed(experiment):
     table = experiment.table(runs)
     assert "| baseline | 85.00 ± 7.07 | — | 100.00 ± 0.00 | 0.100 ± 0.000 | 2 |" in table
     assert "| dropout | 88.00 ± 5.66 | 3.00 ± 1.41 | 98.50 ± 0.71 | 0.200 ± 0.000 | 2 |" in table
+    assert experiment.per_seed_table(runs[:3]).splitlines() == [
+        "| arm | seed 0 | seed 1 |", "|---|---|---|", "| baseline | 90.00 | 80.00 |", "| dropout | 92.00 | — |"]
