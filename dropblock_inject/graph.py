@@ -20,7 +20,7 @@ import copy
 import functools
 import math
 import operator
-import re
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -82,7 +82,6 @@ _ACT_FUNCTIONS: set[Any] = {torch.relu, torch.relu_, nn.functional.relu, nn.func
                             nn.functional.gelu, nn.functional.hardswish, nn.functional.leaky_relu,
                             nn.functional.elu, nn.functional.mish}
 _ACT_METHODS = {"relu", "relu_"}
-_UNIT_NAME = re.compile(r"conv.*(norm|bn)", re.IGNORECASE)  # ConvNormAct, ConvBnAct, ...
 _ADD_FUNCTIONS: set[Any] = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 
@@ -94,12 +93,65 @@ def _module_kind(m: nn.Module) -> str | None:
         return "norm"
     if isinstance(m, _ACT_TYPES) or type(m).__name__ in _ACT_NAMES:
         return "act"
-    if not isinstance(m, nn.Sequential) and _UNIT_NAME.search(type(m).__name__):
+    if not isinstance(m, nn.Sequential):
         # a conv-norm(-act) module such as timm's ConvNormAct: one conv, a norm, nothing but acts besides
         kinds = [_module_kind(c) if not isinstance(c, (nn.Identity, nn.Dropout)) else "skip" for c in m.children()]
         if kinds.count("conv") == 1 and "norm" in kinds and set(kinds) <= {"conv", "norm", "act", "skip"}:
-            return "unit"
+            if _is_chain_unit(m):
+                return "unit"
     return None
+
+
+# modules checked by _is_chain_unit: module -> (what the answer depends on, the answer)
+_CHAIN_UNITS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], bool]] = weakref.WeakKeyDictionary()
+
+
+def _is_chain_unit(m: nn.Module) -> bool:
+    """Whether ``m``'s forward is the straight chain ``act(norm(conv(x)))`` (timm's ConvNormAct, torchvision's
+    Inception ``BasicConv2d``, which applies its ReLU functionally): one input, each step reading only the
+    previous one, a conv first, then a norm, then only activations, Identity or Dropout. A module with the
+    same children that adds a residual, or normalises before convolving, is not a unit, whatever its name."""
+    key = (type(m).forward, m.__dict__.get("forward"), m.training, tuple(map(id, m.children())))
+    cached = _CHAIN_UNITS.get(m)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    _CHAIN_UNITS[m] = (key, answer := _chain_unit_graph(m))
+    return answer
+
+
+def _chain_unit_graph(m: nn.Module) -> bool:
+    if "forward" in m.__dict__:
+        return False  # an instance-level forward (e.g. one injected earlier) is not what fx would trace
+    try:
+        graph = _Tracer(autowrap_modules=()).trace(m)  # (no math functions to wrap in a unit: faster)
+    except Exception:  # noqa: BLE001 - untraceable: not a unit
+        return False
+    prev: fx.Node | None = None
+    steps = []
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            if prev is not None:
+                return False  # more than one input
+            prev = n
+            continue
+        if n.op == "output":
+            return n.args[0] is prev and steps[:2] == ["conv", "norm"] and set(steps[2:]) <= {"act"}
+        if n.all_input_nodes != [prev] or len(prev.users) != 1:  # type: ignore[union-attr]
+            return False
+        if n.op == "call_module":
+            sub = m.get_submodule(str(n.target))
+            kind = "skip" if isinstance(sub, (nn.Identity, nn.Dropout)) else _module_kind(sub)
+        elif (n.op == "call_function" and n.target in _ACT_FUNCTIONS) or (
+                n.op == "call_method" and n.target in _ACT_METHODS):
+            kind = "act"
+        else:
+            return False
+        if kind is None or kind == "unit":
+            return False
+        if kind != "skip":
+            steps.append(kind)
+        prev = n
+    return False
 
 
 def _is_plain_sequential(m: nn.Module) -> bool:
@@ -358,6 +410,14 @@ def _owner(path: str, model: nn.Module) -> str:
     return ""
 
 
+def _inside_layer(path: str, kinds: dict[str, str | None]) -> bool:
+    """Whether the module at ``path`` lies inside a conv / norm / act / unit module (the conv of a
+    ConvNormAct, the activation of a BatchNormAct2d): its owner treats that module as one layer and places
+    DropBlock after it, so the module's own graph must not get a DropBlock too."""
+    parts = path.split(".")
+    return any(kinds.get(".".join(parts[:i])) is not None for i in range(1, len(parts)))
+
+
 def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: _ShapeLog | None) -> list[str]:
     if rule.modules is not None:
         chosen = [p for p in modules if p and rule.matches_path(p) and _module_kind(modules[p]) is None
@@ -367,8 +427,9 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
         chosen = [p for p in chosen if not any(p.startswith(q + ".") for q in outer)]
     else:
         owners = {}
-        for p, m in modules.items():
-            if p and _module_kind(m) is not None:
+        kinds = {p: _module_kind(m) for p, m in modules.items() if p}
+        for p, kind in kinds.items():
+            if kind is not None and not _inside_layer(p, kinds):
                 owners.setdefault(_owner(p, model), []).append(p)
         chosen = []
         for owner, leaves in owners.items():

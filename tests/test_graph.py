@@ -2,6 +2,7 @@
 
 import copy
 import io
+import re
 
 import pytest
 import timm
@@ -413,3 +414,68 @@ def test_inplace_only_on_fresh_batchnorm_and_conv_outputs():
     effnet.train()
     _set_keep(effnet, 0.7)
     effnet(X).sum().backward()
+
+
+# ------------------------------------------------------------------------------------------------ conv-norm units
+
+class _ConvBnResidual(nn.Module):
+    """The children of a conv-norm unit, but a residual block."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + F.relu(self.bn(self.conv(x)))
+
+
+class _BnConv(_ConvBnResidual):
+    def forward(self, x):
+        return self.conv(F.relu(self.bn(x)))  # pre-activation: normalises before convolving
+
+
+class _ConvBnNamed(_ConvBnResidual):
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def test_conv_norm_units_recognised_by_their_forward():
+    from torchvision.models.inception import BasicConv2d
+
+    from dropblock_inject.graph import _module_kind
+
+    assert _module_kind(BasicConv2d(8, 8, kernel_size=3)) == "unit"  # conv, bn, functional relu
+    assert _module_kind(_ConvBnNamed()) == "unit"
+    assert _module_kind(_ConvBnResidual()) is None
+    assert _module_kind(_BnConv(8)) is None
+    # the residual one is a block of its own: DropBlock after its bn and on its shortcut; a unit is not
+    recipe = {"rules": [{"modules": ["1"], "after": ["norm"], "shortcut": True}]}
+    points = dbi.plan(nn.Sequential(nn.Conv2d(3, 8, 1), _ConvBnResidual()), recipe)
+    assert [(p.module, p.after, p.kind) for p in points] == [("1", "bn", "branch"), ("1", "x", "shortcut")]
+    with pytest.raises(dbi.RecipeError, match="matches no insertion point"):
+        dbi.plan(nn.Sequential(nn.Conv2d(3, 8, 1), _ConvBnNamed()), recipe)
+
+
+@pytest.mark.parametrize("ctor, size, expected", [
+    (lambda: torchvision.models.inception_v3(weights=None, init_weights=False), 299, 66),
+    (lambda: timm.create_model("inception_v3", pretrained=False), 299, 66),
+    (lambda: torchvision.models.googlenet(weights=None, init_weights=False), 96, 42),
+], ids=["tv_inception_v3", "timm_inception_v3", "googlenet"])
+def test_inception_units_get_one_dropblock_each(ctor, size, expected):
+    """Inception's BasicConv2d (torchvision) and ConvNormAct (timm) are units of their Inception block: one
+    DropBlock after each, placed in the block, none inside the unit (timm's used to get both)."""
+    model = ctor().eval()
+    points = dbi.plan(model, "paper_generic", example_input=torch.randn(1, 3, size, size))
+    assert len(points) == expected and all(p.kind == "branch" for p in points)
+    assert all(re.fullmatch(r"Mixed_[67][a-e]|inception[45][a-e]", p.module) for p in points), points[0]
+    assert len({(p.module, p.after) for p in points}) == expected
+
+
+def test_modules_inside_conv_norm_modules_are_not_rewritten():
+    # timm's byobnet blocks are made of ConvNormAct (conv + BatchNormAct2d): DropBlock after each of them
+    # in the block, not a second one inside
+    model = timm.create_model("resnext26ts", pretrained=False)
+    points = dbi.plan(model, "paper_generic", example_input=torch.randn(1, 3, 64, 64))
+    assert _counts(points) == (12, 4)
+    assert {p.module for p in points} == {"stages.2.0", "stages.2.1", "stages.3.0", "stages.3.1"}
