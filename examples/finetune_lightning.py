@@ -24,28 +24,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import dropblock_inject as dbi
 from dropblock_inject.integrations.lightning import DropBlockScheduleCallback
+from finetune_plain import digits, export_onnx  # the same data and exporter as the plain-loop example
 
 try:
     import lightning.pytorch as pl
 except ImportError:  # the standalone namespace works too
     import pytorch_lightning as pl
-
-
-def digits(image_size: int, seed: int) -> tuple[TensorDataset, TensorDataset]:
-    """scikit-learn's digits (1797 images, shipped with the package) as normalized 3xSxS tensors."""
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    x = ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    split = int(0.8 * len(x))
-    return TensorDataset(x[perm[:split]], y[perm[:split]]), TensorDataset(x[perm[split:]], y[perm[split:]])
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -75,18 +63,6 @@ class DigitsClassifier(pl.LightningModule):
         steps = self.trainer.estimated_stepping_batches
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, dynamo: bool) -> None:
-    """Export with a dynamic batch axis; the TorchScript exporter is ~10x faster for a ResNet on CPU."""
-    if dynamo:
-        torch.onnx.export(model, (example,), path, dynamo=True, input_names=["images"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based ONNX export"
-        torch.onnx.export(model, (example,), path, dynamo=False, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Smoke test of examples/regularization_experiment.py (the full run is documented in the README)."""
+"""Smoke tests of the examples (the full regularization experiment is documented in the README)."""
 
 import importlib.util
 import math
@@ -83,3 +83,33 @@ def test_table_pairs_by_seed(experiment):
     assert "| dropout | 88.00 ± 5.66 | 3.00 ± 1.41 | 98.50 ± 0.71 | 0.200 ± 0.000 | 2 |" in table
     assert experiment.per_seed_table(runs[:3]).splitlines() == [
         "| arm | seed 0 | seed 1 |", "|---|---|---|", "| baseline | 90.00 | 80.00 |", "| dropout | 92.00 | — |"]
+
+
+# ------------------------------------------------------------------------------------------------ fine-tune examples
+
+EXAMPLES = EXAMPLE.parent
+TINY = ["--steps", "3", "--batch-size", "8", "--image-size", "64"]  # 32 px leaves 1x1 maps in layer4
+
+
+def _load_example(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # as when run as a script: the examples import each other
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_plain_example_strips_and_exports(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    result = _load_example("finetune_plain", monkeypatch).main([*TINY, "--onnx", str(tmp_path / "m.onnx")])
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+    assert result["max_diff"] < 1e-4 and 0.0 <= result["accuracy"] <= 1.0
+    assert "DropBlocks:" in capsys.readouterr().out  # the plan table
+
+
+def test_finetune_lightning_example_strips_and_exports(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("lightning")
+    result = _load_example("finetune_lightning", monkeypatch).main(TINY)
+    assert result["max_diff"] < 1e-4 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["keep_prob"] < 1.0  # the schedule ran
