@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import operator
+import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from .ops import DropBlock2d, DropBlock3d, _DropBlockNd
@@ -195,17 +198,150 @@ class _Tracer(fx.Tracer):
         return _Proxy(node, self)
 
 
-def _trace(scope: nn.Module, path: str) -> fx.Graph:
+# How a scope's forward is called. fx traces every argument as a Proxy, so ``if shortcut is None:`` or
+# ``if not isinstance(x, list):`` would bake the wrong branch, and a List[Tensor] input cannot be indexed.
+# Arguments that were None, lists/tuples of tensors, or plain constants in the example forward (or, without
+# one, parameters whose default is None) are specialised with ``concrete_args``; the injected forward
+# checks each call against that pattern and runs the original forward when it differs.
+
+
+@dataclass(frozen=True)
+class _Arg:
+    """One argument of a module call in the example forward."""
+
+    kind: str  # "tensor" | "none" | "seq" (list/tuple of tensors) | "const" (bool/int/str) | "other"
+    shapes: tuple[tuple[int, ...], ...] = ()  # "tensor": its shape; "seq": one per element
+    value: Any = None  # "const": the value; "seq": list or tuple
+
+
+def _describe(value: Any) -> _Arg:
+    if isinstance(value, Tensor):
+        return _Arg("tensor", (tuple(value.shape),))
+    if value is None:
+        return _Arg("none")
+    if type(value) in (list, tuple) and value and all(isinstance(t, Tensor) for t in value):
+        return _Arg("seq", tuple(tuple(t.shape) for t in value), type(value))
+    if type(value) in (bool, int, str):
+        return _Arg("const", value=value)
+    return _Arg("other")
+
+
+@dataclass(frozen=True)
+class _Call:
+    """The first call of a module in the example forward."""
+
+    args: tuple[_Arg, ...]
+    kwargs: dict[str, _Arg]
+
+
+_EMPTY = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class _Param:
+    """How the traced graph takes one parameter of the scope's forward.
+
+    ``kind`` "none" / "seq" / "const": specialised at trace time to None, a list (or tuple) of ``expect[1]``
+    tensors of type ``expect[0]``, or the constant ``expect``; "free": one placeholder, which must not be
+    None unless ``expect`` is true.
+    """
+
+    name: str
+    index: int | None  # position, None for a keyword-only parameter
+    default: Any  # _EMPTY when required
+    kind: str
+    expect: Any = None
+
+    def describe(self) -> str:
+        what = {"none": "None", "free": "any" if self.expect else "not None"}.get(self.kind)
+        if self.kind == "seq":
+            what = f"{self.expect[0].__name__} of {self.expect[1]} tensors"
+        elif self.kind == "const":
+            what = repr(self.expect)
+        return f"{self.name}={what}"
+
+
+@dataclass
+class _Traced:
+    graph: fx.Graph
+    params: tuple[_Param, ...] | None  # None: a forward with *args/**kwargs, called as it is
+    out_spec: Any  # pytree spec rebuilding a structured output from the graph's flat one, or None
+    input_shapes: list[tuple[int, ...] | None]  # one per placeholder, from the example forward
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls: type) -> inspect.Signature | None:
+    try:
+        return inspect.signature(inspect.unwrap(cls.forward))
+    except (TypeError, ValueError):
+        return None
+
+
+def _specialise(scope: nn.Module, call: _Call | None) -> tuple[dict[str, Any], tuple[_Param, ...] | None,
+                                                              list[tuple[int, ...] | None]]:
+    """``concrete_args`` for fx, the parameter layout of the traced graph and its placeholders' shapes."""
+    positional = [a.shapes[0] if a.kind == "tensor" else None for a in call.args] if call else []
+    sig = _forward_signature(type(scope))
+    if sig is None:
+        return {}, None, positional
+    params = list(sig.parameters.values())[1:]  # without self
+    if not params or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return {}, None, positional
+    passed: dict[str, Any] = {}
+    if call is not None:
+        try:
+            passed = dict(sig.bind(None, *call.args, **call.kwargs).arguments)
+        except TypeError:
+            call = None
+    concrete: dict[str, Any] = {}
+    layout: list[_Param] = []
+    shapes: list[tuple[int, ...] | None] = []
+    for i, p in enumerate(params):
+        index = None if p.kind is p.KEYWORD_ONLY else i
+        if call is None:
+            arg = _Arg("none") if p.default is None else None
+        elif p.name in passed:
+            arg = passed[p.name]
+        else:
+            arg = _describe(p.default)
+        if arg is None or arg.kind in ("tensor", "other"):
+            layout.append(_Param(p.name, index, p.default, "free", arg is None or arg.kind == "other"))
+            shapes.append(arg.shapes[0] if arg is not None and arg.kind == "tensor" else None)
+        elif arg.kind == "none":
+            concrete[p.name] = None
+            layout.append(_Param(p.name, index, p.default, "none"))
+            shapes.append(None)
+        elif arg.kind == "seq":
+            concrete[p.name] = arg.value([fx.PH] * len(arg.shapes))
+            layout.append(_Param(p.name, index, p.default, "seq", (arg.value, len(arg.shapes))))
+            shapes.extend(arg.shapes)
+        else:
+            concrete[p.name] = arg.value
+            layout.append(_Param(p.name, index, p.default, "const", arg.value))
+            shapes.append(None)
+    return concrete, tuple(layout), shapes
+
+
+def _trace(scope: nn.Module, path: str, call: _Call | None = None) -> _Traced:
     """The training-mode graph of ``scope``; SurgeryError naming ``path`` if fx cannot trace it."""
+    concrete, params, shapes = _specialise(scope, call)
     was_training = scope.training
     scope.training = True  # only the scope's own flag can be baked: children are leaves
     try:
-        return _Tracer().trace(scope)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fx warns about constants it cannot guard; the layout checks them
+            graph = _Tracer().trace(scope, concrete_args=concrete or None)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
                            f"{type(e).__name__}: {e}") from e
     finally:
         scope.training = was_training
+    info = getattr(graph._codegen, "pytree_info", None)
+    placeholders = sum(n.op == "placeholder" for n in graph.nodes)
+    if params is not None and placeholders != len(shapes):
+        raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
+                           f"{placeholders} placeholders for the arguments {[p.describe() for p in params]}")
+    return _Traced(graph, params, info.out_spec if info is not None else None, shapes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,6 +366,8 @@ class _Scope:
     residual: bool
     output_shape: tuple[int, ...] | None
     spatial_dims: int
+    params: tuple[_Param, ...] | None = None  # see _Traced
+    out_spec: Any = None
 
 
 def _node_kinds(node: fx.Node, scope: nn.Module) -> frozenset[str]:
@@ -253,7 +391,8 @@ def _add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return a, b
 
 
-def _analyze(path: str, scope: nn.Module, graph: fx.Graph, shapes: _ShapeLog | None) -> _Scope:
+def _analyze(path: str, scope: nn.Module, traced: _Traced, shapes: _ShapeLog | None) -> _Scope:
+    graph = traced.graph
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     ancestors: dict[fx.Node, int] = {}
@@ -265,7 +404,7 @@ def _analyze(path: str, scope: nn.Module, graph: fx.Graph, shapes: _ShapeLog | N
     kinds = {n: _node_kinds(n, scope) for n in nodes}
     placeholders = sum(1 << index[n] for n in nodes if n.op == "placeholder")
     heavy = sum(1 << index[n] for n in nodes if kinds[n] & {"conv", "unit", "norm"})
-    node_shapes = shapes.node_shapes(path, scope, graph) if shapes else {}
+    node_shapes = shapes.node_shapes(path, graph, traced.input_shapes) if shapes else {}
 
     candidates: list[_Candidate] = []
     on_shortcut = 0
@@ -300,7 +439,8 @@ def _analyze(path: str, scope: nn.Module, graph: fx.Graph, shapes: _ShapeLog | N
     if shapes is not None and out_shape is None:
         out_shape = shapes.module_output(path)
     conv3d = any(isinstance(m, (nn.Conv3d, nn.BatchNorm3d)) for m in scope.modules())
-    return _Scope(path, scope, graph, candidates, residual, out_shape, 3 if conv3d else 2)
+    return _Scope(path, scope, graph, candidates, residual, out_shape, 3 if conv3d else 2, traced.params,
+                  traced.out_spec)
 
 
 def _unit_kinds(node: fx.Node, kinds: dict[fx.Node, frozenset[str]]) -> frozenset[str]:
@@ -318,15 +458,16 @@ def _unit_kinds(node: fx.Node, kinds: dict[fx.Node, frozenset[str]]) -> frozense
 
 
 class _ShapeLog:
-    """Output shapes of every module call and input shapes of every module, from one eval forward."""
+    """Output shapes of every module call and the arguments of each module's first call, from one eval
+    forward."""
 
     def __init__(self, model: nn.Module, example_input: Any) -> None:
         self.calls: dict[str, list[tuple[int, ...] | None]] = defaultdict(list)
-        self.inputs: dict[str, list[tuple[int, ...] | None]] = {}
+        self.inputs: dict[str, _Call] = {}
         handles = []
         for name, m in model.named_modules():
             handles.append(m.register_forward_hook(functools.partial(self._hook, name)))
-            handles.append(m.register_forward_pre_hook(functools.partial(self._pre_hook, name)))
+            handles.append(m.register_forward_pre_hook(functools.partial(self._pre_hook, name), with_kwargs=True))
         modes = {m: m.training for m in model.modules()}
         args = example_input if isinstance(example_input, tuple) else (example_input,)
         tensors = [a for a in args if isinstance(a, Tensor)]
@@ -351,8 +492,12 @@ class _ShapeLog:
     def _hook(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         self.calls[name].append(self._shape(output))
 
-    def _pre_hook(self, name: str, module: nn.Module, args: Any) -> None:
-        self.inputs.setdefault(name, [self._shape(a) for a in args])
+    def _pre_hook(self, name: str, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if name not in self.inputs:
+            self.inputs[name] = _Call(tuple(map(_describe, args)), {k: _describe(v) for k, v in kwargs.items()})
+
+    def call(self, path: str) -> _Call | None:
+        return self.inputs.get(path)
 
     def module_output(self, path: str) -> tuple[int, ...] | None:
         calls = self.calls.get(path)
@@ -366,11 +511,12 @@ class _ShapeLog:
         # nearest power of two: unpadded convs and floor-mode pools give e.g. 224 / 13 or 299 / 17
         return 2 ** round(math.log2(self.input_spatial[-1] / shape[-1]))
 
-    def node_shapes(self, path: str, scope: nn.Module, graph: fx.Graph) -> dict[str, tuple[int, ...] | None]:
-        """Shapes of the graph's nodes: module calls from the log, elementwise ops from their first input."""
+    def node_shapes(self, path: str, graph: fx.Graph,
+                    inputs: list[tuple[int, ...] | None]) -> dict[str, tuple[int, ...] | None]:
+        """Shapes of the graph's nodes: placeholders from ``inputs``, module calls from the log, elementwise
+        ops from their first input."""
         shapes: dict[str, tuple[int, ...] | None] = {}
         seen: dict[str, int] = defaultdict(int)
-        inputs = self.inputs.get(path, [])
         placeholder = 0
         for n in graph.nodes:
             shape = None
@@ -479,6 +625,31 @@ def _needs_shapes(recipe: Recipe) -> bool:
     return any(r.stride is not None for r in recipe.rules)
 
 
+def _wants_call(scope: nn.Module) -> bool:
+    """Whether tracing ``scope`` depends on how it is called: a forward taking more than one argument,
+    optional ones, or an input annotated as something other than a Tensor (e.g. ``List[Tensor]``)."""
+    sig = _forward_signature(type(scope))
+    if sig is None:
+        return True
+    params = list(sig.parameters.values())[1:]
+    if len(params) != 1:
+        return True
+    p = params[0]
+    return p.kind is not p.POSITIONAL_OR_KEYWORD or p.default is not _EMPTY or p.annotation not in (
+        _EMPTY, Tensor, "Tensor", "torch.Tensor")
+
+
+def _call_log(model: nn.Module, example_input: Any) -> _ShapeLog | None:
+    """The calls of one example forward (default ``1x3x224x224``), or None if the model does not take it:
+    scopes are then traced with their parameters' defaults."""
+    try:
+        return _ShapeLog(model, torch.randn(1, 3, 224, 224) if example_input is None else example_input)
+    except SurgeryError:
+        if example_input is not None:
+            raise
+        return None
+
+
 def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes: bool) -> _Plan:
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -489,13 +660,35 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shape
         shapes = _ShapeLog(model, example_input)
     modules = dict(model.named_modules())
     scopes: dict[str, _Scope] = {}
+    untraceable: dict[str, SurgeryError] = {}
+    calls: list[_ShapeLog | None] = [shapes] if shapes is not None else []
     chosen: dict[str, dict[tuple[str, str], tuple[_Candidate, InsertionPoint]]] = defaultdict(dict)
     total = 0
     for rule in recipe.rules:
         count = 0
+        named = rule.modules is not None or rule.types is not None
+        skipped: list[str] = []
         for path in _rule_scopes(model, rule, modules, shapes):
+            if path in untraceable:
+                if named:
+                    raise untraceable[path]
+                skipped.append(str(untraceable[path]))
+                continue
             if path not in scopes:
-                scopes[path] = _analyze(path, modules[path], _trace(modules[path], path), shapes)
+                if not calls and _wants_call(modules[path]):
+                    calls.append(_call_log(model, example_input))  # the call pattern, once
+                call = calls[0].call(path) if calls and calls[0] is not None else None
+                try:
+                    traced = _trace(modules[path], path, call)
+                except SurgeryError as e:
+                    if named:  # the user named this module: an error
+                        raise
+                    untraceable[path] = e
+                    skipped.append(str(e))
+                    warnings.warn(f"{e}; rule {rule.name!r} selects by output stride, so this module is left "
+                                  f"without DropBlock", stacklevel=3)
+                    continue
+                scopes[path] = _analyze(path, modules[path], traced, shapes)
             for c in _select(scopes[path], rule, shapes):
                 point = InsertionPoint(
                     module=path, after=c.node.name, kind=c.kind,
@@ -512,9 +705,10 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shape
                               f"{type(model).__name__} (modules={list(rule.modules) if rule.modules else None}, "
                               f"types={list(rule.types) if rule.types else None}, "
                               f"stride={list(rule.stride) if rule.stride else None}, after={list(rule.after)}, "
-                              f"shortcut={rule.shortcut})")
+                              f"shortcut={rule.shortcut})" + "".join(f"; skipped: {e}" for e in skipped))
     if total == 0:
-        raise RecipeError(f"recipe {recipe.name!r} matches no insertion point in {type(model).__name__}")
+        raise RecipeError(f"recipe {recipe.name!r} matches no insertion point in {type(model).__name__}"
+                          + "".join(f"; skipped: {e}" for e in untraceable.values()))
     order = {name: i for i, name in enumerate(modules)}
     points = {p: sorted(chosen[p].values(), key=lambda cp: _node_order(scopes[p].graph, cp[0]))
               for p in sorted(chosen, key=order.__getitem__)}
@@ -575,16 +769,23 @@ def _compile_graph(graph: fx.Graph, name: str) -> Callable[..., Any]:
 class _InjectedForward:
     """Stored as ``module.forward``: the rewritten graph in training mode, the original forward in eval.
 
-    Pickles (torch.save of a whole model), deep-copies and compiles; its code is regenerated from the graph.
+    A graph traced with specialised arguments (see ``_specialise``) runs only for calls that match them:
+    another call pattern (e.g. ``shortcut=None`` where the trace saw a tensor) warns and runs the original
+    forward, without DropBlock. Pickles (torch.save of a whole model), deep-copies and compiles; its code is
+    regenerated from the graph.
     """
 
     def __init__(self, module: nn.Module, graph: fx.Graph, original: Callable[..., Any] | None,
-                 name: str) -> None:
+                 name: str, params: tuple[_Param, ...] | None = None, out_spec: Any = None) -> None:
         self.module = module
         self.graph = graph
         self.original = original  # an instance-level forward that was there before, if any
         self.name = name
+        self.params = params
+        self.out_spec = out_spec
         self._fn = _compile_graph(graph, name)
+        self._names = frozenset(p.name for p in params or ())
+        self._positional = sum(p.index is not None for p in params or ())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.module.training:
@@ -592,17 +793,59 @@ class _InjectedForward:
                 raise SurgeryError(f"torch.jit.trace cannot record the random DropBlock ops of {self.name!r} in "
                                    f"training mode; trace the model in eval() mode, or call "
                                    f"dropblock_inject.strip(model) first")
-            return self._fn(self.module, *args, **kwargs)
+            if self.params is None:
+                return self._fn(self.module, *args, **kwargs)
+            flat = self._flatten(args, kwargs)
+            if flat is not None:
+                out = self._fn(self.module, *flat)
+                return out if self.out_spec is None else pytree.tree_unflatten(out, self.out_spec)
+            warnings.warn(f"dropblock_inject: {self.name!r} was rewritten for calls with "
+                          f"({', '.join(p.describe() for p in self.params)}) but is called otherwise; this call "
+                          f"runs its original forward, without DropBlock", stacklevel=2)
         if self.original is not None:
             return self.original(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
 
+    def _flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
+        """The graph's placeholder values for this call, or None if it does not match the traced pattern."""
+        if len(args) > self._positional or (kwargs and not self._names.issuperset(kwargs)):
+            return None
+        flat: list[Any] = []
+        for p in self.params:  # type: ignore[union-attr]
+            if p.index is not None and p.index < len(args):
+                if p.name in kwargs:
+                    return None
+                value = args[p.index]
+            elif p.name in kwargs:
+                value = kwargs[p.name]
+            elif p.default is not _EMPTY:
+                value = p.default
+            else:
+                return None
+            if p.kind == "free":
+                if value is None and not p.expect:
+                    return None
+                flat.append(value)
+            elif p.kind == "none":
+                if value is not None:
+                    return None
+                flat.append(None)
+            elif p.kind == "seq":
+                if type(value) is not p.expect[0] or len(value) != p.expect[1]:
+                    return None
+                flat.extend(value)
+            else:
+                if type(value) is not type(p.expect) or value != p.expect:
+                    return None
+                flat.append(value)
+        return flat
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_InjectedForward, (self.module, self.graph, self.original, self.name))
+        return (_InjectedForward, (self.module, self.graph, self.original, self.name, self.params, self.out_spec))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _InjectedForward:
         return _InjectedForward(copy.deepcopy(self.module, memo), copy.deepcopy(self.graph, memo),
-                                copy.deepcopy(self.original, memo), self.name)
+                                copy.deepcopy(self.original, memo), self.name, self.params, self.out_spec)
 
 
 class _RefuseScripting:
@@ -712,7 +955,8 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
     try:
         for module, path, graph, container, name in rewrites:
             original = module.__dict__.get("forward")
-            fwd = _InjectedForward(module, graph, original, f"{type(module).__name__} {path}")
+            fwd = _InjectedForward(module, graph, original, f"{type(module).__name__} {path}",
+                                   built.scopes[path].params, built.scopes[path].out_spec)
             module.add_module(name, container)
             module.forward = fwd  # type: ignore[method-assign]
             module.__dict__["__prepare_scriptable__"] = _RefuseScripting(

@@ -3,13 +3,15 @@
 import copy
 import io
 import re
+import warnings
+from typing import List
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 
 import dropblock_inject as dbi
 from dropblock_inject.ops import _DropBlockNd
@@ -414,6 +416,212 @@ def test_inplace_only_on_fresh_batchnorm_and_conv_outputs():
     effnet.train()
     _set_keep(effnet, 0.7)
     effnet(X).sum().backward()
+
+
+# ------------------------------------------------------------------------------------------------ call patterns
+
+class _OptionalShortcutBlock(nn.Module):
+    """Like timm's DlaBasic: an optional shortcut argument, the identity when it is None."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x, shortcut=None, children=None):
+        if shortcut is None:
+            shortcut = x
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        out += shortcut
+        return F.relu(out)
+
+
+class _OptionalNet(nn.Module):
+    def __init__(self, in_channels=3):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.project = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.b1 = _OptionalShortcutBlock()
+        self.b2 = _OptionalShortcutBlock()
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.b1(x, self.project(x))
+        return self.b2(x).mean((2, 3))
+
+
+OPTIONAL_RECIPE = {"rules": [{"modules": ["b1", "b2"], "after": ["norm"], "shortcut": True}]}
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["example_input", "no_example_input"])
+def test_optional_arguments_traced_as_called(example):
+    """fx would trace ``shortcut`` as a Proxy and bake ``shortcut is not None``; b2 is called without one."""
+    model = _OptionalNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    kwargs = {"example_input": torch.randn(1, 3, 16, 16)} if example else {}
+    points = dbi.plan(model, OPTIONAL_RECIPE, **kwargs)
+    assert [(p.module, p.after, p.kind) for p in points] == [
+        ("b1", "bn1", "branch"), ("b1", "bn2", "branch"), ("b1", "shortcut", "shortcut"),
+        ("b2", "bn1", "branch"), ("b2", "bn2", "branch"), ("b2", "x", "shortcut")]
+    dbi.inject(model, OPTIONAL_RECIPE, **kwargs)
+    assert len(dbi.injected_dropblocks(model)) == 6
+    assert torch.equal(model(x), ref)
+    model.train()
+    _set_keep(model, 0.5)
+    ran = []
+    for m in dbi.injected_dropblocks(model):
+        m.register_forward_pre_hook(lambda m, args: ran.append(m))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every call matches the traced pattern: no fallback
+        model(x).sum().backward()
+    assert len(ran) == 6
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_call_differing_from_traced_pattern_runs_original_forward():
+    model = _OptionalNet()
+    dbi.inject(model, OPTIONAL_RECIPE, example_input=torch.randn(1, 3, 16, 16))
+    _set_keep(model, 0.5)
+    block = model.b2.train()  # traced with shortcut=None
+    twin = copy.deepcopy(block)
+    dbi.strip(twin)
+    x, s = torch.randn(2, 8, 16, 16), torch.randn(2, 8, 16, 16)
+    with pytest.warns(UserWarning, match=r"'_OptionalShortcutBlock b2' was rewritten for calls with "
+                                         r"\(x=not None, shortcut=None, children=None\)"):
+        out = block(x, s)
+    assert torch.equal(out, twin(x, s))  # the original forward: the tensor shortcut is used, nothing dropped
+    for call in [(x, None, None), (x,)]:  # the traced pattern, positionally or by default
+        torch.manual_seed(0)
+        assert not torch.equal(block(*call), twin(*call))
+    with pytest.warns(UserWarning, match="called otherwise"), pytest.raises(TypeError, match="bogus"):
+        block(x, bogus=1)  # an unknown keyword reaches the original forward, which raises as it would
+
+
+def test_example_forward_failing_falls_back_to_signature_defaults():
+    # no example input, and the default 1x3x224x224 does not fit (1 input channel): defaults are used, so
+    # b1 is traced with shortcut=None, and its real calls (with a shortcut) run the original forward
+    model = _OptionalNet(in_channels=1)
+    dbi.inject(model, OPTIONAL_RECIPE)
+    assert [(d.point.module, d.point.after) for d in dbi.injected_dropblocks(model)][2] == ("b1", "x")
+    model.train()
+    with pytest.warns(UserWarning, match="'_OptionalShortcutBlock b1' was rewritten"):
+        model(torch.randn(2, 1, 16, 16)).sum().backward()
+    dbi.strip(model)
+    with pytest.raises(dbi.SurgeryError, match="example input"):  # an explicit example input must work
+        dbi.plan(model, OPTIONAL_RECIPE, example_input=torch.randn(1, 3, 16, 16))
+
+
+class _ListBlock(nn.Module):
+    """Like timm's SelecSlsBlock / HRNet's HighResolutionModule: List[Tensor] in and out, item assignment."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+                                      for _ in range(2))
+
+    def forward(self, x: List[Tensor]) -> List[Tensor]:
+        if not isinstance(x, list):
+            x = [x]
+        for i, branch in enumerate(self.branches):
+            x[i] = branch(x[i])
+        return [x[0] + x[1], x[1]]
+
+
+class _ListNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(_ListBlock(), _ListBlock())
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = self.blocks([x, x * 2])
+        return (a + b).mean((2, 3))
+
+
+def test_list_of_tensors_argument():
+    model = _ListNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    recipe = {"rules": [{"modules": ["blocks.*"], "after": ["norm"], "shortcut": True}]}
+    points = dbi.plan(model, recipe, example_input=torch.randn(1, 3, 16, 16))
+    # the addition of the two branches reads as a residual one (either side could be the shortcut)
+    assert [(p.module, p.after, p.kind, p.shape) for p in points][:2] == [
+        ("blocks.0", "branches_0_1", "branch", (1, 8, 16, 16)), ("blocks.0", "branches_1_1", "shortcut", (1, 8, 16, 16))]
+    dbi.inject(model, recipe)  # no example input: the call pattern comes from one default forward
+    assert len(dbi.injected_dropblocks(model)) == 4
+    assert torch.equal(model(x), ref)
+    model.train()
+    _set_keep(model, 0.5)
+    out = model(x)
+    out.sum().backward()
+    assert isinstance(model.blocks[0](([x[:, :1].expand(2, 8, 16, 16)] * 2)), list)  # output structure kept
+    for clone in (copy.deepcopy(model), _reload(model)):
+        torch.manual_seed(1)
+        a = clone(x)
+        torch.manual_seed(1)
+        assert torch.equal(a, model(x))
+    trained = model.eval()(x)  # BN statistics moved in training
+    dbi.strip(model)
+    assert torch.equal(model(x), trained) and not torch.equal(trained, ref)
+
+
+def _reload(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------------ untraceable
+
+class _Untraceable(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if y.sum() > 0:  # data-dependent control flow
+            y = y * 1.0
+        return x + y
+
+
+class _StrideNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 16, stride=16)  # stride 16 at once
+        self.res = _Res("add")
+        self.odd = _Untraceable()
+
+    def forward(self, x):
+        return self.odd(self.res(self.stem(x))).mean((2, 3))
+
+
+def test_untraceable_module_selected_by_stride_is_skipped_with_a_warning():
+    model = _StrideNet()
+    recipe = {"rules": [{"stride": [16], "after": ["norm"], "shortcut": True}]}
+    with pytest.warns(UserWarning, match=r"cannot trace module 'odd' \(_Untraceable\).*control flow.*rule "
+                                         r"'rule0' selects by output stride, so this module is left without"):
+        dbi.inject(model, recipe)
+    assert {d.point.module for d in dbi.injected_dropblocks(model)} == {"res"}
+    dbi.strip(model)
+    # a rule naming the module (by path or type) still fails, and leaves the model untouched
+    for rule in ({"modules": ["odd"]}, {"types": ["_Untraceable"], "stride": [16]}):
+        with pytest.raises(dbi.SurgeryError, match=r"cannot trace module 'odd' \(_Untraceable\)"):
+            dbi.inject(model, {"rules": [{**rule, "after": ["norm"]}]})
+        assert not dbi.injected_dropblocks(model) and "forward" not in model.res.__dict__
+    # nothing traceable left: the RecipeError says why
+    odd_only = nn.Sequential(nn.Conv2d(3, 8, 16, stride=16), _Untraceable())
+    for rule in ({"stride": [16], "after": ["norm"]}, {"stride": [16], "after": ["norm"], "optional": True}):
+        with pytest.warns(UserWarning), pytest.raises(
+                dbi.RecipeError, match=r"matches no insertion point in Sequential.*; skipped: cannot trace module "
+                                       r"'1' \(_Untraceable\)"):
+            dbi.plan(odd_only, {"rules": [rule]})
 
 
 # ------------------------------------------------------------------------------------------------ conv-norm units
