@@ -2,7 +2,9 @@
 
 ``check_model`` takes one model (random weights) through plan, inject, eval, train, strip and checks:
 
-* ``plan`` and ``inject`` succeed and agree on the number of points (branch / shortcut counted);
+* ``plan`` and ``inject`` succeed and agree on the number of points (branch / shortcut counted), and no
+  DropBlock follows a module call whose module holds DropBlocks of its own (the same map dropped twice);
+  modules that fx cannot trace and that a stride rule skipped (with a warning) are named in the reason;
 * eval output after inject is bit-identical to the output before (``torch.equal``, 2x3xSxS input);
 * a train-mode forward + backward with every DropBlock at keep_prob 0.8 runs and gives finite values;
 * every DropBlock only ever sees ``(N, C, H, W)`` maps larger than 1x1 at stride 16 or 32 of the input,
@@ -24,12 +26,15 @@ import sys
 import time
 import traceback
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+from .ops import _DropBlockNd
 
 __all__ = ["CoverageRow", "check_model", "torchvision_models", "timm_models", "sweep", "write_report", "main"]
 
@@ -77,6 +82,30 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
+def _nested_dropblocks(model: nn.Module) -> str:
+    """A DropBlock placed right after a module call whose module holds DropBlocks of its own (the same map
+    dropped twice, e.g. after a conv-norm module and inside it); empty if there is none."""
+    scopes = {name: m.forward.graph for name, m in model.named_modules()
+              if hasattr(m.__dict__.get("forward"), "graph")}
+    for outer, graph in scopes.items():
+        for node in graph.nodes:
+            if node.op != "call_module" or not isinstance(model.get_submodule(_join(outer, node.target)), _DropBlockNd):
+                continue
+            src = node.args[0]
+            if getattr(src, "op", None) != "call_module":
+                continue
+            called = _join(outer, src.target)
+            inner = [s for s in scopes if s == called or s.startswith(called + ".")]
+            if inner:
+                return (f"DropBlock after {outer or '<root>'}:{src.name} follows module {called!r}, which holds "
+                        f"DropBlocks of its own (in {inner[0]!r})")
+    return ""
+
+
+def _join(path: str, target: Any) -> str:
+    return f"{path}.{target}" if path else str(target)
+
+
 def check_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "paper_generic", size: int = 64,
                 family: str = "", library: str = "") -> CoverageRow:
     """Check one model (built by ``ctor``, random weights) end to end; never raises."""
@@ -100,16 +129,25 @@ def check_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "paper_g
         del before
 
         stage = "plan"
-        points = dbi.plan(model, recipe, example_input=example)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            points = dbi.plan(model, recipe, example_input=example)
+        notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)
+                 and "left without DropBlock" in str(w.message)]
         row.branch = sum(p.kind == "branch" for p in points)
         row.shortcut = len(points) - row.branch
         stage = "inject"
         t0 = time.perf_counter()
-        dbi.inject(model, recipe, example_input=example)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the same warnings as plan's, recorded above
+            dbi.inject(model, recipe, example_input=example)
         row.inject_s = time.perf_counter() - t0
         dbs = dbi.injected_dropblocks(model)
         if len(dbs) != len(points):
             raise _CheckFailed(f"inject inserted {len(dbs)} DropBlocks, plan listed {len(points)}")
+        nested = _nested_dropblocks(model)
+        if nested:
+            raise _CheckFailed(nested)
 
         stage = "eval parity"
         model.eval()
@@ -134,7 +172,12 @@ def check_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "paper_g
             handles.append(model.get_submodule(path).register_forward_hook(hook))
         model.train()
         try:
-            out = _tensors(model(x))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = _tensors(model(x))
+            fallback = [str(w.message) for w in caught if "is called otherwise" in str(w.message)]
+            if fallback:  # a rewritten block ran its original forward: its DropBlocks were skipped
+                raise _CheckFailed(fallback[0])
             floats = [t for t in out if t.is_floating_point()]
             if not floats:
                 raise _CheckFailed("train forward returned no float tensor")
@@ -180,7 +223,8 @@ def check_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "paper_g
             raise _CheckFailed("module types after strip differ from before inject")
         if list(model.state_dict().keys()) != keys_before:
             raise _CheckFailed("state_dict keys after strip differ from before inject")
-        row.status, row.reason = "ok", ""
+        row.status = "ok"
+        row.reason = "; ".join(f"passes, but {n}" for n in notes)[:600]
     except _CheckFailed as e:
         row.status, row.reason = "fail", f"{stage}: {e}"
     except Exception as e:  # noqa: BLE001 - a sweep reports, it does not stop
@@ -379,10 +423,12 @@ def write_report(rows: list[CoverageRow], path: Path, recipe: Any = "paper_gener
         + (" **Partial: sweep in progress.**" if partial else ""),
         "",
         "Each model is planned and injected on a 1x3xSxS example input (S = 64 px unless the model needs more),",
-        "then checked: eval output bit-identical after inject (2x3xSxS); a train forward + backward with every",
+        "then checked: plan and inject agree on the points, and no DropBlock directly follows a module holding",
+        "DropBlocks of its own; eval output bit-identical after inject (2x3xSxS); a train forward + backward with every",
         "DropBlock at keep_prob 0.8 is finite; every DropBlock sees only (N, C, H, W) maps larger than 1x1 at",
         "stride 16 or 32 (or stride 8 inside a block whose output stride is 16); strip restores module types and",
-        "state_dict keys. Vision transformers (ViT, Swin, MaxViT) are skipped. Inject time is noisy (shared 2 cores).",
+        "state_dict keys. A passing model whose reason is not empty had modules skipped because fx cannot trace",
+        "them. Vision transformers (ViT, Swin, MaxViT) are skipped. Inject time is noisy (shared 2 cores).",
         "",
         f"**Summary:** {summary}; {skipped} skipped (not CNNs).",
         "",

@@ -83,3 +83,26 @@ def test_zoo_sweep_pass_rates(tmp_path):
     assert passed >= 0.95 * checked, failures
     passed, checked = rates["timm"]
     assert passed >= 0.90 * checked, failures
+
+
+# models that used to fail (issue 7): optional block arguments (DLA), List[Tensor] blocks (SelecSLS, HRNet)
+@pytest.mark.parametrize("name", ["dla34", "selecsls42b", "hrnet_w18_small"])
+def test_timm_call_patterns(name):
+    row = coverage.check_model(name, lambda: timm.create_model(name, pretrained=False),
+                               family=coverage._timm_family(name), library="timm")
+    assert row.status == "ok", row.reason
+    assert row.reason == ""  # nothing skipped
+    assert row.branch > 0
+
+
+def test_nested_dropblocks_detected():
+    from torchvision.models.inception import BasicConv2d
+
+    import dropblock_inject as dbi
+
+    model = torch.nn.Sequential(BasicConv2d(3, 8, kernel_size=3, padding=1), BasicConv2d(8, 8, kernel_size=1))
+    dbi.inject(model, {"rules": [{"after": ["unit"]}]})  # the Sequential's top module, after each unit
+    assert coverage._nested_dropblocks(model) == ""
+    dbi.inject(model[1], {"rules": [{"after": ["norm"]}]})  # and inside the second unit too
+    assert coverage._nested_dropblocks(model) == (
+        "DropBlock after <root>:_1 follows module '1', which holds DropBlocks of its own (in '1')")
