@@ -403,7 +403,9 @@ def _analyze(path: str, scope: nn.Module, traced: _Traced, shapes: _ShapeLog | N
         ancestors[n] = bits
     kinds = {n: _node_kinds(n, scope) for n in nodes}
     placeholders = sum(1 << index[n] for n in nodes if n.op == "placeholder")
-    heavy = sum(1 << index[n] for n in nodes if kinds[n] & {"conv", "unit", "norm"})
+    convs = {n: _conv_count(n, scope) for n in nodes}
+    heavy = sum(1 << index[n] for n in nodes if kinds[n] & {"conv", "unit", "norm"} or convs[n])
+    conv_bits = [(1 << index[n], convs[n]) for n in nodes if convs[n]]
     node_shapes = shapes.node_shapes(path, graph, traced.input_shapes) if shapes else {}
 
     candidates: list[_Candidate] = []
@@ -418,7 +420,10 @@ def _analyze(path: str, scope: nn.Module, traced: _Traced, shapes: _ShapeLog | N
         excl = {a: own[a] & ~own[b], b: own[b] & ~own[a]}
         if not own[a] & placeholders or not own[b] & placeholders:
             continue  # not a residual: one operand does not derive from the scope's input
-        shortcut, branch = sorted((b, a), key=lambda x: (bin(excl[x] & heavy).count("1"), bin(excl[x]).count("1")))
+        # the shortcut is the side with fewer convolutions (counting those inside leaf modules such as
+        # timm's GhostModule or SeparableConv2d), then fewer layers, then fewer nodes
+        shortcut, branch = sorted((b, a), key=lambda x: (sum(c for bit, c in conv_bits if excl[x] & bit),
+                                                         bin(excl[x] & heavy).count("1"), bin(excl[x]).count("1")))
         if not excl[branch] & heavy:
             continue  # neither side holds a layer: not a residual connection
         # the shortcut must start at the scope's input: its exclusive path is fed only by placeholders
@@ -430,8 +435,14 @@ def _analyze(path: str, scope: nn.Module, traced: _Traced, shapes: _ShapeLog | N
         on_shortcut |= excl[shortcut]
         shape = node_shapes.get(branch.name) or node_shapes.get(n.name)
         candidates.append(_Candidate(shortcut, "shortcut", frozenset(), add=n, shape=shape))
+    # nodes whose value reaches the output as a feature map, not only as attention logits or a gate
+    # (through a softmax, sigmoid or matrix product: global-context / spatial attention convolutions)
+    features: set[fx.Node] = set()
+    for n in reversed(nodes):
+        if n.op == "output" or any(u in features and not _is_gate(u, scope) for u in n.users):
+            features.add(n)
     for n in nodes:
-        if kinds[n] and not (on_shortcut >> index[n] & 1):
+        if kinds[n] and not (on_shortcut >> index[n] & 1) and n in features:
             candidates.append(_Candidate(n, "branch", _unit_kinds(n, kinds), shape=node_shapes.get(n.name)))
     output = next(n for n in reversed(nodes) if n.op == "output")
     out_arg = output.args[0]
@@ -441,6 +452,33 @@ def _analyze(path: str, scope: nn.Module, traced: _Traced, shapes: _ShapeLog | N
     conv3d = any(isinstance(m, (nn.Conv3d, nn.BatchNorm3d)) for m in scope.modules())
     return _Scope(path, scope, graph, candidates, residual, out_shape, 3 if conv3d else 2, traced.params,
                   traced.out_spec)
+
+
+_GATE_FUNCTIONS: set[Any] = {torch.softmax, nn.functional.softmax, torch.sigmoid, nn.functional.sigmoid,
+                              nn.functional.hardsigmoid, torch.matmul, operator.matmul, torch.bmm, torch.einsum}
+_GATE_METHODS = {"softmax", "sigmoid", "sigmoid_", "matmul", "bmm"}
+_GATE_MODULES = (nn.Softmax, nn.Softmax2d, nn.Sigmoid, nn.Hardsigmoid)
+_GATE_NAMES = {"Sigmoid", "HardSigmoid", "HardSigmoidMe", "RadixSoftmax"}  # timm
+
+
+def _is_gate(node: fx.Node, scope: nn.Module) -> bool:
+    """A softmax, sigmoid or matrix product: what reaches the output only through one is attention, not a
+    feature map."""
+    if node.op == "call_function":
+        return node.target in _GATE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _GATE_METHODS
+    if node.op == "call_module":
+        m = scope.get_submodule(str(node.target))
+        return isinstance(m, _GATE_MODULES) or type(m).__name__ in _GATE_NAMES
+    return False
+
+
+def _conv_count(node: fx.Node, scope: nn.Module) -> int:
+    """Convolutions a ``call_module`` node runs (a conv, a conv-norm unit, or any module holding convs)."""
+    if node.op != "call_module":
+        return 0
+    return sum(isinstance(m, _CONV_TYPES) for m in scope.get_submodule(str(node.target)).modules())
 
 
 def _unit_kinds(node: fx.Node, kinds: dict[fx.Node, frozenset[str]]) -> frozenset[str]:

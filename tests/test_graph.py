@@ -687,3 +687,28 @@ def test_modules_inside_conv_norm_modules_are_not_rewritten():
     points = dbi.plan(model, "paper_generic", example_input=torch.randn(1, 3, 64, 64))
     assert _counts(points) == (12, 4)
     assert {p.module for p in points} == {"stages.2.0", "stages.2.1", "stages.3.0", "stages.3.1"}
+
+
+def test_attention_logits_never_selected():
+    # timm's GlobalContext: conv_attn gives one-channel logits that go through a softmax and a matmul
+    model = timm.create_model("gcresnet33ts", pretrained=False)
+    points = dbi.plan(model, "paper_generic", example_input=torch.randn(1, 3, 64, 64))
+    assert points and not any(".attn" in p.module for p in points)
+    assert all(p.shape[1] > 1 for p in points)
+
+
+@pytest.mark.parametrize("name, size, block, shortcut", [
+    ("xception41", 96, "blocks.2", "shortcut"),      # stack of SeparableConv2d vs a ConvNormAct projection
+    ("ghostnet_100", 64, "blocks.5.0", "shortcut_3"),  # GhostModules vs a Sequential(dw conv, bn, conv, bn)
+])
+def test_shortcut_is_the_side_with_fewer_convolutions(name, size, block, shortcut):
+    """Branches made of modules that hold convs without being conv/norm layers themselves (SeparableConv2d,
+    GhostModule) used to count as empty, so the projection was taken for the branch and the branch's last
+    module for the shortcut, which also held DropBlocks of its own."""
+    model = timm.create_model(name, pretrained=False)
+    points = dbi.plan(model, "paper_generic", example_input=torch.randn(1, 3, size, size))
+    assert [p.after for p in points if p.module == block and p.kind == "shortcut"] == [shortcut]
+    dbi.inject(model, "paper_generic", example_input=torch.randn(1, 3, size, size))
+    from dropblock_inject.coverage import _nested_dropblocks
+
+    assert _nested_dropblocks(model) == ""
