@@ -7,7 +7,8 @@
   modules that fx cannot trace and that a stride rule skipped (with a warning) are named in the reason;
 * eval output after inject is bit-identical to the output before (``torch.equal``, 2x3xSxS input);
 * a train-mode forward + backward with every DropBlock at keep_prob 0.8 runs and gives finite values;
-* every DropBlock only ever sees ``(N, C, H, W)`` maps larger than 1x1 at stride 16 or 32 of the input,
+* every DropBlock only ever sees ``(N, C, H, W)`` maps larger than 1x1, with more than one channel (a
+  single channel is attention logits, not features), at stride 16 or 32 of the input,
   or at stride 8 inside a residual block whose output stride is 16 (the downsampling first block of group
   3), checked with forward pre-hooks during that train forward;
 * ``strip`` restores the module types (compared with a deep copy taken before inject) and state_dict keys.
@@ -205,6 +206,8 @@ def check_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "paper_g
                 raise _CheckFailed(f"DropBlock at {where} got a non-(N,C,H,W) input {shape}")
             if shape[2] * shape[3] <= 1:
                 raise _CheckFailed(f"DropBlock at {where} got a 1x1 map {shape}")
+            if shape[1] == 1:
+                raise _CheckFailed(f"DropBlock at {where} got a single-channel map {shape} (attention logits?)")
             stride = _pow2_stride(size, shape[3])
             if stride in (16, 32):
                 continue
@@ -425,7 +428,7 @@ def write_report(rows: list[CoverageRow], path: Path, recipe: Any = "paper_gener
         "Each model is planned and injected on a 1x3xSxS example input (S = 64 px unless the model needs more),",
         "then checked: plan and inject agree on the points, and no DropBlock directly follows a module holding",
         "DropBlocks of its own; eval output bit-identical after inject (2x3xSxS); a train forward + backward with every",
-        "DropBlock at keep_prob 0.8 is finite; every DropBlock sees only (N, C, H, W) maps larger than 1x1 at",
+        "DropBlock at keep_prob 0.8 is finite; every DropBlock sees only (N, C, H, W) maps larger than 1x1, with C > 1, at",
         "stride 16 or 32 (or stride 8 inside a block whose output stride is 16); strip restores module types and",
         "state_dict keys. A passing model whose reason is not empty had modules skipped because fx cannot trace",
         "them. Vision transformers (ViT, Swin, MaxViT) are skipped. Inject time is noisy (shared 2 cores).",
