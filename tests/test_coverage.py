@@ -56,6 +56,8 @@ def test_report_table(tmp_path):
     text = out.read_text()
     assert "torchvision: 1/2 CNNs pass (50.0%)" in text and "timm: 1/1 CNNs pass (100.0%)" in text
     assert "| torchvision | b | squeezenet | 0 | 0 |  | fail | plan: x \\| y |" in text
+    coverage.write_report([coverage.CoverageRow("dla34", "dla", 17, 6, 0.2, "ok", "", "timm")], out)
+    assert "| timm | dla34 | dla | 17 | 6 | 0.200 | ok | known limit: the projection" in out.read_text()
 
 
 def test_video_r3d_recipe():
