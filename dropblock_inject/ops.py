@@ -281,7 +281,7 @@ def _normalizer(kept: Tensor, numel: int) -> Tensor:
     return torch.where(kept > 0, numel / kept.clamp_min(1.0), 0.0)
 
 
-def _is_dense(x: Tensor) -> bool:
+def _fills_its_memory(x: Tensor) -> bool:
     """Whether x's elements fill its memory exactly (any permutation of the dimensions)."""
     return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4
                                                    else torch.channels_last_3d)
@@ -299,7 +299,7 @@ def _drop_block(x: Tensor, keep_prob: float | Tensor, block_size: int, per_chann
     whole_map = all(v == 1 for v in valid)
     if per_channel and not whole_map:
         if not dense:
-            return _SparseDropBlock.apply(x, float(gamma), block, valid, scale, inplace and _is_dense(x))
+            return _SparseDropBlock.apply(x, float(gamma), block, valid, scale, inplace and _fills_its_memory(x))
         keep = _dense_keep_mask(mask_shape, block, valid, gamma, x.device)
         if scale:
             factor_t = _normalizer(keep.sum(dtype=torch.float32), keep.numel())
