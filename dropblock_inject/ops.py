@@ -177,7 +177,7 @@ def _count_dropped(plane: Tensor, anchor: Tensor, n_planes: int, spatial: tuple[
 
 
 def _flat(t: Tensor) -> Tensor:
-    """A 1-D view of the memory of a freshly allocated, non-overlapping and dense tensor."""
+    """A 1-D view of the memory of a non-overlapping, dense tensor (fresh, or an input checked in place)."""
     return t.as_strided((t.numel(),), (1,))
 
 
