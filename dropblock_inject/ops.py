@@ -18,7 +18,7 @@ Two interchangeable implementations produce the same distribution:
 * a *sparse* one (eager, CPU): seeds are rare (``gamma`` is well under 1% at the paper's settings), so
   their count is drawn from a Poisson law and their positions uniformly, which yields exactly
   independent Bernoulli(``gamma``) seeds per position (Poisson splitting). The blocks are then written
-  as a scatter of zeros. Backward saves only the seed coordinates and recomputes the scatter.
+  as a scatter of zeros. Backward saves one offset per seed (its block's corner) and recomputes the scatter.
 * a *dense* one (under ``torch.compile`` and on accelerators): a Bernoulli seed map grown into blocks
   (running sums, equivalent to a stride-1 max-pool), applied by a custom autograd function that saves a
   ``bool`` mask.
@@ -127,15 +127,12 @@ def _grid(extent: tuple[int, ...], strides: tuple[int, ...], device: torch.devic
     return offsets.to(device)
 
 
-def _block_rows(plane_base: Tensor, anchor: Tensor, valid: tuple[int, ...], block: tuple[int, ...],
-                strides: tuple[int, ...]) -> Tensor:
-    """Flat offsets of the first cell of every row (the last spatial axis) of the blocks of the given seeds.
+def _block_rows(corner: Tensor, block: tuple[int, ...], strides: tuple[int, ...]) -> Tensor:
+    """Flat offsets of the first cell of every row (the last spatial axis) of the blocks at ``corner``.
 
-    ``plane_base`` is the offset of each seed's (sample, channel) plane, ``anchor`` its position in the valid
-    region, ``strides`` the spatial strides of the map.
+    ``corner`` holds the flat offset of each block's first cell; ``strides`` are the spatial strides of the map.
     """
-    corner = _grid(valid, strides, anchor.device).index_select(0, anchor).add_(plane_base)
-    return (corner.unsqueeze(1) + _grid(block[:-1], strides[:-1], anchor.device)).flatten()
+    return (corner.unsqueeze(1) + _grid(block[:-1], strides[:-1], corner.device)).flatten()
 
 
 def _fill_rows(flat: Tensor, rows: Tensor, length: int, stride: int, value: float) -> None:
@@ -152,11 +149,12 @@ def _fill_rows(flat: Tensor, rows: Tensor, length: int, stride: int, value: floa
 _LANES = 8 * 255  # bytes summed per int64 word lane without a carry between the 8 byte lanes
 
 
-def _count_dropped(plane: Tensor, anchor: Tensor, n_planes: int, spatial: tuple[int, ...],
-                   valid: tuple[int, ...], block: tuple[int, ...]) -> int:
+def _count_dropped(plane: Tensor, offset: Tensor, n_planes: int, spatial: tuple[int, ...],
+                   block: tuple[int, ...]) -> int:
     """Number of distinct cells that the blocks of the given seeds cover, without sorting anything.
 
-    Only the (sample, channel) planes that hold a seed are looked at: each gets a slot in a small byte map
+    ``plane`` is each seed's (sample, channel) plane and ``offset`` its block corner's offset within a
+    contiguous plane. Only the planes that hold a seed are looked at: each gets a slot in a small byte map
     of contiguous planes (a few hundred planes rather than N * C, so no large buffer is zeroed and faulted
     in), the blocks' rows are marked there, and the map is summed eight bytes at a time as int64 words in
     groups of 255 words (so no byte lane overflows), several times faster than counting bytes one by one.
@@ -166,14 +164,17 @@ def _count_dropped(plane: Tensor, anchor: Tensor, n_planes: int, spatial: tuple[
     seen = torch.zeros(n_planes, dtype=torch.long, device=plane.device)
     seen.index_fill_(0, plane, 1)
     plane_numel = math.prod(spatial)
-    slot_base = seen.cumsum_(0).index_select(0, plane).sub_(1).mul_(plane_numel)
-    strides = tuple(math.prod(spatial[i + 1:]) for i in range(len(spatial)))
-    rows = _block_rows(slot_base, anchor, valid, block, strides)
-    numel = min(plane.numel(), n_planes) * plane_numel
+    slot = seen.cumsum_(0).index_select(0, plane)  # 1, 2, ...: the map's plane 0 stays empty
+    rows = _block_rows(torch.add(offset, slot, alpha=plane_numel), block, _contiguous_strides(spatial))
+    numel = (min(plane.numel(), n_planes) + 1) * plane_numel
     marks = torch.zeros(-(-numel // _LANES) * _LANES, dtype=torch.uint8, device=plane.device)
     _fill_rows(marks, rows, block[-1], 1, 1)
     lanes = marks.view(torch.int64).view(-1, 255).sum(dim=1)
     return int(lanes.view(torch.uint8).sum())
+
+
+def _contiguous_strides(spatial: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(math.prod(spatial[i + 1:]) for i in range(len(spatial)))
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -194,36 +195,41 @@ class _SparseDropBlock(torch.autograd.Function):
             out = torch.empty_like(x)  # x's memory format when x is dense, contiguous otherwise
         n, c, *spatial = x.shape
         plane, anchor = _sample_seeds(n * c, math.prod(valid), gamma, x.device)
+        stride_n, stride_c, *map_strides = out.stride()
+        strides = tuple(map_strides)
+        contiguous = _contiguous_strides(tuple(spatial))
+        offset = _grid(valid, contiguous, x.device).index_select(0, anchor)  # block corner within its plane
         numel = x.numel()
         scale = 1.0
         if normalize:
-            dropped = _count_dropped(plane, anchor, n * c, tuple(spatial), valid, block)
+            dropped = _count_dropped(plane, offset, n * c, tuple(spatial), block)
             scale = numel / max(numel - dropped, 1)
-        stride_n, stride_c, *spatial_strides = out.stride()
+        if strides != contiguous:  # e.g. channels_last
+            offset = _grid(valid, strides, x.device).index_select(0, anchor)
         if stride_n == c * stride_c:  # contiguous, or any layout keeping the planes in order
-            plane_base = plane.mul_(stride_c)
-        else:  # e.g. channels_last
-            plane_base = (plane // c).mul_(stride_n).add_(plane.remainder_(c).mul_(stride_c))
-        strides = tuple(spatial_strides)
-        rows = _block_rows(plane_base, anchor, valid, block, strides)
+            corner = offset.add_(plane, alpha=stride_c)
+        else:
+            corner = offset.add_(plane // c, alpha=stride_n).add_(plane.remainder_(c), alpha=stride_c)
         if inplace:
             x.mul_(scale)
         else:
             torch.mul(x, scale, out=out)
-        _fill_rows(_flat(out), rows, block[-1], strides[-1], 0.0)
-        ctx.save_for_backward(plane_base, anchor)  # a few bytes per seed; the rows are 3 cheap ops away
-        ctx.meta = (out.stride(), valid, block, scale)
+        _fill_rows(_flat(out), _block_rows(corner, block, strides), block[-1], strides[-1], 0.0)
+        ctx.save_for_backward(corner)  # 8 bytes per seed; the rows are two cheap ops away
+        ctx.meta = (out.stride(), block, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:  # type: ignore[override]
-        stride, valid, block, scale = ctx.meta
-        plane_base, anchor = ctx.saved_tensors
+        stride, block, scale = ctx.meta
+        (corner,) = ctx.saved_tensors
         strides = tuple(stride[2:])
-        rows = _block_rows(plane_base, anchor, valid, block, strides)
-        grad_in = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device)
-        torch.mul(grad, scale, out=grad_in)
-        _fill_rows(_flat(grad_in), rows, block[-1], strides[-1], 0.0)
+        if grad.stride() == stride:  # the usual case: the product keeps grad's layout, the forward output's
+            grad_in = torch.mul(grad, scale)
+        else:  # e.g. an expanded or channels_last grad: write it in the layout the corners were computed for
+            grad_in = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device)
+            torch.mul(grad, scale, out=grad_in)
+        _fill_rows(_flat(grad_in), _block_rows(corner, block, strides), block[-1], strides[-1], 0.0)
         return grad_in, None, None, None, None, None
 
 
@@ -278,7 +284,8 @@ def _apply_keep_mask(x: Tensor, keep: Tensor, scale: Tensor) -> Tensor:
 
 def _normalizer(kept: Tensor, numel: int) -> Tensor:
     """``numel / kept`` in fp32, and 0 when nothing is kept (a zero mask must not meet an inf scale)."""
-    return torch.where(kept > 0, numel / kept.clamp_min(1.0), 0.0)
+    # a true division: ``numel / tensor`` would multiply by a rounded reciprocal (1 ulp off at kept == numel)
+    return torch.where(kept > 0, torch.full_like(kept, numel).div_(kept.clamp_min(1.0)), 0.0)
 
 
 def _fills_its_memory(x: Tensor) -> bool:
@@ -296,7 +303,7 @@ def _drop_block(x: Tensor, keep_prob: float | Tensor, block_size: int, per_chann
     block, valid, factor = geometry(spatial, block_size)
     gamma = (1.0 - keep_prob) * factor
     mask_shape = (x.shape[0], x.shape[1] if per_channel else 1, *spatial)
-    whole_map = all(v == 1 for v in valid)
+    whole_map = valid == (1,) * len(valid)
     if per_channel and not whole_map:
         if not dense:
             return _SparseDropBlock.apply(x, float(gamma), block, valid, scale, inplace and _fills_its_memory(x))

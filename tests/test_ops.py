@@ -218,6 +218,15 @@ def test_everything_dropped_gives_finite_zeros(path, dtype):
         assert (y == 0).all()
 
 
+@pytest.mark.parametrize("path", list(PATHS))
+def test_nothing_dropped_is_exactly_the_input(path):
+    # numel / kept must be a true division: 55 * (1 / 55) is 1 ulp off in fp32 (found by hypothesis)
+    for shape in [(1, 1, 5, 11), (2, 3, 7, 13)]:
+        x = torch.rand(shape) + 0.5
+        assert torch.equal(PATHS[path](x, 1.0, 1), x)
+        assert torch.equal(PATHS[path](x, 1.0, 3), x)
+
+
 def test_scale_false_keeps_values():
     x = torch.rand(4, 8, 12, 12) + 0.5
     for fn in PATHS.values():
@@ -323,6 +332,25 @@ def test_channels_last_preserved_in_output_and_grad(path):
     torch.testing.assert_close(gx, g * mask * factor)
     y.backward(g)
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("x_format, grad_kind", [
+    (torch.contiguous_format, "channels_last"),
+    (torch.channels_last, "contiguous"),
+    (torch.contiguous_format, "expanded"),  # what y.sum().backward() sends
+])
+def test_gradient_whatever_the_grad_layout(path, x_format, grad_kind):
+    x = (torch.rand(4, 8, 12, 12) + 0.5).to(memory_format=x_format).requires_grad_()
+    y = PATHS[path](x, 0.7, 3)
+    if grad_kind == "expanded":
+        g = torch.randn(()).expand(y.shape)
+    else:
+        fmt = torch.channels_last if grad_kind == "channels_last" else torch.contiguous_format
+        g = torch.randn(y.shape).contiguous(memory_format=fmt)
+    (gx,) = torch.autograd.grad(y, x, g)
+    mask = y.detach() != 0
+    torch.testing.assert_close(gx, g * mask * (y.numel() / int(mask.sum())))
 
 
 def test_channels_last_3d():
