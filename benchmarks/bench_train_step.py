@@ -17,11 +17,17 @@ random batch (default 8 x 3 x 160 x 160). Candidates, each a separate model with
                          9 DropBlocks, not the paper's 36;
 * ``timm + dbi``         timm ``resnet50`` with ``resnet50_paper`` (36 DropBlocks, as ``tv + dbi``).
 
-Time: all candidates run in one process, interleaved (every round runs each candidate once, in a new random
-order) after a warm-up. The table reports the median step time, its overhead over the plain model of the
-same family, and the *paired* overhead: the median over rounds of (candidate's step / baseline's step in
-the same round), which cancels the slow drift of a shared machine's speed that medians taken separately
-do not.
+Time: all candidates run in one process, interleaved after a warm-up. Every round draws a new random order
+and runs it forwards then backwards (A B C C B A), so each candidate's two steps of a round sit symmetrically
+in it and a drift of the machine's speed that is linear over the round weighs on all candidates alike. The
+table reports the median step time, its overhead over the plain model of the same family, and the *paired*
+overhead: the median over rounds of (candidate's two steps / baseline's two steps of the same round), with
+its quartiles, which shows how far the run can resolve the difference.
+
+Time inside the DropBlocks: for the ``dbi`` candidates, a few extra steps time every injected DropBlock
+directly, forward (module hooks) and backward (hooks on its autograd node), and report the sum per step as
+a share of the baseline's median step. That is the op's own cost, measured with far less noise than the
+difference of two whole steps; it leaves out indirect costs such as caches the op evicts for the next layer.
 
 Memory: one extra step of each candidate under ``torch.profiler`` with ``profile_memory=True``; the peak of
 the running sum of every CPU tensor allocation and free during the step (forward, backward, optimizer step,
@@ -170,6 +176,45 @@ def step_peak_bytes(c: Candidate, x: torch.Tensor, y: torch.Tensor) -> int:
     return peak
 
 
+def time_inside_dropblocks(c: Candidate, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    """Median seconds per step spent inside the injected DropBlocks, forward and backward.
+
+    Forward: from a module's pre-hook to its hook. Backward: from the pre-hook of the autograd node that
+    produced the module's output to that node's hook (the op's whole backward is that one node).
+    """
+    pc = time.perf_counter
+    started: dict[object, float] = {}
+    spent = [0.0]
+
+    def before(key: object) -> None:
+        started[key] = pc()
+
+    def after(key: object) -> None:
+        spent[0] += pc() - started.pop(key)
+
+    def on_output(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        after(module)
+        node = out.grad_fn
+        if node is not None:
+            node.register_prehook(lambda grads, node=node: before(node))
+            node.register_hook(lambda grads_in, grads_out, node=node: after(node))
+
+    handles = []
+    for m in dbi.injected_dropblocks(c.model):
+        handles += [m.register_forward_pre_hook(lambda module, args: before(module)),
+                    m.register_forward_hook(on_output)]
+    per_step = []
+    try:
+        for _ in range(steps):
+            spent[0] = 0.0
+            c.step(x, y)
+            per_step.append(spent[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return statistics.median(per_step)
+
+
 def profile_step(c: Candidate, x: torch.Tensor, y: torch.Tensor, rows: int = 25) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -184,7 +229,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=160, help="input height and width")
-    parser.add_argument("--rounds", type=int, default=15, help="timed steps per candidate")
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds (two steps per candidate each)")
+    parser.add_argument("--inside-steps", type=int, default=5,
+                        help="steps timing the inside of the DropBlocks of the dbi candidates (0: skip)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate first (>= 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--only", nargs="+", choices=list(FACTORIES), help="run these candidates only")
@@ -224,11 +271,15 @@ def main() -> None:
             c.step(x, y)
     rng = random.Random(0)
     for _ in range(args.rounds):
-        for c in rng.sample(cands, len(cands)):
+        order = rng.sample(cands, len(cands))
+        for c in order + order[::-1]:
             t = time.perf_counter()
             c.step(x, y)
             c.times.append(time.perf_counter() - t)
     load_after = os.getloadavg()[0]
+
+    inside = {c.name: time_inside_dropblocks(c, x, y, args.inside_steps)
+              for c in cands if args.inside_steps and dbi.injected_dropblocks(c.model)}
 
     mem = {}
     if not args.no_memory:
@@ -238,18 +289,26 @@ def main() -> None:
     by_name = {c.name: c for c in cands}
     med = {c.name: statistics.median(c.times) for c in cands}
     print(f"load average after: {load_after:.2f}\n")
-    print("| candidate | DropBlocks | median step (s) | min (s) | time overhead | paired overhead | step peak (MiB) "
-          "| step peak overhead | total peak (MiB) | total peak overhead |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| candidate | DropBlocks | median step (s) | min (s) | time overhead | paired overhead (quartiles) "
+          "| inside DropBlocks | step peak (MiB) | step peak overhead | total peak (MiB) | total peak overhead |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in cands:
         n_db = sum(type(m).__name__ == "DropBlock2d" for m in c.model.modules())
         if c.baseline:
             base = by_name[c.baseline].times
             over = f"{100 * (med[c.name] / med[c.baseline] - 1):+.1f}%"
-            paired = f"{100 * (statistics.median(t / b for t, b in zip(c.times, base)) - 1):+.1f}%"
+            pairs = [(t1 + t2) / (b1 + b2) for t1, t2, b1, b2 in
+                     zip(c.times[::2], c.times[1::2], base[::2], base[1::2])]
+            q1, q2, q3 = statistics.quantiles(pairs, n=4) if len(pairs) >= 2 else [pairs[0]] * 3
+            paired = f"{100 * (q2 - 1):+.1f}% ({100 * (q1 - 1):+.1f}%, {100 * (q3 - 1):+.1f}%)"
         else:
             over = paired = "baseline"
-        row = f"| {c.name} | {n_db} | {med[c.name]:.3f} | {min(c.times):.3f} | {over} | {paired} |"
+        if c.name in inside:
+            ref = med[c.baseline] if c.baseline else med[c.name]
+            share = f"{1e3 * inside[c.name]:.1f} ms = {100 * inside[c.name] / ref:.1f}%"
+        else:
+            share = "-"
+        row = f"| {c.name} | {n_db} | {med[c.name]:.3f} | {min(c.times):.3f} | {over} | {paired} | {share} |"
         if mem:
             peak, state = mem[c.name]
             if c.baseline:
