@@ -184,6 +184,7 @@ def time_inside_dropblocks(c: Candidate, x: torch.Tensor, y: torch.Tensor, steps
     """
     pc = time.perf_counter
     started: dict[object, float] = {}
+    input_node: dict[nn.Module, object] = {}
     spent = [0.0]
 
     def before(key: object) -> None:
@@ -192,17 +193,20 @@ def time_inside_dropblocks(c: Candidate, x: torch.Tensor, y: torch.Tensor, steps
     def after(key: object) -> None:
         spent[0] += pc() - started.pop(key)
 
+    def on_input(module: nn.Module, args: tuple) -> None:
+        input_node[module] = args[0].grad_fn
+        before(module)
+
     def on_output(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         after(module)
         node = out.grad_fn
-        if node is not None:
+        if node is not None and node is not input_node.pop(module):  # not an identity (e.g. keep_prob 1)
             node.register_prehook(lambda grads, node=node: before(node))
             node.register_hook(lambda grads_in, grads_out, node=node: after(node))
 
     handles = []
     for m in dbi.injected_dropblocks(c.model):
-        handles += [m.register_forward_pre_hook(lambda module, args: before(module)),
-                    m.register_forward_hook(on_output)]
+        handles += [m.register_forward_pre_hook(on_input), m.register_forward_hook(on_output)]
     per_step = []
     try:
         for _ in range(steps):
