@@ -224,11 +224,11 @@ class _SparseDropBlock(torch.autograd.Function):
         stride, block, scale = ctx.meta
         (corner,) = ctx.saved_tensors
         strides = tuple(stride[2:])
-        if grad.stride() == stride:  # the usual case: the product keeps grad's layout, the forward output's
-            grad_in = torch.mul(grad, scale)
-        else:  # e.g. an expanded or channels_last grad: write it in the layout the corners were computed for
+        # the usual case: grad is laid out as the forward output, and so is the product
+        grad_in = torch.mul(grad, scale) if grad.stride() == stride else None
+        if grad_in is None or grad_in.stride() != stride:  # e.g. an expanded or channels_last grad
             grad_in = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device)
-            torch.mul(grad, scale, out=grad_in)
+            torch.mul(grad, scale, out=grad_in)  # in the layout the corners were computed for
         _fill_rows(_flat(grad_in), _block_rows(corner, block, strides), block[-1], strides[-1], 0.0)
         return grad_in, None, None, None, None, None
 
