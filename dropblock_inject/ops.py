@@ -173,7 +173,9 @@ def _count_dropped(plane: Tensor, offset: Tensor, n_planes: int, spatial: tuple[
     return int(lanes.view(torch.uint8).sum())
 
 
+@functools.lru_cache(maxsize=512)
 def _contiguous_strides(spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """Strides of a contiguous map of size ``spatial`` (looked up twice per sparse call, computed once)."""
     return tuple(math.prod(spatial[i + 1:]) for i in range(len(spatial)))
 
 
