@@ -113,7 +113,7 @@ def _sample_seeds(n_planes: int, n_anchors: int, gamma: float, device: torch.dev
     if gamma >= 1.0:
         every = torch.arange(n, device=device)
         return every // n_anchors, every % n_anchors
-    rate = torch.tensor(-math.log1p(-gamma) * n, dtype=torch.float64)
+    rate = torch.full((), -math.log1p(-gamma) * n, dtype=torch.float64)
     k = int(torch.poisson(rate).item())
     return torch.randint(n_planes, (k,), device=device), torch.randint(n_anchors, (k,), device=device)
 
@@ -127,26 +127,22 @@ def _grid(extent: tuple[int, ...], strides: tuple[int, ...], device: torch.devic
     return offsets.to(device)
 
 
-def _block_rows(corner: Tensor, block: tuple[int, ...], strides: tuple[int, ...]) -> Tensor:
-    """Flat offsets of the first cell of every row (the last spatial axis) of the blocks at ``corner``.
+def _fill_blocks(flat: Tensor, corner: Tensor, block: tuple[int, ...], strides: tuple[int, ...],
+                 value: float) -> None:
+    """Writes ``value`` over the block of size ``block`` whose first cell is ``flat[c]``, for every ``c`` in ``corner``.
 
-    ``corner`` holds the flat offset of each block's first cell; ``strides`` are the spatial strides of the map.
+    ``strides`` are the map's spatial strides within ``flat``. The blocks are slices of one overlapping strided
+    view of ``flat`` (one slice per start offset), so a single ``index_fill_`` with one index per block writes
+    them all, with no per-cell or per-row index arithmetic.
     """
-    return (corner.unsqueeze(1) + _grid(block[:-1], strides[:-1], corner.device)).flatten()
-
-
-def _fill_rows(flat: Tensor, rows: Tensor, length: int, stride: int, value: float) -> None:
-    """Writes ``value`` at ``flat[r + i * stride]`` for every ``r`` in ``rows`` and ``i < length``.
-
-    One index per row of a block rather than per cell: scattering through a strided view of rows is two to
-    three times faster than a flat scatter of every cell.
-    """
-    if rows.numel() == 0:
+    if corner.numel() == 0:
         return
-    flat.as_strided((flat.numel() - (length - 1) * stride, length), (1, stride)).index_fill_(0, rows, value)
+    span = sum((b - 1) * s for b, s in zip(block, strides))
+    flat.as_strided((flat.numel() - span, *block), (1, *strides)).index_fill_(0, corner, value)
 
 
 _LANES = 8 * 255  # bytes summed per int64 word lane without a carry between the 8 byte lanes
+_SMALL_MAP = 1 << 17  # bytes: count_nonzero below this, word lanes above (each is faster on its side)
 
 
 def _count_dropped(plane: Tensor, offset: Tensor, n_planes: int, spatial: tuple[int, ...],
@@ -156,8 +152,8 @@ def _count_dropped(plane: Tensor, offset: Tensor, n_planes: int, spatial: tuple[
     ``plane`` is each seed's (sample, channel) plane and ``offset`` its block corner's offset within a
     contiguous plane. Only the planes that hold a seed are looked at: each gets a slot in a small byte map
     of contiguous planes (a few hundred planes rather than N * C, so no large buffer is zeroed and faulted
-    in), the blocks' rows are marked there, and the map is summed eight bytes at a time as int64 words in
-    groups of 255 words (so no byte lane overflows), several times faster than counting bytes one by one.
+    in), and the blocks are marked there. A small map is counted by ``count_nonzero``; a large one eight bytes
+    at a time, as int64 words summed in groups of 255 (so no byte lane overflows), several times faster.
     """
     if plane.numel() == 0:
         return 0
@@ -165,10 +161,14 @@ def _count_dropped(plane: Tensor, offset: Tensor, n_planes: int, spatial: tuple[
     seen.index_fill_(0, plane, 1)
     plane_numel = math.prod(spatial)
     slot = seen.cumsum_(0).index_select(0, plane)  # 1, 2, ...: the map's plane 0 stays empty
-    rows = _block_rows(torch.add(offset, slot, alpha=plane_numel), block, _contiguous_strides(spatial))
     numel = (min(plane.numel(), n_planes) + 1) * plane_numel
-    marks = torch.zeros(-(-numel // _LANES) * _LANES, dtype=torch.uint8, device=plane.device)
-    _fill_rows(marks, rows, block[-1], 1, 1)
+    if numel <= _SMALL_MAP:
+        marks = torch.zeros(numel, dtype=torch.uint8, device=plane.device)
+    else:
+        marks = torch.zeros(-(-numel // _LANES) * _LANES, dtype=torch.uint8, device=plane.device)
+    _fill_blocks(marks, torch.add(offset, slot, alpha=plane_numel), block, _contiguous_strides(spatial), 1)
+    if numel <= _SMALL_MAP:
+        return int(marks.count_nonzero())
     lanes = marks.view(torch.int64).view(-1, 255).sum(dim=1)
     return int(lanes.view(torch.uint8).sum())
 
@@ -216,8 +216,8 @@ class _SparseDropBlock(torch.autograd.Function):
             x.mul_(scale)
         else:
             torch.mul(x, scale, out=out)
-        _fill_rows(_flat(out), _block_rows(corner, block, strides), block[-1], strides[-1], 0.0)
-        ctx.save_for_backward(corner)  # 8 bytes per seed; the rows are two cheap ops away
+        _fill_blocks(_flat(out), corner, block, strides, 0.0)
+        ctx.save_for_backward(corner)  # 8 bytes per seed
         ctx.meta = (out.stride(), block, scale)
         return out
 
@@ -231,7 +231,7 @@ class _SparseDropBlock(torch.autograd.Function):
         if grad_in is None or grad_in.stride() != stride:  # e.g. an expanded or channels_last grad
             grad_in = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device)
             torch.mul(grad, scale, out=grad_in)  # in the layout the corners were computed for
-        _fill_rows(_flat(grad_in), _block_rows(corner, block, strides), block[-1], strides[-1], 0.0)
+        _fill_blocks(_flat(grad_in), corner, block, strides, 0.0)
         return grad_in, None, None, None, None, None
 
 
