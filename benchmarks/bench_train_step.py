@@ -309,7 +309,7 @@ def main() -> None:
             over = paired = "baseline"
         if c.name in inside:
             ref = med[c.baseline] if c.baseline else med[c.name]
-            share = f"{1e3 * inside[c.name]:.1f} ms = {100 * inside[c.name] / ref:.1f}%"
+            share = f"{1e3 * inside[c.name]:.1f} ms = {100 * inside[c.name] / ref:.2f}%"
         else:
             share = "-"
         row = f"| {c.name} | {n_db} | {med[c.name]:.3f} | {min(c.times):.3f} | {over} | {paired} | {share} |"
