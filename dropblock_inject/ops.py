@@ -129,7 +129,7 @@ def _grid(extent: tuple[int, ...], strides: tuple[int, ...], device: torch.devic
 
 def _fill_blocks(flat: Tensor, corner: Tensor, block: tuple[int, ...], strides: tuple[int, ...],
                  value: float) -> None:
-    """Writes ``value`` over the block of size ``block`` whose first cell is ``flat[c]``, for every ``c`` in ``corner``.
+    """Writes ``value`` over the ``block``-sized block whose first cell is ``flat[c]``, for every ``c`` in ``corner``.
 
     ``strides`` are the map's spatial strides within ``flat``. The blocks are slices of one overlapping strided
     view of ``flat`` (one slice per start offset), so a single ``index_fill_`` with one index per block writes
@@ -162,12 +162,11 @@ def _count_dropped(plane: Tensor, offset: Tensor, n_planes: int, spatial: tuple[
     plane_numel = math.prod(spatial)
     slot = seen.cumsum_(0).index_select(0, plane)  # 1, 2, ...: the map's plane 0 stays empty
     numel = (min(plane.numel(), n_planes) + 1) * plane_numel
-    if numel <= _SMALL_MAP:
-        marks = torch.zeros(numel, dtype=torch.uint8, device=plane.device)
-    else:
-        marks = torch.zeros(-(-numel // _LANES) * _LANES, dtype=torch.uint8, device=plane.device)
+    small = numel <= _SMALL_MAP
+    size = numel if small else -(-numel // _LANES) * _LANES  # the lane sum reads whole groups of 255 words
+    marks = torch.zeros(size, dtype=torch.uint8, device=plane.device)
     _fill_blocks(marks, torch.add(offset, slot, alpha=plane_numel), block, _contiguous_strides(spatial), 1)
-    if numel <= _SMALL_MAP:
+    if small:
         return int(marks.count_nonzero())
     lanes = marks.view(torch.int64).view(-1, 255).sum(dim=1)
     return int(lanes.view(torch.uint8).sum())
