@@ -227,23 +227,21 @@ def test_nothing_dropped_is_exactly_the_input(path):
         assert torch.equal(PATHS[path](x, 1.0, 3), x)
 
 
-@pytest.mark.parametrize("n_planes, spatial, block, seeds", [
-    (64, (10, 10), (7, 7), 40),            # a few planes: a small byte map, counted by count_nonzero
-    (4096, (14, 14), (3, 3), 3000),        # thousands of seeded planes: a map above ops._SMALL_MAP
-    (16, (4, 6, 6), (2, 3, 3), 30),        # 3-D blocks
+@pytest.mark.parametrize("n_planes, spatial, block, seeds, large_map", [
+    (64, (10, 10), (7, 7), 40, False),        # a few planes: a small byte map, counted by count_nonzero
+    (4096, (14, 14), (3, 3), 3000, True),     # thousands of seeded planes: a map above ops._SMALL_MAP
+    (16, (4, 6, 6), (2, 3, 3), 30, False),    # 3-D blocks
 ])
-def test_count_dropped_matches_a_cell_by_cell_count(n_planes, spatial, block, seeds):
+def test_count_dropped_matches_a_cell_by_cell_count(n_planes, spatial, block, seeds, large_map):
+    assert ((min(seeds, n_planes) + 1) * math.prod(spatial) > ops._SMALL_MAP) == large_map  # the map it sizes
     valid = tuple(s - b + 1 for s, b in zip(spatial, block))
     plane = torch.randint(n_planes, (seeds,))
     anchor = torch.randint(math.prod(valid), (seeds,))
-    strides = ops._contiguous_strides(spatial)
-    offset = ops._grid(valid, strides, torch.device("cpu")).index_select(0, anchor)
+    offset = ops._grid(valid, ops._contiguous_strides(spatial), torch.device("cpu")).index_select(0, anchor)
     covered = torch.zeros(n_planes, *spatial, dtype=torch.bool)
     for p, a in zip(plane.tolist(), anchor.tolist()):
         corner = torch.unravel_index(torch.tensor(a), valid)
         covered[(p, *(slice(int(i), int(i) + b) for i, b in zip(corner, block)))] = True
-    if n_planes == 4096:
-        assert (int(plane.unique().numel()) + 1) * math.prod(spatial) > ops._SMALL_MAP
     assert ops._count_dropped(plane, offset, n_planes, spatial, block) == int(covered.sum())
 
 
