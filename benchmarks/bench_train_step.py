@@ -22,7 +22,8 @@ and runs it forwards then backwards (A B C C B A), so each candidate's two steps
 in it and a drift of the machine's speed that is linear over the round weighs on all candidates alike. The
 table reports the median step time, its overhead over the plain model of the same family, and the *paired*
 overhead: the median over rounds of (candidate's two steps / baseline's two steps of the same round), with
-its quartiles, which shows how far the run can resolve the difference.
+a 95% bootstrap interval for that median (how far the run resolves the difference; it narrows with more
+rounds) and the quartiles of the ratios (the round-to-round spread, which does not).
 
 Time inside the DropBlocks: for the ``dbi`` candidates, a few extra steps time every injected DropBlock
 directly, forward (module hooks) and backward (hooks on its autograd node), and report the sum per step as
@@ -219,6 +220,18 @@ def time_inside_dropblocks(c: Candidate, x: torch.Tensor, y: torch.Tensor, steps
     return statistics.median(per_step)
 
 
+def median_interval(values: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of ``values``, seeded (the same data give the same interval).
+
+    Resamples whole rounds, so it treats the rounds' paired ratios as independent: the pairing within a round
+    is what removes the machine's drift between rounds.
+    """
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = round((1 - level) / 2 * resamples)
+    return medians[tail], medians[resamples - 1 - tail]
+
+
 def profile_step(c: Candidate, x: torch.Tensor, y: torch.Tensor, rows: int = 25) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -293,7 +306,7 @@ def main() -> None:
     by_name = {c.name: c for c in cands}
     med = {c.name: statistics.median(c.times) for c in cands}
     print(f"load average after: {load_after:.2f}\n")
-    print("| candidate | DropBlocks | median step (s) | min (s) | time overhead | paired overhead (quartiles) "
+    print("| candidate | DropBlocks | median step (s) | min (s) | time overhead | paired overhead [95% CI] (quartiles) "
           "| inside DropBlocks | step peak (MiB) | step peak overhead | total peak (MiB) | total peak overhead |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in cands:
@@ -304,7 +317,9 @@ def main() -> None:
             pairs = [(t1 + t2) / (b1 + b2) for t1, t2, b1, b2 in
                      zip(c.times[::2], c.times[1::2], base[::2], base[1::2])]
             q1, q2, q3 = statistics.quantiles(pairs, n=4) if len(pairs) >= 2 else [pairs[0]] * 3
-            paired = f"{100 * (q2 - 1):+.1f}% ({100 * (q1 - 1):+.1f}%, {100 * (q3 - 1):+.1f}%)"
+            lo, hi = median_interval(pairs)
+            paired = (f"{100 * (q2 - 1):+.1f}% [{100 * (lo - 1):+.1f}%, {100 * (hi - 1):+.1f}%] "
+                      f"({100 * (q1 - 1):+.1f}%, {100 * (q3 - 1):+.1f}%)")
         else:
             over = paired = "baseline"
         if c.name in inside:
