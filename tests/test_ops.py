@@ -383,7 +383,7 @@ def test_channels_last_3d():
 @pytest.mark.parametrize("shape, memory_format", [((4, 8, 11, 9), torch.channels_last),
                                                   ((2, 3, 5, 11, 9), torch.channels_last_3d)])
 def test_sparse_mask_does_not_depend_on_memory_format(shape, memory_format):
-    # the sparse path scatters block rows through the output's own strides: a channels-last map must get
+    # the sparse path writes blocks through the output's own strides: a channels-last map must get
     # exactly the blocks a contiguous one gets from the same seeds
     x = torch.rand(shape) + 0.5
     g = torch.randn(shape)
