@@ -11,7 +11,7 @@ Public API::
     RecipeError, SurgeryError
 """
 
-from .graph import InsertionPoint, SurgeryError, format_plan, inject, injected_dropblocks, plan, strip
+from .surgery import InsertionPoint, SurgeryError, format_plan, inject, injected_dropblocks, plan, strip
 from .ops import DropBlock2d, DropBlock3d, drop_block2d, drop_block3d
 from .recipe import Recipe, RecipeError, available_recipes, load_recipe
 from .schedule import KeepProbScheduler

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .graph import SurgeryError, format_plan, inject, plan, strip
+from .surgery import SurgeryError, format_plan, inject, plan, strip
 from .recipe import RecipeError, available_recipes, load_recipe
 
 __all__ = ["main", "build_model"]

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from .graph import injected_dropblocks
+from .surgery import injected_dropblocks
 from .ops import _DropBlockNd
 from .recipe import ScheduleConfig
 

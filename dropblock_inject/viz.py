@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Sequence, Union
 import numpy as np
 import torch
 
-from .graph import InsertionPoint
+from .surgery import InsertionPoint
 from .ops import drop_block2d, seed_rate
 from .schedule import KeepProbScheduler
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dropblock_inject as dbi
-from dropblock_inject.graph import injected_dropblocks
+from dropblock_inject import injected_dropblocks
 
 from _models import SmallResNet
 

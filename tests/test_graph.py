@@ -651,7 +651,7 @@ class _ConvBnNamed(_ConvBnResidual):
 def test_conv_norm_units_recognised_by_their_forward():
     from torchvision.models.inception import BasicConv2d
 
-    from dropblock_inject.graph import _module_kind
+    from dropblock_inject.surgery.kinds import module_kind as _module_kind
 
     assert _module_kind(BasicConv2d(8, 8, kernel_size=3)) == "unit"  # conv, bn, functional relu
     assert _module_kind(_ConvBnNamed()) == "unit"

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import dropblock_inject as dbi
-from dropblock_inject.graph import injected_dropblocks
+from dropblock_inject import injected_dropblocks
 
 from _models import SmallResNet
 

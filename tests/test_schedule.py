@@ -13,7 +13,7 @@ from torch import nn
 
 import dropblock_inject as dbi
 from dropblock_inject import KeepProbScheduler
-from dropblock_inject.graph import injected_dropblocks
+from dropblock_inject import injected_dropblocks
 
 from _models import SmallResNet
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..graph import strip
+from ..surgery import strip
 from ..schedule import KeepProbScheduler, _check_target, _check_total_steps
 
 _INSTALL_HINT = ("dropblock_inject.integrations.lightning needs Lightning; install it with "

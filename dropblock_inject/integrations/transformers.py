@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..graph import strip
+from ..surgery import strip
 from ..schedule import KeepProbScheduler, _check_target, _check_total_steps
 
 try:

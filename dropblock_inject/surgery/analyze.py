@@ -1,0 +1,108 @@
+"""Stage 4, analysis: the residual additions of one traced scope and its DropBlock candidates.
+
+A residual addition is an add whose two operands both derive from the scope's input and one of which
+holds a layer; its *shortcut* is the side with fewer convolutions (counting those inside leaf modules),
+then fewer layers, then fewer nodes, and must start at the scope's input. Branch candidates are the conv /
+norm / act / unit nodes off the shortcut whose value reaches the output as a feature map (not only through
+a gate). Nothing here depends on a recipe: :mod:`.select` filters the candidates by rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from .kinds import add_operands, conv_count, is_gate, node_kinds, unit_kinds
+from .shapes import ShapeLog
+from .trace import Param, Traced
+
+
+@dataclass
+class Candidate:
+    node: fx.Node
+    kind: str  # "branch" | "shortcut"
+    kinds: frozenset[str]  # node kinds (branch) or empty (shortcut)
+    add: fx.Node | None = None  # the residual addition, for shortcuts
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass
+class Scope:
+    path: str
+    module: nn.Module
+    graph: fx.Graph
+    candidates: list[Candidate]
+    residual: bool
+    output_shape: tuple[int, ...] | None
+    spatial_dims: int
+    params: tuple[Param, ...] | None = None  # see Traced
+    out_spec: Any = None
+
+
+
+def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None) -> Scope:
+    graph = traced.graph
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    ancestors: dict[fx.Node, int] = {}
+    for n in nodes:
+        bits = 0
+        for p in n.all_input_nodes:
+            bits |= ancestors[p] | (1 << index[p])
+        ancestors[n] = bits
+    kinds = {n: node_kinds(n, scope) for n in nodes}
+    placeholders = sum(1 << index[n] for n in nodes if n.op == "placeholder")
+    convs = {n: conv_count(n, scope) for n in nodes}
+    heavy = sum(1 << index[n] for n in nodes if kinds[n] & {"conv", "unit", "norm"} or convs[n])
+    conv_bits = [(1 << index[n], convs[n]) for n in nodes if convs[n]]
+    node_shapes = shapes.node_shapes(path, graph, traced.input_shapes) if shapes else {}
+
+    candidates: list[Candidate] = []
+    on_shortcut = 0
+    residual = False
+    for n in nodes:
+        operands = add_operands(n)
+        if operands is None:
+            continue
+        a, b = operands
+        own = {x: ancestors[x] | (1 << index[x]) for x in (a, b)}
+        excl = {a: own[a] & ~own[b], b: own[b] & ~own[a]}
+        if not own[a] & placeholders or not own[b] & placeholders:
+            continue  # not a residual: one operand does not derive from the scope's input
+        # the shortcut is the side with fewer convolutions (counting those inside leaf modules such as
+        # timm's GhostModule or SeparableConv2d), then fewer layers, then fewer nodes
+        shortcut, branch = sorted((b, a), key=lambda x: (sum(c for bit, c in conv_bits if excl[x] & bit),
+                                                         bin(excl[x] & heavy).count("1"), bin(excl[x]).count("1")))
+        if not excl[branch] & heavy:
+            continue  # neither side holds a layer: not a residual connection
+        # the shortcut must start at the scope's input: its exclusive path is fed only by placeholders
+        starts = [m for m in nodes if excl[shortcut] >> index[m] & 1] or [shortcut]
+        feeders = {p for m in starts for p in m.all_input_nodes if not excl[shortcut] >> index[p] & 1}
+        if shortcut.op != "placeholder" and not all(p.op == "placeholder" for p in feeders):
+            continue
+        residual = True
+        on_shortcut |= excl[shortcut]
+        shape = node_shapes.get(branch.name) or node_shapes.get(n.name)
+        candidates.append(Candidate(shortcut, "shortcut", frozenset(), add=n, shape=shape))
+    # nodes whose value reaches the output as a feature map, not only as attention logits or a gate
+    # (through a softmax, sigmoid or matrix product: global-context / spatial attention convolutions)
+    features: set[fx.Node] = set()
+    for n in reversed(nodes):
+        if n.op == "output" or any(u in features and not is_gate(u, scope) for u in n.users):
+            features.add(n)
+    for n in nodes:
+        if kinds[n] and not (on_shortcut >> index[n] & 1) and n in features:
+            candidates.append(Candidate(n, "branch", unit_kinds(n, kinds), shape=node_shapes.get(n.name)))
+    output = next(n for n in reversed(nodes) if n.op == "output")
+    out_arg = output.args[0]
+    out_shape = node_shapes.get(out_arg.name) if isinstance(out_arg, fx.Node) else None
+    if shapes is not None and out_shape is None:
+        out_shape = shapes.module_output(path)
+    conv3d = any(isinstance(m, (nn.Conv3d, nn.BatchNorm3d)) for m in scope.modules())
+    return Scope(path, scope, graph, candidates, residual, out_shape, 3 if conv3d else 2, traced.params,
+                 traced.out_spec)
+
+

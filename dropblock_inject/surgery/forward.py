@@ -1,0 +1,144 @@
+"""The runtime side of an injected module: the callable installed as its ``forward``.
+
+:class:`InjectedForward` runs the rewritten graph in training mode and the module's original ``forward`` in
+eval mode, so eval() is the original code bit for bit and whatever fx would bake in from ``self.training``
+follows train()/eval(). A graph traced with specialised arguments (see :mod:`.trace`) runs only for calls that
+match them. :class:`RefuseScripting` makes ``torch.jit.script`` of an injected model a clear error.
+Used by :mod:`.select` (is a model already injected?) and :mod:`.rewrite` (installing it); depends on
+:mod:`.trace` only.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+
+from ..ops import _DropBlockNd
+from .trace import EMPTY, Param, SurgeryError
+
+
+def _compile_graph(graph: fx.Graph, name: str) -> Callable[..., Any]:
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, f"<dropblock_inject: {name}>", "exec"), namespace)  # noqa: S102 - fx codegen
+    return namespace["forward"]
+
+
+class InjectedForward:
+    """Stored as ``module.forward``: the rewritten graph in training mode, the original forward in eval.
+
+    A graph traced with specialised arguments (see ``_specialise``) runs only for calls that match them:
+    another call pattern (e.g. ``shortcut=None`` where the trace saw a tensor) warns and runs the original
+    forward, without DropBlock. Pickles (torch.save of a whole model), deep-copies and compiles; its code is
+    regenerated from the graph.
+    """
+
+    def __init__(self, module: nn.Module, graph: fx.Graph, original: Callable[..., Any] | None,
+                 name: str, params: tuple[Param, ...] | None = None, out_spec: Any = None) -> None:
+        self.module = module
+        self.graph = graph
+        self.original = original  # an instance-level forward that was there before, if any
+        self.name = name
+        self.params = params
+        self.out_spec = out_spec
+        self._fn = _compile_graph(graph, name)
+        self._names = frozenset(p.name for p in params or ())
+        self._positional = sum(p.index is not None for p in params or ())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.module.training:
+            if torch.jit.is_tracing():
+                raise SurgeryError(f"torch.jit.trace cannot record the random DropBlock ops of {self.name!r} in "
+                                   f"training mode; trace the model in eval() mode, or call "
+                                   f"dropblock_inject.strip(model) first")
+            if self.params is None:
+                return self._fn(self.module, *args, **kwargs)
+            flat = self._flatten(args, kwargs)
+            if flat is not None:
+                out = self._fn(self.module, *flat)
+                return out if self.out_spec is None else pytree.tree_unflatten(out, self.out_spec)
+            warnings.warn(f"dropblock_inject: {self.name!r} was rewritten for calls with "
+                          f"({', '.join(p.describe() for p in self.params)}) but is called otherwise; this call "
+                          f"runs its original forward, without DropBlock", stacklevel=2)
+        if self.original is not None:
+            return self.original(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def _flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
+        """The graph's placeholder values for this call, or None if it does not match the traced pattern."""
+        if len(args) > self._positional or (kwargs and not self._names.issuperset(kwargs)):
+            return None
+        flat: list[Any] = []
+        for p in self.params:  # type: ignore[union-attr]
+            if p.index is not None and p.index < len(args):
+                if p.name in kwargs:
+                    return None
+                value = args[p.index]
+            elif p.name in kwargs:
+                value = kwargs[p.name]
+            elif p.default is not EMPTY:
+                value = p.default
+            else:
+                return None
+            if p.kind == "free":
+                if value is None and not p.expect:
+                    return None
+                flat.append(value)
+            elif p.kind == "none":
+                if value is not None:
+                    return None
+                flat.append(None)
+            elif p.kind == "seq":
+                if type(value) is not p.expect[0] or len(value) != p.expect[1]:
+                    return None
+                flat.extend(value)
+            else:
+                if type(value) is not type(p.expect) or value != p.expect:
+                    return None
+                flat.append(value)
+        return flat
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (InjectedForward, (self.module, self.graph, self.original, self.name, self.params, self.out_spec))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> InjectedForward:
+        return InjectedForward(copy.deepcopy(self.module, memo), copy.deepcopy(self.graph, memo),
+                                copy.deepcopy(self.original, memo), self.name, self.params, self.out_spec)
+
+
+class RefuseScripting:
+    """Stored as ``module.__prepare_scriptable__``, which ``torch.jit.script`` calls before compiling."""
+
+    def __init__(self, name: str, original: Callable[[], nn.Module] | None) -> None:
+        self.name = name
+        self.original = original  # an instance-level hook that was there before, if any
+
+    def __call__(self) -> nn.Module:
+        raise SurgeryError(f"torch.jit.script cannot compile the forward that dropblock_inject installed on "
+                           f"{self.name!r}; call dropblock_inject.strip(model) before scripting (or use "
+                           f"torch.jit.trace / torch.export / torch.onnx.export in eval mode, which see the "
+                           f"original forward)")
+
+
+def injected_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    for name, m in model.named_modules():
+        if isinstance(m.__dict__.get("forward"), InjectedForward):
+            yield name, m
+
+
+def check_not_injected(model: nn.Module) -> None:
+    for name, _ in injected_modules(model):
+        raise SurgeryError(f"the model is already injected (module {name or '<root>'!r} was rewritten); "
+                           f"call dropblock_inject.strip(model) first")
+
+
+def injected_dropblocks(model: nn.Module) -> list[_DropBlockNd]:
+    """The DropBlock modules that ``inject`` inserted into ``model``, in module order."""
+    return [m for _, m in model.named_modules() if isinstance(m, _DropBlockNd) and hasattr(m, "point")]
+

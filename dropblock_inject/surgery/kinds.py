@@ -1,0 +1,161 @@
+"""Stage 2, node kinds: what a module or an fx node is, as placement sees it.
+
+``conv`` (``nn.Conv2d``/``nn.Conv3d``), ``norm`` (BatchNorm, GroupNorm, InstanceNorm and the timm/torchvision
+variants named below), ``act`` (activation modules and functions), ``unit`` (a module whose traced forward is
+the chain ``act(norm(conv(x)))``, such as timm's ``ConvNormAct``), residual additions (``+``, ``+=``,
+``torch.add``, ``Tensor.add``/``add_``) and *gates* (softmax, sigmoid, matrix products: what reaches the
+output only through one is attention, not a feature map). Class tables are matched by type and, for
+classes of other libraries, by name, so no optional dependency is imported.
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .trace import Tracer
+
+CONV_TYPES = (nn.Conv2d, nn.Conv3d)
+_NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+_NORM_NAMES = {"FrozenBatchNorm2d", "LayerNorm2d", "LayerNorm3d", "BatchNormAct2d", "GroupNormAct", "FrozenBatchNormAct2d"}
+_ACT_TYPES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish,
+              nn.PReLU)
+_ACT_NAMES = {"Swish", "HardSwish", "Mish", "GELU", "HardMish", "QuickGELU", "GELUTanh"}
+ACT_FUNCTIONS: set[Any] = {torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, nn.functional.silu,
+                           nn.functional.gelu, nn.functional.hardswish, nn.functional.leaky_relu,
+                           nn.functional.elu, nn.functional.mish}
+ACT_METHODS = {"relu", "relu_"}
+_ADD_FUNCTIONS: set[Any] = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
+def module_kind(m: nn.Module) -> str | None:
+    if isinstance(m, CONV_TYPES):
+        return "conv"
+    if isinstance(m, _NORM_TYPES) or type(m).__name__ in _NORM_NAMES:
+        return "norm"
+    if isinstance(m, _ACT_TYPES) or type(m).__name__ in _ACT_NAMES:
+        return "act"
+    if not isinstance(m, nn.Sequential):
+        # a conv-norm(-act) module such as timm's ConvNormAct: one conv, a norm, nothing but acts besides
+        kinds = [module_kind(c) if not isinstance(c, (nn.Identity, nn.Dropout)) else "skip" for c in m.children()]
+        if kinds.count("conv") == 1 and "norm" in kinds and set(kinds) <= {"conv", "norm", "act", "skip"}:
+            if _is_chain_unit(m):
+                return "unit"
+    return None
+
+
+# modules checked by _is_chain_unit: module -> (what the answer depends on, the answer)
+_CHAIN_UNITS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], bool]] = weakref.WeakKeyDictionary()
+
+
+def _is_chain_unit(m: nn.Module) -> bool:
+    """Whether ``m``'s forward is the straight chain ``act(norm(conv(x)))`` (timm's ConvNormAct, torchvision's
+    Inception ``BasicConv2d``, which applies its ReLU functionally): one input, each step reading only the
+    previous one, a conv first, then a norm, then only activations, Identity or Dropout. A module with the
+    same children that adds a residual, or normalises before convolving, is not a unit, whatever its name."""
+    key = (type(m).forward, m.__dict__.get("forward"), m.training, tuple(map(id, m.children())))
+    cached = _CHAIN_UNITS.get(m)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    _CHAIN_UNITS[m] = (key, answer := _chain_unit_graph(m))
+    return answer
+
+
+def _chain_unit_graph(m: nn.Module) -> bool:
+    if "forward" in m.__dict__:
+        return False  # an instance-level forward (e.g. one injected earlier) is not what fx would trace
+    try:
+        graph = Tracer(autowrap_modules=()).trace(m)  # (no math functions to wrap in a unit: faster)
+    except Exception:  # noqa: BLE001 - untraceable: not a unit
+        return False
+    prev: fx.Node | None = None
+    steps = []
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            if prev is not None:
+                return False  # more than one input
+            prev = n
+            continue
+        if n.op == "output":
+            return n.args[0] is prev and steps[:2] == ["conv", "norm"] and set(steps[2:]) <= {"act"}
+        if n.all_input_nodes != [prev] or len(prev.users) != 1:  # type: ignore[union-attr]
+            return False
+        if n.op == "call_module":
+            sub = m.get_submodule(str(n.target))
+            kind = "skip" if isinstance(sub, (nn.Identity, nn.Dropout)) else module_kind(sub)
+        elif (n.op == "call_function" and n.target in ACT_FUNCTIONS) or (
+                n.op == "call_method" and n.target in ACT_METHODS):
+            kind = "act"
+        else:
+            return False
+        if kind is None or kind == "unit":
+            return False
+        if kind != "skip":
+            steps.append(kind)
+        prev = n
+    return False
+
+
+def node_kinds(node: fx.Node, scope: nn.Module) -> frozenset[str]:
+    if node.op == "call_module":
+        kind = module_kind(scope.get_submodule(str(node.target)))
+        return frozenset({kind}) if kind else frozenset()
+    if (node.op == "call_function" and node.target in ACT_FUNCTIONS) or (
+            node.op == "call_method" and node.target in ACT_METHODS):
+        return frozenset({"act"})
+    return frozenset()
+
+
+def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS)
+    if not is_add or len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or "get_attr" in (a.op, b.op) or a is b:
+        return None
+    return a, b
+
+
+
+_GATE_FUNCTIONS: set[Any] = {torch.softmax, nn.functional.softmax, torch.sigmoid, nn.functional.sigmoid,
+                             nn.functional.hardsigmoid, torch.matmul, operator.matmul, torch.bmm, torch.einsum}
+_GATE_METHODS = {"softmax", "sigmoid", "sigmoid_", "matmul", "bmm"}
+_GATE_MODULES = (nn.Softmax, nn.Softmax2d, nn.Sigmoid, nn.Hardsigmoid)
+_GATE_NAMES = {"Sigmoid", "HardSigmoid", "HardSigmoidMe", "RadixSoftmax"}  # timm
+
+
+def is_gate(node: fx.Node, scope: nn.Module) -> bool:
+    """A softmax, sigmoid or matrix product: what reaches the output only through one is attention, not a
+    feature map."""
+    if node.op == "call_function":
+        return node.target in _GATE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _GATE_METHODS
+    if node.op == "call_module":
+        m = scope.get_submodule(str(node.target))
+        return isinstance(m, _GATE_MODULES) or type(m).__name__ in _GATE_NAMES
+    return False
+
+
+def conv_count(node: fx.Node, scope: nn.Module) -> int:
+    """Convolutions a ``call_module`` node runs (a conv, a conv-norm unit, or any module holding convs)."""
+    if node.op != "call_module":
+        return 0
+    return sum(isinstance(m, CONV_TYPES) for m in scope.get_submodule(str(node.target)).modules())
+
+
+def unit_kinds(node: fx.Node, kinds: dict[fx.Node, frozenset[str]]) -> frozenset[str]:
+    """Add the ``unit`` kind: a norm right after a conv, a conv not followed by a norm, a conv-norm module."""
+    k = set(kinds[node])
+    if "norm" in k and any("conv" in kinds[p] for p in node.all_input_nodes):
+        k.add("unit")
+    if "conv" in k and not any("norm" in kinds[u] for u in node.users):
+        k.add("unit")
+    return frozenset(k)

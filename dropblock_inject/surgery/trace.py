@@ -1,0 +1,225 @@
+"""Stage 1, tracing: the training-mode fx graph of one module (a *scope*), specialised to how it is called.
+
+Only one module's own forward is traced: every child is a leaf (it stays a ``call_module`` node that runs the
+child's own code, reading its own ``training`` flag), except plain ``nn.Sequential`` containers, which are
+traced through. Augmented assignments (``out += identity``) are recorded as the in-place operators, so the
+rewritten graph does what the original code did.
+
+How a scope's forward is called matters: fx traces every argument as a Proxy, so ``if shortcut is None:``
+or ``if not isinstance(x, list):`` would bake the wrong branch, and a ``List[Tensor]`` input cannot be
+indexed. Arguments that were None, lists/tuples of tensors, or plain constants in the example forward (or,
+without one, parameters whose default is None) are specialised with ``concrete_args``; the injected forward
+(:mod:`.forward`) checks each call against that pattern and runs the original forward when it differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch.fx as fx
+from torch import Tensor, nn
+
+from ..ops import _DropBlockNd
+
+
+class SurgeryError(RuntimeError):
+    """A model that cannot be rewritten as asked: an untraceable target, or a model already injected."""
+
+
+def is_plain_sequential(m: nn.Module) -> bool:
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+_INPLACE_OPERATORS = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                      "ilshift", "irshift", "imatmul")
+
+
+class _Proxy(fx.Proxy):
+    """An fx Proxy that records augmented assignments (``out += identity``) as the in-place operators.
+
+    A plain Proxy has no ``__iadd__``, so Python falls back to ``out = out + identity``, and the rewritten
+    graph would allocate a new tensor where the original code reused one (fx's code generator emits
+    ``operator.iadd`` back as ``+=``).
+    """
+
+
+def _inplace(name: str) -> Callable[[fx.Proxy, Any], fx.Proxy]:
+    target = getattr(operator, name)
+
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", target, (self, other), {})
+
+    method.__name__ = f"__{name}__"
+    return method
+
+
+for _name in _INPLACE_OPERATORS:
+    setattr(_Proxy, f"__{_name}__", _inplace(_name))
+
+
+class Tracer(fx.Tracer):
+    """Traces one module's own forward; children are leaves, except plain Sequential containers."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return not is_plain_sequential(m) or isinstance(m, _DropBlockNd)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a module call in the example forward."""
+
+    kind: str  # "tensor" | "none" | "seq" (list/tuple of tensors) | "const" (bool/int/str) | "other"
+    shapes: tuple[tuple[int, ...], ...] = ()  # "tensor": its shape; "seq": one per element
+    value: Any = None  # "const": the value; "seq": list or tuple
+
+
+def describe(value: Any) -> Arg:
+    if isinstance(value, Tensor):
+        return Arg("tensor", (tuple(value.shape),))
+    if value is None:
+        return Arg("none")
+    if type(value) in (list, tuple) and value and all(isinstance(t, Tensor) for t in value):
+        return Arg("seq", tuple(tuple(t.shape) for t in value), type(value))
+    if type(value) in (bool, int, str):
+        return Arg("const", value=value)
+    return Arg("other")
+
+
+@dataclass(frozen=True)
+class Call:
+    """The first call of a module in the example forward."""
+
+    args: tuple[Arg, ...]
+    kwargs: dict[str, Arg]
+
+
+EMPTY = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Param:
+    """How the traced graph takes one parameter of the scope's forward.
+
+    ``kind`` "none" / "seq" / "const": specialised at trace time to None, a list (or tuple) of ``expect[1]``
+    tensors of type ``expect[0]``, or the constant ``expect``; "free": one placeholder, which must not be
+    None unless ``expect`` is true.
+    """
+
+    name: str
+    index: int | None  # position, None for a keyword-only parameter
+    default: Any  # EMPTY when required
+    kind: str
+    expect: Any = None
+
+    def describe(self) -> str:
+        what = {"none": "None", "free": "any" if self.expect else "not None"}.get(self.kind)
+        if self.kind == "seq":
+            what = f"{self.expect[0].__name__} of {self.expect[1]} tensors"
+        elif self.kind == "const":
+            what = repr(self.expect)
+        return f"{self.name}={what}"
+
+
+@dataclass
+class Traced:
+    graph: fx.Graph
+    params: tuple[Param, ...] | None  # None: a forward with *args/**kwargs, called as it is
+    out_spec: Any  # pytree spec rebuilding a structured output from the graph's flat one, or None
+    input_shapes: list[tuple[int, ...] | None]  # one per placeholder, from the example forward
+
+
+@functools.lru_cache(maxsize=None)
+def forward_signature(cls: type) -> inspect.Signature | None:
+    try:
+        return inspect.signature(inspect.unwrap(cls.forward))
+    except (TypeError, ValueError):
+        return None
+
+
+def _specialise(scope: nn.Module, call: Call | None) -> tuple[dict[str, Any], tuple[Param, ...] | None,
+                                                              list[tuple[int, ...] | None]]:
+    """``concrete_args`` for fx, the parameter layout of the traced graph and its placeholders' shapes."""
+    positional = [a.shapes[0] if a.kind == "tensor" else None for a in call.args] if call else []
+    sig = forward_signature(type(scope))
+    if sig is None:
+        return {}, None, positional
+    params = list(sig.parameters.values())[1:]  # without self
+    if not params or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return {}, None, positional
+    passed: dict[str, Any] = {}
+    if call is not None:
+        try:
+            passed = dict(sig.bind(None, *call.args, **call.kwargs).arguments)
+        except TypeError:
+            call = None
+    concrete: dict[str, Any] = {}
+    layout: list[Param] = []
+    shapes: list[tuple[int, ...] | None] = []
+    for i, p in enumerate(params):
+        index = None if p.kind is p.KEYWORD_ONLY else i
+        if call is None:
+            arg = Arg("none") if p.default is None else None
+        elif p.name in passed:
+            arg = passed[p.name]
+        else:
+            arg = describe(p.default)
+        if arg is None or arg.kind in ("tensor", "other"):
+            layout.append(Param(p.name, index, p.default, "free", arg is None or arg.kind == "other"))
+            shapes.append(arg.shapes[0] if arg is not None and arg.kind == "tensor" else None)
+        elif arg.kind == "none":
+            concrete[p.name] = None
+            layout.append(Param(p.name, index, p.default, "none"))
+            shapes.append(None)
+        elif arg.kind == "seq":
+            concrete[p.name] = arg.value([fx.PH] * len(arg.shapes))
+            layout.append(Param(p.name, index, p.default, "seq", (arg.value, len(arg.shapes))))
+            shapes.extend(arg.shapes)
+        else:
+            concrete[p.name] = arg.value
+            layout.append(Param(p.name, index, p.default, "const", arg.value))
+            shapes.append(None)
+    return concrete, tuple(layout), shapes
+
+
+def trace_scope(scope: nn.Module, path: str, call: Call | None = None) -> Traced:
+    """The training-mode graph of ``scope``; SurgeryError naming ``path`` if fx cannot trace it."""
+    concrete, params, shapes = _specialise(scope, call)
+    was_training = scope.training
+    scope.training = True  # only the scope's own flag can be baked: children are leaves
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fx warns about constants it cannot guard; the layout checks them
+            graph = Tracer().trace(scope, concrete_args=concrete or None)
+    except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
+                           f"{type(e).__name__}: {e}") from e
+    finally:
+        scope.training = was_training
+    info = getattr(graph._codegen, "pytree_info", None)
+    placeholders = sum(n.op == "placeholder" for n in graph.nodes)
+    if params is not None and placeholders != len(shapes):
+        raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
+                           f"{placeholders} placeholders for the arguments {[p.describe() for p in params]}")
+    return Traced(graph, params, info.out_spec if info is not None else None, shapes)
+
+
+def wants_call(scope: nn.Module) -> bool:
+    """Whether tracing ``scope`` depends on how it is called: a forward taking more than one argument,
+    optional ones, or an input annotated as something other than a Tensor (e.g. ``List[Tensor]``)."""
+    sig = forward_signature(type(scope))
+    if sig is None:
+        return True
+    params = list(sig.parameters.values())[1:]
+    if len(params) != 1:
+        return True
+    p = params[0]
+    return p.kind is not p.POSITIONAL_OR_KEYWORD or p.default is not EMPTY or p.annotation not in (
+        EMPTY, Tensor, "Tensor", "torch.Tensor")
