@@ -1,12 +1,21 @@
-"""Small residual CNNs shared by the tests: CPU-sized, with branches and shortcuts for DropBlock."""
+"""The models the tests share, and the helpers that compare them.
+
+Small residual CNNs (CPU-sized, with branches and shortcuts for DropBlock) and modules that each exercise one
+way real code is written: residual additions of every style, optional or ``List[Tensor]`` arguments,
+data-dependent control flow, conv-norm units.
+"""
 
 from __future__ import annotations
 
+import io
 from collections import OrderedDict
-from typing import Sequence
+from typing import List, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import dropblock_inject as dbi
 
 
 class BasicBlock(nn.Module):
@@ -72,3 +81,202 @@ class SmallResNet(nn.Sequential):
         layers["flatten"] = nn.Flatten()
         layers["fc"] = nn.Linear(channels, num_classes)
         super().__init__(OrderedDict(layers))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+X = torch.randn(2, 3, 64, 64)  # the input most surgery tests feed
+
+
+def state_copy(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model, state):
+    sd = model.state_dict()
+    return list(sd) == list(state) and all(torch.equal(sd[k], state[k]) for k in state)
+
+
+def counts(points):
+    branch = sum(p.kind == "branch" for p in points)
+    return branch, len(points) - branch
+
+
+def set_keep(model, value):
+    for m in dbi.injected_dropblocks(model):
+        m.keep_prob = value
+
+
+def reload(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------- one pattern each
+
+class BlockWithTrainingFlag(nn.Module):
+    """A residual block whose own forward reads self.training (fx would bake it in)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        y = F.dropout(y, 0.5, self.training)
+        return x + y
+
+
+class AddStyleBlock(nn.Module):
+    def __init__(self, style, c=8, project=False):
+        super().__init__()
+        self.style = style
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.proj = nn.Sequential(nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)) if project else None
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        s = self.proj(x) if self.proj is not None else x
+        if self.style == "add":
+            out = y + s
+        elif self.style == "radd":
+            out = s + y
+        elif self.style == "iadd":
+            y += s
+            out = y
+        elif self.style == "torch.add":
+            out = torch.add(s, y)
+        elif self.style == "method":
+            out = y.add(s)
+        else:  # add_
+            out = y.add_(s)
+        return F.relu(out)
+
+
+class AddStyleNet(nn.Module):
+    def __init__(self, style, project):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = AddStyleBlock(style, project=project)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.block(self.stem(x))
+        if x.sum() > 0:  # data-dependent control flow: the whole model is not traceable
+            x = x * 1.0
+        return self.head(x.mean((2, 3)))
+
+
+class OptionalShortcutBlock(nn.Module):
+    """Like timm's DlaBasic: an optional shortcut argument, the identity when it is None."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x, shortcut=None, children=None):
+        if shortcut is None:
+            shortcut = x
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        out += shortcut
+        return F.relu(out)
+
+
+class OptionalNet(nn.Module):
+    def __init__(self, in_channels=3):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.project = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.b1 = OptionalShortcutBlock()
+        self.b2 = OptionalShortcutBlock()
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.b1(x, self.project(x))
+        return self.b2(x).mean((2, 3))
+
+
+OPTIONAL_RECIPE = {"rules": [{"modules": ["b1", "b2"], "after": ["norm"], "shortcut": True}]}
+
+
+class ListBlock(nn.Module):
+    """Like timm's SelecSlsBlock / HRNet's HighResolutionModule: List[Tensor] in and out, item assignment."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+                                      for _ in range(2))
+
+    def forward(self, x: List[Tensor]) -> List[Tensor]:
+        if not isinstance(x, list):
+            x = [x]
+        for i, branch in enumerate(self.branches):
+            x[i] = branch(x[i])
+        return [x[0] + x[1], x[1]]
+
+
+class ListNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(ListBlock(), ListBlock())
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = self.blocks([x, x * 2])
+        return (a + b).mean((2, 3))
+
+
+class UntraceableBlock(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if y.sum() > 0:  # data-dependent control flow
+            y = y * 1.0
+        return x + y
+
+
+class StrideNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 16, stride=16)  # stride 16 at once
+        self.res = AddStyleBlock("add")
+        self.odd = UntraceableBlock()
+
+    def forward(self, x):
+        return self.odd(self.res(self.stem(x))).mean((2, 3))
+
+
+class ConvBnResidual(nn.Module):
+    """The children of a conv-norm unit, but a residual block."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + F.relu(self.bn(self.conv(x)))
+
+
+class BnConv(ConvBnResidual):
+    def forward(self, x):
+        return self.conv(F.relu(self.bn(x)))  # pre-activation: normalises before convolving
+
+
+class ConvBnNamed(ConvBnResidual):
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))

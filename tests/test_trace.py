@@ -1,0 +1,153 @@
+"""Stage 1, tracing (``surgery.trace``): call patterns, untraceable modules, augmented assignments."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from _models import (
+    OPTIONAL_RECIPE,
+    AddStyleNet,
+    ListNet,
+    OptionalNet,
+    StrideNet,
+    UntraceableBlock,
+    reload,
+    same_state,
+    set_keep,
+    state_copy,
+)
+from torch import nn
+
+import dropblock_inject as dbi
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["example_input", "no_example_input"])
+def test_optional_arguments_traced_as_called(example):
+    """fx would trace ``shortcut`` as a Proxy and bake ``shortcut is not None``; b2 is called without one."""
+    model = OptionalNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    kwargs = {"example_input": torch.randn(1, 3, 16, 16)} if example else {}
+    points = dbi.plan(model, OPTIONAL_RECIPE, **kwargs)
+    assert [(p.module, p.after, p.kind) for p in points] == [
+        ("b1", "bn1", "branch"), ("b1", "bn2", "branch"), ("b1", "shortcut", "shortcut"),
+        ("b2", "bn1", "branch"), ("b2", "bn2", "branch"), ("b2", "x", "shortcut")]
+    dbi.inject(model, OPTIONAL_RECIPE, **kwargs)
+    assert len(dbi.injected_dropblocks(model)) == 6
+    assert torch.equal(model(x), ref)
+    model.train()
+    set_keep(model, 0.5)
+    ran = []
+    for m in dbi.injected_dropblocks(model):
+        m.register_forward_pre_hook(lambda m, args: ran.append(m))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every call matches the traced pattern: no fallback
+        model(x).sum().backward()
+    assert len(ran) == 6
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_call_differing_from_traced_pattern_runs_original_forward():
+    model = OptionalNet()
+    dbi.inject(model, OPTIONAL_RECIPE, example_input=torch.randn(1, 3, 16, 16))
+    set_keep(model, 0.5)
+    block = model.b2.train()  # traced with shortcut=None
+    twin = copy.deepcopy(block)
+    dbi.strip(twin)
+    x, s = torch.randn(2, 8, 16, 16), torch.randn(2, 8, 16, 16)
+    with pytest.warns(UserWarning, match=r"'OptionalShortcutBlock b2' was rewritten for calls with "
+                                         r"\(x=not None, shortcut=None, children=None\)"):
+        out = block(x, s)
+    assert torch.equal(out, twin(x, s))  # the original forward: the tensor shortcut is used, nothing dropped
+    for call in [(x, None, None), (x,)]:  # the traced pattern, positionally or by default
+        torch.manual_seed(0)
+        assert not torch.equal(block(*call), twin(*call))
+    with pytest.warns(UserWarning, match="called otherwise"), pytest.raises(TypeError, match="bogus"):
+        block(x, bogus=1)  # an unknown keyword reaches the original forward, which raises as it would
+
+
+def test_list_of_tensors_argument():
+    model = ListNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    recipe = {"rules": [{"modules": ["blocks.*"], "after": ["norm"], "shortcut": True}]}
+    points = dbi.plan(model, recipe, example_input=torch.randn(1, 3, 16, 16))
+    # the addition of the two branches reads as a residual one (either side could be the shortcut)
+    assert [(p.module, p.after, p.kind, p.shape) for p in points][:2] == [
+        ("blocks.0", "branches_0_1", "branch", (1, 8, 16, 16)), ("blocks.0", "branches_1_1", "shortcut", (1, 8, 16, 16))]
+    dbi.inject(model, recipe)  # no example input: the call pattern comes from one default forward
+    assert len(dbi.injected_dropblocks(model)) == 4
+    assert torch.equal(model(x), ref)
+    model.train()
+    set_keep(model, 0.5)
+    out = model(x)
+    out.sum().backward()
+    assert isinstance(model.blocks[0](([x[:, :1].expand(2, 8, 16, 16)] * 2)), list)  # output structure kept
+    for clone in (copy.deepcopy(model), reload(model)):
+        torch.manual_seed(1)
+        a = clone(x)
+        torch.manual_seed(1)
+        assert torch.equal(a, model(x))
+    trained = model.eval()(x)  # BN statistics moved in training
+    dbi.strip(model)
+    assert torch.equal(model(x), trained) and not torch.equal(trained, ref)
+
+
+def test_untraceable_target_named_with_fx_message_and_model_untouched():
+    model = AddStyleNet("add", False)
+    state = state_copy(model)
+    with pytest.raises(dbi.SurgeryError, match=r"cannot trace module '<root>' \(AddStyleNet\).*control flow"):
+        dbi.inject(model, {"rules": [{"types": ["AddStyleNet"], "after": ["conv"]}]})
+    assert same_state(model, state) and "forward" not in model.__dict__
+    assert not dbi.injected_dropblocks(model)
+
+
+def test_whole_detector_untraceable_is_named():
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+    with pytest.raises(dbi.SurgeryError, match="cannot trace module 'transform' \\(GeneralizedRCNNTransform\\)"):
+        dbi.inject(model, {"rules": [{"modules": ["transform"], "after": ["any"]}]})
+    assert not dbi.injected_dropblocks(model)
+
+
+def test_untraceable_module_selected_by_stride_is_skipped_with_a_warning():
+    model = StrideNet()
+    recipe = {"rules": [{"stride": [16], "after": ["norm"], "shortcut": True}]}
+    with pytest.warns(UserWarning, match=r"cannot trace module 'odd' \(UntraceableBlock\).*control flow.*rule "
+                                         r"'rule0' selects by output stride, so this module is left without"):
+        dbi.inject(model, recipe)
+    assert {d.point.module for d in dbi.injected_dropblocks(model)} == {"res"}
+    dbi.strip(model)
+    # a rule naming the module (by path or type) still fails, and leaves the model untouched
+    for rule in ({"modules": ["odd"]}, {"types": ["UntraceableBlock"], "stride": [16]}):
+        with pytest.raises(dbi.SurgeryError, match=r"cannot trace module 'odd' \(UntraceableBlock\)"):
+            dbi.inject(model, {"rules": [{**rule, "after": ["norm"]}]})
+        assert not dbi.injected_dropblocks(model) and "forward" not in model.res.__dict__
+    # nothing traceable left: the RecipeError says why
+    odd_only = nn.Sequential(nn.Conv2d(3, 8, 16, stride=16), UntraceableBlock())
+    for rule in ({"stride": [16], "after": ["norm"]}, {"stride": [16], "after": ["norm"], "optional": True}):
+        with pytest.warns(UserWarning), pytest.raises(
+                dbi.RecipeError, match=r"matches no insertion point in Sequential.*; skipped: cannot trace module "
+                                       r"'1' \(UntraceableBlock\)"):
+            dbi.plan(odd_only, {"rules": [rule]})
+
+
+@pytest.mark.parametrize("keep_prob", [1.0, 0.8])
+def test_augmented_assignment_stays_in_place(keep_prob):
+    """``out += identity`` in the original forward must stay in place in the rewritten training graph.
+
+    torchvision's Bottleneck adds the shortcut into bn3's output and applies an in-place ReLU: the block
+    returns the very tensor its last BN (or the DropBlock after it) produced, with no extra allocation.
+    """
+    block = torchvision.models.resnet50().layer3[1].train()
+    dbi.inject(block, {"rules": [{"types": ["Bottleneck"], "after": ["norm"], "shortcut": True}]})
+    set_keep(block, keep_prob)
+    produced = []
+    last = block.dropblocks["bn3"]  # the add's first operand now
+    last.register_forward_hook(lambda m, a, out: produced.append(out.data_ptr()))
+    out = block(torch.randn(2, 1024, 8, 8))
+    assert out.data_ptr() == produced[0]
+    assert "+=" in block.forward.graph.python_code("self").src
