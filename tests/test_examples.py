@@ -99,6 +99,7 @@ def _load_example(name, monkeypatch):
     return module
 
 
+@pytest.mark.slow
 def test_finetune_plain_example_strips_and_exports(monkeypatch, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     result = _load_example("finetune_plain", monkeypatch).main([*TINY, "--onnx", str(tmp_path / "m.onnx")])
@@ -107,6 +108,7 @@ def test_finetune_plain_example_strips_and_exports(monkeypatch, tmp_path, capsys
     assert "DropBlocks:" in capsys.readouterr().out  # the plan table
 
 
+@pytest.mark.slow
 def test_finetune_lightning_example_strips_and_exports(monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("lightning")

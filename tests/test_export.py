@@ -403,6 +403,7 @@ def test_compiled_dropblock_matches_expected_rate(dynamo_reset):
     assert counter.frame_count == 1
 
 
+@pytest.mark.slow
 def test_compiled_under_bf16_autocast(dynamo_reset):
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -432,6 +433,7 @@ def test_compiled_under_bf16_autocast(dynamo_reset):
     assert counter.frame_count == 1
 
 
+@pytest.mark.slow
 def test_compiled_channels_last(dynamo_reset):
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -486,6 +488,7 @@ def gloo_group():
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_compiled_ddp_no_recompile(gloo_group, dynamo_reset):
     """A single-process gloo DDP wrapper around an injected model, compiled: trains, no recompile."""
     from torch._dynamo.testing import CompileCounterWithBackend

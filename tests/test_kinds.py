@@ -31,7 +31,7 @@ def test_conv_norm_units_recognised_by_their_forward():
 
 @pytest.mark.parametrize("ctor, size, expected", [
     (lambda: torchvision.models.inception_v3(weights=None, init_weights=False), 299, 66),
-    (lambda: timm.create_model("inception_v3", pretrained=False), 299, 66),
+    pytest.param(lambda: timm.create_model("inception_v3", pretrained=False), 299, 66, marks=pytest.mark.slow),
     (lambda: torchvision.models.googlenet(weights=None, init_weights=False), 96, 42),
 ], ids=["tv_inception_v3", "timm_inception_v3", "googlenet"])
 def test_inception_units_get_one_dropblock_each(ctor, size, expected):

@@ -58,7 +58,7 @@ def test_training_dependent_code_still_switches():
 
 
 @pytest.mark.parametrize("ctor", [
-    lambda: torchvision.models.convnext_tiny(stochastic_depth_prob=0.5),
+    pytest.param(lambda: torchvision.models.convnext_tiny(stochastic_depth_prob=0.5), marks=pytest.mark.slow),
     lambda: torchvision.models.efficientnet_b0(stochastic_depth_prob=0.5, dropout=0.5),
     lambda: timm.create_model("resnet26", pretrained=False, drop_path_rate=0.5, drop_rate=0.5),
 ], ids=["convnext_sd", "efficientnet_sd", "timm_resnet_droppath"])
@@ -153,6 +153,7 @@ def test_stripped_model_scripts_and_exports():
     assert torch.allclose(exported.module()(X), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_retinanet_backbone_detections_identical():
     from torchvision.models.detection import retinanet_resnet50_fpn
 

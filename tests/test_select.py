@@ -20,8 +20,10 @@ RESNETS = {
     "timm_seresnet50": (lambda: timm.create_model("seresnet50", pretrained=False), (27, 9)),
 }
 
+HEAVY = {"tv_resnet101", "tv_resnext50", "tv_wide_resnet50_2"}  # the same placement, more blocks: slow only
 
-@pytest.mark.parametrize("name", list(RESNETS))
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in RESNETS])
 def test_paper_recipe_on_resnet_family(name):
     ctor, expected = RESNETS[name]
     model = ctor().eval()

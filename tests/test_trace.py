@@ -104,6 +104,7 @@ def test_untraceable_target_named_with_fx_message_and_model_untouched():
     assert not dbi.injected_dropblocks(model)
 
 
+@pytest.mark.slow
 def test_whole_detector_untraceable_is_named():
     from torchvision.models.detection import retinanet_resnet50_fpn
 
