@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--onnx", default=None, help="where to write the ONNX model (default: a temp file)")
     parser.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning internals on recent PyTorch
