@@ -4,8 +4,8 @@
 
 Runs offline on the CPU: the data are scikit-learn's bundled 8x8 handwritten digits, upscaled to 3-channel
 images, and the network is a torchvision ResNet-18 built without weights (in a real fine-tune, load
-pretrained weights and replace the classifier; nothing else changes). The defaults took 23 s in all (8 s
-of training) with --threads 1 on a shared 2-core VM.
+pretrained weights and replace the classifier; nothing else changes). The defaults took 42 s in all (27 s
+of training) with --threads 1 on a 2-core VM shared with other jobs (load average about 4).
 
     python examples/finetune_plain.py                 # defaults: 30 steps, batch 32, 64 px
     python examples/finetune_plain.py --steps 200 --target 0.85 --onnx resnet18_digits.onnx
