@@ -155,7 +155,7 @@ def _cmd_viz(args: argparse.Namespace) -> None:
                                        title=f"{args.model} + {name}: keep_prob over {args.steps} steps"))
     finally:
         strip(model)
-    paths.append(viz.plot_masks(out / "masks.png", seed=args.seed))
+    paths.append(viz.plot_masks(out / "masks.png", seed=args.seed, draws=args.draws))
     for path in paths:
         print(path)
 
@@ -199,7 +199,10 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
     v.add_argument("--input", type=parse_input, default=None,
                    help="example input shape, for recipes that select by stride (None: 1x3x224x224, only when "
                         "the recipe needs one)")
-    v.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    v.add_argument("--seed", type=int, default=0, help="seed of the first draw of the masks")
+    v.add_argument("--draws", type=_positive_int, default=5,
+                   help="draws (seeds SEED, SEED+1, ...) each mask panel is chosen from: the one whose dropped "
+                        "fraction is nearest the expectation")
     return parser
 
 
