@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
@@ -219,6 +220,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "dropblock-inject") -> i
     args = _build_parser(prog).parse_args(argv)
     try:
         args.func(args)
+    except BrokenPipeError:  # the output was piped into `head` or the like, which closed it: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as the Python docs advise (SIGPIPE)
+        return 1
     except (RecipeError, SurgeryError, ValueError, ImportError, OSError) as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
