@@ -73,6 +73,7 @@ def run_demo(args: argparse.Namespace) -> None:
         args: ``steps``, ``batch`` and ``size`` (positive ints, checked by the parser).
 
     Raises:
+        ValueError: the trained model's eval output is not finite (images too small, e.g. 32 px).
         SystemExit: onnxruntime's output differs from PyTorch's.
     """
     import torchvision
@@ -106,6 +107,10 @@ def run_demo(args: argparse.Namespace) -> None:
     x = images[:batch]
     with torch.no_grad():
         ref = model(x)
+    if not torch.isfinite(ref).all():  # not DropBlock's doing: the plain torchvision model does the same
+        raise ValueError(f"the trained model's eval output is not finite: after {steps} steps at {size} px from "
+                         f"random weights, BatchNorm's running statistics do not fit the activations; use a "
+                         f"larger --size (the default 96 works)")
     missing = missing_onnx_packages()
     if missing:
         _say(f"skipped the ONNX export and onnxruntime check: {' and '.join(missing)} not installed "

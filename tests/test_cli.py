@@ -54,6 +54,7 @@ ERRORS = [  # argv, what the one line must say
     (["viz", "--out", "unused", "--steps", "0"], "argument --steps: must be a positive integer"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
+DEMO_32PX = ["demo", "--steps", "2", "--batch", "2", "--size", "32"]
 
 
 def _status(argv: list[str]) -> int:
@@ -151,3 +152,11 @@ def test_demo_without_onnxruntime_skips_the_check_and_names_the_extra(capsys, mo
             'pip install -e ".[dev]")')
     assert _in_order(out, [*PHASES, note, "demo OK"]), out
     assert "exporting" not in out
+
+
+@pytest.mark.slow  # ~20 s on 2 busy cores for a corner case
+def test_demo_on_images_too_small_for_resnet50_says_so(capsys):
+    """At 32 px the eval output of the trained (plain torchvision) ResNet-50 overflows; no false ONNX alarm."""
+    assert _status(DEMO_32PX) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eval output is not finite" in err and "the default 96 works" in err
