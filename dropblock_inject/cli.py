@@ -60,7 +60,11 @@ def build_model(spec: str) -> nn.Module:
         if not timm.is_model(name):
             raise ValueError(f"unknown timm model {name!r}{_close(name, timm.list_models())} "
                              f"(timm.list_models() has them all)")
-        return timm.create_model(name, pretrained=False).eval()
+        try:
+            return timm.create_model(name, pretrained=False).eval()
+        except RuntimeError as e:  # e.g. "Invalid pretrained tag (x) for resnet18."
+            tags = timm.list_models(name.partition(".")[0], pretrained=True)
+            raise ValueError(f"timm cannot build {name!r}: {str(e).rstrip('.')}{_close(name, tags)}") from None
     try:
         module = importlib.import_module(source)
     except ModuleNotFoundError as e:

@@ -38,6 +38,9 @@ ERRORS = [  # argv, what the one line must say
      "unknown torchvision model 'resnet5O'; did you mean 'resnet50'"),
     (["plan", "--model", "timm:resnet5O", "--recipe", "resnet50_paper"],
      "unknown timm model 'resnet5O'; did you mean 'resnet50'"),
+    (["plan", "--model", "timm:resnet18.a1_in1kk", "--recipe", "resnet50_paper"],
+     "timm cannot build 'resnet18.a1_in1kk': Invalid pretrained tag (a1_in1kk) for resnet18; did you mean "
+     "'resnet18.a1_in1k'"),
     (["plan", "--model", "torchvison:resnet50", "--recipe", "resnet50_paper"],
      "'torchvison' was read as a Python module path (not torchvision/timm): No module named 'torchvison'; "
      "did you mean 'torchvision:resnet50'?"),
