@@ -102,6 +102,8 @@ def run_demo(args: argparse.Namespace) -> None:
         loss.backward()
         opt.step()
         _say(f"step {step}: keep_prob={sched.keep_prob:.4f} loss={loss.item():.4f}")
+    _say(f"(the ramp reaches keep_prob {sched.keep_prob_at(steps):g} at step {steps} = total_steps, one past the "
+         f"last step run, as in the paper's code)")
     _say("\nstripping DropBlock (original modules back, trained weights kept) ...")
     strip(model).eval()
     x = images[:batch]

@@ -130,7 +130,8 @@ def test_demo_help_describes_every_option_with_its_default(capsys):
 # ------------------------------------------------------------------------------------------------ demo
 
 PHASES = ["building torchvision resnet50", "planning resnet50_paper", "injecting resnet50_paper",
-          "training 2 steps, batch 2, 64 px", "step 0:", "step 1:", "stripping DropBlock"]
+          "training 2 steps, batch 2, 64 px", "step 0:", "step 1:",
+          "(the ramp reaches keep_prob 0.9 at step 2 = total_steps", "stripping DropBlock"]
 
 
 def _in_order(out: str, phrases: list[str]) -> bool:
