@@ -137,6 +137,7 @@ def run(args: argparse.Namespace, distributed: bool) -> dict[str, float]:
     net = DistributedDataParallel(model) if distributed else model  # inject first, then wrap
     if distributed:
         say(f"{world} processes (DDP, gloo), batch {args.batch_size} per process")
+        torch.manual_seed(args.seed + rank)  # weights are built: from here on, each rank its own DropBlock masks
 
     # 2. the schedule: keep_prob ramps linearly from the recipe's start to its target over the run
     sched = dbi.KeepProbScheduler(net, total_steps=args.steps, target=args.target)  # finds them through DDP
