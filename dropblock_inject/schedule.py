@@ -12,6 +12,24 @@ this clamps). Every DropBlock ramps to its own target: a point whose rule has ``
 
 The schedule is a pure function of the global step: ``step(global_step)`` can be called any number of times,
 in any order, and every rank of a distributed job computes the same values without communicating.
+
+Two ways to drive it, as torch's learning-rate schedulers allow:
+
+* ``sched.step(global_step)`` before each forward pass: idempotent, sets the values of that step;
+* ``sched.step()`` with no argument after each ``optimizer.step()``: counts steps itself, like
+  ``torch.optim.lr_scheduler.LRScheduler.step()``. Building the scheduler applies step 0 (torch's
+  constructor likewise takes its initial step, ``last_epoch`` -1 -> 0), so the first training step runs at
+  step 0 and the first ``step()`` call moves to step 1.
+
+Mixing them is defined: ``step()`` moves to ``last_step + 1``, where ``last_step`` is the step applied last,
+by either form (after ``step(10)``, ``step()`` applies 11). :meth:`KeepProbScheduler.state_dict` stores
+``last_step``, so both styles resume where they stopped.
+
+The ramp ends at ``ramp_fraction * total_steps``, as in the authors' code (``current_step / total_steps``)
+and torch's ``CosineAnnealingLR`` (``eta_min`` at ``last_epoch == T_max``): in a run of ``total_steps``
+steps, numbered 0 to ``total_steps - 1``, the last step runs at ``1 / total_steps`` of the ramp before its
+end (keep_prob 0.9033 instead of 0.9 for 30 steps to 0.9), and the target holds from step ``total_steps``.
+Pass ``total_steps - 1`` (when above 1) to reach the target on the last step itself.
 """
 
 from __future__ import annotations
@@ -78,7 +96,7 @@ class KeepProbScheduler:
 
     Building the scheduler applies step 0, so the model starts at the schedule's start values (``inject``
     leaves each DropBlock at its final keep_prob). Then call :meth:`step` with the global step before each
-    forward pass; it is idempotent and costs one float per DropBlock (a DropBlock whose value does not change
+    forward pass, or with no argument after each optimizer step (see the module docstring); it is idempotent and costs one float per DropBlock (a DropBlock whose value does not change
     is not touched, and none allocates: the values go into each module's existing ``keep_prob_tensor``).
 
     Example::
@@ -204,15 +222,17 @@ class KeepProbScheduler:
         return [value(step, r, s, d, t)
                 for r, s, d, t in zip(self._ramps, self._starts, self._deltas, self._targets)]
 
-    def step(self, global_step: int) -> float:
-        """Set every DropBlock's keep_prob for ``global_step``.
+    def step(self, global_step: int | None = None) -> float:
+        """Set every DropBlock's keep_prob for ``global_step``, or for the next step when it is omitted.
 
-        Idempotent (the values are a function of the step only), so it is safe to call it again for the
-        same step, after a resume, or on every rank of a distributed job.
+        With ``global_step``, idempotent (the values are a function of the step only), so it is safe to
+        call it again for the same step, after a resume, or on every rank of a distributed job. Without it,
+        the scheduler counts like torch's LR schedulers: it applies ``last_step + 1`` (the constructor
+        applied step 0, so the first call applies step 1); call it once after each ``optimizer.step()``.
 
         Args:
             global_step: the number of optimizer steps taken so far (>= 0); steps past the end of the ramp
-                keep the final values.
+                keep the final values. ``None``: :attr:`last_step` + 1.
 
         Returns:
             The headline keep_prob (drop-rate scale 1) now in effect, as :attr:`keep_prob`.
@@ -221,7 +241,7 @@ class KeepProbScheduler:
             TypeError: ``global_step`` is not an int.
             ValueError: ``global_step`` is negative.
         """
-        step = _check_step(global_step)
+        step = self.last_step + 1 if global_step is None else _check_step(global_step)
         value = self._value
         for db, r, s, d, t in zip(self._dropblocks, self._ramps, self._starts, self._deltas, self._targets):
             v = value(step, r, s, d, t)

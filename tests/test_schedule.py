@@ -263,6 +263,59 @@ def test_resume_mid_ramp_matches_uninterrupted_run():
     assert fresh.state_dict() == run.state_dict()
 
 
+def test_step_without_argument_counts_like_torch_lr_schedulers(tiny):
+    """No argument: the next step, counted as torch's LR schedulers count ``last_epoch``."""
+    opt = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=1.0)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: epoch)
+    sched = KeepProbScheduler(tiny, total_steps=8)
+    assert sched.last_step == lr_sched.last_epoch == 0  # both constructors apply step 0
+    explicit = copy.deepcopy(tiny)
+    reference = KeepProbScheduler(explicit, total_steps=8)
+    for _ in range(11):  # past the end of the ramp too
+        opt.step()
+        lr_sched.step()
+        returned = sched.step()
+        assert sched.last_step == lr_sched.last_epoch == opt.param_groups[0]["lr"]
+        reference.step(sched.last_step)
+        assert [db.keep_prob for db in sched.dropblocks] == [db.keep_prob for db in reference.dropblocks]
+        assert returned == sched.keep_prob == pytest.approx(expected(sched.last_step, 8, 1.0), abs=1e-12)
+    assert sched.last_step == 11 and sched.keep_prob == 0.9
+
+
+def test_step_styles_mix(tiny):
+    sched = KeepProbScheduler(tiny, total_steps=20)
+    sched.step(10)
+    sched.step()  # the step after the last one applied, whichever form applied it
+    assert sched.last_step == 11
+    check_values(tiny, 11, 20)
+    sched.step(3)  # explicit steps may go back (idempotent, order free) ...
+    sched.step()  # ... and counting continues from there
+    assert sched.last_step == 4
+    check_values(tiny, 4, 20)
+
+
+def test_resume_of_a_counting_run_matches_uninterrupted_run():
+    torch.manual_seed(0)
+    model = dbi.inject(TinyResNet(), TWO_GROUPS)
+    resumed_model = copy.deepcopy(model)
+    run = KeepProbScheduler(model, total_steps=12)
+    trace, saved = [], None
+    for i in range(15):
+        trace.append([db.keep_prob for db in run.dropblocks])  # the values training step i runs with
+        run.step()  # after optimizer.step()
+        if i == 5:
+            buf = io.BytesIO()
+            torch.save(run.state_dict(), buf)  # a checkpoint written after step 5
+            saved = buf.getvalue()
+    fresh = KeepProbScheduler(resumed_model, total_steps=12)
+    fresh.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True))
+    assert fresh.last_step == 6  # training resumes with step 6
+    for i in range(6, 15):
+        assert [db.keep_prob for db in fresh.dropblocks] == trace[i]
+        fresh.step()
+    assert fresh.state_dict() == run.state_dict()
+
+
 def test_state_dict_round_trip(tiny):
     sched = KeepProbScheduler(tiny, total_steps=12)
     sched.step(4)

@@ -108,6 +108,34 @@ def test_mask_panels_are_reproducible_and_leave_the_global_rng_alone():
     assert torch.equal(a[0].keep, b[0].keep) and not torch.equal(a[0].keep, c[0].keep)
 
 
+def test_representative_draws_pick_the_seed_nearest_the_expectation():
+    size, kw = (75, 113), dict(block_sizes=(3, 7, 15), keep_probs=(0.9, 0.75, 0.5))  # chelsea at stride 4
+    singles = [viz.mask_panels(size, seed=s, **kw) for s in range(2, 7)]
+    chosen = viz.mask_panels(size, seed=2, draws=5, **kw)
+    assert [(p.block_size, p.keep_prob) for p in chosen] == [(p.block_size, p.keep_prob) for p in singles[0]]
+    for i, panel in enumerate(chosen):
+        candidates = [grid[i] for grid in singles]  # draw k of the grid is what seed 2 + k alone draws
+        errors = [abs(c.dropped - c.expected) for c in candidates]
+        k = errors.index(min(errors))
+        assert panel.seed == 2 + k and panel.draws == 5
+        assert torch.equal(panel.keep, candidates[k].keep) and panel.dropped == candidates[k].dropped
+        assert panel.title == (f"block {panel.block_size}, keep {panel.keep_prob:g}, seed {2 + k} of 5\n"
+                               f"dropped {panel.dropped:.1%} (expected {panel.expected:.1%})")
+    assert all(p.seed == 0 and p.draws == 1 for p in viz.mask_panels(size, **kw))
+    assert "seed" not in viz.mask_panels(size, **kw)[0].title
+
+
+def test_the_default_picture_has_no_unrepresentative_panel():
+    """The issue's case: seed 0 alone drops nothing at block 15, keep 0.9; the chosen draws are all typical."""
+    size = (75, 113)
+    single = viz.mask_panels(size)
+    assert (single[6].block_size, single[6].keep_prob, single[6].dropped) == (15, 0.9, 0.0)
+    for panel in viz.mask_panels(size, draws=5):
+        assert abs(panel.dropped - panel.expected) < 0.35 * panel.expected
+    with pytest.raises(ValueError, match="draws"):
+        viz.mask_panels(size, draws=0)
+
+
 def test_plot_masks_writes_a_png_of_the_photo_grid(tmp_path):
     out = viz.plot_masks(tmp_path / "masks.png", block_sizes=(3, 7), keep_probs=(0.9, 0.75, 0.5))
     assert out == tmp_path / "masks.png"
@@ -231,11 +259,16 @@ def test_cli_viz_with_a_stride_recipe_and_an_input(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--recipe", "nope"], "unknown recipe 'nope'"),
-    (["--steps", "0"], "--steps must be a positive int"),
+    (["--steps", "0"], "argument --steps: must be a positive integer, got '0'"),
+    (["--draws", "0"], "argument --draws: must be a positive integer, got '0'"),
     (["--model", "resnet18"], "must look like"),
 ])
 def test_cli_viz_errors_are_one_line(tmp_path, capsys, argv, message):
-    assert main(["viz", "--out", str(tmp_path / "o"), *argv]) == 2
+    try:
+        status = main(["viz", "--out", str(tmp_path / "o"), *argv])
+    except SystemExit as e:  # argparse's own errors
+        status = e.code
+    assert status == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
