@@ -142,8 +142,9 @@ def _cmd_show(args: argparse.Namespace) -> None:
 def _cmd_viz(args: argparse.Namespace) -> None:
     """Three PNGs: DropBlock masks on a photo, the recipe's schedule on the model, and its plan per stage."""
     from . import KeepProbScheduler, viz  # matplotlib is optional: an ImportError here names the extra to install
+    from .viz._common import figure_tools
 
-    viz._figure_tools()  # fail before building anything when matplotlib is missing
+    figure_tools()  # fail before building anything when matplotlib is missing
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.model)
