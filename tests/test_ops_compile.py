@@ -48,6 +48,33 @@ def check_grad(fn, x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# the registration
+
+
+@pytest.mark.parametrize("per_channel, block_size, channels_last", [
+    (True, 3, False), (True, 3, True),  # the sparse kernel
+    (False, 3, False), (True, 20, False),  # broadcast masks: shared, and a block covering the whole map
+])
+def test_opcheck_schema_fake_kernel_and_autograd(per_channel, block_size, channels_last):
+    x = torch.randn(4, 8, 12, 12)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    result = torch.library.opcheck(OP, (x.requires_grad_(), torch.tensor(0.9), block_size, per_channel, True))
+    assert set(result.values()) == {"SUCCESS"}
+
+
+def test_fake_kernel_describes_the_triton_state_on_cuda():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    pytest.importorskip("triton")
+    with FakeTensorMode():  # no GPU needed: what compile would plan for a CUDA input
+        x = torch.empty(2, 8, 14, 14, device="cuda")
+        out, state, kept = OP(x, torch.tensor(0.9, device="cuda"), 7, True, True)
+    assert out.device.type == "cuda" and out.shape == x.shape
+    assert (state.shape, state.dtype, kept.shape) == ((2,), torch.int64, (1,))  # philox seed + threshold
+
+
+# ----------------------------------------------------------------------------------------------------------
 # torch.compile
 
 
