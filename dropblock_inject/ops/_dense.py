@@ -95,7 +95,7 @@ def broadcast_multiplier(x: Tensor, gamma: Tensor | float, block: tuple[int, ...
     else:
         multiplier = _dense_block_counts(mask_shape, block, valid, gamma, x.device).eq_(0)
     if normalize:
-        if isinstance(gamma, Tensor) or x.device.type != "cpu":
+        if isinstance(gamma, Tensor) or x.device.type != "cpu":  # on a device: no host sync
             multiplier.mul_(_normalizer(multiplier.sum(), multiplier.numel()))
         else:  # eager CPU: a Python scalar is several times cheaper than the tensor arithmetic
             kept = multiplier.sum().item()

@@ -73,8 +73,10 @@ def _forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, s
         seed = int(torch.randint(2**53, (), dtype=torch.int64))  # from torch's generator: manual_seed holds
         _, applied = sparse_forward(x, gamma, block, valid, scale, out, seeded_generator(seed))
         return out, torch.tensor([seed, gamma], dtype=torch.float64), torch.tensor(applied, dtype=torch.float64)
-    # dense kernels: gamma stays on the device (no host sync)
-    gamma = (1.0 - keep_prob.to(device=x.device, dtype=torch.float32).reshape(())) * factor
+    if x.device.type == "cpu":  # a Python float: no host sync to avoid, and bernoulli_(float) is much faster
+        gamma: Tensor | float = (1.0 - float(keep_prob)) * factor
+    else:  # on a device gamma stays there (no host sync)
+        gamma = (1.0 - keep_prob.to(device=x.device, dtype=torch.float32).reshape(())) * factor
     if mode == BROADCAST:
         multiplier = broadcast_multiplier(x, gamma, block, valid, per_channel, scale)
         out = torch.empty_like(x)
