@@ -140,3 +140,21 @@ def test_cuda_op_runs_the_compiled_kernel():
     assert float((y == 0).double().mean()) == pytest.approx(expected_drop_fraction(0.9, 7, (14, 14)), abs=TOL)
     assert_whole_blocks(y, 7)
     torch.testing.assert_close(x.grad.cpu(), g.cpu() * y)
+
+
+def test_philox_matches_the_random123_known_answer():
+    # Philox-4x32-10 with counter (0, 0, 0, 0) and key (0, 0) gives 0x6627e8d5 first (Random123's kat_vectors).
+    # The seeds kernel only says whether that word is below a threshold: bisect the threshold to read it.
+    ks = _triton.kernels(interpret=True)
+    seeds = torch.empty(1, dtype=torch.uint8)
+
+    def below(threshold: int) -> bool:
+        state = torch.tensor([0, threshold], dtype=torch.int64)
+        ks.seeds[(1,)](state, state, seeds, 1, 0.0, FORWARD=False, BLOCK=16)
+        return bool(seeds[0])
+
+    lo, hi = 0, 2**32  # the word w satisfies: w < threshold  <=>  threshold > w
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if below(mid) else (mid, hi)
+    assert lo == 0x6627E8D5

@@ -67,10 +67,10 @@ def _seeds(state_ptr, keep_prob_ptr, seeds_ptr, n_anchors, factor, FORWARD: tl.c
         a2 = c2
         c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
         c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
-        c1 = a2 * 0xCD9E8D57
-        c3 = a0 * 0xD2511F53
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
+        c1 = tl.mul(a2, 0xCD9E8D57, sanitize_overflow=False)  # uint32 products and sums wrap, as in tl.randint
+        c3 = tl.mul(a0, 0xD2511F53, sanitize_overflow=False)
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
     tl.store(seeds_ptr + offs, (c0.to(tl.int64) < threshold).to(tl.uint8), mask=offs < n_anchors)
 
 
