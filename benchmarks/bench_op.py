@@ -222,7 +222,8 @@ def print_goals(summary: list[tuple[tuple[int, ...], dict[str, tuple[float, floa
     for shape, r in summary:
         goals: list[tuple[str, float, bool]] = []
         if compiled:
-            goals.append(("compiled ours <= 1.3x eager ours", r["ours / eager ours"][1], r["ours / eager ours"][1] <= 1.3))
+            value = r["ours / eager ours"][1]
+            goals.append(("compiled ours <= 1.3x eager ours", value, value <= 1.3))
             goals.append(("fastest compiled per-channel peer >= 5x compiled ours", r["per-channel peer / ours"][1],
                           r["per-channel peer / ours"][1] >= 5))
         if device.type == "cpu" and not compiled:
@@ -260,7 +261,8 @@ def main() -> None:
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
 
     torch.manual_seed(0)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else platform.processor() or platform.machine())
     print(f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"{'compiled (inductor)' if args.compile else 'eager'}; {rounds} rounds after {warmup} warm-up, medians; "
           f"load average at start: {_load()}")

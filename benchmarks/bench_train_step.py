@@ -1,4 +1,4 @@
-"""ResNet-50 training step (CPU or CUDA, eager or compiled): the cost of DropBlock, ours against timm's and torchvision's.
+"""ResNet-50 training step, eager or compiled, CPU or CUDA: the cost of DropBlock, ours against the peers'.
 
 One train step = forward, cross-entropy loss, ``zero_grad``, backward, SGD (momentum 0.9) step, on a fixed
 random batch (default 8 x 3 x 160 x 160). Candidates, each a separate model with its own optimizer:
