@@ -19,81 +19,15 @@ from torch import nn
 from dropblock_inject import DropBlock2d, DropBlock3d, drop_block2d, drop_block3d
 from dropblock_inject import ops
 
-TOL = 0.015  # ±1.5 percentage points on drop fractions
+from _dropblock_stats import (TOL, assert_scaled_mask, assert_whole_blocks, block_union, clipped, drop_fraction,
+                              expected_drop_fraction, stat_shape)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# helpers
-
-
-def expected_drop_fraction(keep_prob: float, block_size: int, spatial: tuple[int, ...]) -> float:
-    """The exact expected fraction of dropped cells.
-
-    Cell ``p`` is dropped with probability ``1 - (1 - gamma) ** c(p)``, ``c(p)`` being the number of valid
-    seed positions whose (clipped) block covers it: per axis, the anchors ``i`` in ``[0, size - b]`` with
-    ``i <= p <= i + b - 1``, multiplied over the axes.
-    """
-    block = [min(block_size, s) for s in spatial]
-    valid = [s - b + 1 for s, b in zip(spatial, block)]
-    gamma = (1 - keep_prob) / math.prod(block) * math.prod(spatial) / math.prod(valid)
-    counts = torch.ones((), dtype=torch.float64)
-    for s, b in zip(spatial, block):
-        axis = torch.tensor([min(p, s - b) - max(0, p - b + 1) + 1 for p in range(s)], dtype=torch.float64)
-        counts = counts.unsqueeze(-1) * axis
-    return float((1 - (1 - gamma) ** counts).mean())
-
-
-def block_union(zero: torch.Tensor, block: tuple[int, ...]) -> torch.Tensor:
-    """Union of the ``block`` windows lying entirely inside the map and entirely within ``zero``."""
-    pool_avg = F.avg_pool2d if len(block) == 2 else F.avg_pool3d
-    pool_max = F.max_pool2d if len(block) == 2 else F.max_pool3d
-    z = zero.to(torch.float64).flatten(0, 1).unsqueeze(1)
-    full = (pool_avg(z, block, stride=1) > 1 - 1e-9).to(torch.float64)  # window anchored at p all zero
-    pad: list[int] = []
-    for b in reversed(block):
-        pad += [b - 1, b - 1]
-    grown = pool_max(F.pad(full, pad), block, stride=1) > 0
-    return grown.squeeze(1).unflatten(0, zero.shape[:2])
-
-
-def clipped(block_size: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(min(block_size, s) for s in spatial)
-
-
-def assert_whole_blocks(y: torch.Tensor, block_size: int) -> None:
-    """For an input of ones: the zeros are exactly a union of whole in-map blocks."""
-    zero = y == 0
-    assert torch.equal(block_union(zero, clipped(block_size, tuple(y.shape[2:]))), zero)
-
-
-def assert_scaled_mask(y: torch.Tensor, scale: bool = True) -> None:
-    """For an input of ones: every value is 0 or numel / kept (or 1 without scaling); all finite."""
-    assert torch.isfinite(y).all()
-    kept = int((y != 0).sum())
-    if kept == 0:
-        return
-    value = y.numel() / kept if scale else 1.0
-    rtol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(y.dtype, 1e-6)
-    nz = y[y != 0].to(torch.float64)
-    torch.testing.assert_close(nz, torch.full_like(nz, value), rtol=rtol, atol=0)
-
-
-def drop_fraction(fn, shape, draws: int) -> float:
-    x = torch.ones(shape)
-    return sum(float((fn(x) == 0).to(torch.float64).mean()) for _ in range(draws)) / draws
-
-
-def stat_shape(spatial: tuple[int, ...], channels: int, shared: bool = False) -> tuple[int, ...]:
-    """A batch of >= 4096 independent maps (more for small maps, ~2**19 cells), as (N, channels, *spatial).
-
-    With ``shared`` masks, the maps are the samples: N is the number of maps.
-    """
-    maps = max(4096, 2**19 // math.prod(spatial))
-    return (maps if shared else maps // channels, channels, *spatial)
-
-
-# The implementations, called directly: the sparse CPU path, the dense path (accelerators, torch.compile)
-# and the broadcast mask of per_channel=False (the same code whatever ``dense`` says; both are checked).
+# The implementations, called directly: the sparse CPU kernel (the eager fast path), the dense kernel (the
+# fallback of devices without a fused kernel), the broadcast mask of per_channel=False (the same code whatever
+# ``dense`` says; both are checked), and the registered op ``torch.ops.dropblock_inject.drop_block`` as
+# compile, export and fx call it (its CPU kernel: the sparse one drawing from a reseeded generator, whose
+# backward draws the seeds again; and the broadcast mask).
 def sparse(x, kp, bs, scale=True):
     return ops._drop_block(x, kp, bs, True, scale, dense=False)
 
@@ -110,7 +44,16 @@ def shared_dense(x, kp, bs, scale=True):
     return ops._drop_block(x, kp, bs, False, scale, dense=True)
 
 
-PATHS = {"sparse": sparse, "dense": dense, "shared": shared, "shared_dense": shared_dense}
+def op(x, kp, bs, scale=True):
+    return torch.ops.dropblock_inject.drop_block(x, torch.tensor(kp), bs, True, scale)[0]
+
+
+def op_shared(x, kp, bs, scale=True):
+    return torch.ops.dropblock_inject.drop_block(x, torch.tensor(kp), bs, False, scale)[0]
+
+
+PATHS = {"sparse": sparse, "dense": dense, "shared": shared, "shared_dense": shared_dense, "op": op,
+         "op_shared": op_shared}
 
 
 @pytest.fixture(autouse=True)
@@ -143,14 +86,14 @@ def test_expected_fraction_helper_sanity():
     assert expected_drop_fraction(0.999, 3, (20, 20)) == pytest.approx(0.001, rel=0.01)
 
 
-@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("path", ["sparse", "dense", "op"])
 @pytest.mark.parametrize("kp,bs,h,w", CASES_2D)
 def test_drop_fraction_per_channel(path, kp, bs, h, w):
     got = drop_fraction(lambda x: PATHS[path](x, kp, bs), stat_shape((h, w), 64), draws=6)
     assert got == pytest.approx(expected_drop_fraction(kp, bs, (h, w)), abs=TOL)
 
 
-@pytest.mark.parametrize("path", ["shared", "shared_dense"])
+@pytest.mark.parametrize("path", ["shared", "shared_dense", "op_shared"])
 @pytest.mark.parametrize("kp,bs,h,w", CASES_2D)
 def test_drop_fraction_shared(path, kp, bs, h, w):
     # one mask per sample: many samples, few channels
@@ -256,7 +199,7 @@ def test_scale_false_keeps_values():
     assert torch.equal(y[y != 0], x[y != 0])
 
 
-@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("path", ["sparse", "dense", "op"])
 def test_per_channel_masks_differ_across_channels(path):
     y = PATHS[path](torch.ones(4, 32, 14, 14), 0.7, 3)
     for n in range(4):
@@ -271,7 +214,7 @@ def test_per_channel_masks_differ_across_channels(path):
     assert (dropped.any(1) & ~dropped.all(1)).all()  # within every sample, some channels dropped, some kept
 
 
-@pytest.mark.parametrize("path", ["shared", "shared_dense"])
+@pytest.mark.parametrize("path", ["shared", "shared_dense", "op_shared"])
 def test_shared_masks_identical_across_channels(path):
     for bs, hw in [(3, 14), (7, 5)]:
         x = torch.rand(8, 16, hw, hw) + 0.5
@@ -708,6 +651,13 @@ def test_backward_memory_sparse_saves_only_seeds():
     assert nbytes < 0.1 * x.numel()
 
 
+def test_backward_memory_op_saves_a_seed_not_a_mask():
+    # the registered op (compile, export, fx): a generator seed, gamma and the scale, whatever the input size
+    for shape in ((16, 256, 14, 14), (4, 64, 28, 28)):
+        x = torch.randn(shape, requires_grad=True)
+        assert saved_bytes(lambda t: op(t, 0.9, 7), x) <= 64
+
+
 def test_backward_memory_dense_and_shared():
     x = torch.randn(16, 256, 14, 14, requires_grad=True)
     # per-channel dense: a bool mask, one byte per element (plus a scalar)
@@ -734,7 +684,7 @@ CASES_3D = [
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("kp,bs,t,h,w", CASES_3D)
 def test_drop_fraction_3d(path, kp, bs, t, h, w):
-    shared_mask = path.startswith("shared")
+    shared_mask = path in ("shared", "shared_dense", "op_shared")
     shape = stat_shape((t, h, w), 2 if shared_mask else 64, shared=shared_mask)
     got = drop_fraction(lambda x: PATHS[path](x, kp, bs), shape, draws=4)
     assert got == pytest.approx(expected_drop_fraction(kp, bs, (t, h, w)), abs=TOL)

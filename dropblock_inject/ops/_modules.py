@@ -1,0 +1,122 @@
+"""The modules, ``DropBlock2d`` and ``DropBlock3d``, and their single source of truth for keep_prob."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ._check import _check_block_size, _check_input, _check_keep_prob
+from ._functional import _call_op, _drop_block
+
+
+class _DropBlockNd(nn.Module):
+    """The common module. ``_keep_prob`` (a float) is the truth; ``keep_prob_tensor`` is derived from it.
+
+    The buffer is what compiled graphs, exported programs and fx graphs read, so a new keep_prob never
+    recompiles; it is non-persistent, so state_dict keys are those of the model without DropBlock. It is
+    refilled from the float whenever it could disagree: after every ``_apply`` (``.to``, ``.half()``,
+    ``to_empty`` from the meta device...) it is an fp32 tensor on the module's device holding the float, and
+    so after unpickling (also of modules saved by earlier versions).
+    """
+
+    _spatial_dims: int = 2
+
+    def __init__(self, block_size: int = 7, keep_prob: float = 1.0, *, per_channel: bool = True,
+                 scale: bool = True, inplace: bool = False) -> None:
+        super().__init__()
+        self.block_size = _check_block_size(block_size)
+        self.per_channel = bool(per_channel)
+        self.scale = bool(scale)
+        self.inplace = bool(inplace)
+        keep_prob = _check_keep_prob(keep_prob)
+        self._keep_prob = keep_prob
+        self.register_buffer("keep_prob_tensor", torch.tensor(keep_prob, dtype=torch.float32), persistent=False)
+
+    @property
+    def keep_prob(self) -> float:
+        """The current keep probability; setting it updates the tensor buffer in place (no allocation)."""
+        return self._keep_prob
+
+    @keep_prob.setter
+    def keep_prob(self, value: float) -> None:
+        value = _check_keep_prob(value)
+        self._keep_prob = value
+        self._sync_buffer()
+
+    def _sync_buffer(self) -> None:
+        """Makes ``keep_prob_tensor`` an fp32 scalar holding ``_keep_prob`` (in place when it already is one)."""
+        buffer = self._buffers.get("keep_prob_tensor")
+        if buffer is None or buffer.dtype != torch.float32 or buffer.dim() != 0:
+            device = buffer.device if buffer is not None else torch.device("cpu")
+            self._buffers["keep_prob_tensor"] = torch.tensor(self._keep_prob, dtype=torch.float32, device=device)
+            self._non_persistent_buffers_set.add("keep_prob_tensor")
+        elif not buffer.is_meta:  # a meta tensor holds no value; to_empty comes back here
+            with torch.no_grad():
+                buffer.fill_(self._keep_prob)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        super()._apply(fn, recurse)
+        self._sync_buffer()  # .half() must not round it, to_empty must not leave it uninitialised
+        return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_keep_prob" not in self.__dict__:  # a module pickled with the buffer only
+            self._keep_prob = _check_keep_prob(self._buffers["keep_prob_tensor"].float())
+        self._sync_buffer()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        if isinstance(x, torch.fx.Proxy):  # fx: one node of the registered op, reading the buffer
+            return _call_op(x, self.keep_prob_tensor, self.block_size, self.per_channel, self.scale)
+        _check_input(x, self._spatial_dims, type(self).__name__)
+        if torch.compiler.is_compiling():
+            # read the buffer, not the Python float, so a new keep_prob does not trigger a recompile
+            return _call_op(x, self.keep_prob_tensor, self.block_size, self.per_channel, self.scale)
+        if self._keep_prob == 1.0 or x.numel() == 0:
+            return x
+        if x.device.type == "cpu":  # eager CPU: the kernel itself, no dispatch (and in place when asked)
+            return _drop_block(x, self._keep_prob, self.block_size, self.per_channel, self.scale, dense=False,
+                               inplace=self.inplace)
+        return _call_op(x, self.keep_prob_tensor, self.block_size, self.per_channel, self.scale)
+
+    def extra_repr(self) -> str:
+        return (f"block_size={self.block_size}, keep_prob={self._keep_prob}, per_channel={self.per_channel}, "
+                f"scale={self.scale}" + (", inplace=True" if self.inplace else ""))
+
+
+class DropBlock2d(_DropBlockNd):
+    """DropBlock on 2-D feature maps, as a module; see :func:`drop_block2d`.
+
+    Args:
+        block_size (int): side of the square block, clipped to the feature map. Default: 7.
+        keep_prob (float): expected fraction of kept activations; 1 disables the op. Schedulers set it
+            through the :attr:`keep_prob` property. Default: 1.0.
+        per_channel (bool): independent masks per channel (the reference); ``False`` shares one mask.
+        scale (bool): rescale kept activations by ``numel(mask) / sum(mask)``. Default: ``True``.
+        inplace (bool): write into the input (CPU, eager), as ``nn.ReLU(inplace=True)`` does; ``inject``
+            sets it where the input is a BatchNorm or convolution output read by nothing else.
+            Default: ``False``.
+
+    Shape:
+        Input ``(N, C, H, W)``, output the same. Identity in eval mode.
+    """
+
+    _spatial_dims = 2
+
+
+class DropBlock3d(_DropBlockNd):
+    """DropBlock on 3-D feature maps ``(N, C, T, H, W)``, as a module; see :func:`drop_block3d`.
+
+    Args:
+        block_size (int): side of the cubic block, clipped to the feature map. Default: 7.
+        keep_prob (float): expected fraction of kept activations; 1 disables the op. Default: 1.0.
+        per_channel (bool): independent masks per channel; ``False`` shares one mask per sample.
+        scale (bool): rescale kept activations by ``numel(mask) / sum(mask)``. Default: ``True``.
+        inplace (bool): write into the input (CPU, eager); see :class:`DropBlock2d`. Default: ``False``.
+    """
+
+    _spatial_dims = 3

@@ -1,0 +1,215 @@
+"""The sparse CPU kernel: per-channel masks drawn as rare block seeds, written as a scatter of zeros.
+
+Seeds are rare (``gamma`` is well under 1% at the paper's settings), so their count is drawn from a Poisson
+law and their positions uniformly, which yields exactly independent Bernoulli(``gamma``) seeds per position
+(Poisson splitting). The blocks are written as a scatter of zeros; backward keeps one offset per seed (its
+block's corner, 8 bytes) and recomputes the scatter.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import torch
+from torch import Tensor
+
+from ._check import _contiguous_strides
+
+
+def _sample_seeds(n_planes: int, n_anchors: int, gamma: float, device: torch.device,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Independent Bernoulli(``gamma``) seeds over ``n_planes`` maps of ``n_anchors`` valid positions each.
+
+    Returns the seeds' plane and anchor indices. The number of draws is Poisson(-log(1 - gamma) * n) and
+    each draw is uniform over the ``n = n_planes * n_anchors`` positions (plane and anchor drawn
+    independently), so each position receives Poisson(-log(1 - gamma)) draws independently of the others:
+    it is a seed with probability exactly ``gamma``. A position drawn twice is harmless (its block is
+    zeroed twice and counted once). Draws come from ``generator`` when given (a CPU generator), so that the
+    same seeds can be drawn again.
+    """
+    n = n_planes * n_anchors
+    if n == 0 or gamma <= 0.0:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty
+    if gamma >= 1.0:
+        every = torch.arange(n, device=device)
+        return every // n_anchors, every % n_anchors
+    rate = torch.full((), -math.log1p(-gamma) * n, dtype=torch.float64)
+    k = int(torch.poisson(rate, generator=generator).item())
+    return (torch.randint(n_planes, (k,), device=device, generator=generator),
+            torch.randint(n_anchors, (k,), device=device, generator=generator))
+
+
+_local = threading.local()
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """This thread's private CPU generator, reseeded with ``seed`` (one generator per thread, reused)."""
+    generator = getattr(_local, "generator", None)
+    if generator is None:
+        generator = _local.generator = torch.Generator()
+    return generator.manual_seed(seed)
+
+
+@functools.lru_cache(maxsize=512)
+def _grid(extent: tuple[int, ...], strides: tuple[int, ...], device: torch.device) -> Tensor:
+    """Offsets ``sum(i * stride)`` of every position ``i`` of a box of size ``extent``, in row-major order."""
+    offsets = torch.zeros((), dtype=torch.long)
+    for size, stride in zip(extent, strides):
+        offsets = (offsets.unsqueeze(-1) + torch.arange(size) * stride).flatten()
+    return offsets.to(device)
+
+
+def _fill_blocks(flat: Tensor, corner: Tensor, block: tuple[int, ...], strides: tuple[int, ...],
+                 value: float) -> None:
+    """Writes ``value`` over the ``block``-sized block whose first cell is ``flat[c]``, for every ``c`` in ``corner``.
+
+    ``strides`` are the map's spatial strides within ``flat``. The blocks are slices of one overlapping strided
+    view of ``flat`` (one slice per start offset), so a single ``index_fill_`` with one index per block writes
+    them all, with no per-cell or per-row index arithmetic.
+    """
+    if corner.numel() == 0:
+        return
+    span = sum((b - 1) * s for b, s in zip(block, strides))
+    flat.as_strided((flat.numel() - span, *block), (1, *strides)).index_fill_(0, corner, value)
+
+
+_LANES = 8 * 255  # bytes summed per int64 word lane without a carry between the 8 byte lanes
+_SMALL_MAP = 1 << 17  # bytes: count_nonzero below this, word lanes above (each is faster on its side)
+
+
+def _count_dropped(plane: Tensor, offset: Tensor, n_planes: int, spatial: tuple[int, ...],
+                   block: tuple[int, ...]) -> int:
+    """Number of distinct cells that the blocks of the given seeds cover, without sorting anything.
+
+    ``plane`` is each seed's (sample, channel) plane and ``offset`` its block corner's offset within a
+    contiguous plane. Only the planes that hold a seed are looked at: each gets a slot in a small byte map
+    of contiguous planes (a few hundred planes rather than N * C, so no large buffer is zeroed and faulted
+    in), and the blocks are marked there. A small map is counted by ``count_nonzero``; a large one eight bytes
+    at a time, as int64 words summed in groups of 255 (so no byte lane overflows), several times faster.
+    """
+    if plane.numel() == 0:
+        return 0
+    seen = torch.zeros(n_planes, dtype=torch.long, device=plane.device)
+    seen.index_fill_(0, plane, 1)
+    plane_numel = math.prod(spatial)
+    slot = seen.cumsum_(0).index_select(0, plane)  # 1, 2, ...: the map's plane 0 stays empty
+    numel = (min(plane.numel(), n_planes) + 1) * plane_numel
+    small = numel <= _SMALL_MAP
+    size = numel if small else -(-numel // _LANES) * _LANES  # the lane sum reads whole groups of 255 words
+    marks = torch.zeros(size, dtype=torch.uint8, device=plane.device)
+    _fill_blocks(marks, torch.add(offset, slot, alpha=plane_numel), block, _contiguous_strides(spatial), 1)
+    if small:
+        return int(marks.count_nonzero())
+    lanes = marks.view(torch.int64).view(-1, 255).sum(dim=1)
+    return int(lanes.view(torch.uint8).sum())
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D view of the memory of a non-overlapping, dense tensor (fresh, or an input checked in place)."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+
+
+def _corners(plane: Tensor, anchor: Tensor, shape: tuple[int, ...], valid: tuple[int, ...],
+             stride: tuple[int, ...], offset: Tensor | None = None) -> Tensor:
+    """The blocks' first cells as offsets into a tensor of ``shape`` and ``stride`` (consumes ``plane``)."""
+    c, spatial = shape[1], tuple(shape[2:])
+    stride_n, stride_c, *map_strides = stride
+    strides = tuple(map_strides)
+    if offset is None or strides != _contiguous_strides(spatial):  # e.g. channels_last
+        offset = _grid(valid, strides, plane.device).index_select(0, anchor)
+    if stride_n == c * stride_c:  # contiguous, or any layout keeping the planes in order
+        return offset.add_(plane, alpha=stride_c)
+    return offset.add_(plane // c, alpha=stride_n).add_(plane.remainder_(c), alpha=stride_c)
+
+
+def sparse_forward(x: Tensor, gamma: float, block: tuple[int, ...], valid: tuple[int, ...], normalize: bool,
+                   out: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, float]:
+    """Writes ``x * mask * scale`` into ``out`` (``x`` itself, or a dense tensor of x's shape).
+
+    Args:
+        x: the input ``(N, C, *spatial)``.
+        gamma: the seed rate.
+        block: the clipped block.
+        valid: the valid seed region.
+        normalize: scale by ``numel / kept``; otherwise the scale is 1.
+        out: where to write, non-overlapping and dense (may be ``x``).
+        generator: where the seeds are drawn from (default: torch's global generator).
+
+    Returns:
+        The blocks' corners as offsets into ``out``'s memory (int64, one per seed), and the scale applied.
+    """
+    n, c, *spatial = x.shape
+    plane, anchor = _sample_seeds(n * c, math.prod(valid), gamma, x.device, generator)
+    contiguous = _contiguous_strides(tuple(spatial))
+    offset = _grid(valid, contiguous, x.device).index_select(0, anchor)  # block corner within its plane
+    numel = x.numel()
+    scale = 1.0
+    if normalize:
+        dropped = _count_dropped(plane, offset, n * c, tuple(spatial), block)
+        scale = numel / max(numel - dropped, 1)
+    corner = _corners(plane, anchor, tuple(x.shape), valid, tuple(out.stride()), offset)
+    if out is x:
+        x.mul_(scale)
+    else:
+        torch.mul(x, scale, out=out)
+    _fill_blocks(_flat(out), corner, block, tuple(out.stride()[2:]), 0.0)
+    return corner, scale
+
+
+def redraw_corners(shape: tuple[int, ...], gamma: float, valid: tuple[int, ...], stride: tuple[int, ...],
+                   seed: int) -> Tensor:
+    """The corners :func:`sparse_forward` drew from ``seeded_generator(seed)``, for an output of ``stride``."""
+    plane, anchor = _sample_seeds(shape[0] * shape[1], math.prod(valid), gamma, torch.device("cpu"),
+                                  seeded_generator(seed))
+    return _corners(plane, anchor, shape, valid, stride)
+
+
+def sparse_backward(grad: Tensor, corner: Tensor, stride: tuple[int, ...], block: tuple[int, ...],
+                    scale: float) -> Tensor:
+    """``grad * mask * scale``, the mask rebuilt from the corners that :func:`sparse_forward` returned.
+
+    Args:
+        grad: the output's gradient, any layout.
+        corner: the blocks' corners, offsets into a tensor of strides ``stride``.
+        stride: the forward output's strides.
+        block: the clipped block.
+        scale: the forward's scale.
+
+    Returns:
+        The input's gradient, laid out with ``stride``.
+    """
+    # the usual case: grad is laid out as the forward output, and so is the product
+    grad_in = torch.mul(grad, scale) if grad.stride() == stride else None
+    if grad_in is None or grad_in.stride() != stride:  # e.g. an expanded or channels_last grad
+        grad_in = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device)
+        torch.mul(grad, scale, out=grad_in)  # in the layout the corners were computed for
+    _fill_blocks(_flat(grad_in), corner, block, tuple(stride[2:]), 0.0)
+    return grad_in
+
+
+class _SparseDropBlock(torch.autograd.Function):
+    """The eager CPU fast path: ``x * mask * scale`` with a per-channel mask; backward keeps only the seeds."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gamma: float, block: tuple[int, ...], valid: tuple[int, ...],  # type: ignore[override]
+                normalize: bool, inplace: bool) -> Tensor:
+        if inplace:
+            out = x
+            ctx.mark_dirty(x)
+        else:
+            out = torch.empty_like(x)  # x's memory format when x is dense, contiguous otherwise
+        corner, scale = sparse_forward(x, gamma, block, valid, normalize, out)
+        ctx.save_for_backward(corner)  # 8 bytes per seed
+        ctx.meta = (out.stride(), block, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:  # type: ignore[override]
+        stride, block, scale = ctx.meta
+        (corner,) = ctx.saved_tensors
+        return sparse_backward(grad, corner, stride, block, scale), None, None, None, None, None

@@ -1,0 +1,160 @@
+"""The fused Triton kernel (the op's CUDA kernel), run on CPU tensors by Triton's interpreter.
+
+The kernels are built for the interpreter (``TRITON_INTERPRET=1`` while they are decorated, see
+``dropblock_inject.ops._triton``), so these tests run wherever Triton is installed, GPU or not, with the
+statistical checks of ``test_ops.py``: drop fractions against the analytic expectation, whole in-map blocks,
+the scale ``numel / kept``, per-channel independence and shared masks, and a backward that rebuilds the same
+mask from the saved philox seed. The interpreter runs a program as numpy arrays (a few seconds per 2**18
+cells with a 7x7 block), so the samples are smaller than in ``test_ops.py`` and the tolerance wider (it
+stays above 4 standard deviations of the measured fraction for every case); the longer sweeps are ``slow``.
+On a machine with CUDA the compiled kernel is also checked through the registered op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _dropblock_stats import assert_scaled_mask, assert_whole_blocks, expected_drop_fraction
+
+pytest.importorskip("triton")
+
+from dropblock_inject.ops import _triton, seed_rate  # noqa: E402
+
+TOL = 0.02
+CELLS = 2**18
+
+
+def forward(x: torch.Tensor, kp: float, bs: int, per_channel: bool = True, scale: bool = True):
+    return _triton.triton_forward(x, torch.tensor(kp), bs, per_channel, scale, interpret=True)
+
+
+def fraction(kp: float, bs: int, spatial: tuple[int, ...], per_channel: bool = True, draws: int = 2) -> float:
+    maps = CELLS // math.prod(spatial)
+    shape = (maps // 16, 16, *spatial) if per_channel else (maps, 2, *spatial)
+    x = torch.ones(shape)
+    total = 0.0
+    for _ in range(draws):
+        y, _, _ = forward(x, kp, bs, per_channel)
+        assert_whole_blocks(y, bs)
+        assert_scaled_mask(y)
+        total += float((y == 0).double().mean())
+    return total / draws
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+FAST_2D = [(0.9, 7, 14, 14), (0.7, 5, 10, 20), (0.5, 9, 5, 7)]  # the paper's, rectangular, whole map
+SLOW_2D = [(0.8, 3, 16, 16), (0.9, 7, 6, 16), (0.75, 2, 8, 12), (0.3, 4, 9, 9), (0.0, 7, 14, 14)]
+
+
+@pytest.mark.parametrize("kp,bs,h,w", FAST_2D + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW_2D])
+def test_drop_fraction_per_channel(kp, bs, h, w):
+    assert fraction(kp, bs, (h, w)) == pytest.approx(expected_drop_fraction(kp, bs, (h, w)), abs=TOL)
+
+
+@pytest.mark.parametrize("kp,bs,h,w", [(0.8, 3, 16, 16), pytest.param(0.9, 7, 14, 14, marks=pytest.mark.slow)])
+def test_drop_fraction_shared(kp, bs, h, w):
+    assert fraction(kp, bs, (h, w), per_channel=False) == pytest.approx(expected_drop_fraction(kp, bs, (h, w)),
+                                                                        abs=TOL)
+
+
+@pytest.mark.parametrize("kp,bs,t,h,w", [(0.8, 3, 4, 8, 8), pytest.param(0.7, 2, 6, 6, 6, marks=pytest.mark.slow)])
+def test_drop_fraction_3d(kp, bs, t, h, w):
+    assert fraction(kp, bs, (t, h, w)) == pytest.approx(expected_drop_fraction(kp, bs, (t, h, w)), abs=TOL)
+
+
+def test_masks_independent_across_channels_and_shared_when_asked():
+    x = torch.ones(8, 32, 12, 12)
+    zero = forward(x, 0.7, 3)[0] == 0
+    assert not torch.equal(zero, zero[:, :1].expand_as(zero))
+    same_map = (zero == zero[:, :1]).all(dim=(2, 3)).float().mean()
+    assert same_map < 0.1  # independent masks almost never coincide on a 12x12 map
+    zero = forward(x, 0.7, 3, per_channel=False)[0] == 0
+    assert zero.any() and torch.equal(zero, zero[:, :1].expand_as(zero))
+
+
+def test_scale_is_numel_over_kept_and_count_matches():
+    x = torch.randn(16, 8, 11, 13)
+    y, _, kept = forward(x, 0.8, 4)
+    keep = y != 0
+    assert int(kept) == int(keep.sum())
+    torch.testing.assert_close(y[keep], x[keep] * (x.numel() / int(kept)))
+    y, _, _ = forward(x, 0.8, 4, scale=False)
+    torch.testing.assert_close(y[y != 0], x[y != 0])
+
+
+def test_keep_one_is_identity_and_keep_zero_is_finite_zeros():
+    x = torch.randn(4, 8, 9, 9)
+    torch.testing.assert_close(forward(x, 1.0, 3)[0], x, rtol=0, atol=0)
+    y = forward(x, 0.0, 9)[0]  # whole map, every map dropped: nothing kept, no inf or nan
+    assert torch.equal(y, torch.zeros_like(x))
+
+
+def test_backward_rebuilds_the_mask_from_the_seed():
+    x = torch.ones(8, 16, 14, 14)
+    y, state, kept = forward(x, 0.9, 7)
+    assert state.numel() == 2 and state.dtype == torch.int64 and kept.numel() == 1  # 24 bytes, no mask
+    g = torch.randn_like(x)
+    grad = _triton.triton_backward(g, state, kept, 7, True, True, interpret=True)
+    torch.testing.assert_close(grad, g * y, rtol=0, atol=0)
+    # the seed threshold gamma * 2**32 lives in the state: a keep_prob changed before backward cannot matter
+    assert int(state[1]) / 2**32 == pytest.approx(seed_rate(0.9, (14, 14), 7), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes_and_channels_last_preserved(dtype):
+    x = torch.ones(4, 8, 10, 10, dtype=dtype).to(memory_format=torch.channels_last)
+    y = forward(x, 0.8, 3)[0]
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert_whole_blocks(y.float(), 3)
+    assert_scaled_mask(y)
+    nc = torch.ones(4, 16, 10, 10)[:, ::2]  # a non-contiguous input: read through its strides
+    y = forward(nc, 0.8, 3)[0]
+    assert_whole_blocks(y, 3)
+
+
+def test_reproducible_under_manual_seed_and_empty_batch():
+    x = torch.ones(4, 8, 10, 10)
+    torch.manual_seed(7)
+    a = forward(x, 0.8, 3)[0]
+    torch.manual_seed(7)
+    assert torch.equal(a, forward(x, 0.8, 3)[0])
+    assert forward(torch.ones(0, 8, 10, 10), 0.8, 3)[0].shape == (0, 8, 10, 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter tests above cover the kernel)")
+def test_cuda_op_runs_the_compiled_kernel():
+    from dropblock_inject import DropBlock2d
+
+    x = torch.ones(512, 16, 14, 14, device="cuda", requires_grad=True)
+    m = DropBlock2d(7, 0.9).train().cuda()
+    y = m(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y = y.detach().cpu()
+    assert float((y == 0).double().mean()) == pytest.approx(expected_drop_fraction(0.9, 7, (14, 14)), abs=TOL)
+    assert_whole_blocks(y, 7)
+    torch.testing.assert_close(x.grad.cpu(), g.cpu() * y)
+
+
+def test_philox_matches_the_random123_known_answer():
+    # Philox-4x32-10 with counter (0, 0, 0, 0) and key (0, 0) gives 0x6627e8d5 first (Random123's kat_vectors).
+    # The seeds kernel only says whether that word is below a threshold: bisect the threshold to read it.
+    ks = _triton.kernels(interpret=True)
+    seeds = torch.empty(1, dtype=torch.uint8)
+
+    def below(threshold: int) -> bool:
+        state = torch.tensor([0, threshold], dtype=torch.int64)
+        ks.seeds[(1,)](state, state, seeds, 1, 0.0, FORWARD=False, BLOCK=16)
+        return bool(seeds[0])
+
+    lo, hi = 0, 2**32  # the word w satisfies: w < threshold  <=>  threshold > w
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if below(mid) else (mid, hi)
+    assert lo == 0x6627E8D5
