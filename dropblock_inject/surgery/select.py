@@ -22,7 +22,8 @@ from ..ops import _DropBlockNd
 from ..recipe import Recipe, RecipeError, RecipeLike, Rule, load_recipe
 from .analyze import Candidate, Scope, analyze
 from .forward import check_not_injected
-from .kinds import module_kind
+from .explain import explain, not_a_cnn
+from .kinds import CONV_TYPES, is_container, module_kind, owner
 from .shapes import ShapeLog, call_log
 from .trace import SurgeryError, trace_scope, wants_call
 
@@ -55,22 +56,6 @@ class InsertionPoint:
     rule: str = ""
 
 
-def _is_container(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-
-
-def _owner(path: str, model: nn.Module) -> str:
-    """The module whose own forward calls the module at ``path``: its nearest ancestor that is not a
-    container (Sequential, ModuleList, ModuleDict), the model itself ("") if there is none. Containers are
-    never rewritten: their forward may iterate over their children, which must not gain a new one."""
-    parts = path.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        anc = ".".join(parts[:i])
-        if not _is_container(model.get_submodule(anc)):
-            return anc
-    return ""
-
-
 def _inside_layer(path: str, kinds: dict[str, str | None]) -> bool:
     """Whether the module at ``path`` lies inside a conv / norm / act / unit module (the conv of a
     ConvNormAct, the activation of a BatchNormAct2d): its owner treats that module as one layer and places
@@ -79,36 +64,60 @@ def _inside_layer(path: str, kinds: dict[str, str | None]) -> bool:
     return any(kinds.get(".".join(parts[:i])) is not None for i in range(1, len(parts)))
 
 
-def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: ShapeLog | None) -> list[str]:
+def _usable(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The modules that may be scopes: no container, no layer, no DropBlock, nothing inside a ScriptModule
+    (a ScriptModule is a leaf, never traced nor hooked)."""
+    scripted = [p for p, m in modules.items() if isinstance(m, torch.jit.ScriptModule)]
+    return {p: m for p, m in modules.items()
+            if not any(p == q or p.startswith(q + ".") for q in scripted) and not is_container(m)
+            and not isinstance(m, _DropBlockNd) and module_kind(m) is None}
+
+
+def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: ShapeLog | None,
+                 wrappers: set[str]) -> list[str]:
+    """The scopes ``rule`` selects; residual wrappers tried for their addition only are added to ``wrappers``."""
+    usable = _usable(modules)
     if rule.modules is not None:
-        chosen = [p for p in modules if p and rule.matches_path(p) and module_kind(modules[p]) is None
-                  and not isinstance(modules[p], _DropBlockNd) and not _is_container(modules[p])]
+        chosen = [p for p in usable if p and rule.matches_path(p)]
         # a glob such as "layer3.**" also matches modules inside a block: keep the outermost match
         outer = set(chosen)
         chosen = [p for p in chosen if not any(p.startswith(q + ".") for q in outer)]
+    elif rule.types is not None:
+        chosen = list(usable)  # any module of those classes, e.g. a wrapper holding the residual addition
     else:
-        owners = {}
+        owners: dict[str, list[str]] = {}
         kinds = {p: module_kind(m) for p, m in modules.items() if p}
         for p, kind in kinds.items():
             if kind is not None and not _inside_layer(p, kinds):
-                owners.setdefault(_owner(p, model), []).append(p)
+                owners.setdefault(owner(p, model), []).append(p)
+        # residual wrappers ``x + self.fn(x)``: a module whose children hold convolutions but no layer of its own
+        for p, m in usable.items():
+            if p not in owners and 0 < len(m._modules) <= 2 and any(
+                    isinstance(c, CONV_TYPES) for child in m.children() for c in child.modules()):
+                owners[p] = []
+                wrappers.add(p)
         chosen = []
-        for owner, leaves in owners.items():
+        for path, leaves in owners.items():
+            if path not in usable:
+                continue
             if rule.stride is not None and shapes is not None:
-                strides = {shapes.stride(shapes.module_output(p)) for p in leaves}
-                strides.add(shapes.stride(shapes.module_output(owner)))
+                if path in shapes.heads:
+                    continue
+                strides = {shapes.nominal_stride(shapes.module_output(p), path) for p in [*leaves, path]}
                 if not strides & set(rule.stride):
                     continue
-            chosen.append(owner)
+            chosen.append(path)
     if rule.types is not None:
         chosen = [p for p in chosen if type(modules[p]).__name__ in rule.types
                   or f"{type(modules[p]).__module__}.{type(modules[p]).__qualname__}" in rule.types]
     return chosen
 
 
-def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None) -> list[Candidate]:
+def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, list[str]]) -> list[Candidate]:
+    """The candidates of ``scope`` that ``rule`` asks for; those it asks for but that may never get a
+    DropBlock are counted in ``why`` (reason -> points)."""
     wanted = set(rule.after)
-    out_stride = shapes.stride(scope.output_shape) if shapes else None
+    out_stride = shapes.nominal_stride(scope.output_shape, scope.path) if shapes else None
     selected = []
     for c in scope.candidates:
         if c.kind == "shortcut":
@@ -116,18 +125,28 @@ def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None) -> list[Candidate
                 continue
         elif not ("any" in wanted or c.kinds & wanted):
             continue
-        if c.shape is not None and (len(c.shape) != scope.spatial_dims + 2 or math.prod(c.shape[2:]) <= 1):
-            continue  # not a feature map (e.g. a 1x1 squeeze map, or a channels-last tensor)
+        if c.shape is not None and len(c.shape) != scope.spatial_dims + 2:
+            continue  # not a feature map (e.g. a channels-last tensor or tokens)
         if rule.stride is not None:
-            stride = shapes.stride(c.shape) if shapes else None
+            stride = shapes.nominal_stride(c.shape, scope.path) if shapes else None
             in_stage = scope.residual and out_stride in rule.stride
-            if c.kind == "shortcut":
-                if not (in_stage or stride in rule.stride):
-                    continue
-            elif not (stride in rule.stride or in_stage):
+            if not (stride in rule.stride or in_stage):
                 continue
+        reason = c.banned
+        if not reason and c.shape is not None:
+            if math.prod(c.shape[2:]) <= 1:
+                reason = "a 1x1 map"
+            elif c.shape[1] == 1:
+                reason = "a single-channel map"
+        if reason:
+            why.setdefault(reason, []).append(f"{scope.path or '<root>'}:{c.node.name} {_shape(c.shape)}")
+            continue
         selected.append(c)
     return selected
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "x".join(map(str, shape)) if shape else "-"
 
 
 @dataclass
@@ -143,22 +162,26 @@ def _needs_shapes(recipe: Recipe) -> bool:
 def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes: bool) -> Plan:
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    not_a_cnn(model, recipe)
     shapes = None
     if with_shapes or _needs_shapes(recipe):
-        if example_input is None:
-            example_input = torch.randn(1, 3, 224, 224)
-        shapes = ShapeLog(model, example_input)
+        shapes = ShapeLog(model, torch.randn(1, 3, 224, 224) if example_input is None else example_input)
     modules = dict(model.named_modules())
     scopes: dict[str, Scope] = {}
     untraceable: dict[str, SurgeryError] = {}
     calls: list[ShapeLog | None] = [shapes] if shapes is not None else []
     chosen: dict[str, dict[tuple[str, str], tuple[Candidate, InsertionPoint]]] = defaultdict(dict)
     total = 0
+    reasons: list[str] = []
+    small: list[str] = []
+    wrappers: set[str] = set()
     for rule in recipe.rules:
         count = 0
         named = rule.modules is not None or rule.types is not None
         skipped: list[str] = []
-        for path in _rule_scopes(model, rule, modules, shapes):
+        why: dict[str, list[str]] = {}
+        paths = _rule_scopes(model, rule, modules, shapes, wrappers)
+        for path in paths:
             if path in untraceable:
                 if named:
                     raise untraceable[path]
@@ -175,11 +198,13 @@ def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes
                         raise
                     untraceable[path] = e
                     skipped.append(str(e))
+                    if path in wrappers:
+                        continue  # tried for its residual addition only
                     warnings.warn(f"{e}; rule {rule.name!r} selects by output stride, so this module is left "
                                   f"without DropBlock", stacklevel=3)
                     continue
                 scopes[path] = analyze(path, modules[path], traced, shapes)
-            for c in _select(scopes[path], rule, shapes):
+            for c in _select(scopes[path], rule, shapes, why):
                 point = InsertionPoint(
                     module=path, after=c.node.name, kind=c.kind,
                     block_size=rule.block_size or recipe.dropblock.block_size, shape=c.shape,
@@ -190,15 +215,23 @@ def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes
                 chosen[path][key] = (c, point)  # a later rule overrides an earlier one
                 count += 1
         total += count
+        small += why.get("a 1x1 map", []) if rule.stride is not None else []
+        if count == 0:
+            reasons.append(explain(model, rule, modules, paths, why, shapes, example_input))
         if count == 0 and not rule.optional:
             raise RecipeError(f"rule {rule.name!r} of recipe {recipe.name!r} matches no insertion point in "
                               f"{type(model).__name__} (modules={list(rule.modules) if rule.modules else None}, "
                               f"types={list(rule.types) if rule.types else None}, "
                               f"stride={list(rule.stride) if rule.stride else None}, after={list(rule.after)}, "
-                              f"shortcut={rule.shortcut})" + "".join(f"; skipped: {e}" for e in skipped))
+                              f"shortcut={rule.shortcut}): {reasons[-1]}" + "".join(f"; skipped: {e}" for e in skipped))
     if total == 0:
-        raise RecipeError(f"recipe {recipe.name!r} matches no insertion point in {type(model).__name__}"
+        raise RecipeError(f"recipe {recipe.name!r} matches no insertion point in {type(model).__name__}: "
+                          + "; ".join(dict.fromkeys(reasons))
                           + "".join(f"; skipped: {e}" for e in untraceable.values()))
+    if small:
+        warnings.warn(f"{len(small)} insertion points of recipe {recipe.name!r} were dropped because their maps are "
+                      f"1x1 at this input size (e.g. {small[0]}); a larger example_input (such as 1x3x224x224) "
+                      f"gives the full plan", stacklevel=3)
     order = {name: i for i, name in enumerate(modules)}
     points = {p: sorted(chosen[p].values(), key=lambda cp: _node_order(scopes[p].graph, cp[0]))
               for p in sorted(chosen, key=order.__getitem__)}
@@ -240,7 +273,7 @@ def format_plan(points: Sequence[InsertionPoint]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     branch = sum(p.kind == "branch" for p in points)
-    lines.append(f"{len(points)} DropBlocks: {branch} branch, {len(points) - branch} shortcut, "
+    lines.append(f"{len(points)} DropBlock{'' if len(points) == 1 else 's'}: {branch} branch, {len(points) - branch} shortcut, "
                  f"in {len({p.module for p in points})} modules")
     return "\n".join(lines)
 
