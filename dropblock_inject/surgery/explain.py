@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..recipe import Recipe, RecipeError, Rule
-from .kinds import CONV_TYPES, is_container, module_kind
+from .kinds import CONV_TYPES
 from .shapes import ShapeLog
 
 
@@ -41,7 +41,7 @@ def explain(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], paths: 
             why: dict[str, list[str]], shapes: ShapeLog | None, example_input: Any) -> str:
     """Why ``rule`` selected no insertion point, in one sentence the user can act on."""
     if rule.modules is not None and not any(rule.matches_path(p) for p in modules if p):
-        names = [p for p, m in modules.items() if p and module_kind(m) is None and not is_container(m)]
+        names = [p for p in modules if p]
         close = [c for g in rule.modules for c in difflib.get_close_matches(_literal(g), names, n=3, cutoff=0.5)]
         return (f"no module path matches {list(rule.modules)}"
                 + (f"; the closest existing paths are {list(dict.fromkeys(close))}" if close else
@@ -73,7 +73,8 @@ def explain(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], paths: 
                     f"modules: [{found[largest].rsplit('.', 1)[0] + '.*'!r}]")
     if not paths:
         return "it selects no module"
-    return (f"the {len(paths)} module(s) it selects ({paths[:3]}) hold no {'/'.join(rule.after) or 'branch'} node"
+    what = "layer" if "any" in rule.after else f"{'/'.join(rule.after)} node" if rule.after else "branch node"
+    return (f"the {len(paths)} module(s) it selects ({paths[:3]}) hold no {what}"
             f"{' or residual shortcut' if rule.shortcut else ''}")
 
 

@@ -74,14 +74,21 @@ def _usable(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
 
 
 def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: ShapeLog | None,
-                 wrappers: set[str]) -> list[str]:
-    """The scopes ``rule`` selects; residual wrappers tried for their addition only are added to ``wrappers``."""
+                 wrappers: set[str], focus: dict[str, set[str]]) -> list[str]:
+    """The scopes ``rule`` selects; residual wrappers tried for their addition only are added to ``wrappers``,
+    and scopes chosen for some of their layers only to ``focus`` (scope -> layer paths)."""
     usable = _usable(modules)
     if rule.modules is not None:
         chosen = [p for p in usable if p and rule.matches_path(p)]
         # a glob such as "layer3.**" also matches modules inside a block: keep the outermost match
         outer = set(chosen)
         chosen = [p for p in chosen if not any(p.startswith(q + ".") for q in outer)]
+        # a glob naming layers themselves (``classifier.4``): their owner, restricted to those layers
+        for p, m in modules.items():
+            if p and module_kind(m) is not None and rule.matches_path(p) and not any(
+                    p.startswith(q + ".") for q in outer):
+                focus.setdefault(owner(p, model), set()).add(p)
+        chosen += [p for p in focus if p not in chosen and p in usable]
     elif rule.types is not None:
         chosen = list(usable)  # any module of those classes, e.g. a wrapper holding the residual addition
     else:
@@ -103,7 +110,8 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
             if rule.stride is not None and shapes is not None:
                 if path in shapes.heads:
                     continue
-                strides = {shapes.nominal_stride(shapes.module_output(p), path) for p in [*leaves, path]}
+                strides = {shapes.nominal_stride(shapes.module_output(p), path) for p in [*leaves, path]
+                           if p not in shapes.heads}
                 if not strides & set(rule.stride):
                     continue
             chosen.append(path)
@@ -113,7 +121,8 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
     return chosen
 
 
-def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, list[str]]) -> list[Candidate]:
+def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, list[str]],
+            focus: set[str] | None = None) -> list[Candidate]:
     """The candidates of ``scope`` that ``rule`` asks for; those it asks for but that may never get a
     DropBlock are counted in ``why`` (reason -> points)."""
     wanted = set(rule.after)
@@ -125,17 +134,24 @@ def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, li
                 continue
         elif not ("any" in wanted or c.kinds & wanted):
             continue
+        if focus is not None and not (c.node.op == "call_module" and (
+                f"{scope.path}.{c.node.target}" if scope.path else str(c.node.target)) in focus):
+            continue
         if c.shape is not None and len(c.shape) != scope.spatial_dims + 2:
             continue  # not a feature map (e.g. a channels-last tensor or tokens)
         if rule.stride is not None:
+            if shapes is not None and _in_head(c.node, scope.path, shapes):
+                continue
             stride = shapes.nominal_stride(c.shape, scope.path) if shapes else None
             in_stage = scope.residual and out_stride in rule.stride
             if not (stride in rule.stride or in_stage):
                 continue
         reason = c.banned
         if not reason and c.shape is not None:
-            if math.prod(c.shape[2:]) <= 1:
-                reason = "a 1x1 map"
+            if math.prod(c.shape[2:]) <= 1:  # at the stage's stride: the input is too small for it
+                own = shapes.nominal_stride(c.shape, scope.path) if shapes else None
+                reason = "a 1x1 map" if own is None or rule.stride is None or own in rule.stride else \
+                    "a globally pooled 1x1 map"
             elif c.shape[1] == 1:
                 reason = "a single-channel map"
         if reason:
@@ -143,6 +159,13 @@ def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, li
             continue
         selected.append(c)
     return selected
+
+
+def _in_head(node: fx.Node, path: str, shapes: ShapeLog) -> bool:
+    """Whether ``node`` is (or directly follows) a call of a head module (see ``ShapeLog.heads``)."""
+    while node.op != "call_module" and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node.op == "call_module" and (f"{path}.{node.target}" if path else str(node.target)) in shapes.heads
 
 
 def _shape(shape: tuple[int, ...] | None) -> str:
@@ -180,7 +203,8 @@ def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes
         named = rule.modules is not None or rule.types is not None
         skipped: list[str] = []
         why: dict[str, list[str]] = {}
-        paths = _rule_scopes(model, rule, modules, shapes, wrappers)
+        focus: dict[str, set[str]] = {}
+        paths = _rule_scopes(model, rule, modules, shapes, wrappers, focus)
         for path in paths:
             if path in untraceable:
                 if named:
@@ -204,7 +228,7 @@ def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes
                                   f"without DropBlock", stacklevel=3)
                     continue
                 scopes[path] = analyze(path, modules[path], traced, shapes)
-            for c in _select(scopes[path], rule, shapes, why):
+            for c in _select(scopes[path], rule, shapes, why, focus.get(path)):
                 point = InsertionPoint(
                     module=path, after=c.node.name, kind=c.kind,
                     block_size=rule.block_size or recipe.dropblock.block_size, shape=c.shape,

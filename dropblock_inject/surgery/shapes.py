@@ -26,7 +26,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from .example import Flow, MetaMode, Snapshot, attempts, leaves
-from .kinds import ACT_FUNCTIONS, ACT_METHODS, CONV_TYPES, add_operands, is_container, is_layer, owner
+from .kinds import ACT_FUNCTIONS, ACT_METHODS, CONV_TYPES, add_operands, is_container, is_layer, module_kind, owner
 from .trace import Call, SurgeryError, describe
 
 Shape = tuple[int, ...]
@@ -40,9 +40,19 @@ def own_dilation(m: nn.Module) -> int:
     """The largest power-of-two dilation of ``m``'s spatial (kernel > 1) convolutions (1 if none): a stage
     that replaced a stride-2 by dilation 2 (4, ...) works on maps of that many times the stride. Rates that
     are not powers of two (DeepLab's ASPP: 6, 12, 18, 24, 36) are context branches, not traded strides."""
-    found = [d for c in m.modules() if isinstance(c, CONV_TYPES) and max(c.kernel_size) > 1
+    found = [d for c in _own_layers(m) if isinstance(c, CONV_TYPES) and max(c.kernel_size) > 1
              for d in c.dilation if _pow2(d)]
     return max(found, default=1)
+
+
+def _own_layers(m: nn.Module) -> list[nn.Module]:
+    """The modules ``m``'s own forward calls: its children, looking through containers (a conv inside a
+    child block belongs to that block)."""
+    out = []
+    for c in m.children():
+        out += _own_layers(c) if is_container(c) else [c] if isinstance(c, CONV_TYPES) else [
+            x for x in c.modules() if isinstance(x, CONV_TYPES)] if module_kind(c) is not None else []
+    return out
 
 
 class ShapeLog:
@@ -133,7 +143,9 @@ class ShapeLog:
             self.start[name] = self._events
             self._events += 1
             maps = {tuple(t.shape[2:]) for t in leaves((args, kwargs)) if t.dim() >= 4}
-            if len(maps) > 1 and name:
+            grouped = any(isinstance(a, (list, tuple, dict)) and sum(t.dim() >= 4 for t in leaves(a)) > 1
+                          for a in (*args, *kwargs.values()))
+            if name and (len(maps) > 1 or grouped):  # maps of several sizes, or several maps in one argument
                 self.multiscale.add(name)
         if self.reference is None and isinstance(module, CONV_TYPES) and args and isinstance(args[0], Tensor):
             self.reference = tuple(args[0].shape[2:])
