@@ -1,6 +1,8 @@
 """Placement on torchvision detectors (issue 15): strides from the network's own maps, the paper's points in
 the backbone body only (never on the FPN, its extra levels or the heads), a cheap example forward."""
 
+import warnings
+
 import pytest
 import torch
 from _models import counts
@@ -28,15 +30,22 @@ def test_paper_generic_in_the_resnet_body(name, inp):
     assert {p.module.rsplit(".", 1)[0] for p in points} == {"backbone.body.layer3", "backbone.body.layer4"}
 
 
-@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_fpn", "ssdlite320_mobilenet_v3_large"])
-def test_mobilenet_detectors_only_in_the_body(name):
-    kwargs = {k: v for k, v in SMALL.items() if name.startswith("faster") or "size" not in k}
-    model = getattr(detection, name)(**kwargs).eval()
-    points = dbi.plan(model, "paper_generic", example_input=INPUTS["images"]())
-    assert points
-    prefix = "backbone.body" if name.startswith("faster") else "backbone.features"
-    assert all(p.module.startswith(prefix) for p in points), {p.module for p in points if not p.module.startswith(prefix)}
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"])
+def test_mobilenet_fpn_detectors_only_in_the_body(name):
+    """This FPN takes two maps of the same size (both stride 32): still a neck, never selected."""
+    model = getattr(detection, name)(**SMALL).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in particular no "cannot trace module 'backbone.fpn'"
+        points = dbi.plan(model, "paper_generic", example_input=INPUTS["images"]())
+    assert points and all(p.module.startswith("backbone.body") for p in points)
     assert all(p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1 for p in points)
+
+
+def test_ssdlite_points_in_its_mobilenet_features():
+    model = detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    points = dbi.plan(model, "paper_generic", example_input=INPUTS["images"]())
+    assert points and not any("head" in p.module for p in points)
+    assert sum(p.after.startswith("features") or ".features." in p.module for p in points) >= len(points) - 1
 
 
 def test_detector_shape_pass_runs_on_the_meta_device():
@@ -46,7 +55,7 @@ def test_detector_shape_pass_runs_on_the_meta_device():
     images = INPUTS["images"]()
     log = ShapeLog(model, images)
     assert log.how == "meta" and log.partial
-    assert log.reference == (320, 427)  # the resized, batched image the first convolution sees
+    assert log.reference == (320, 448)  # the resized, padded batch the first convolution sees
     assert "backbone.fpn" in log.heads and "head" in log.heads
     with torch.no_grad():
         ref = model(images)
