@@ -102,6 +102,21 @@ class MetaMode(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+class HooksAside:
+    """A context in which no user forward hook (per module or global) fires: tracing and the example forward
+    call modules, and a logging hook must not record a phantom step. Restored on exit, also after an error."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> HooksAside:
+        self.snapshot = Snapshot(self.model)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.snapshot.restore_hooks()
+
+
 def attempts(args: tuple[Any, ...]) -> list[tuple[str, tuple[Any, ...]]]:
     """The ways to run the example forward, cheapest first: an empty batch (a batch of tensors whose first
     dimension is sliced to 0), the meta device, a real forward."""

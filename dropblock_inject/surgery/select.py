@@ -22,6 +22,7 @@ from ..ops import _DropBlockNd
 from ..recipe import Recipe, RecipeError, RecipeLike, Rule, load_recipe
 from .analyze import Candidate, Scope, analyze
 from .forward import check_not_injected
+from .example import HooksAside
 from .explain import explain, not_a_cnn
 from .kinds import CONV_TYPES, is_container, module_kind, owner
 from .shapes import ShapeLog, call_log
@@ -185,6 +186,11 @@ def _needs_shapes(recipe: Recipe) -> bool:
 def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes: bool) -> Plan:
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    with HooksAside(model):  # tracing and the example forward call modules: user hooks must not fire
+        return _build_plan(model, recipe, example_input, with_shapes)
+
+
+def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes: bool) -> Plan:
     not_a_cnn(model, recipe)
     shapes = None
     if with_shapes or _needs_shapes(recipe):
