@@ -9,6 +9,7 @@ stride-16/32 stage (naming the largest stride found), or points that may never g
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from typing import Any
 
@@ -67,6 +68,10 @@ def explain(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], paths: 
         if not found:
             return "the example forward produced no feature map"
         largest = max(found)
+        tiny = shapes.calls[found[largest]][0]
+        if largest < min(rule.stride) and tiny is not None and math.prod(tiny[2:]) <= 1:
+            return (f"the maps are 1x1 from stride {largest} on: the example input {_input(example_input)} is too "
+                    f"small for stride {'/'.join(map(str, rule.stride))}, use a larger one")
         if largest < min(rule.stride):
             return (f"no map reaches stride {'/'.join(map(str, rule.stride))}: the largest stride found is "
                     f"{largest} (in {found[largest]!r}); select the deepest stage by path instead, e.g. "
