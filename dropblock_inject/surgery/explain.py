@@ -39,8 +39,9 @@ def _literal(glob: str) -> str:
 
 
 def explain(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], paths: list[str],
-            why: dict[str, list[str]], shapes: ShapeLog | None, example_input: Any) -> str:
-    """Why ``rule`` selected no insertion point, in one sentence the user can act on."""
+            why: dict[str, list[str]], shapes: ShapeLog | None, example_input: Any, untraceable: int = 0) -> str:
+    """Why ``rule`` selected no insertion point, in one sentence the user can act on (``untraceable``: how
+    many of the selected modules torch.fx could not trace)."""
     if rule.modules is not None and not any(rule.matches_path(p) for p in modules if p):
         names = [p for p in modules if p]
         close = [c for g in rule.modules for c in difflib.get_close_matches(_literal(g), names, n=3, cutoff=0.5)]
@@ -78,6 +79,8 @@ def explain(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], paths: 
                     f"modules: [{found[largest].rsplit('.', 1)[0] + '.*'!r}]")
     if not paths:
         return "it selects no module"
+    if untraceable >= len(paths):
+        return f"torch.fx cannot trace the {len(paths)} module(s) it selects (e.g. {paths[0]!r}), see below"
     what = "layer" if "any" in rule.after else f"{'/'.join(rule.after)} node" if rule.after else "branch node"
     return (f"the {len(paths)} module(s) it selects ({paths[:3]}) hold no {what}"
             f"{' or residual shortcut' if rule.shortcut else ''}")

@@ -247,7 +247,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shape
         total += count
         small += why.get("a 1x1 map", []) if rule.stride is not None else []
         if count == 0:
-            reasons.append(explain(model, rule, modules, paths, why, shapes, example_input))
+            reasons.append(explain(model, rule, modules, paths, why, shapes, example_input, len(skipped)))
         if count == 0 and not rule.optional:
             raise RecipeError(f"rule {rule.name!r} of recipe {recipe.name!r} matches no insertion point in "
                               f"{type(model).__name__} (modules={list(rule.modules) if rule.modules else None}, "
