@@ -66,12 +66,12 @@ def _inside_layer(path: str, kinds: dict[str, str | None]) -> bool:
 
 
 def _usable(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """The modules that may be scopes: no container, no layer, no DropBlock, nothing inside a ScriptModule
-    (a ScriptModule is a leaf, never traced nor hooked)."""
+    """The modules that may be scopes: the model itself, and no container, layer or DropBlock below it; nothing
+    inside a ScriptModule (a ScriptModule is a leaf, never traced nor hooked)."""
     scripted = [p for p, m in modules.items() if isinstance(m, torch.jit.ScriptModule)]
     return {p: m for p, m in modules.items()
-            if not any(p == q or p.startswith(q + ".") for q in scripted) and not is_container(m)
-            and not isinstance(m, _DropBlockNd) and module_kind(m) is None}
+            if not any(p == q or p.startswith(q + ".") for q in scripted) and (p == "" or (
+                not is_container(m) and not isinstance(m, _DropBlockNd) and module_kind(m) is None))}
 
 
 def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: ShapeLog | None,
