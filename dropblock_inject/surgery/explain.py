@@ -22,9 +22,9 @@ from .shapes import ShapeLog
 
 
 def not_a_cnn(model: nn.Module, recipe: Recipe) -> None:
-    """RecipeError if a recipe that does not name modules meets a model with at most one convolution (a
+    """RecipeError if a recipe selecting by stride only meets a model with at most one convolution (a
     vision transformer's patch embedding): it has no convolutional stage for DropBlock."""
-    if any(r.modules is not None or r.types is not None for r in recipe.rules):
+    if any(r.modules is not None or r.types is not None or r.stride is None for r in recipe.rules):
         return
     convs = [p for p, m in model.named_modules() if isinstance(m, CONV_TYPES)]
     if len(convs) <= 1:
