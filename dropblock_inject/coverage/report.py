@@ -14,10 +14,13 @@ from typing import Any, Callable
 import torch
 
 from .check import CoverageRow, check_model
-from .zoo import KNOWN_LIMITS, _is_cnn, timm_models, torchvision_models
+from .zoo import FAMILIES, KNOWN_LIMITS, _is_cnn, timm_models, torchvision_models
 
 
-def sweep(fast: bool = False, recipe: Any = "paper_generic", libraries: tuple[str, ...] = ("torchvision", "timm"),
+ALL_LIBRARIES = ("torchvision", "timm", *FAMILIES)
+
+
+def sweep(fast: bool = False, recipe: Any = "paper_generic", libraries: tuple[str, ...] = ALL_LIBRARIES,
           report: Path | None = None, keep_json: bool = False, light: bool = False,
           names: list[str] | None = None, reverse: bool = False, log: Callable[[str], None] | None = print) -> list[CoverageRow]:
     rows: list[CoverageRow] = []
@@ -26,6 +29,9 @@ def sweep(fast: bool = False, recipe: Any = "paper_generic", libraries: tuple[st
         zoo += [("torchvision", *m) for m in torchvision_models(fast, light)]
     if "timm" in libraries:
         zoo += [("timm", *m) for m in timm_models(fast)]
+    for lib, models in FAMILIES.items():
+        if lib in libraries:
+            zoo += [(lib, *m) for m in models(fast)]
     if names:
         zoo = [z for z in zoo if z[1] in names]
     if reverse:
@@ -75,8 +81,12 @@ def write_report(rows: list[CoverageRow], path: Path, recipe: Any = "paper_gener
         "then checked: plan and inject agree on the points, and no DropBlock directly follows a module holding",
         "DropBlocks of its own; eval output bit-identical after inject (2x3xSxS); a train forward + backward with every",
         "DropBlock at keep_prob 0.8 is finite; every DropBlock sees only (N, C, H, W) maps larger than 1x1, with C > 1, at",
-        "stride 16 or 32 (or stride 8 inside a block whose output stride is 16); strip restores module types and",
-        "state_dict keys. A passing model whose reason is not empty had modules skipped because fx cannot trace",
+        "stride 16 or 32 (or stride 8 inside a block whose output stride is 16) -- strides measured from the input of",
+        "the network's first convolution, a dilated stage counting as the stride it replaced --, never in a neck or",
+        "head of a dense model (FPN, detection/decoder heads); strip restores module types and state_dict keys.",
+        "Detectors get a list of SxS images (and targets for the train step); segmenters, Hugging Face models",
+        "(built from their default configs), timm `features_only` models and segmentation_models_pytorch models a",
+        "tensor. A passing model whose reason is not empty had modules skipped because fx cannot trace",
         "them; a \"known limit\" is a placement that passes every check but is not the paper's (found by reading",
         "the plans). Vision transformers (ViT, Swin, MaxViT) are skipped. Inject time is noisy (shared 2 cores).",
         "",
@@ -105,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reverse", action="store_true", help="sweep in reverse order")
     parser.add_argument("--light", action="store_true", help="leave out the heaviest torchvision models")
     parser.add_argument("--recipe", default="paper_generic")
-    parser.add_argument("--only", choices=["torchvision", "timm"], default=None)
+    parser.add_argument("--only", choices=list(ALL_LIBRARIES), nargs="+", default=None)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "docs" / "coverage.md"))
     parser.add_argument("-v", action="store_true", help="print tracebacks of failures")
     parser.add_argument("--json", action="store_true", help="also write the rows as JSON next to the report")
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         unique = {(r.library, r.model): r for r in reversed(rows)}  # the first row of a model wins
         rows = [r for r in rows if unique[(r.library, r.model)] is r]
         done = set(unique)
-        for lib, zoo in (("torchvision", torchvision_models), ("timm", timm_models)):
+        for lib, zoo in (("torchvision", torchvision_models), ("timm", timm_models), *FAMILIES.items()):
             for name, family, _, _ in zoo(args.fast):
                 if (lib, name) not in done:
                     skip = "skipped: not a CNN" if not _is_cnn(name, family) else "not run"
@@ -126,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         for lib, (p, n) in pass_rates(rows).items():
             print(f"{lib}: {p}/{n} pass ({100 * p / max(n, 1):.1f}%)")
         return 0
-    libs = (args.only,) if args.only else ("torchvision", "timm")
+    libs = tuple(args.only) if args.only else ALL_LIBRARIES
     rows = sweep(args.fast, args.recipe, libs, Path(args.out), keep_json=args.json, light=args.light,
                  names=args.names, reverse=args.reverse)
     for lib, (p, n) in pass_rates(rows).items():

@@ -92,3 +92,83 @@ def timm_models(fast: bool = False) -> list[tuple[str, str, Callable[[], nn.Modu
 
 def _is_cnn(name: str, family: str) -> bool:
     return not any(family.startswith(f) or name.startswith(f) for f in NON_CNN_FAMILIES)
+
+
+# ---- dense-prediction and other libraries' families (issue 15) ---------------------------------------------
+
+Entry = tuple[str, str, Callable[[], nn.Module], int]
+TIMM_FEATURES = ["resnet18", "resnet50d", "efficientnet_b0", "convnext_atto", "regnetx_002", "mobilenetv3_small_100",
+                 "cspresnet50", "dla34"]
+SMP_MODELS = [(arch, enc) for arch in ("Unet", "FPN", "DeepLabV3Plus") for enc in ("resnet18", "resnet34",
+                                                                                    "efficientnet-b0")]
+
+
+def tv_detection_models(fast: bool = False) -> list[Entry]:
+    """torchvision's detectors (random weights, small internal resolution so that the checks are quick)."""
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models.detection)
+    if fast:
+        names = ["fasterrcnn_resnet50_fpn", "ssdlite320_mobilenet_v3_large"]
+
+    def build(n: str) -> nn.Module:
+        extra = {} if n.startswith("ssd") else {"min_size": 224, "max_size": 320}
+        return torchvision.models.get_model(n, weights=None, weights_backbone=None, **extra)
+
+    return [(n, n.split("_")[0], (lambda n=n: build(n)), 224) for n in names]
+
+
+def tv_segmentation_models(fast: bool = False) -> list[Entry]:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models.segmentation)
+    if fast:
+        names = ["deeplabv3_resnet50", "lraspp_mobilenet_v3_large"]
+    return [(n, n.split("_")[0], (lambda n=n: torchvision.models.get_model(n, weights=None, weights_backbone=None)),
+             96) for n in names]
+
+
+def hf_models(fast: bool = False) -> list[Entry]:
+    """Hugging Face transformers CNNs, built from their default configs (no download)."""
+    import transformers as T
+
+    def upernet() -> nn.Module:
+        backbone = T.ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3],
+                                    out_features=["stage1", "stage2", "stage3", "stage4"])
+        return T.UperNetForSemanticSegmentation(T.UperNetConfig(backbone_config=backbone))
+
+    zoo: dict[str, Callable[[], nn.Module]] = {
+        "ResNetForImageClassification": lambda: T.ResNetForImageClassification(T.ResNetConfig()),
+        "ConvNextForImageClassification": lambda: T.ConvNextForImageClassification(T.ConvNextConfig()),
+        "ConvNextV2ForImageClassification": lambda: T.ConvNextV2ForImageClassification(T.ConvNextV2Config()),
+        "RegNetForImageClassification": lambda: T.RegNetForImageClassification(T.RegNetConfig()),
+        "EfficientNetForImageClassification": lambda: T.EfficientNetForImageClassification(T.EfficientNetConfig()),
+        "MobileNetV2ForImageClassification": lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config()),
+        "BitForImageClassification": lambda: T.BitForImageClassification(T.BitConfig()),
+        "UperNetForSemanticSegmentation": upernet,
+    }
+    if fast:
+        zoo = {k: v for k, v in zoo.items() if k.startswith(("ResNet", "RegNet"))}
+    return [(n, n.split("For")[0].lower(), ctor, 128 if n.startswith("UperNet") else 64) for n, ctor in zoo.items()]
+
+
+def timm_features_models(fast: bool = False) -> list[Entry]:
+    import timm
+
+    names = TIMM_FEATURES[:2] if fast else TIMM_FEATURES
+    return [(f"{n} (features_only)", _timm_family(n),
+             (lambda n=n: timm.create_model(n, pretrained=False, features_only=True)), 64) for n in names]
+
+
+def smp_models(fast: bool = False) -> list[Entry]:
+    import segmentation_models_pytorch as smp
+
+    entries = SMP_MODELS[:1] if fast else SMP_MODELS
+    return [(f"{arch}({enc})", arch.lower(), (lambda a=arch, e=enc: getattr(smp, a)(e, encoder_weights=None, classes=3)),
+             64) for arch, enc in entries]
+
+
+FAMILIES: dict[str, Callable[[bool], list[Entry]]] = {
+    "torchvision-detection": tv_detection_models, "torchvision-segmentation": tv_segmentation_models,
+    "transformers": hf_models, "timm-features": timm_features_models, "smp": smp_models,
+}
