@@ -173,7 +173,11 @@ def check_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "paper_g
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                targets = [{"boxes": torch.tensor([[4.0, 4.0, size / 2, size / 2]]), "labels": torch.tensor([1])}] * 2
+                box = torch.tensor([[4.0, 4.0, size / 2, size / 2]])
+                target = {"boxes": box, "labels": torch.tensor([1]),  # masks and keypoints for Mask/Keypoint R-CNN
+                          "masks": torch.zeros(1, size, size, dtype=torch.uint8).index_fill_(1, torch.arange(4, size // 2), 1),
+                          "keypoints": torch.tensor([[[8.0, 8.0, 1.0]] * 17])}
+                targets = [target] * 2
                 out = _tensors(model(x, targets) if detection else model(x))
             fallback = [str(w.message) for w in caught if "is called otherwise" in str(w.message)]
             if fallback:  # a rewritten block ran its original forward: its DropBlocks were skipped

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -24,6 +25,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+_KEY = "dropblock_inject"  # our hooks' key in the hook dicts (never an int, so never a user's hook id)
+# hooks set aside by an enclosing HooksAside: module -> its hook dicts; a stack of the global ones
+_ASIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ASIDE_GLOBAL: list[dict[str, dict[Any, Any]]] = []
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_hooks_with_kwargs", "_global_forward_hooks_always_called",
                  "_global_forward_pre_hooks")
 
@@ -111,19 +116,29 @@ class HooksAside:
 
     def __enter__(self) -> HooksAside:
         self.snapshot = Snapshot(self.model)
+        _ASIDE.update(self.snapshot.own)
+        _ASIDE_GLOBAL.append(self.snapshot.own_globals)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        for m in self.snapshot.own:
+            _ASIDE.pop(m, None)
+        _ASIDE_GLOBAL.pop()
         self.snapshot.restore_hooks()
 
 
-def attempts(args: tuple[Any, ...]) -> list[tuple[str, tuple[Any, ...]]]:
+def attempts(args: tuple[Any, ...], hooked: bool) -> list[tuple[str, tuple[Any, ...], bool]]:
     """The ways to run the example forward, cheapest first: an empty batch (a batch of tensors whose first
     dimension is sliced to 0), the meta device, a real forward."""
     out = []
     if args and all(isinstance(a, Tensor) and a.dim() >= 4 and a.shape[0] >= 1 for a in args):
         out.append(("empty batch", tuple(a[:0] for a in args)))
-    return [*out, ("meta", args), ("real", args)]
+    cheap = [*out, ("meta", args)]
+    if not hooked:
+        return [(how, a, False) for how, a in [*cheap, ("real", args)]]
+    # a model that may need its own hooks: each way without them, then with them
+    return [(how, a, False) for how, a in cheap] + [(how, a, True) for how, a in cheap] + [
+        ("real", args, False), ("real", args, True)]
 
 
 class Snapshot:
@@ -136,11 +151,36 @@ class Snapshot:
         self.attrs = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
                       for m in self.modules]
         self.globals = {name: dict(getattr(_module, name)) for name in _GLOBAL_HOOKS}
+        # the hooks as the user left them, also when an enclosing HooksAside has already set them aside
+        self.own = {m: _ASIDE.get(m) or {key: m.__dict__[key] for key in _HOOK_DICTS} for m in self.modules}
+        self.own_globals = _ASIDE_GLOBAL[-1] if _ASIDE_GLOBAL else self.globals
         for name in _GLOBAL_HOOKS:
             getattr(_module, name).clear()
         for m, attrs, *_ in self.attrs:
             for key in _HOOK_DICTS:
                 m.__dict__[key] = OrderedDict()
+
+    @property
+    def hooked(self) -> bool:
+        """Whether the model or the process holds forward hooks of its own (some models need theirs, e.g.
+        Hugging Face's output recorders)."""
+        return any(any(d) for d in self.own_globals.values()) or any(
+            any(h[key] for key in _HOOK_DICTS) for h in self.own.values())
+
+    def install(self, m: nn.Module, pre: Any, post: Any, keep: bool) -> None:
+        """Our recording hooks on ``m``: alone, or around the module's own ones (``keep``)."""
+        own = self.own.get(m) if keep else None
+        d = m.__dict__
+        d["_forward_pre_hooks"] = OrderedDict([(_KEY, pre), *(own["_forward_pre_hooks"].items() if own else ())])
+        d["_forward_pre_hooks_with_kwargs"] = {_KEY: True, **(own["_forward_pre_hooks_with_kwargs"] if own else {})}
+        d["_forward_hooks"] = OrderedDict([*(own["_forward_hooks"].items() if own else ()), (_KEY, post)])
+        if own:
+            d["_forward_hooks_with_kwargs"] = dict(own["_forward_hooks_with_kwargs"])
+            d["_forward_hooks_always_called"] = dict(own["_forward_hooks_always_called"])
+
+    def keep_globals(self) -> None:
+        for name, saved in self.own_globals.items():
+            getattr(_module, name).update(saved)
 
     def restore(self) -> None:
         for m, attrs, params, buffers, children in self.attrs:

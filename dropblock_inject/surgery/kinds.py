@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..ops import _DropBlockNd
 from .trace import Tracer
 
 CONV_TYPES = (nn.Conv2d, nn.Conv3d)
@@ -206,3 +207,20 @@ def unit_kinds(node: fx.Node, kinds: dict[fx.Node, frozenset[str]]) -> frozenset
     if "conv" in k and not any(kinds[u] == {"norm"} for u in node.users):
         k.add("unit")
     return frozenset(k)
+
+
+def inside_layer(path: str, kinds: dict[str, str | None]) -> bool:
+    """Whether the module at ``path`` lies inside a conv / norm / act / unit module (the conv of a
+    ConvNormAct, the activation of a BatchNormAct2d): its owner treats that module as one layer and places
+    DropBlock after it, so the module's own graph must not get a DropBlock too."""
+    parts = path.split(".")
+    return any(kinds.get(".".join(parts[:i])) is not None for i in range(1, len(parts)))
+
+
+def usable_scopes(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The modules that may be scopes: the model itself, and no container, layer or DropBlock below it; nothing
+    inside a ScriptModule (a ScriptModule is a leaf, never traced nor hooked)."""
+    scripted = [p for p, m in modules.items() if isinstance(m, torch.jit.ScriptModule)]
+    return {p: m for p, m in modules.items()
+            if not any(p == q or p.startswith(q + ".") for q in scripted) and (p == "" or (
+                not is_container(m) and not isinstance(m, _DropBlockNd) and module_kind(m) is None))}

@@ -18,13 +18,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..ops import _DropBlockNd
 from ..recipe import Recipe, RecipeError, RecipeLike, Rule, load_recipe
 from .analyze import Candidate, Scope, analyze
 from .forward import check_not_injected
 from .example import HooksAside
 from .explain import explain, not_a_cnn
-from .kinds import CONV_TYPES, is_container, module_kind, owner
+from .kinds import CONV_TYPES, inside_layer, module_kind, owner, usable_scopes
 from .shapes import ShapeLog, call_log
 from .trace import SurgeryError, trace_scope, wants_call
 
@@ -57,28 +56,12 @@ class InsertionPoint:
     rule: str = ""
 
 
-def _inside_layer(path: str, kinds: dict[str, str | None]) -> bool:
-    """Whether the module at ``path`` lies inside a conv / norm / act / unit module (the conv of a
-    ConvNormAct, the activation of a BatchNormAct2d): its owner treats that module as one layer and places
-    DropBlock after it, so the module's own graph must not get a DropBlock too."""
-    parts = path.split(".")
-    return any(kinds.get(".".join(parts[:i])) is not None for i in range(1, len(parts)))
-
-
-def _usable(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """The modules that may be scopes: the model itself, and no container, layer or DropBlock below it; nothing
-    inside a ScriptModule (a ScriptModule is a leaf, never traced nor hooked)."""
-    scripted = [p for p, m in modules.items() if isinstance(m, torch.jit.ScriptModule)]
-    return {p: m for p, m in modules.items()
-            if not any(p == q or p.startswith(q + ".") for q in scripted) and (p == "" or (
-                not is_container(m) and not isinstance(m, _DropBlockNd) and module_kind(m) is None))}
-
-
 def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: ShapeLog | None,
                  wrappers: set[str], focus: dict[str, set[str]]) -> list[str]:
     """The scopes ``rule`` selects; residual wrappers tried for their addition only are added to ``wrappers``,
-    and scopes chosen for some of their layers only to ``focus`` (scope -> layer paths)."""
-    usable = _usable(modules)
+    and the owners of layers the globs name themselves to ``focus`` (owner -> layer paths): no point goes
+    there, but an error can say why (a prediction, a pooled map) or name the module to write instead."""
+    usable = usable_scopes(modules)
     if rule.modules is not None:
         chosen = [p for p in usable if p and rule.matches_path(p)]
         # a glob such as "layer3.**" also matches modules inside a block: keep the outermost match
@@ -89,14 +72,13 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
             if p and module_kind(m) is not None and rule.matches_path(p) and not any(
                     p.startswith(q + ".") for q in outer):
                 focus.setdefault(owner(p, model), set()).add(p)
-        chosen += [p for p in focus if p not in chosen and p in usable]
     elif rule.types is not None:
         chosen = list(usable)  # any module of those classes, e.g. a wrapper holding the residual addition
     else:
         owners: dict[str, list[str]] = {}
         kinds = {p: module_kind(m) for p, m in modules.items() if p}
         for p, kind in kinds.items():
-            if kind is not None and not _inside_layer(p, kinds):
+            if kind is not None and not inside_layer(p, kinds):
                 owners.setdefault(owner(p, model), []).append(p)
         # residual wrappers ``x + self.fn(x)``: a module whose children hold convolutions but no layer of its own
         for p, m in usable.items():
@@ -141,7 +123,7 @@ def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, li
         if c.shape is not None and len(c.shape) != scope.spatial_dims + 2:
             continue  # not a feature map (e.g. a channels-last tensor or tokens)
         if rule.stride is not None:
-            if shapes is not None and _in_head(c.node, scope.path, shapes):
+            if shapes is not None and shapes.in_head(c.node, scope.path):
                 continue
             stride = shapes.nominal_stride(c.shape, scope.path) if shapes else None
             in_stage = scope.residual and out_stride in rule.stride
@@ -162,13 +144,6 @@ def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, li
     return selected
 
 
-def _in_head(node: fx.Node, path: str, shapes: ShapeLog) -> bool:
-    """Whether ``node`` is (or directly follows) a call of a head module (see ``ShapeLog.heads``)."""
-    while node.op != "call_module" and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node.op == "call_module" and (f"{path}.{node.target}" if path else str(node.target)) in shapes.heads
-
-
 def _shape(shape: tuple[int, ...] | None) -> str:
     return "x".join(map(str, shape)) if shape else "-"
 
@@ -186,15 +161,15 @@ def _needs_shapes(recipe: Recipe) -> bool:
 def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes: bool) -> Plan:
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    with HooksAside(model):  # tracing and the example forward call modules: user hooks must not fire
-        return _build_plan(model, recipe, example_input, with_shapes)
-
-
-def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes: bool) -> Plan:
     not_a_cnn(model, recipe)
     shapes = None
-    if with_shapes or _needs_shapes(recipe):
+    if with_shapes or _needs_shapes(recipe):  # (sets the user's hooks aside itself)
         shapes = ShapeLog(model, torch.randn(1, 3, 224, 224) if example_input is None else example_input)
+    with HooksAside(model):  # tracing calls modules too: user hooks must not fire
+        return _build_plan(model, recipe, example_input, shapes)
+
+
+def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: ShapeLog | None) -> Plan:
     modules = dict(model.named_modules())
     scopes: dict[str, Scope] = {}
     untraceable: dict[str, SurgeryError] = {}
@@ -234,7 +209,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shape
                                   f"without DropBlock", stacklevel=3)
                     continue
                 scopes[path] = analyze(path, modules[path], traced, shapes)
-            for c in _select(scopes[path], rule, shapes, why, focus.get(path)):
+            for c in _select(scopes[path], rule, shapes, why):
                 point = InsertionPoint(
                     module=path, after=c.node.name, kind=c.kind,
                     block_size=rule.block_size or recipe.dropblock.block_size, shape=c.shape,
@@ -247,7 +222,9 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shape
         total += count
         small += why.get("a 1x1 map", []) if rule.stride is not None else []
         if count == 0:
-            reasons.append(explain(model, rule, modules, paths, why, shapes, example_input, len(skipped)))
+            named_layers = _diagnose_layers(rule, modules, focus, shapes, calls, why)
+            reasons.append(explain(model, rule, modules, paths, why, shapes, example_input, len(skipped))
+                           if why or not named_layers else named_layers)
         if count == 0 and not rule.optional:
             raise RecipeError(f"rule {rule.name!r} of recipe {recipe.name!r} matches no insertion point in "
                               f"{type(model).__name__} (modules={list(rule.modules) if rule.modules else None}, "
@@ -266,6 +243,25 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shape
     points = {p: sorted(chosen[p].values(), key=lambda cp: _node_order(scopes[p].graph, cp[0]))
               for p in sorted(chosen, key=order.__getitem__)}
     return Plan(scopes, points)
+
+
+def _diagnose_layers(rule: Rule, modules: dict[str, nn.Module], focus: dict[str, set[str]], shapes: ShapeLog | None,
+                     calls: list[ShapeLog | None], why: dict[str, list[str]]) -> str:
+    """For a rule whose globs name layers (``classifier.4``): adds to ``why`` the reasons those layers may never
+    get a DropBlock; returns what to write instead when they could."""
+    found = []
+    for path, layers in focus.items():
+        call = calls[0].call(path) if calls and calls[0] is not None else None
+        try:
+            scope = analyze(path, modules[path], trace_scope(modules[path], path, call), shapes)
+        except SurgeryError:
+            continue
+        found += [c.node.name for c in _select(scope, rule, shapes, why, layers)]
+    if not found:
+        return ""
+    owners = [p or "<root>" for p in focus]
+    return (f"its globs name layers ({sorted(set().union(*focus.values()))[:3]}), not the modules that call them; "
+            f"select their module instead (modules: {owners[:3]}) and the layers with 'after'")
 
 
 def _node_order(graph: fx.Graph, c: Candidate) -> int:

@@ -17,7 +17,7 @@ assigned to a module is undone, so a failure leaves the model as it was.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -69,10 +69,10 @@ class ShapeLog:
         errors: list[str] = []
         self.how = ""
         try:
-            for how, run_args in attempts(args):
+            for how, run_args, keep in attempts(args, snapshot.hooked):
                 self._reset()
                 try:
-                    self._run(model, run_args, how)
+                    self._run(model, run_args, how, snapshot, keep)
                     self.how = how
                     break
                 except Exception as e:  # noqa: BLE001 - try the next, more expensive way
@@ -81,7 +81,7 @@ class ShapeLog:
                         self.how = how
                         break
                     errors.append(f"{type(e).__name__}: {e}")
-                    if how == "real":
+                    if how == "real" and (keep or not snapshot.hooked):
                         raise SurgeryError(f"the example input of shape {[tuple(t.shape) for t in tensors]} failed "
                                            f"to run through the model: {errors[-1]}") from e
                 finally:
@@ -107,15 +107,17 @@ class ShapeLog:
         self.classifier = False
         self._events = 0
 
-    def _run(self, model: nn.Module, args: tuple[Any, ...], how: str) -> None:
+    def _run(self, model: nn.Module, args: tuple[Any, ...], how: str, snapshot: Snapshot, keep: bool) -> None:
+        """One forward with our recording hooks (``keep``: with the model's own hooks too, for models that
+        need them, e.g. Hugging Face's output recorders)."""
         names = {id(m): name for name, m in self.modules.items()}
         flow = Flow({id(m) for m in self.modules.values() if is_layer(m)}, names)
-        for name, m in self.modules.items():
-            if isinstance(m, torch.jit.ScriptModule):
-                continue  # a leaf that is never hooked
-            m.__dict__["_forward_pre_hooks"] = OrderedDict([(0, self._pre_hook)])
-            m.__dict__["_forward_pre_hooks_with_kwargs"] = {0: True}
-            m.__dict__["_forward_hooks"] = OrderedDict([(0, flow.post_hook(self._hook))])
+        post = flow.post_hook(self._hook)
+        for m in self.modules.values():
+            if not isinstance(m, torch.jit.ScriptModule):  # a leaf that is never hooked
+                snapshot.install(m, self._pre_hook, post, keep)
+        if keep:
+            snapshot.keep_globals()
         if how == "meta":
             args = pytree.tree_map_only(Tensor, lambda t: t.to("meta"), args)
         flow.tag_inputs(args)
@@ -226,6 +228,12 @@ class ShapeLog:
             if s is not None and (s > deepest or (s == deepest and self.end[p] > end)):
                 deepest, end = s, self.end[p]
         return heads | {p for p, t in self.start.items() if t > end >= 0}
+
+    def in_head(self, node: fx.Node, path: str) -> bool:
+        """Whether ``node`` is (or directly follows) a call of a head module (see ``heads``)."""
+        while node.op != "call_module" and node.args and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        return node.op == "call_module" and (f"{path}.{node.target}" if path else str(node.target)) in self.heads
 
     def node_shapes(self, path: str, graph: fx.Graph, inputs: list[Shape | None]
                     ) -> tuple[dict[str, Shape | None], dict[str, str]]:
