@@ -34,6 +34,15 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_hooks_with_kwargs", "
 
 
 def leaves(value: Any) -> list[Tensor]:
+    """The tensors in ``value`` (nested lists, tuples, dicts, pytree nodes such as Hugging Face outputs)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return [t for v in value for t in leaves(v)]
+    if type(value) is dict:
+        return [t for v in value.values() for t in leaves(v)]
+    if value is None or isinstance(value, (int, float, bool, str, torch.dtype, torch.device)):
+        return []
     return [t for t in pytree.tree_leaves(value) if isinstance(t, Tensor)]
 
 
@@ -57,11 +66,12 @@ class Flow(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        ins = [self.info[t] for t in _leaves_in(args, kwargs, self.info)]
+        tagged = _leaves_in(args, kwargs, self.info)
+        ins = [self.info[t] for t in tagged]
         if ins:
             name = getattr(func, "__name__", "")
             # a sum, product or concatenation of several maps is a new feature, not any one layer's output
-            layers = ins[0][0] if len({id(t) for t in _leaves_in(args, kwargs, self.info)}) == 1 else frozenset()
+            layers = ins[0][0] if len({id(t) for t in tagged}) == 1 else frozenset()
             outs = leaves(out)
             if "adaptive" in name and "pool" in name:
                 first = leaves(args)[0]
@@ -86,6 +96,10 @@ class Flow(TorchFunctionMode):
         return set().union(*(self.info.get(t, ((), False))[0] for t in leaves(out)))
 
 
+_aten = torch.ops.aten
+_SHAPE_PRESERVING = {_aten.native_batch_norm.default, _aten._native_batch_norm_legit_no_training.default}
+
+
 class MetaMode(TorchDispatchMode):
     """Runs every op on the meta device (shapes only, no compute): real tensors (parameters, buffers,
     constants made in the forward) are viewed as meta tensors of the same shape."""
@@ -104,6 +118,9 @@ class MetaMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         args, kwargs = pytree.tree_map_only(Tensor, self._meta, (args, kwargs or {}))
+        if func in _SHAPE_PRESERVING:  # their meta kernels are slow Python decompositions; only shapes matter
+            x = args[0]
+            return torch.empty_like(x), x.new_empty(0), x.new_empty(0)
         return func(*args, **kwargs)
 
 

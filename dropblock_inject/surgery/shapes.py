@@ -110,7 +110,7 @@ class ShapeLog:
     def _run(self, model: nn.Module, args: tuple[Any, ...], how: str, snapshot: Snapshot, keep: bool) -> None:
         """One forward with our recording hooks (``keep``: with the model's own hooks too, for models that
         need them, e.g. Hugging Face's output recorders)."""
-        names = {id(m): name for name, m in self.modules.items()}
+        names = self._names = {id(m): name for name, m in self.modules.items()}
         flow = Flow({id(m) for m in self.modules.values() if is_layer(m)}, names)
         post = flow.post_hook(self._hook)
         for m in self.modules.values():
@@ -161,8 +161,7 @@ class ShapeLog:
             self._events += 1
 
     def _name(self, module: nn.Module) -> str:
-        names = self.__dict__.setdefault("_names", {id(m): n for n, m in self.modules.items()})
-        return names[id(module)]
+        return self._names[id(module)]
 
     # -- queries ---------------------------------------------------------------------------------------
 
