@@ -95,6 +95,8 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
         if n.op == "output" or any(u in features and not is_gate(u, scope) for u in n.users):
             features.add(n)
     for n in nodes:
+        if "composite" in kinds[n] and not residual:
+            continue  # a SelectiveKernel-like step counts only on a residual branch, not a whole block elsewhere
         if kinds[n] and not (on_shortcut >> index[n] & 1) and n in features:
             candidates.append(Candidate(n, "branch", unit_kinds(n, kinds), shape=node_shapes.get(n.name),
                                         banned=banned.get(n.name, "")))
