@@ -97,3 +97,13 @@ def test_strides_relative_to_the_first_convolution():
 
     points = dbi.plan(Resizing().eval(), "paper_generic", example_input=torch.randn(1, 3, 200, 200))
     assert {p.module.split(".")[1] for p in points} == {"layer3", "layer4"} and len(points) == 12
+
+
+def test_space_to_depth_stem_counts_its_stride():
+    """A stem that folds 2x2 pixels into channels before the first convolution (TResNet's SpaceToDepth):
+    the strides still count from the input image."""
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(12, 64, 7, 1, 3, bias=False)  # stride 2 taken by the unshuffle instead
+    model = nn.Sequential(nn.PixelUnshuffle(2), net).eval()
+    points = dbi.plan(model, "paper_generic", example_input=torch.randn(1, 3, 128, 128))
+    assert {p.module.split(".")[1] for p in points} == {"layer3", "layer4"} and len(points) == 12

@@ -91,6 +91,12 @@ class ShapeLog:
         self._batch = tensors[0].shape[0] if tensors and tensors[0].dim() >= 4 else None
         if self.reference is None:
             self.reference = tuple(tensors[0].shape[2:]) if tensors and tensors[0].dim() >= 3 else ()
+        elif tensors and tensors[0].dim() in (3, 4) and len(self.reference) == 2:
+            # a space-to-depth stem (TResNet) folds f x f pixels into channels before the first convolution
+            c = tensors[0].shape[-3]
+            f = math.isqrt(self._ref_channels // c) if c and self._ref_channels % c == 0 else 1
+            if f > 1 and f * f * c == self._ref_channels:
+                self.reference = tuple(r * f for r in self.reference)
         self._dilation: dict[str, int] = {}
         self.heads = self._heads()
 
@@ -103,6 +109,7 @@ class ShapeLog:
         self.multiscale: set[str] = set()
         self.predictions: set[str] = set()
         self.reference: Shape | None = None
+        self._ref_channels = 0
         self.partial = False
         self.classifier = False
         self._events = 0
@@ -151,6 +158,7 @@ class ShapeLog:
                 self.multiscale.add(name)
         if self.reference is None and isinstance(module, CONV_TYPES) and args and isinstance(args[0], Tensor):
             self.reference = tuple(args[0].shape[2:])
+            self._ref_channels = args[0].shape[1]
 
     def _hook(self, module: nn.Module, output: Any, pooled: bool) -> None:
         name = self._name(module)
