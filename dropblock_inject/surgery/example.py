@@ -75,7 +75,7 @@ class Flow(TorchFunctionMode):
             outs = leaves(out)
             if "adaptive" in name and "pool" in name:
                 first = leaves(args)[0]
-                pooled = bool(outs) and math.prod(outs[0].shape[2:]) < math.prod(first.shape[2:])
+                pooled = bool(outs) and outs[0].shape[2:] != first.shape[2:]  # fixed-size bins, not a strided map
             else:
                 pooled = "interpolate" not in name and "upsample" not in name and all(i[1] for i in ins)
             for t in outs:
