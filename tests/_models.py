@@ -280,3 +280,102 @@ class BnConv(ConvBnResidual):
 class ConvBnNamed(ConvBnResidual):
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
+
+
+# ---- issue 15: placement on models nobody here wrote ------------------------------------------------------
+
+
+class FunctionalConvBlock(nn.Module):
+    """A residual block whose convolutions are ``F.conv2d`` on its own Parameters, each followed by a BN."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(c, c, 3, 3) * 0.1)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.w2 = nn.Parameter(torch.randn(c, c, 3, 3) * 0.1)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(F.conv2d(x, self.w1, padding=1)))
+        return F.relu(x + self.bn2(F.conv2d(out, self.w2, padding=1)))
+
+
+class ConvBlock(nn.Module):
+    """conv-BN-ReLU twice, no residual: what a residual wrapper wraps."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+
+class Residual(nn.Module):
+    """``x + self.fn(x)`` around any module (ConvMixer-, EfficientViT-style)."""
+
+    def __init__(self, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.fn(x)
+
+
+class WrappedNet(nn.Module):
+    """A stride-16 stem, two residual wrappers around conv blocks, global pooling."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 16, stride=16)
+        self.blocks = nn.Sequential(Residual(ConvBlock(c)), Residual(ConvBlock(c)))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class SegNet(nn.Module):
+    """A tiny segmenter: a stride-16 body, a pyramid-pooling branch (3x3 adaptive pool, conv, BN), a 1-channel
+    spatial attention map, and a 1x1 classifier conv whose logits are upsampled to the input (a prediction)."""
+
+    def __init__(self, c: int = 16, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 16, stride=16)
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.pool_conv, self.pool_bn = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.attn = nn.Conv2d(c, 1, 3, padding=1)
+        self.classifier = nn.Conv2d(2 * c, classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = x.shape[-2:]
+        f = self.body(self.stem(x))
+        p = self.pool_bn(self.pool_conv(self.pool(f)))
+        f = f * self.attn(f)
+        p = F.interpolate(p, size=f.shape[-2:], mode="bilinear", align_corners=False)
+        logits = self.classifier(torch.cat([f, p], 1))
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+class CachingNet(SmallResNet):
+    """A SmallResNet whose forward keeps its last input's shape as an attribute (a cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.last_shape = tuple(x.shape)
+        return super().forward(x)
+
+
+def hook_state(model: nn.Module) -> dict:
+    """Every module's forward hooks and attributes, and the global forward hooks: what a failed or successful
+    plan must leave exactly as it was."""
+    from torch.nn.modules import module as m
+
+    per_module = {name: (len(mod._forward_hooks), len(mod._forward_pre_hooks), sorted(mod.__dict__),
+                         sorted(mod._buffers), sorted(mod._parameters))
+                  for name, mod in model.named_modules() if not isinstance(mod, torch.jit.ScriptModule)}
+    return {"modules": per_module, "global": (len(m._global_forward_hooks), len(m._global_forward_pre_hooks))}

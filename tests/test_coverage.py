@@ -76,8 +76,8 @@ def test_video_models(name):
 
 @pytest.mark.slow
 def test_zoo_sweep_pass_rates(tmp_path):
-    # the whole timm sample and every torchvision classifier but the heaviest (coverage.TV_HEAVY), so that
-    # it fits CI's 30 minutes on 2 CPU cores; `python -m dropblock_inject.coverage` runs them all
+    # the whole timm sample, every torchvision classifier but the heaviest (coverage.TV_HEAVY), and the
+    # detection, segmentation, Hugging Face, timm features_only and smp families, with every row's reason
     rows = coverage.sweep(light=True, report=tmp_path / "coverage.md", log=None)
     rates = coverage.pass_rates(rows)
     failures = "\n".join(f"{r.library} {r.model}: {r.reason}" for r in rows if r.status == "fail")
@@ -85,26 +85,34 @@ def test_zoo_sweep_pass_rates(tmp_path):
     assert passed >= 0.95 * checked, failures
     passed, checked = rates["timm"]
     assert passed >= 0.90 * checked, failures
+    for lib in coverage.FAMILIES:
+        passed, checked = rates[lib]
+        assert checked and passed >= (0.9 if lib != "transformers" else 0.7) * checked, failures
+    assert all(r.reason for r in rows if r.status == "fail")
+    text = (tmp_path / "coverage.md").read_text()
+    assert all(f"| {lib} |" in text for lib in coverage.FAMILIES)
 
 
-# models that used to fail (issue 7): optional block arguments (DLA), List[Tensor] blocks (SelecSLS, HRNet)
-@pytest.mark.parametrize("name", ["dla34", "selecsls42b", "hrnet_w18_small"])
-def test_timm_call_patterns(name):
-    row = coverage.check_model(name, lambda: timm.create_model(name, pretrained=False),
-                               family=coverage._timm_family(name), library="timm")
+@pytest.mark.parametrize("library, name, expected", [
+    ("torchvision-detection", "retinanet_resnet50_fpn", (27, 9)),
+    ("torchvision-segmentation", "deeplabv3_resnet50", (27, 9)),
+    ("transformers", "ResNetForImageClassification", (27, 9)),
+    ("timm-features", "resnet18 (features_only)", (8, 4)),
+    ("smp", "Unet(resnet18)", (8, 4)),
+])
+def test_new_families(library, name, expected):
+    """One model of each new family through the whole check, with the paper's counts."""
+    entry = next(e for e in coverage.FAMILIES[library](False) if e[0] == name)
+    row = coverage.check_model(name, entry[2], size=entry[3], family=entry[1], library=library)
     assert row.status == "ok", row.reason
-    assert row.reason == ""  # nothing skipped
-    assert row.branch > 0
+    assert (row.branch, row.shortcut) == expected
 
 
-def test_nested_dropblocks_detected():
-    from torchvision.models.inception import BasicConv2d
+def test_check_rejects_points_in_a_head():
+    """The check itself catches a DropBlock in a neck or head (here: a rule naming DeepLab's ASPP by path)."""
+    from torchvision.models import segmentation
 
-    import dropblock_inject as dbi
-
-    model = torch.nn.Sequential(BasicConv2d(3, 8, kernel_size=3, padding=1), BasicConv2d(8, 8, kernel_size=1))
-    dbi.inject(model, {"rules": [{"after": ["unit"]}]})  # the Sequential's top module, after each unit
-    assert coverage._nested_dropblocks(model) == ""
-    dbi.inject(model[1], {"rules": [{"after": ["norm"]}]})  # and inside the second unit too
-    assert coverage._nested_dropblocks(model) == (
-        "DropBlock after <root>:_1 follows module '1', which holds DropBlocks of its own (in '1')")
+    recipe = {"rules": [{"modules": ["classifier.0"], "after": ["unit"]}]}
+    ctor = lambda: segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None)  # noqa: E731
+    row = coverage.check_model("deeplabv3", ctor, recipe=recipe, size=96, library="torchvision-segmentation")
+    assert row.status == "fail" and "neck or head" in row.reason, row.reason

@@ -81,3 +81,66 @@ def test_se_maps_never_selected():
     points = dbi.plan(model, {"rules": [{"modules": ["**"], "after": ["any"], "stride": [16, 32]}]})
     assert points and all(p.shape[-1] > 1 for p in points)
     assert not any(".se" in p.module for p in points)
+
+
+def test_format_plan_singular():
+    points = dbi.plan(torchvision.models.resnet18(), {"rules": [{"modules": ["layer4.1"], "after": [], "shortcut": True}]})
+    assert dbi.format_plan(points).splitlines()[-1] == "1 DropBlock: 0 branch, 1 shortcut, in 1 modules"
+
+
+def test_vision_transformer_is_not_a_cnn():
+    with pytest.raises(dbi.RecipeError, match="VisionTransformer is not a CNN: it has 1 convolution"):
+        dbi.plan(torchvision.models.vit_b_16(), "paper_generic")
+
+
+def test_module_path_typo_names_the_closest_paths():
+    with pytest.raises(dbi.RecipeError, match=r"no module path matches \['layer33.\*'\]; the closest existing "
+                                              r"paths are \['layer3'"):
+        dbi.plan(torchvision.models.resnet18(), {"rules": [{"modules": ["layer33.*"]}]})
+
+
+def test_input_too_small_says_why_and_small_plans_warn():
+    model = torchvision.models.resnet50()
+    with pytest.raises(dbi.RecipeError, match="1x1 from stride 8 on: the example input 1x3x8x8 is too small"):
+        dbi.plan(model, "paper_generic", example_input=torch.randn(1, 3, 8, 8))
+    with pytest.warns(UserWarning, match="dropped because their maps are 1x1 at this input size"):
+        points = dbi.plan(model, "paper_generic", example_input=torch.randn(1, 3, 32, 32))
+    assert 0 < len(points) < 36
+
+
+def test_residual_wrappers_get_their_shortcut():
+    from _models import ConvBlock, Residual, WrappedNet
+
+    model = WrappedNet().eval()
+    points = dbi.plan(model, "paper_generic", example_input=torch.randn(1, 3, 64, 64))
+    assert [(p.module, p.after) for p in points if p.kind == "shortcut"] == [("blocks.0", "x"), ("blocks.1", "x")]
+    points = dbi.plan(model, {"rules": [{"types": ["Residual"], "after": [], "shortcut": True}]})
+    assert [(p.module, p.after, p.kind) for p in points] == [("blocks.0", "x", "shortcut"), ("blocks.1", "x", "shortcut")]
+    assert Residual and ConvBlock
+
+
+def test_functional_convolutions_count():
+    from _models import FunctionalConvBlock
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), FunctionalConvBlock()).eval()
+    points = dbi.plan(model, {"rules": [{"modules": ["1"], "after": ["norm"], "shortcut": True}]})
+    assert [(p.after, p.kind) for p in points] == [("bn1", "branch"), ("bn2", "branch"), ("x", "shortcut")]
+    points = dbi.plan(model, {"rules": [{"modules": ["1"], "after": ["conv"]}]})
+    assert [p.after for p in points] == ["conv2d", "conv2d_1"]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("skresnext50_32x4d", (27, 9)), ("skresnet18", (8, 4)), ("resnest26d", (12, 4)), ("ecaresnet26t", (12, 4)),
+    ("resnetaa50d", (27, 9)), ("seresnext26d_32x4d", (12, 4)), ("resnet26d", (12, 4)), ("resnext26ts", None)])
+def test_resnet_recipe_on_timm_fused_units(name, expected):
+    """``after: [norm]`` places a point after each conv-norm unit and each SelectiveKernel / SplitAttn step."""
+    model = timm.create_model(name, pretrained=False)
+    if expected is None:  # byobnet: stages.*, not layer*
+        with pytest.raises(dbi.RecipeError, match="top-level modules are .*stages"):
+            dbi.plan(model, "resnet_paper")
+        return
+    points = dbi.plan(model, "resnet_paper")
+    assert counts(points) == expected
+    blocks = {p.module for p in points}
+    assert all(sum(q.module == b and q.kind == "branch" for q in points) == expected[0] // len(blocks) for b in blocks)

@@ -27,6 +27,7 @@ class Candidate:
     kinds: frozenset[str]  # node kinds (branch) or empty (shortcut)
     add: fx.Node | None = None  # the residual addition, for shortcuts
     shape: tuple[int, ...] | None = None
+    banned: str = ""  # why no DropBlock may go here (a prediction, a pooled map), whatever the recipe
 
 
 @dataclass
@@ -40,7 +41,6 @@ class Scope:
     spatial_dims: int
     params: tuple[Param, ...] | None = None  # see Traced
     out_spec: Any = None
-
 
 
 def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None) -> Scope:
@@ -58,7 +58,7 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
     convs = {n: conv_count(n, scope) for n in nodes}
     heavy = sum(1 << index[n] for n in nodes if kinds[n] & {"conv", "unit", "norm"} or convs[n])
     conv_bits = [(1 << index[n], convs[n]) for n in nodes if convs[n]]
-    node_shapes = shapes.node_shapes(path, graph, traced.input_shapes) if shapes else {}
+    node_shapes, banned = shapes.node_shapes(path, graph, traced.input_shapes) if shapes else ({}, {})
 
     candidates: list[Candidate] = []
     on_shortcut = 0
@@ -86,7 +86,8 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
         residual = True
         on_shortcut |= excl[shortcut]
         shape = node_shapes.get(branch.name) or node_shapes.get(n.name)
-        candidates.append(Candidate(shortcut, "shortcut", frozenset(), add=n, shape=shape))
+        candidates.append(Candidate(shortcut, "shortcut", frozenset(), add=n, shape=shape,
+                                    banned=banned.get(shortcut.name, "")))
     # nodes whose value reaches the output as a feature map, not only as attention logits or a gate
     # (through a softmax, sigmoid or matrix product: global-context / spatial attention convolutions)
     features: set[fx.Node] = set()
@@ -94,8 +95,11 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
         if n.op == "output" or any(u in features and not is_gate(u, scope) for u in n.users):
             features.add(n)
     for n in nodes:
+        if "composite" in kinds[n] and not residual:
+            continue  # a SelectiveKernel-like step counts only on a residual branch, not a whole block elsewhere
         if kinds[n] and not (on_shortcut >> index[n] & 1) and n in features:
-            candidates.append(Candidate(n, "branch", unit_kinds(n, kinds), shape=node_shapes.get(n.name)))
+            candidates.append(Candidate(n, "branch", unit_kinds(n, kinds), shape=node_shapes.get(n.name),
+                                        banned=banned.get(n.name, "")))
     output = next(n for n in reversed(nodes) if n.op == "output")
     out_arg = output.args[0]
     out_shape = node_shapes.get(out_arg.name) if isinstance(out_arg, fx.Node) else None

@@ -3,7 +3,7 @@
 ``conv`` (``nn.Conv2d``/``nn.Conv3d``), ``norm`` (BatchNorm, GroupNorm, InstanceNorm and the timm/torchvision
 variants named below), ``act`` (activation modules and functions), ``unit`` (a module whose traced forward is
 the chain ``act(norm(conv(x)))``, such as timm's ``ConvNormAct``), residual additions (``+``, ``+=``,
-``torch.add``, ``Tensor.add``/``add_``) and *gates* (softmax, sigmoid, matrix products: what reaches the
+``torch.add``, ``Tensor.add``/``add_``), functional convolutions (``F.conv2d``/``F.conv3d``) and *gates* (softmax, sigmoid, matrix products: what reaches the
 output only through one is attention, not a feature map). Class tables are matched by type and, for
 classes of other libraries, by name, so no optional dependency is imported.
 """
@@ -18,9 +18,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..ops import _DropBlockNd
 from .trace import Tracer
 
 CONV_TYPES = (nn.Conv2d, nn.Conv3d)
+CONV_FUNCTIONS: set[Any] = {torch.conv2d, torch.conv3d, nn.functional.conv2d, nn.functional.conv3d}
 _NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 _NORM_NAMES = {"FrozenBatchNorm2d", "LayerNorm2d", "LayerNorm3d", "BatchNormAct2d", "GroupNormAct", "FrozenBatchNormAct2d"}
 _ACT_TYPES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish,
@@ -34,7 +36,32 @@ _ADD_FUNCTIONS: set[Any] = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 
 
+def is_container(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def owner(path: str, model: nn.Module) -> str:
+    """The module whose own forward calls the module at ``path``: its nearest ancestor that is not a
+    container (Sequential, ModuleList, ModuleDict), the model itself ("") if there is none. Containers are
+    never rewritten: their forward may iterate over their children, which must not gain a new one."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        anc = ".".join(parts[:i])
+        if not is_container(model.get_submodule(anc)):
+            return anc
+    return ""
+
+
+def is_layer(m: nn.Module) -> bool:
+    """A module that computes a new map from its input (a conv, norm or linear layer, a conv-norm unit, or
+    anything holding parameters of its own): what a prediction is the last of."""
+    return bool(m._parameters) or isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or module_kind(m) in (
+        "conv", "norm", "unit")
+
+
 def module_kind(m: nn.Module) -> str | None:
+    if isinstance(m, torch.jit.ScriptModule):
+        return None  # a leaf: never traced, never hooked
     if isinstance(m, CONV_TYPES):
         return "conv"
     if isinstance(m, _NORM_TYPES) or type(m).__name__ in _NORM_NAMES:
@@ -102,10 +129,29 @@ def _chain_unit_graph(m: nn.Module) -> bool:
     return False
 
 
+def is_composite(m: nn.Module) -> bool:
+    """A module that is neither a layer nor a unit but holds a spatial convolution and a norm, as one step
+    of a residual branch (timm's ``SelectiveKernel``, ResNeSt's ``SplitAttn``): it ends with a normalised
+    map, so ``after: [norm]`` places a point after it."""
+    if isinstance(m, torch.jit.ScriptModule) or module_kind(m) is not None:
+        return False
+    subs = list(m.modules())
+    return any(isinstance(c, CONV_TYPES) and max(c.kernel_size) > 1 for c in subs) and any(
+        module_kind(c) == "norm" for c in subs)
+
+
 def node_kinds(node: fx.Node, scope: nn.Module) -> frozenset[str]:
+    """The kinds of one node: a conv-norm unit also counts as a norm (conv then norm, as ``after`` sees it)."""
     if node.op == "call_module":
-        kind = module_kind(scope.get_submodule(str(node.target)))
+        m = scope.get_submodule(str(node.target))
+        kind = module_kind(m)
+        if kind == "unit":
+            return frozenset({"unit", "norm"})
+        if kind is None and is_composite(m):
+            return frozenset({"composite", "norm"})
         return frozenset({kind}) if kind else frozenset()
+    if node.op == "call_function" and node.target in CONV_FUNCTIONS:
+        return frozenset({"conv"})
     if (node.op == "call_function" and node.target in ACT_FUNCTIONS) or (
             node.op == "call_method" and node.target in ACT_METHODS):
         return frozenset({"act"})
@@ -145,7 +191,9 @@ def is_gate(node: fx.Node, scope: nn.Module) -> bool:
 
 
 def conv_count(node: fx.Node, scope: nn.Module) -> int:
-    """Convolutions a ``call_module`` node runs (a conv, a conv-norm unit, or any module holding convs)."""
+    """Convolutions a node runs (a conv, a conv-norm unit, any module holding convs, a functional conv)."""
+    if node.op == "call_function":
+        return int(node.target in CONV_FUNCTIONS)
     if node.op != "call_module":
         return 0
     return sum(isinstance(m, CONV_TYPES) for m in scope.get_submodule(str(node.target)).modules())
@@ -154,8 +202,25 @@ def conv_count(node: fx.Node, scope: nn.Module) -> int:
 def unit_kinds(node: fx.Node, kinds: dict[fx.Node, frozenset[str]]) -> frozenset[str]:
     """Add the ``unit`` kind: a norm right after a conv, a conv not followed by a norm, a conv-norm module."""
     k = set(kinds[node])
-    if "norm" in k and any("conv" in kinds[p] for p in node.all_input_nodes):
+    if k == {"norm"} and any("conv" in kinds[p] for p in node.all_input_nodes):
         k.add("unit")
-    if "conv" in k and not any("norm" in kinds[u] for u in node.users):
+    if "conv" in k and not any(kinds[u] == {"norm"} for u in node.users):
         k.add("unit")
     return frozenset(k)
+
+
+def inside_layer(path: str, kinds: dict[str, str | None]) -> bool:
+    """Whether the module at ``path`` lies inside a conv / norm / act / unit module (the conv of a
+    ConvNormAct, the activation of a BatchNormAct2d): its owner treats that module as one layer and places
+    DropBlock after it, so the module's own graph must not get a DropBlock too."""
+    parts = path.split(".")
+    return any(kinds.get(".".join(parts[:i])) is not None for i in range(1, len(parts)))
+
+
+def usable_scopes(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The modules that may be scopes: the model itself, and no container, layer or DropBlock below it; nothing
+    inside a ScriptModule (a ScriptModule is a leaf, never traced nor hooked)."""
+    scripted = [p for p, m in modules.items() if isinstance(m, torch.jit.ScriptModule)]
+    return {p: m for p, m in modules.items()
+            if not any(p == q or p.startswith(q + ".") for q in scripted) and (p == "" or (
+                not is_container(m) and not isinstance(m, _DropBlockNd) and module_kind(m) is None))}

@@ -18,11 +18,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..ops import _DropBlockNd
 from ..recipe import Recipe, RecipeError, RecipeLike, Rule, load_recipe
 from .analyze import Candidate, Scope, analyze
 from .forward import check_not_injected
-from .kinds import module_kind
+from .example import HooksAside
+from .explain import explain, not_a_cnn
+from .kinds import CONV_TYPES, inside_layer, module_kind, owner, usable_scopes
 from .shapes import ShapeLog, call_log
 from .trace import SurgeryError, trace_scope, wants_call
 
@@ -55,60 +56,60 @@ class InsertionPoint:
     rule: str = ""
 
 
-def _is_container(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-
-
-def _owner(path: str, model: nn.Module) -> str:
-    """The module whose own forward calls the module at ``path``: its nearest ancestor that is not a
-    container (Sequential, ModuleList, ModuleDict), the model itself ("") if there is none. Containers are
-    never rewritten: their forward may iterate over their children, which must not gain a new one."""
-    parts = path.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        anc = ".".join(parts[:i])
-        if not _is_container(model.get_submodule(anc)):
-            return anc
-    return ""
-
-
-def _inside_layer(path: str, kinds: dict[str, str | None]) -> bool:
-    """Whether the module at ``path`` lies inside a conv / norm / act / unit module (the conv of a
-    ConvNormAct, the activation of a BatchNormAct2d): its owner treats that module as one layer and places
-    DropBlock after it, so the module's own graph must not get a DropBlock too."""
-    parts = path.split(".")
-    return any(kinds.get(".".join(parts[:i])) is not None for i in range(1, len(parts)))
-
-
-def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: ShapeLog | None) -> list[str]:
+def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: ShapeLog | None,
+                 wrappers: set[str], focus: dict[str, set[str]]) -> list[str]:
+    """The scopes ``rule`` selects; residual wrappers tried for their addition only are added to ``wrappers``,
+    and the owners of layers the globs name themselves to ``focus`` (owner -> layer paths): no point goes
+    there, but an error can say why (a prediction, a pooled map) or name the module to write instead."""
+    usable = usable_scopes(modules)
     if rule.modules is not None:
-        chosen = [p for p in modules if p and rule.matches_path(p) and module_kind(modules[p]) is None
-                  and not isinstance(modules[p], _DropBlockNd) and not _is_container(modules[p])]
+        chosen = [p for p in usable if p and rule.matches_path(p)]
         # a glob such as "layer3.**" also matches modules inside a block: keep the outermost match
         outer = set(chosen)
         chosen = [p for p in chosen if not any(p.startswith(q + ".") for q in outer)]
+        # a glob naming layers themselves (``classifier.4``): their owner, restricted to those layers
+        for p, m in modules.items():
+            if p and module_kind(m) is not None and rule.matches_path(p) and not any(
+                    p.startswith(q + ".") for q in outer):
+                focus.setdefault(owner(p, model), set()).add(p)
+    elif rule.types is not None:
+        chosen = list(usable)  # any module of those classes, e.g. a wrapper holding the residual addition
     else:
-        owners = {}
+        owners: dict[str, list[str]] = {}
         kinds = {p: module_kind(m) for p, m in modules.items() if p}
         for p, kind in kinds.items():
-            if kind is not None and not _inside_layer(p, kinds):
-                owners.setdefault(_owner(p, model), []).append(p)
+            if kind is not None and not inside_layer(p, kinds):
+                owners.setdefault(owner(p, model), []).append(p)
+        # residual wrappers ``x + self.fn(x)``: a module whose children hold convolutions but no layer of its own
+        for p, m in usable.items():
+            if p not in owners and 0 < len(m._modules) <= 2 and any(
+                    isinstance(c, CONV_TYPES) for child in m.children() for c in child.modules()):
+                owners[p] = []
+                wrappers.add(p)
         chosen = []
-        for owner, leaves in owners.items():
+        for path, leaves in owners.items():
+            if path not in usable:
+                continue
             if rule.stride is not None and shapes is not None:
-                strides = {shapes.stride(shapes.module_output(p)) for p in leaves}
-                strides.add(shapes.stride(shapes.module_output(owner)))
+                if path in shapes.heads:
+                    continue
+                strides = {shapes.nominal_stride(shapes.module_output(p), path) for p in [*leaves, path]
+                           if p not in shapes.heads}
                 if not strides & set(rule.stride):
                     continue
-            chosen.append(owner)
+            chosen.append(path)
     if rule.types is not None:
         chosen = [p for p in chosen if type(modules[p]).__name__ in rule.types
                   or f"{type(modules[p]).__module__}.{type(modules[p]).__qualname__}" in rule.types]
     return chosen
 
 
-def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None) -> list[Candidate]:
+def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, list[str]],
+            focus: set[str] | None = None) -> list[Candidate]:
+    """The candidates of ``scope`` that ``rule`` asks for; those it asks for but that may never get a
+    DropBlock are counted in ``why`` (reason -> points)."""
     wanted = set(rule.after)
-    out_stride = shapes.stride(scope.output_shape) if shapes else None
+    out_stride = shapes.nominal_stride(scope.output_shape, scope.path) if shapes else None
     selected = []
     for c in scope.candidates:
         if c.kind == "shortcut":
@@ -116,18 +117,35 @@ def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None) -> list[Candidate
                 continue
         elif not ("any" in wanted or c.kinds & wanted):
             continue
-        if c.shape is not None and (len(c.shape) != scope.spatial_dims + 2 or math.prod(c.shape[2:]) <= 1):
-            continue  # not a feature map (e.g. a 1x1 squeeze map, or a channels-last tensor)
+        if focus is not None and not (c.node.op == "call_module" and (
+                f"{scope.path}.{c.node.target}" if scope.path else str(c.node.target)) in focus):
+            continue
+        if c.shape is not None and len(c.shape) != scope.spatial_dims + 2:
+            continue  # not a feature map (e.g. a channels-last tensor or tokens)
         if rule.stride is not None:
-            stride = shapes.stride(c.shape) if shapes else None
-            in_stage = scope.residual and out_stride in rule.stride
-            if c.kind == "shortcut":
-                if not (in_stage or stride in rule.stride):
-                    continue
-            elif not (stride in rule.stride or in_stage):
+            if shapes is not None and shapes.in_head(c.node, scope.path):
                 continue
+            stride = shapes.nominal_stride(c.shape, scope.path) if shapes else None
+            in_stage = scope.residual and out_stride in rule.stride
+            if not (stride in rule.stride or in_stage):
+                continue
+        reason = c.banned
+        if not reason and c.shape is not None:
+            if math.prod(c.shape[2:]) <= 1:  # at the stage's stride: the input is too small for it
+                own = shapes.nominal_stride(c.shape, scope.path) if shapes else None
+                reason = "a 1x1 map" if own is None or rule.stride is None or own in rule.stride else \
+                    "a globally pooled 1x1 map"
+            elif c.shape[1] == 1:
+                reason = "a single-channel map"
+        if reason:
+            why.setdefault(reason, []).append(f"{scope.path or '<root>'}:{c.node.name} {_shape(c.shape)}")
+            continue
         selected.append(c)
     return selected
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "x".join(map(str, shape)) if shape else "-"
 
 
 @dataclass
@@ -143,22 +161,32 @@ def _needs_shapes(recipe: Recipe) -> bool:
 def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes: bool) -> Plan:
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    not_a_cnn(model, recipe)
     shapes = None
-    if with_shapes or _needs_shapes(recipe):
-        if example_input is None:
-            example_input = torch.randn(1, 3, 224, 224)
-        shapes = ShapeLog(model, example_input)
+    if with_shapes or _needs_shapes(recipe):  # (sets the user's hooks aside itself)
+        shapes = ShapeLog(model, torch.randn(1, 3, 224, 224) if example_input is None else example_input)
+    with HooksAside(model):  # tracing calls modules too: user hooks must not fire
+        return _build_plan(model, recipe, example_input, shapes)
+
+
+def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: ShapeLog | None) -> Plan:
     modules = dict(model.named_modules())
     scopes: dict[str, Scope] = {}
     untraceable: dict[str, SurgeryError] = {}
     calls: list[ShapeLog | None] = [shapes] if shapes is not None else []
     chosen: dict[str, dict[tuple[str, str], tuple[Candidate, InsertionPoint]]] = defaultdict(dict)
     total = 0
+    reasons: list[str] = []
+    small: list[str] = []
+    wrappers: set[str] = set()
     for rule in recipe.rules:
         count = 0
         named = rule.modules is not None or rule.types is not None
         skipped: list[str] = []
-        for path in _rule_scopes(model, rule, modules, shapes):
+        why: dict[str, list[str]] = {}
+        focus: dict[str, set[str]] = {}
+        paths = _rule_scopes(model, rule, modules, shapes, wrappers, focus)
+        for path in paths:
             if path in untraceable:
                 if named:
                     raise untraceable[path]
@@ -175,11 +203,13 @@ def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes
                         raise
                     untraceable[path] = e
                     skipped.append(str(e))
+                    if path in wrappers:
+                        continue  # tried for its residual addition only
                     warnings.warn(f"{e}; rule {rule.name!r} selects by output stride, so this module is left "
                                   f"without DropBlock", stacklevel=3)
                     continue
                 scopes[path] = analyze(path, modules[path], traced, shapes)
-            for c in _select(scopes[path], rule, shapes):
+            for c in _select(scopes[path], rule, shapes, why):
                 point = InsertionPoint(
                     module=path, after=c.node.name, kind=c.kind,
                     block_size=rule.block_size or recipe.dropblock.block_size, shape=c.shape,
@@ -190,19 +220,48 @@ def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes
                 chosen[path][key] = (c, point)  # a later rule overrides an earlier one
                 count += 1
         total += count
+        small += why.get("a 1x1 map", []) if rule.stride is not None else []
+        if count == 0:
+            named_layers = _diagnose_layers(rule, modules, focus, shapes, calls, why)
+            reasons.append(explain(model, rule, modules, paths, why, shapes, example_input, len(skipped))
+                           if why or not named_layers else named_layers)
         if count == 0 and not rule.optional:
             raise RecipeError(f"rule {rule.name!r} of recipe {recipe.name!r} matches no insertion point in "
                               f"{type(model).__name__} (modules={list(rule.modules) if rule.modules else None}, "
                               f"types={list(rule.types) if rule.types else None}, "
                               f"stride={list(rule.stride) if rule.stride else None}, after={list(rule.after)}, "
-                              f"shortcut={rule.shortcut})" + "".join(f"; skipped: {e}" for e in skipped))
+                              f"shortcut={rule.shortcut}): {reasons[-1]}" + "".join(f"; skipped: {e}" for e in skipped))
     if total == 0:
-        raise RecipeError(f"recipe {recipe.name!r} matches no insertion point in {type(model).__name__}"
+        raise RecipeError(f"recipe {recipe.name!r} matches no insertion point in {type(model).__name__}: "
+                          + "; ".join(dict.fromkeys(reasons))
                           + "".join(f"; skipped: {e}" for e in untraceable.values()))
+    if small:
+        warnings.warn(f"{len(small)} insertion points of recipe {recipe.name!r} were dropped because their maps are "
+                      f"1x1 at this input size (e.g. {small[0]}); a larger example_input (such as 1x3x224x224) "
+                      f"gives the full plan", stacklevel=3)
     order = {name: i for i, name in enumerate(modules)}
     points = {p: sorted(chosen[p].values(), key=lambda cp: _node_order(scopes[p].graph, cp[0]))
               for p in sorted(chosen, key=order.__getitem__)}
     return Plan(scopes, points)
+
+
+def _diagnose_layers(rule: Rule, modules: dict[str, nn.Module], focus: dict[str, set[str]], shapes: ShapeLog | None,
+                     calls: list[ShapeLog | None], why: dict[str, list[str]]) -> str:
+    """For a rule whose globs name layers (``classifier.4``): adds to ``why`` the reasons those layers may never
+    get a DropBlock; returns what to write instead when they could."""
+    found = []
+    for path, layers in focus.items():
+        call = calls[0].call(path) if calls and calls[0] is not None else None
+        try:
+            scope = analyze(path, modules[path], trace_scope(modules[path], path, call), shapes)
+        except SurgeryError:
+            continue
+        found += [c.node.name for c in _select(scope, rule, shapes, why, layers)]
+    if not found:
+        return ""
+    owners = [p or "<root>" for p in focus]
+    return (f"its globs name layers ({sorted(set().union(*focus.values()))[:3]}), not the modules that call them; "
+            f"select their module instead (modules: {owners[:3]}) and the layers with 'after'")
 
 
 def _node_order(graph: fx.Graph, c: Candidate) -> int:
@@ -240,7 +299,7 @@ def format_plan(points: Sequence[InsertionPoint]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     branch = sum(p.kind == "branch" for p in points)
-    lines.append(f"{len(points)} DropBlocks: {branch} branch, {len(points) - branch} shortcut, "
+    lines.append(f"{len(points)} DropBlock{'' if len(points) == 1 else 's'}: {branch} branch, {len(points) - branch} shortcut, "
                  f"in {len({p.module for p in points})} modules")
     return "\n".join(lines)
 

@@ -1,0 +1,221 @@
+"""The example forward's machinery (used by :mod:`.shapes`): how it runs cheaply and leaves no trace.
+
+* :func:`attempts` -- the ways to run it, cheapest first: an empty batch, the meta device
+  (:class:`MetaMode`), a real forward;
+* :class:`Snapshot` -- the user's forward hooks (per module and global) set aside while it runs, and every
+  attribute, parameter, buffer and child a forward assigned undone afterwards;
+* :class:`Flow` -- which layer last produced each tensor (to find predictions) and which maps are
+  adaptively pooled.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+_KEY = "dropblock_inject"  # our hooks' key in the hook dicts (never an int, so never a user's hook id)
+# hooks set aside by an enclosing HooksAside: module -> its hook dicts; a stack of the global ones
+_ASIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ASIDE_GLOBAL: list[dict[str, dict[Any, Any]]] = []
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_hooks_with_kwargs", "_global_forward_hooks_always_called",
+                 "_global_forward_pre_hooks")
+
+
+def leaves(value: Any) -> list[Tensor]:
+    """The tensors in ``value`` (nested lists, tuples, dicts, pytree nodes such as Hugging Face outputs)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return [t for v in value for t in leaves(v)]
+    if type(value) is dict:
+        return [t for v in value.values() for t in leaves(v)]
+    if value is None or isinstance(value, (int, float, bool, str, torch.dtype, torch.device)):
+        return []
+    return [t for t in pytree.tree_leaves(value) if isinstance(t, Tensor)]
+
+
+def _leaves_in(args: Any, kwargs: Any, info: WeakIdKeyDictionary) -> list[Tensor]:
+    return [t for t in leaves((args, kwargs)) if t in info]
+
+
+class Flow(TorchFunctionMode):
+    """Follows each tensor of the example forward back to the last layer that produced it, and whether it
+    is an adaptively pooled map (pooled and not upsampled since)."""
+
+    def __init__(self, layers: set[int], names: dict[int, str]) -> None:
+        super().__init__()
+        self.info: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> (layer paths, pooled)
+        self.layers, self.names = layers, names
+
+    def tag_inputs(self, args: Any) -> None:
+        for t in leaves(args):
+            self.info[t] = (frozenset(), False)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tagged = _leaves_in(args, kwargs, self.info)
+        ins = [self.info[t] for t in tagged]
+        if ins:
+            name = getattr(func, "__name__", "")
+            # a sum, product or concatenation of several maps is a new feature, not any one layer's output
+            layers = ins[0][0] if len({id(t) for t in tagged}) == 1 else frozenset()
+            outs = leaves(out)
+            if "adaptive" in name and "pool" in name:
+                first = leaves(args)[0]
+                pooled = bool(outs) and outs[0].shape[2:] != first.shape[2:]  # fixed-size bins, not a strided map
+            else:
+                pooled = "interpolate" not in name and "upsample" not in name and all(i[1] for i in ins)
+            for t in outs:
+                self.info[t] = (layers, pooled)
+        return out
+
+    def post_hook(self, record: Any) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            outs = leaves(output)
+            pooled = any(self.info.get(t, ((), False))[1] for t in outs)
+            if id(module) in self.layers:
+                for t in outs:
+                    self.info[t] = (frozenset({self.names[id(module)]}), self.info.get(t, ((), False))[1])
+            record(module, output, pooled)
+        return hook
+
+    def layers_of(self, out: Any) -> set[str]:
+        return set().union(*(self.info.get(t, ((), False))[0] for t in leaves(out)))
+
+
+_aten = torch.ops.aten
+_SHAPE_PRESERVING = {_aten.native_batch_norm.default, _aten._native_batch_norm_legit_no_training.default}
+
+
+class MetaMode(TorchDispatchMode):
+    """Runs every op on the meta device (shapes only, no compute): real tensors (parameters, buffers,
+    constants made in the forward) are viewed as meta tensors of the same shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def _meta(self, t: Tensor) -> Tensor:
+        if t.device.type == "meta":
+            return t
+        hit = self.cache.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = self.cache[id(t)] = (t, t.to("meta"))
+        return hit[1]
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        args, kwargs = pytree.tree_map_only(Tensor, self._meta, (args, kwargs or {}))
+        if func in _SHAPE_PRESERVING:  # their meta kernels are slow Python decompositions; only shapes matter
+            x = args[0]
+            return torch.empty_like(x), x.new_empty(0), x.new_empty(0)
+        return func(*args, **kwargs)
+
+
+class HooksAside:
+    """A context in which no user forward hook (per module or global) fires: tracing and the example forward
+    call modules, and a logging hook must not record a phantom step. Restored on exit, also after an error."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> HooksAside:
+        self.snapshot = Snapshot(self.model)
+        _ASIDE.update(self.snapshot.own)
+        _ASIDE_GLOBAL.append(self.snapshot.own_globals)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for m in self.snapshot.own:
+            _ASIDE.pop(m, None)
+        _ASIDE_GLOBAL.pop()
+        self.snapshot.restore_hooks()
+
+
+def attempts(args: tuple[Any, ...], hooked: bool) -> list[tuple[str, tuple[Any, ...], bool]]:
+    """The ways to run the example forward, cheapest first: an empty batch (a batch of tensors whose first
+    dimension is sliced to 0), the meta device, a real forward."""
+    out = []
+    if args and all(isinstance(a, Tensor) and a.dim() >= 4 and a.shape[0] >= 1 for a in args):
+        out.append(("empty batch", tuple(a[:0] for a in args)))
+    cheap = [*out, ("meta", args)]
+    if not hooked:
+        return [(how, a, False) for how, a in [*cheap, ("real", args)]]
+    # a model that may need its own hooks: each way without them, then with them
+    return [(how, a, False) for how, a in cheap] + [(how, a, True) for how, a in cheap] + [
+        ("real", args, False), ("real", args, True)]
+
+
+class Snapshot:
+    """Every module's attributes (and the user's forward hooks, per module and global) before the example
+    forward: :meth:`restore` undoes whatever the forward assigned (a cache, a meta tensor), and
+    :meth:`restore_hooks` puts the hooks back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [m for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
+        self.attrs = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+                      for m in self.modules]
+        self.globals = {name: dict(getattr(_module, name)) for name in _GLOBAL_HOOKS}
+        # the hooks as the user left them, also when an enclosing HooksAside has already set them aside
+        self.own = {m: _ASIDE.get(m) or {key: m.__dict__[key] for key in _HOOK_DICTS} for m in self.modules}
+        self.own_globals = _ASIDE_GLOBAL[-1] if _ASIDE_GLOBAL else self.globals
+        for name in _GLOBAL_HOOKS:
+            getattr(_module, name).clear()
+        for m, attrs, *_ in self.attrs:
+            for key in _HOOK_DICTS:
+                m.__dict__[key] = OrderedDict()
+
+    @property
+    def hooked(self) -> bool:
+        """Whether the model or the process holds forward hooks of its own (some models need theirs, e.g.
+        Hugging Face's output recorders)."""
+        return any(any(d) for d in self.own_globals.values()) or any(
+            any(h[key] for key in _HOOK_DICTS) for h in self.own.values())
+
+    def install(self, m: nn.Module, pre: Any, post: Any, keep: bool) -> None:
+        """Our recording hooks on ``m``: alone, or around the module's own ones (``keep``)."""
+        own = self.own.get(m) if keep else None
+        d = m.__dict__
+        d["_forward_pre_hooks"] = OrderedDict([(_KEY, pre), *(own["_forward_pre_hooks"].items() if own else ())])
+        d["_forward_pre_hooks_with_kwargs"] = {_KEY: True, **(own["_forward_pre_hooks_with_kwargs"] if own else {})}
+        d["_forward_hooks"] = OrderedDict([*(own["_forward_hooks"].items() if own else ()), (_KEY, post)])
+        if own:
+            d["_forward_hooks_with_kwargs"] = dict(own["_forward_hooks_with_kwargs"])
+            d["_forward_hooks_always_called"] = dict(own["_forward_hooks_always_called"])
+
+    def keep_globals(self) -> None:
+        for name, saved in self.own_globals.items():
+            getattr(_module, name).update(saved)
+
+    def restore(self) -> None:
+        for m, attrs, params, buffers, children in self.attrs:
+            for key in [k for k in m.__dict__ if k not in attrs]:
+                del m.__dict__[key]
+            for key, value in attrs.items():
+                if key not in _HOOK_DICTS and m.__dict__.get(key, attrs) is not value:
+                    m.__dict__[key] = value
+            for mine, saved in ((m._parameters, params), (m._buffers, buffers), (m._modules, children)):
+                if mine.keys() != saved.keys() or any(mine[k] is not v for k, v in saved.items()):
+                    mine.clear()
+                    mine.update(saved)
+
+    def restore_hooks(self) -> None:
+        for m, attrs, *_ in self.attrs:
+            for key in _HOOK_DICTS:
+                m.__dict__[key] = attrs[key]
+        for name, saved in self.globals.items():
+            getattr(_module, name).clear()
+            getattr(_module, name).update(saved)
+

@@ -1,0 +1,93 @@
+"""Stage 5, explanations: why a rule selects nothing, and whether a model is a CNN at all.
+
+Used by :mod:`.select` when a rule or a recipe matches no insertion point: module paths or classes that do
+not exist (with the closest ones that do), maps too small for the stride asked for, a model with no
+stride-16/32 stage (naming the largest stride found), or points that may never get a DropBlock
+(predictions, pooled, single-channel or 1x1 maps).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..recipe import Recipe, RecipeError, Rule
+from .kinds import CONV_TYPES
+from .shapes import ShapeLog
+
+
+def not_a_cnn(model: nn.Module, recipe: Recipe) -> None:
+    """RecipeError if a recipe selecting by stride only meets a model with at most one convolution (a
+    vision transformer's patch embedding): it has no convolutional stage for DropBlock."""
+    if any(r.modules is not None or r.types is not None or r.stride is None for r in recipe.rules):
+        return
+    convs = [p for p, m in model.named_modules() if isinstance(m, CONV_TYPES)]
+    if len(convs) <= 1:
+        raise RecipeError(f"recipe {recipe.name!r}: {type(model).__name__} is not a CNN: it has "
+                          f"{len(convs)} convolution{'' if len(convs) == 1 else 's'}"
+                          f"{f' ({convs[0]!r}, a patch embedding?)' if convs else ''} and no convolutional stage "
+                          f"for DropBlock; name modules by path (modules: [...]) to place it anyway")
+
+
+def _literal(glob: str) -> str:
+    return re.split(r"[*?]", glob)[0].rstrip(".")
+
+
+def explain(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], paths: list[str],
+            why: dict[str, list[str]], shapes: ShapeLog | None, example_input: Any, untraceable: int = 0) -> str:
+    """Why ``rule`` selected no insertion point, in one sentence the user can act on (``untraceable``: how
+    many of the selected modules torch.fx could not trace)."""
+    if rule.modules is not None and not any(rule.matches_path(p) for p in modules if p):
+        names = [p for p in modules if p]
+        close = [c for g in rule.modules for c in difflib.get_close_matches(_literal(g), names, n=3, cutoff=0.5)]
+        return (f"no module path matches {list(rule.modules)}"
+                + (f"; the closest existing paths are {list(dict.fromkeys(close))}" if close else
+                   f"; top-level modules are {[n for n in names if '.' not in n][:8]}"))
+    if rule.types is not None and not paths:
+        classes = sorted({type(m).__name__ for m in modules.values()})
+        close = [c for t in rule.types for c in difflib.get_close_matches(t.rsplit(".", 1)[-1], classes, n=3)]
+        return (f"no module of class {list(rule.types)} holds an insertion point"
+                + (f"; similar classes in the model: {close}" if close else ""))
+    if why:
+        parts = [f"{len(v)} on {reason} (e.g. {v[0]})" for reason, v in why.items()]
+        text = "the points it asks for may never get a DropBlock: " + ", ".join(parts)
+        if "a 1x1 map" in why:
+            text += f"; the example input {_input(example_input)} is too small for these strides, use a larger one"
+        return text
+    if rule.stride is not None and shapes is not None:
+        found = {}
+        for p, calls in shapes.calls.items():
+            shape = calls[0] if calls else None
+            s = shapes.nominal_stride(shape, p) if shape and shape[1] > 1 and p not in shapes.heads else None
+            if s is not None and shape is not None and len(shape) >= 4:
+                found.setdefault(s, p)
+        if not found:
+            return "the example forward produced no feature map"
+        largest = max(found)
+        tiny = shapes.calls[found[largest]][0]
+        if largest < min(rule.stride) and tiny is not None and math.prod(tiny[2:]) <= 1:
+            return (f"the maps are 1x1 from stride {largest} on: the example input {_input(example_input)} is too "
+                    f"small for stride {'/'.join(map(str, rule.stride))}, use a larger one")
+        if largest < min(rule.stride):
+            return (f"no map reaches stride {'/'.join(map(str, rule.stride))}: the largest stride found is "
+                    f"{largest} (in {found[largest]!r}); select the deepest stage by path instead, e.g. "
+                    f"modules: [{found[largest].rsplit('.', 1)[0] + '.*'!r}]")
+    if not paths:
+        return "it selects no module"
+    if untraceable >= len(paths):
+        return f"torch.fx cannot trace the {len(paths)} module(s) it selects (e.g. {paths[0]!r}), see below"
+    what = "layer" if "any" in rule.after else f"{'/'.join(rule.after)} node" if rule.after else "branch node"
+    return (f"the {len(paths)} module(s) it selects ({paths[:3]}) hold no {what}"
+            f"{' or residual shortcut' if rule.shortcut else ''}")
+
+
+def _input(example_input: Any) -> str:
+    if example_input is None:
+        return "1x3x224x224"
+    ts = [t for t in torch.utils._pytree.tree_leaves(example_input) if isinstance(t, Tensor)]
+    return ", ".join("x".join(map(str, t.shape)) for t in ts[:2]) or type(example_input).__name__
