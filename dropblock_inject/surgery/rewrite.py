@@ -19,6 +19,7 @@ from ..recipe import RecipeLike, ScheduleConfig, load_recipe
 from .analyze import Candidate, Scope
 from .forward import InjectedForward, RefuseScripting, check_not_injected, injected_modules
 from .select import InsertionPoint, build_plan
+from .wrappers import unwrap
 
 _CONTAINER = "dropblocks"
 
@@ -69,20 +70,23 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
     """Insert DropBlock into ``model`` in place, where ``recipe`` says.
 
     Args:
-        model: the network, usually with pretrained weights loaded.
+        model: the network, usually with pretrained weights loaded, or a wrapper holding it (DataParallel,
+            DistributedDataParallel, torch.compile's OptimizedModule, an EMA / SWA copy): the recipe then
+            applies to the network inside.
         recipe: a recipe name (see :func:`~dropblock_inject.available_recipes`), path, dict or Recipe.
         example_input: input used when a rule selects by output stride (default ``1x3x224x224``); with
             path-based recipes no forward pass is run unless it is given.
 
     Returns:
-        ``model`` itself: same type, same Parameter objects, same ``state_dict``. Each DropBlock starts at
-        its final keep_prob; a :class:`~dropblock_inject.KeepProbScheduler` ramps it during training.
+        ``model`` itself (the wrapper, if one was given): same type, same Parameter objects, same
+        ``state_dict``. Each DropBlock starts at its final keep_prob; a :class:`~dropblock_inject.KeepProbScheduler` ramps it during training.
 
     Raises:
         RecipeError: a bad recipe, or a rule that selects nothing.
         SurgeryError: the model is already injected, or a selected module cannot be traced. On any error
             the model is left exactly as it was.
     """
+    wrapper, model = model, unwrap(model)
     recipe = load_recipe(recipe)
     check_not_injected(model)
     built = build_plan(model, recipe, example_input, with_shapes=example_input is not None)
@@ -109,7 +113,7 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
         for module, name in done:
             _undo(module)
         raise
-    return model
+    return wrapper
 
 
 def _undo(module: nn.Module) -> None:
@@ -128,12 +132,12 @@ def strip(model: nn.Module) -> nn.Module:
     """Remove every DropBlock that :func:`inject` inserted; a model never injected is returned unchanged.
 
     Args:
-        model: an injected (or plain) model.
+        model: an injected (or plain) model, or a wrapper holding one.
 
     Returns:
         ``model`` itself, made of its original module objects with their current (trained) weights, ready
         for TorchScript, ONNX or torch.export.
     """
-    for _, module in list(injected_modules(model)):
+    for _, module in list(injected_modules(unwrap(model))):
         _undo(module)
     return model
