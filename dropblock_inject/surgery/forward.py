@@ -16,11 +16,10 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch import nn
 
 from ..ops import _DropBlockNd
-from .trace import EMPTY, Param, SurgeryError
+from .trace import EMPTY, Param, SurgeryError, unflatten_output
 
 
 def _compile_graph(graph: fx.Graph, name: str) -> Callable[..., Any]:
@@ -58,11 +57,10 @@ class InjectedForward:
                                    f"training mode; trace the model in eval() mode, or call "
                                    f"dropblock_inject.strip(model) first")
             if self.params is None:
-                return self._fn(self.module, *args, **kwargs)
+                return unflatten_output(self._fn(self.module, *args, **kwargs), self.out_spec)
             flat = self._flatten(args, kwargs)
             if flat is not None:
-                out = self._fn(self.module, *flat)
-                return out if self.out_spec is None else pytree.tree_unflatten(out, self.out_spec)
+                return unflatten_output(self._fn(self.module, *flat), self.out_spec)
             warnings.warn(f"dropblock_inject: {self.name!r} was rewritten for calls with "
                           f"({', '.join(p.describe() for p in self.params)}) but is called otherwise; this call "
                           f"runs its original forward, without DropBlock", stacklevel=2)

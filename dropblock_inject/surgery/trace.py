@@ -14,6 +14,7 @@ without one, parameters whose default is None) are specialised with ``concrete_a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import operator
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ..ops import _DropBlockNd
@@ -62,14 +64,90 @@ for _name in _INPLACE_OPERATORS:
     setattr(_Proxy, f"__{_name}__", _inplace(_name))
 
 
+@dataclass(frozen=True)
+class Structure:
+    """How a structured output is rebuilt from the graph's flat list of outputs, with its exact type.
+
+    ``how`` is "pytree" (a type ``torch.utils._pytree`` knows: tuple, list, dict, OrderedDict, NamedTuple,
+    Hugging Face ``ModelOutput``; ``context`` is its one-level spec), "dataclass" (``context``: the field
+    names) or "mapping" (another dict subclass; ``context``: the keys). ``children`` holds one entry per
+    child: a nested Structure, or None for a leaf (a tensor, or a constant such as None).
+    """
+
+    how: str
+    type: type
+    context: Any
+    children: tuple[Structure | None, ...]
+
+
+def flatten_output(value: Any) -> tuple[list[Any], Structure | None]:
+    """The leaves of ``value`` and the Structure that rebuilds it (None when ``value`` is a leaf)."""
+    if isinstance(value, fx.Proxy):
+        return [value], None
+    children, spec = pytree.tree_flatten(value, is_leaf=lambda v: v is not value)  # one level
+    if not spec.is_leaf():
+        how, context = "pytree", spec
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        context = tuple(f.name for f in dataclasses.fields(value) if f.init)
+        how, children = "dataclass", [getattr(value, name) for name in context]
+    elif isinstance(value, dict):
+        how, context, children = "mapping", tuple(value), list(value.values())
+    else:
+        return [value], None
+    leaves: list[Any] = []
+    nested: list[Structure | None] = []
+    for child in children:
+        sub, structure = flatten_output(child)
+        leaves.extend(sub)
+        nested.append(structure)
+    return leaves, Structure(how, type(value), context, tuple(nested))
+
+
+def unflatten_output(leaves: Any, structure: Any) -> Any:
+    """The inverse of :func:`flatten_output`: ``structure`` rebuilt from the graph's flat outputs."""
+    if structure is None:
+        return leaves
+    if isinstance(structure, pytree.TreeSpec):  # models injected by version 0.1
+        return pytree.tree_unflatten(leaves, structure)
+    it = iter(leaves)
+    return _rebuild(it, structure)
+
+
+def _rebuild(it: Any, structure: Structure | None) -> Any:
+    if structure is None:
+        return next(it)
+    children = [_rebuild(it, child) for child in structure.children]
+    if structure.how == "pytree":
+        return pytree.tree_unflatten(children, structure.context)
+    if structure.how == "dataclass":
+        return structure.type(**dict(zip(structure.context, children)))
+    return structure.type(zip(structure.context, children))
+
+
 class Tracer(fx.Tracer):
-    """Traces one module's own forward; children are leaves, except plain Sequential containers."""
+    """Traces one module's own forward; children are leaves, except plain Sequential containers.
+
+    A structured output (a NamedTuple, a ``ModelOutput``, a dataclass) is returned by the graph as a flat list
+    of its leaves; ``out_structure`` rebuilds it with its exact type (fx itself would turn an OrderedDict
+    subclass into a plain dict).
+    """
+
+    out_structure: Structure | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return not is_plain_sequential(m) or isinstance(m, _DropBlockNd)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
+
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
+                             concrete_args: Any = None) -> tuple[Any, list[Any]]:
+        @functools.wraps(root_fn)  # fx reads the signature through __wrapped__
+        def flat_output(*args: Any, **kwargs: Any) -> Any:
+            leaves, self.out_structure = flatten_output(root_fn(*args, **kwargs))
+            return leaves if self.out_structure is not None else leaves[0]
+
+        return super().create_args_for_root(flat_output, is_module, concrete_args)
 
 
 @dataclass(frozen=True)
@@ -132,7 +210,7 @@ class Param:
 class Traced:
     graph: fx.Graph
     params: tuple[Param, ...] | None  # None: a forward with *args/**kwargs, called as it is
-    out_spec: Any  # pytree spec rebuilding a structured output from the graph's flat one, or None
+    out_spec: Structure | None  # rebuilds a structured output from the graph's flat one (None: not structured)
     input_shapes: list[tuple[int, ...] | None]  # one per placeholder, from the example forward
 
 
@@ -194,21 +272,23 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None) -> Traced
     concrete, params, shapes = _specialise(scope, call)
     was_training = scope.training
     scope.training = True  # only the scope's own flag can be baked: children are leaves
+    tracer = Tracer()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fx warns about constants it cannot guard; the layout checks them
-            graph = Tracer().trace(scope, concrete_args=concrete or None)
+            graph = tracer.trace(scope, concrete_args=concrete or None)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
                            f"{type(e).__name__}: {e}") from e
     finally:
         scope.training = was_training
-    info = getattr(graph._codegen, "pytree_info", None)
     placeholders = sum(n.op == "placeholder" for n in graph.nodes)
     if params is not None and placeholders != len(shapes):
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
                            f"{placeholders} placeholders for the arguments {[p.describe() for p in params]}")
-    return Traced(graph, params, info.out_spec if info is not None else None, shapes)
+    for node in graph.find_nodes(op="output"):
+        node.type = None  # the graph returns the flat list, not the annotated type
+    return Traced(graph, params, tracer.out_structure, shapes)
 
 
 def wants_call(scope: nn.Module) -> bool:
