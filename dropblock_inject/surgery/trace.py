@@ -14,7 +14,6 @@ without one, parameters whose default is None) are specialised with ``concrete_a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import operator
@@ -23,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ..ops import _DropBlockNd
+from .checkpointing import checkpoint_functions, flags, flags_set
+from .outputs import Structure, flatten_output
 
 
 class SurgeryError(RuntimeError):
@@ -62,66 +62,6 @@ def _inplace(name: str) -> Callable[[fx.Proxy, Any], fx.Proxy]:
 
 for _name in _INPLACE_OPERATORS:
     setattr(_Proxy, f"__{_name}__", _inplace(_name))
-
-
-@dataclass(frozen=True)
-class Structure:
-    """How a structured output is rebuilt from the graph's flat list of outputs, with its exact type.
-
-    ``how`` is "pytree" (a type ``torch.utils._pytree`` knows: tuple, list, dict, OrderedDict, NamedTuple,
-    Hugging Face ``ModelOutput``; ``context`` is its one-level spec), "dataclass" (``context``: the field
-    names) or "mapping" (another dict subclass; ``context``: the keys). ``children`` holds one entry per
-    child: a nested Structure, or None for a leaf (a tensor, or a constant such as None).
-    """
-
-    how: str
-    type: type
-    context: Any
-    children: tuple[Structure | None, ...]
-
-
-def flatten_output(value: Any) -> tuple[list[Any], Structure | None]:
-    """The leaves of ``value`` and the Structure that rebuilds it (None when ``value`` is a leaf)."""
-    if isinstance(value, fx.Proxy):
-        return [value], None
-    children, spec = pytree.tree_flatten(value, is_leaf=lambda v: v is not value)  # one level
-    if not spec.is_leaf():
-        how, context = "pytree", spec
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        context = tuple(f.name for f in dataclasses.fields(value) if f.init)
-        how, children = "dataclass", [getattr(value, name) for name in context]
-    elif isinstance(value, dict):
-        how, context, children = "mapping", tuple(value), list(value.values())
-    else:
-        return [value], None
-    leaves: list[Any] = []
-    nested: list[Structure | None] = []
-    for child in children:
-        sub, structure = flatten_output(child)
-        leaves.extend(sub)
-        nested.append(structure)
-    return leaves, Structure(how, type(value), context, tuple(nested))
-
-
-def unflatten_output(leaves: Any, structure: Any) -> Any:
-    """The inverse of :func:`flatten_output`: ``structure`` rebuilt from the graph's flat outputs."""
-    if structure is None:
-        return leaves
-    if isinstance(structure, pytree.TreeSpec):  # models injected by version 0.1
-        return pytree.tree_unflatten(leaves, structure)
-    it = iter(leaves)
-    return _rebuild(it, structure)
-
-
-def _rebuild(it: Any, structure: Structure | None) -> Any:
-    if structure is None:
-        return next(it)
-    children = [_rebuild(it, child) for child in structure.children]
-    if structure.how == "pytree":
-        return pytree.tree_unflatten(children, structure.context)
-    if structure.how == "dataclass":
-        return structure.type(**dict(zip(structure.context, children)))
-    return structure.type(zip(structure.context, children))
 
 
 class Tracer(fx.Tracer):
@@ -267,14 +207,13 @@ def _specialise(scope: nn.Module, call: Call | None) -> tuple[dict[str, Any], tu
     return concrete, tuple(layout), shapes
 
 
-def trace_scope(scope: nn.Module, path: str, call: Call | None = None) -> Traced:
-    """The training-mode graph of ``scope``; SurgeryError naming ``path`` if fx cannot trace it."""
-    concrete, params, shapes = _specialise(scope, call)
+def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
+           checkpointing: tuple[tuple[str, ...], tuple[bool, ...]]) -> tuple[fx.Graph, Structure | None]:
     was_training = scope.training
     scope.training = True  # only the scope's own flag can be baked: children are leaves
-    tracer = Tracer()
+    tracer = Tracer(autowrap_functions=checkpoint_functions())
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), flags_set(scope, *checkpointing):
             warnings.simplefilter("ignore")  # fx warns about constants it cannot guard; the layout checks them
             graph = tracer.trace(scope, concrete_args=concrete or None)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
@@ -282,13 +221,37 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None) -> Traced
                            f"{type(e).__name__}: {e}") from e
     finally:
         scope.training = was_training
+    for node in graph.find_nodes(op="output"):
+        node.type = None  # the graph returns the flat list, not the annotated type
+    return graph, tracer.out_structure
+
+
+def trace_scope(scope: nn.Module, path: str, call: Call | None = None) -> Traced:
+    """The training-mode graph of ``scope``, with its checkpointing flags off; SurgeryError naming ``path``
+    if fx cannot trace it."""
+    concrete, params, shapes = _specialise(scope, call)
+    names = flags(scope)
+    graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
     placeholders = sum(n.op == "placeholder" for n in graph.nodes)
     if params is not None and placeholders != len(shapes):
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
                            f"{placeholders} placeholders for the arguments {[p.describe() for p in params]}")
-    for node in graph.find_nodes(op="output"):
-        node.type = None  # the graph returns the flat list, not the annotated type
-    return Traced(graph, params, tracer.out_structure, shapes)
+    return Traced(graph, params, structure, shapes)
+
+
+def trace_variant(scope: nn.Module, path: str, params: tuple[Param, ...] | None, names: tuple[str, ...],
+                  values: tuple[bool, ...]) -> fx.Graph:
+    """The graph of ``scope`` specialised as :func:`trace_scope` did (``params``), with the checkpointing flags
+    ``names`` set to ``values``; SurgeryError if fx cannot trace it."""
+    concrete: dict[str, Any] = {}
+    for p in params or ():
+        if p.kind == "none":
+            concrete[p.name] = None
+        elif p.kind == "seq":
+            concrete[p.name] = p.expect[0]([fx.PH] * p.expect[1])
+        elif p.kind == "const":
+            concrete[p.name] = p.expect
+    return _trace(scope, path, concrete, (names, values))[0]
 
 
 def wants_call(scope: nn.Module) -> bool:
