@@ -27,7 +27,8 @@ FLAGS = ("grad_checkpointing", "gradient_checkpointing")  # timm, Hugging Face
 def wraps_checkpointing(scope: nn.Module) -> bool:
     """Whether ``scope`` is a Hugging Face ``GradientCheckpointingLayer``: its class forward is a wrapper that
     checkpoints the layer's own forward when ``gradient_checkpointing`` is on."""
-    return getattr(type(scope).forward, "__name__", "") == "forward_with_checkpointing"
+    layer = getattr(sys.modules.get("transformers.modeling_layers"), "GradientCheckpointingLayer", None)
+    return isinstance(layer, type) and isinstance(scope, layer)
 
 
 def flags(scope: nn.Module) -> tuple[str, ...]:
@@ -77,6 +78,34 @@ def checkpoint_functions() -> tuple[Callable[..., Any], ...]:
         if callable(fn):
             found.append(fn)
     return tuple(found)
+
+
+class CheckpointTracedThrough(RuntimeError):
+    """Raised while tracing when a checkpoint call runs on fx Proxies (it would be inlined, not checkpointed)."""
+
+
+class _Refuse:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise CheckpointTracedThrough("torch.utils.checkpoint ran on fx Proxies: the checkpoint call would be "
+                                      "traced through (its function is not a module fx can name)")
+
+    apply = __init__
+
+
+@contextlib.contextmanager
+def no_inline_checkpoint() -> Iterator[None]:
+    """While tracing: a checkpoint call that was not recorded as one node (e.g. checkpointing a closure, or a
+    ``functools.partial`` bound to torch's function) raises instead of being traced through, inline."""
+    names = ("_checkpoint_without_reentrant_generator_impl", "CheckpointFunction")
+    mod = torch.utils.checkpoint
+    saved = {n: mod.__dict__[n] for n in names if n in mod.__dict__}
+    try:
+        for n in saved:
+            setattr(mod, n, _Refuse)
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(mod, n, v)
 
 
 def calls_checkpoint(graph: fx.Graph) -> bool:

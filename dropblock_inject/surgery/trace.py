@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..ops import _DropBlockNd
-from .checkpointing import checkpoint_functions, flags, flags_set
+from .checkpointing import checkpoint_functions, flags, flags_set, no_inline_checkpoint
 from .outputs import Structure, flatten_output
 
 
@@ -213,7 +213,7 @@ def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
     scope.training = True  # only the scope's own flag can be baked: children are leaves
     tracer = Tracer(autowrap_functions=checkpoint_functions())
     try:
-        with warnings.catch_warnings(), flags_set(scope, *checkpointing):
+        with warnings.catch_warnings(), flags_set(scope, *checkpointing), no_inline_checkpoint():
             warnings.simplefilter("ignore")  # fx warns about constants it cannot guard; the layout checks them
             graph = tracer.trace(scope, concrete_args=concrete or None)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
