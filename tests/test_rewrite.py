@@ -208,3 +208,35 @@ def test_inplace_only_on_fresh_batchnorm_and_conv_outputs():
     effnet.train()
     set_keep(effnet, 0.7)
     effnet(X).sum().backward()
+
+
+@pytest.mark.parametrize("hook", ["module", "global"])
+def test_hooks_never_observe_an_inplace_write(hook):
+    """A forward hook that keeps a BatchNorm's output (feature logging, distillation), registered after
+    inject, finds it as BatchNorm returned it after the whole train step: that DropBlock works out of place
+    while the hook is there (the others stay in place), and in place again once it is removed."""
+    model = torchvision.models.resnet18().train()
+    dbi.inject(model, "resnet50_paper")
+    set_keep(model, 0.5)
+    bn = model.layer3[0].bn1
+    db = model.layer3[0].dropblocks["bn1"]
+    assert db.inplace
+    kept = []
+
+    def keep(m, args, out):
+        if m is bn:
+            kept.append((out, out.clone()))
+
+    if hook == "module":
+        handle = bn.register_forward_hook(keep)
+    else:
+        handle = nn.modules.module.register_module_forward_hook(keep)
+    model(X).sum().backward()
+    (out, at_hook_time), = kept
+    assert torch.equal(out, at_hook_time) and (out != 0).all()
+    assert not db.inplace
+    others = [d for d in dbi.injected_dropblocks(model) if d is not db]
+    assert any(d.inplace for d in others) == (hook == "module")
+    handle.remove()
+    model(X)
+    assert db.inplace
