@@ -150,7 +150,7 @@ class Param:
 class Traced:
     graph: fx.Graph
     params: tuple[Param, ...] | None  # None: a forward with *args/**kwargs, called as it is
-    out_spec: Structure | None  # rebuilds a structured output from the graph's flat one (None: not structured)
+    out_spec: Any  # a Structure (or, with list arguments, fx's TreeSpec) rebuilding the output; None: a tensor
     input_shapes: list[tuple[int, ...] | None]  # one per placeholder, from the example forward
 
 
@@ -208,7 +208,7 @@ def _specialise(scope: nn.Module, call: Call | None) -> tuple[dict[str, Any], tu
 
 
 def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
-           checkpointing: tuple[tuple[str, ...], tuple[bool, ...]]) -> tuple[fx.Graph, Structure | None]:
+           checkpointing: tuple[tuple[str, ...], tuple[bool, ...]]) -> tuple[fx.Graph, Any]:
     was_training = scope.training
     scope.training = True  # only the scope's own flag can be baked: children are leaves
     tracer = Tracer(autowrap_functions=checkpoint_functions())
@@ -223,6 +223,9 @@ def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
         scope.training = was_training
     for node in graph.find_nodes(op="output"):
         node.type = None  # the graph returns the flat list, not the annotated type
+    info = getattr(graph._codegen, "pytree_info", None)  # list arguments: fx flattened the output again
+    if tracer.out_structure is None and info is not None and info.out_spec is not None:
+        return graph, info.out_spec  # a one-leaf list: its spec gives the leaf back
     return graph, tracer.out_structure
 
 
