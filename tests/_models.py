@@ -379,3 +379,47 @@ def hook_state(model: nn.Module) -> dict:
                          sorted(mod._buffers), sorted(mod._parameters))
                   for name, mod in model.named_modules() if not isinstance(mod, torch.jit.ScriptModule)}
     return {"modules": per_module, "global": (len(m._global_forward_hooks), len(m._global_forward_pre_hooks))}
+
+
+# ------------------------------------------------------------------------------- the rest of the training stack
+
+import dataclasses  # noqa: E402 - this section's own imports (the file is appended to by several branches)
+from typing import NamedTuple  # noqa: E402
+
+class Pair(NamedTuple):
+    features: Tensor
+    pooled: Tensor
+
+
+@dataclasses.dataclass
+class PairData:
+    features: Tensor
+    pooled: Tensor | None = None
+
+
+class PairDict(OrderedDict):
+    """An OrderedDict subclass that torch's pytree does not know (Hugging Face's ModelOutput is one it does)."""
+
+
+OUTPUT_TYPES = {
+    "namedtuple": lambda f, p: Pair(f, p),
+    "dataclass": lambda f, p: PairData(f, p),
+    "ordereddict_subclass": lambda f, p: PairDict(features=f, pooled=p),
+    "dict": lambda f, p: {"features": f, "pooled": p},
+    "tuple": lambda f, p: (f, (p, None)),
+    "list": lambda f, p: [f, [p]],
+}
+
+
+class StructuredBlock(nn.Module):
+    """A conv-BN residual block returning its features and their mean in one of :data:`OUTPUT_TYPES`."""
+
+    def __init__(self, kind: str, c: int = 8) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: Tensor):
+        y = x + self.bn(self.conv(x))
+        return OUTPUT_TYPES[self.kind](y, y.mean((2, 3)))

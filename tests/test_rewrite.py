@@ -186,8 +186,9 @@ def test_inplace_only_on_fresh_batchnorm_and_conv_outputs():
                      ("layer4.0", "bn1"): True, ("layer4.0", "bn2"): True, ("layer4.0", "downsample_1"): True,
                      ("layer4.1", "bn1"): True, ("layer4.1", "bn2"): True, ("layer4.1", "x"): False}
     twin = copy.deepcopy(model)
-    for d in dbi.injected_dropblocks(twin):
-        d.inplace = False
+    for m in twin.modules():  # a forward hook on a producer makes its DropBlock work out of place
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(lambda *args: None)
     grads = []
     for m in (model, twin):
         m.train()
@@ -196,6 +197,8 @@ def test_inplace_only_on_fresh_batchnorm_and_conv_outputs():
         out = m(X)
         out.square().mean().backward()
         grads.append((out.detach(), [p.grad for p in m.parameters()]))
+    assert not any(d.inplace for d in dbi.injected_dropblocks(twin))
+    assert sum(d.inplace for d in dbi.injected_dropblocks(model)) == 10
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
 
@@ -206,3 +209,35 @@ def test_inplace_only_on_fresh_batchnorm_and_conv_outputs():
     effnet.train()
     set_keep(effnet, 0.7)
     effnet(X).sum().backward()
+
+
+@pytest.mark.parametrize("hook", ["module", "global"])
+def test_hooks_never_observe_an_inplace_write(hook):
+    """A forward hook that keeps a BatchNorm's output (feature logging, distillation), registered after
+    inject, finds it as BatchNorm returned it after the whole train step: that DropBlock works out of place
+    while the hook is there (the others stay in place), and in place again once it is removed."""
+    model = torchvision.models.resnet18().train()
+    dbi.inject(model, "resnet50_paper")
+    set_keep(model, 0.5)
+    bn = model.layer3[0].bn1
+    db = model.layer3[0].dropblocks["bn1"]
+    assert db.inplace
+    kept = []
+
+    def keep(m, args, out):
+        if m is bn:
+            kept.append((out, out.clone()))
+
+    if hook == "module":
+        handle = bn.register_forward_hook(keep)
+    else:
+        handle = nn.modules.module.register_module_forward_hook(keep)
+    model(X).sum().backward()
+    (out, at_hook_time), = kept
+    assert torch.equal(out, at_hook_time) and (out != 0).all()
+    assert not db.inplace
+    others = [d for d in dbi.injected_dropblocks(model) if d is not db]
+    assert any(d.inplace for d in others) == (hook == "module")
+    handle.remove()
+    model(X)
+    assert db.inplace

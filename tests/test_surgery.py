@@ -13,9 +13,10 @@ from _models import SmallResNet
 import dropblock_inject as dbi
 from dropblock_inject import surgery
 
-# the stages in data-flow order; ``forward`` (the runtime of an injected module) sits right after ``trace``,
+# the stages in data-flow order (``wrappers`` finds the network inside DataParallel, compile, EMA); ``forward`` (the runtime of an injected module) sits right after ``trace``,
 # the only stage it needs, so that ``select`` can ask whether a model is already injected
-STAGES = ["trace", "forward", "kinds", "example", "shapes", "analyze", "explain", "select", "rewrite"]
+STAGES = ["wrappers", "outputs", "checkpointing", "trace", "forward", "kinds", "example", "shapes", "analyze",
+          "explain", "select", "rewrite"]
 PACKAGE = Path(surgery.__file__).parent
 OLD_PICKLE = Path(__file__).parent / "data" / "injected_smallresnet_v0_1.pt"
 

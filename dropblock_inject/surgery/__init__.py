@@ -2,6 +2,7 @@
 
 One ``inject`` call goes down these stages, each a module that imports only the ones before it:
 
+0. :mod:`.wrappers` -- the network inside DataParallel, DDP, ``torch.compile`` or an EMA copy;
 1. :mod:`.trace` -- the training-mode fx graph of one module (a *scope*), specialised to how it is called;
 2. :mod:`.kinds` -- what a module or node is: conv, norm, act, conv-norm unit, residual add, gate;
 3. :mod:`.shapes` -- one example forward recording output shapes (for strides) and call patterns;

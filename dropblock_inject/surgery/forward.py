@@ -2,7 +2,8 @@
 
 :class:`InjectedForward` runs the rewritten graph in training mode and the module's original ``forward`` in
 eval mode, so eval() is the original code bit for bit and whatever fx would bake in from ``self.training``
-follows train()/eval(). A graph traced with specialised arguments (see :mod:`.trace`) runs only for calls that
+follows train()/eval(); the gradient-checkpointing flags likewise pick their graph per call (see
+:mod:`.checkpointing`), and a structured output is rebuilt with its type (:mod:`.outputs`). A graph traced with specialised arguments (see :mod:`.trace`) runs only for calls that
 match them. :class:`RefuseScripting` makes ``torch.jit.script`` of an injected model a clear error.
 Used by :mod:`.select` (is a model already injected?) and :mod:`.rewrite` (installing it); depends on
 :mod:`.trace` only.
@@ -11,15 +12,18 @@ Used by :mod:`.select` (is a model already injected?) and :mod:`.rewrite` (insta
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch import nn
+from torch.nn.modules import module as _module
 
 from ..ops import _DropBlockNd
+from .checkpointing import hf_checkpointing_on, wraps_checkpointing
+from .outputs import unflatten_output
 from .trace import EMPTY, Param, SurgeryError
 
 
@@ -30,45 +34,91 @@ def _compile_graph(graph: fx.Graph, name: str) -> Callable[..., Any]:
     return namespace["forward"]
 
 
+def _observed(m: nn.Module) -> bool:
+    """Whether a forward or backward hook (the module's own or a global one) can see ``m``'s output."""
+    return bool(m._forward_hooks or m._backward_hooks or getattr(_module, "_global_forward_hooks", None)
+                or getattr(_module, "_global_backward_hooks", None))
+
+
 class InjectedForward:
     """Stored as ``module.forward``: the rewritten graph in training mode, the original forward in eval.
 
     A graph traced with specialised arguments (see ``_specialise``) runs only for calls that match them:
     another call pattern (e.g. ``shortcut=None`` where the trace saw a tensor) warns and runs the original
-    forward, without DropBlock. Pickles (torch.save of a whole model), deep-copies and compiles; its code is
-    regenerated from the graph.
+    forward, without DropBlock. The scope's gradient-checkpointing ``flags`` pick one of the ``variants``
+    graphs per call (a string where a value could not be traced with its checkpoint call: that call warns and
+    runs the original forward); a Hugging Face ``GradientCheckpointingLayer`` checkpoints the graph as its own
+    wrapper would. A DropBlock listed in ``inplace`` (with the module producing its input) writes in place only
+    while no hook can observe that module's output. Pickles (torch.save of a whole model), deep-copies and
+    compiles; its code is regenerated from the graphs.
     """
 
     def __init__(self, module: nn.Module, graph: fx.Graph, original: Callable[..., Any] | None,
-                 name: str, params: tuple[Param, ...] | None = None, out_spec: Any = None) -> None:
+                 name: str, params: tuple[Param, ...] | None = None, out_spec: Any = None,
+                 flags: tuple[str, ...] = (), variants: dict[tuple[bool, ...], fx.Graph | str] | None = None,
+                 inplace: tuple[tuple[str, str], ...] = ()) -> None:
         self.module = module
         self.graph = graph
         self.original = original  # an instance-level forward that was there before, if any
         self.name = name
         self.params = params
         self.out_spec = out_spec
+        self.flags = flags
+        self.variants = variants or {}
+        self.inplace = inplace
         self._fn = _compile_graph(graph, name)
+        self._variant_fns = {k: _compile_graph(g, f"{name} {k}") if isinstance(g, fx.Graph) else g
+                             for k, g in self.variants.items()}
+        self._checkpoints_itself = wraps_checkpointing(module)
+        self._producers: list[tuple[nn.Module, nn.Module]] | None = None  # resolved on the first call
         self._names = frozenset(p.name for p in params or ())
         self._positional = sum(p.index is not None for p in params or ())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.module.training:
-            if torch.jit.is_tracing():
-                raise SurgeryError(f"torch.jit.trace cannot record the random DropBlock ops of {self.name!r} in "
-                                   f"training mode; trace the model in eval() mode, or call "
-                                   f"dropblock_inject.strip(model) first")
-            if self.params is None:
-                return self._fn(self.module, *args, **kwargs)
+        if not self.module.training:
+            return self._original(*args, **kwargs)
+        if torch.jit.is_tracing():
+            raise SurgeryError(f"torch.jit.trace cannot record the random DropBlock ops of {self.name!r} in "
+                               f"training mode; trace the model in eval() mode, or call "
+                               f"dropblock_inject.strip(model) first")
+        fn = self._fn
+        if self.flags:
+            key = tuple(bool(getattr(self.module, f)) for f in self.flags)
+            fn = self._variant_fns.get(key, fn)  # a value absent from the variants traces as the main graph
+            if isinstance(fn, str):
+                warnings.warn(f"dropblock_inject: {self.name!r} runs its original forward, without DropBlock, "
+                              f"while {', '.join(f'{f}={v}' for f, v in zip(self.flags, key))}: {fn}", stacklevel=2)
+                return self._original(*args, **kwargs)
+        if self.params is not None:
             flat = self._flatten(args, kwargs)
-            if flat is not None:
-                out = self._fn(self.module, *flat)
-                return out if self.out_spec is None else pytree.tree_unflatten(out, self.out_spec)
-            warnings.warn(f"dropblock_inject: {self.name!r} was rewritten for calls with "
-                          f"({', '.join(p.describe() for p in self.params)}) but is called otherwise; this call "
-                          f"runs its original forward, without DropBlock", stacklevel=2)
+            if flat is None:
+                warnings.warn(f"dropblock_inject: {self.name!r} was rewritten for calls with "
+                              f"({', '.join(p.describe() for p in self.params)}) but is called otherwise; this "
+                              f"call runs its original forward, without DropBlock", stacklevel=2)
+                return self._original(*args, **kwargs)
+            args, kwargs = tuple(flat), {}
+        if self.inplace and not torch.compiler.is_compiling():  # compiled DropBlocks never write in place
+            self._allow_inplace()
+        if self._checkpoints_itself and hf_checkpointing_on(self.module):
+            return self.module._gradient_checkpointing_func(functools.partial(self._run, fn, **kwargs), *args)
+        return self._run(fn, *args, **kwargs)
+
+    def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return unflatten_output(fn(self.module, *args, **kwargs), self.out_spec)
+
+    def _original(self, *args: Any, **kwargs: Any) -> Any:
         if self.original is not None:
             return self.original(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
+
+    def _allow_inplace(self) -> None:
+        if self._producers is None:
+            get = self.module.get_submodule
+            self._producers = [(get(db), get(producer)) for db, producer in self.inplace]
+        for db, producer in self._producers:
+            allowed = not _observed(producer)
+            if db.inplace is not allowed:
+                db.inplace = allowed
 
     def _flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
         """The graph's placeholder values for this call, or None if it does not match the traced pattern."""
@@ -105,11 +155,13 @@ class InjectedForward:
         return flat
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (InjectedForward, (self.module, self.graph, self.original, self.name, self.params, self.out_spec))
+        return (InjectedForward, (self.module, self.graph, self.original, self.name, self.params, self.out_spec,
+                                  self.flags, self.variants, self.inplace))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> InjectedForward:
         return InjectedForward(copy.deepcopy(self.module, memo), copy.deepcopy(self.graph, memo),
-                                copy.deepcopy(self.original, memo), self.name, self.params, self.out_spec)
+                                copy.deepcopy(self.original, memo), self.name, self.params, self.out_spec,
+                                self.flags, copy.deepcopy(self.variants, memo), self.inplace)
 
 
 class RefuseScripting:

@@ -9,6 +9,8 @@ Every rewrite is built before any module is touched, so a failure leaves the mod
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
@@ -17,8 +19,11 @@ from torch import nn
 from ..ops import DropBlock2d, DropBlock3d
 from ..recipe import RecipeLike, ScheduleConfig, load_recipe
 from .analyze import Candidate, Scope
+from .checkpointing import calls_checkpoint, combinations, variant_flags
 from .forward import InjectedForward, RefuseScripting, check_not_injected, injected_modules
 from .select import InsertionPoint, build_plan
+from .trace import SurgeryError, trace_variant
+from .wrappers import unwrap
 
 _CONTAINER = "dropblocks"
 
@@ -28,61 +33,136 @@ _OUTPUT_NOT_SAVED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatc
 
 
 def _writable(source: fx.Node, scope: nn.Module) -> bool:
-    """Whether DropBlock may work in place on ``source``: a fresh BatchNorm or convolution output (exact
-    types: subclasses such as timm's BatchNormAct2d end with an activation that keeps its output for
-    backward) that nothing but the DropBlock reads."""
+    """Whether DropBlock may work in place on ``source`` (when no hook observes its producer, checked per call
+    by the injected forward): a fresh BatchNorm or convolution output (exact types: subclasses such as timm's
+    BatchNormAct2d end with an activation that keeps its output for backward) that nothing but the DropBlock
+    reads."""
     if source.op != "call_module" or len(source.users) != 1:
         return False
     return type(scope.get_submodule(str(source.target))) in _OUTPUT_NOT_SAVED
 
 
-def _rewrite(scope: Scope, points: list[tuple[Candidate, InsertionPoint]], schedule: ScheduleConfig,
-             container_name: str) -> tuple[fx.Graph, nn.ModuleDict]:
+@dataclass(frozen=True)
+class _Site:
+    """One DropBlock call: after node ``source`` (a branch), or between ``source`` and the addition ``add``."""
+
+    key: str
+    source: str
+    add: str | None
+
+
+def _insert(src: fx.Graph, sites: list[_Site], container: str, scope: nn.Module,
+            like: fx.Graph | None = None) -> tuple[fx.Graph, set[str]]:
+    """A copy of ``src`` with the DropBlock calls of ``sites`` (nodes found by name, and, when ``like`` is
+    given, checked to do what ``like``'s nodes of that name do), and the keys of those that may work in place.
+    KeyError: a node is missing or differs."""
     graph = fx.Graph()
-    remap: dict[fx.Node, fx.Node] = {}
-    output = graph.graph_copy(scope.graph, remap)
-    graph.output(output)
+    graph.output(graph.graph_copy(src, {}))
+    nodes = {n.name: n for n in graph.nodes}
+    reference = {n.name: n for n in (like or src).nodes}
+    writable = set()
+    for site in sites:
+        for name in (site.source, site.add):
+            if name is not None and (name not in nodes or (nodes[name].op, nodes[name].target) != (
+                    reference[name].op, reference[name].target)):
+                raise KeyError(name)
+        source = nodes[site.source]
+        if site.add is None:
+            with graph.inserting_after(source):
+                new = graph.call_module(f"{container}.{site.key}", (source,))
+            source.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        else:
+            add = nodes[site.add]
+            with graph.inserting_before(add):
+                new = graph.call_module(f"{container}.{site.key}", (source,))
+            add.replace_input_with(source, new)
+        if _writable(source, scope):
+            writable.add(site.key)
+    graph.lint()
+    return graph, writable
+
+
+def _variants(scope: Scope, sites: list[_Site], container: str, flag_names: tuple[str, ...]
+              ) -> tuple[dict[tuple[bool, ...], fx.Graph | str], set[str] | None]:
+    """One rewritten graph per other value of the scope's checkpointing flags (or why there is none), and the
+    keys that may work in place in every one of them (None: no variant)."""
+    variants: dict[tuple[bool, ...], fx.Graph | str] = {}
+    writable: set[str] | None = None
+    main = scope.graph.python_code("self").src
+    for values in combinations(flag_names):
+        state = ", ".join(f"{n}={v}" for n, v in zip(flag_names, values))
+        try:
+            graph = trace_variant(scope.module, scope.path, scope.params, flag_names, values)
+        except SurgeryError as e:
+            variants[values] = f"{e}"
+            continue
+        if graph.python_code("self").src == main:
+            continue  # the flags do not change this scope's code
+        if not calls_checkpoint(graph):
+            variants[values] = (f"with {state} fx traced through its checkpoint call (only torch.utils.checkpoint "
+                                f"and timm's checkpoint_seq called by their global names stay one call)")
+            continue
+        try:
+            variants[values], ok = _insert(graph, sites, container, scope.module, like=scope.graph)
+        except KeyError as e:
+            variants[values] = f"with {state} its graph has no node {e} to put DropBlock after"
+            continue
+        writable = ok if writable is None else writable & ok
+    for values, why in variants.items():
+        if isinstance(why, str):
+            warnings.warn(f"dropblock_inject: module {scope.path or '<root>'!r} ({type(scope.module).__name__}) "
+                          f"will run without DropBlock while {', '.join(f'{n}={v}' for n, v in zip(flag_names, values))}: "
+                          f"{why}", stacklevel=4)
+    return variants, writable
+
+
+def _rewrite(scope: Scope, points: list[tuple[Candidate, InsertionPoint]], schedule: ScheduleConfig,
+             container_name: str) -> tuple[fx.Graph, nn.ModuleDict, tuple[str, ...], dict[tuple[bool, ...], Any],
+                                           tuple[tuple[str, str], ...]]:
     container = nn.ModuleDict()
     cls = DropBlock3d if scope.spatial_dims == 3 else DropBlock2d
+    sites = []
     for c, point in points:
         key = f"{point.kind}_{point.after}" if point.kind == "shortcut" else point.after
         db = cls(point.block_size, point.keep_prob, per_channel=point.per_channel)
         db.point = point  # type: ignore[assignment]
         db.schedule = schedule  # type: ignore[assignment]
         container[key] = db
-        source = remap[c.node]
-        if c.kind == "branch":
-            with graph.inserting_after(source):
-                new = graph.call_module(f"{container_name}.{key}", (source,))
-            source.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-        else:
-            add = remap[c.add]  # type: ignore[index]
-            with graph.inserting_before(add):
-                new = graph.call_module(f"{container_name}.{key}", (source,))
-            add.replace_input_with(source, new)
-        db.inplace = _writable(source, scope.module)
-    graph.lint()
-    return graph, container
+        sites.append(_Site(key, c.node.name, c.add.name if c.kind == "shortcut" else None))  # type: ignore[union-attr]
+    graph, writable = _insert(scope.graph, sites, container_name, scope.module)
+    flag_names = variant_flags(scope.module)
+    variants, also = _variants(scope, sites, container_name, flag_names) if flag_names else ({}, None)
+    if also is not None:
+        writable &= also
+    sources = {s.key: s.source for s in sites}
+    producers = {n.name: str(n.target) for n in graph.nodes if n.op == "call_module"}
+    inplace = tuple((f"{container_name}.{k}", producers[sources[k]]) for k in container if k in writable)
+    for key, db in container.items():
+        db.inplace = key in writable  # until a call finds a hook on its producer
+    return graph, container, flag_names if variants else (), variants, inplace
 
 
 def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -> nn.Module:
     """Insert DropBlock into ``model`` in place, where ``recipe`` says.
 
     Args:
-        model: the network, usually with pretrained weights loaded.
+        model: the network, usually with pretrained weights loaded, or a wrapper holding it (DataParallel,
+            DistributedDataParallel, torch.compile's OptimizedModule, an EMA / SWA copy): the recipe then
+            applies to the network inside.
         recipe: a recipe name (see :func:`~dropblock_inject.available_recipes`), path, dict or Recipe.
         example_input: input used when a rule selects by output stride (default ``1x3x224x224``); with
             path-based recipes no forward pass is run unless it is given.
 
     Returns:
-        ``model`` itself: same type, same Parameter objects, same ``state_dict``. Each DropBlock starts at
-        its final keep_prob; a :class:`~dropblock_inject.KeepProbScheduler` ramps it during training.
+        ``model`` itself (the wrapper, if one was given): same type, same Parameter objects, same
+        ``state_dict``. Each DropBlock starts at its final keep_prob; a :class:`~dropblock_inject.KeepProbScheduler` ramps it during training.
 
     Raises:
         RecipeError: a bad recipe, or a rule that selects nothing.
         SurgeryError: the model is already injected, or a selected module cannot be traced. On any error
             the model is left exactly as it was.
     """
+    wrapper, model = model, unwrap(model)
     recipe = load_recipe(recipe)
     check_not_injected(model)
     built = build_plan(model, recipe, example_input, with_shapes=example_input is not None)
@@ -92,14 +172,14 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
         name = _CONTAINER
         while hasattr(scope.module, name):
             name = f"_{name}"
-        graph, container = _rewrite(scope, points, recipe.schedule, name)
-        rewrites.append((scope.module, path, graph, container, name))
+        rewrites.append((scope.module, path, name, *_rewrite(scope, points, recipe.schedule, name)))
     done: list[tuple[nn.Module, str]] = []
     try:
-        for module, path, graph, container, name in rewrites:
+        for module, path, name, graph, container, flag_names, variants, inplace in rewrites:
             original = module.__dict__.get("forward")
             fwd = InjectedForward(module, graph, original, f"{type(module).__name__} {path}",
-                                   built.scopes[path].params, built.scopes[path].out_spec)
+                                   built.scopes[path].params, built.scopes[path].out_spec, flag_names, variants,
+                                   inplace)
             module.add_module(name, container)
             module.forward = fwd  # type: ignore[method-assign]
             module.__dict__["__prepare_scriptable__"] = RefuseScripting(
@@ -109,7 +189,7 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
         for module, name in done:
             _undo(module)
         raise
-    return model
+    return wrapper
 
 
 def _undo(module: nn.Module) -> None:
@@ -128,12 +208,12 @@ def strip(model: nn.Module) -> nn.Module:
     """Remove every DropBlock that :func:`inject` inserted; a model never injected is returned unchanged.
 
     Args:
-        model: an injected (or plain) model.
+        model: an injected (or plain) model, or a wrapper holding one.
 
     Returns:
         ``model`` itself, made of its original module objects with their current (trained) weights, ready
         for TorchScript, ONNX or torch.export.
     """
-    for _, module in list(injected_modules(model)):
+    for _, module in list(injected_modules(unwrap(model))):
         _undo(module)
     return model

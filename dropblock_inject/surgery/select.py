@@ -26,6 +26,7 @@ from .explain import explain, not_a_cnn
 from .kinds import CONV_TYPES, inside_layer, module_kind, owner, usable_scopes
 from .shapes import ShapeLog, call_log
 from .trace import SurgeryError, trace_scope, wants_call
+from .wrappers import unwrap
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ def plan(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -> 
         RecipeError: a bad recipe, or a rule that selects nothing.
         SurgeryError: a selected module that torch.fx cannot trace.
     """
+    model = unwrap(model)  # DataParallel, DDP, torch.compile, EMA copies: the network inside
     recipe = load_recipe(recipe)
     check_not_injected(model)
     built = build_plan(model, recipe, example_input, with_shapes=True)

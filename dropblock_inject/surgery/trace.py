@@ -25,6 +25,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..ops import _DropBlockNd
+from .checkpointing import checkpoint_functions, flags, flags_set, no_inline_checkpoint
+from .outputs import Structure, flatten_output
 
 
 class SurgeryError(RuntimeError):
@@ -63,13 +65,29 @@ for _name in _INPLACE_OPERATORS:
 
 
 class Tracer(fx.Tracer):
-    """Traces one module's own forward; children are leaves, except plain Sequential containers."""
+    """Traces one module's own forward; children are leaves, except plain Sequential containers.
+
+    A structured output (a NamedTuple, a ``ModelOutput``, a dataclass) is returned by the graph as a flat list
+    of its leaves; ``out_structure`` rebuilds it with its exact type (fx itself would turn an OrderedDict
+    subclass into a plain dict).
+    """
+
+    out_structure: Structure | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return not is_plain_sequential(m) or isinstance(m, _DropBlockNd)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
+
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
+                             concrete_args: Any = None) -> tuple[Any, list[Any]]:
+        @functools.wraps(root_fn)  # fx reads the signature through __wrapped__
+        def flat_output(*args: Any, **kwargs: Any) -> Any:
+            leaves, self.out_structure = flatten_output(root_fn(*args, **kwargs))
+            return leaves if self.out_structure is not None else leaves[0]
+
+        return super().create_args_for_root(flat_output, is_module, concrete_args)
 
 
 @dataclass(frozen=True)
@@ -132,7 +150,7 @@ class Param:
 class Traced:
     graph: fx.Graph
     params: tuple[Param, ...] | None  # None: a forward with *args/**kwargs, called as it is
-    out_spec: Any  # pytree spec rebuilding a structured output from the graph's flat one, or None
+    out_spec: Any  # a Structure (or, with list arguments, fx's TreeSpec) rebuilding the output; None: a tensor
     input_shapes: list[tuple[int, ...] | None]  # one per placeholder, from the example forward
 
 
@@ -189,26 +207,54 @@ def _specialise(scope: nn.Module, call: Call | None) -> tuple[dict[str, Any], tu
     return concrete, tuple(layout), shapes
 
 
-def trace_scope(scope: nn.Module, path: str, call: Call | None = None) -> Traced:
-    """The training-mode graph of ``scope``; SurgeryError naming ``path`` if fx cannot trace it."""
-    concrete, params, shapes = _specialise(scope, call)
+def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
+           checkpointing: tuple[tuple[str, ...], tuple[bool, ...]]) -> tuple[fx.Graph, Any]:
     was_training = scope.training
     scope.training = True  # only the scope's own flag can be baked: children are leaves
+    tracer = Tracer(autowrap_functions=checkpoint_functions())
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), flags_set(scope, *checkpointing), no_inline_checkpoint():
             warnings.simplefilter("ignore")  # fx warns about constants it cannot guard; the layout checks them
-            graph = Tracer().trace(scope, concrete_args=concrete or None)
+            graph = tracer.trace(scope, concrete_args=concrete or None)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
                            f"{type(e).__name__}: {e}") from e
     finally:
         scope.training = was_training
-    info = getattr(graph._codegen, "pytree_info", None)
+    for node in graph.find_nodes(op="output"):
+        node.type = None  # the graph returns the flat list, not the annotated type
+    info = getattr(graph._codegen, "pytree_info", None)  # list arguments: fx flattened the output again
+    if tracer.out_structure is None and info is not None and info.out_spec is not None:
+        return graph, info.out_spec  # a one-leaf list: its spec gives the leaf back
+    return graph, tracer.out_structure
+
+
+def trace_scope(scope: nn.Module, path: str, call: Call | None = None) -> Traced:
+    """The training-mode graph of ``scope``, with its checkpointing flags off; SurgeryError naming ``path``
+    if fx cannot trace it."""
+    concrete, params, shapes = _specialise(scope, call)
+    names = flags(scope)
+    graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
     placeholders = sum(n.op == "placeholder" for n in graph.nodes)
     if params is not None and placeholders != len(shapes):
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
                            f"{placeholders} placeholders for the arguments {[p.describe() for p in params]}")
-    return Traced(graph, params, info.out_spec if info is not None else None, shapes)
+    return Traced(graph, params, structure, shapes)
+
+
+def trace_variant(scope: nn.Module, path: str, params: tuple[Param, ...] | None, names: tuple[str, ...],
+                  values: tuple[bool, ...]) -> fx.Graph:
+    """The graph of ``scope`` specialised as :func:`trace_scope` did (``params``), with the checkpointing flags
+    ``names`` set to ``values``; SurgeryError if fx cannot trace it."""
+    concrete: dict[str, Any] = {}
+    for p in params or ():
+        if p.kind == "none":
+            concrete[p.name] = None
+        elif p.kind == "seq":
+            concrete[p.name] = p.expect[0]([fx.PH] * p.expect[1])
+        elif p.kind == "const":
+            concrete[p.name] = p.expect
+    return _trace(scope, path, concrete, (names, values))[0]
 
 
 def wants_call(scope: nn.Module) -> bool:

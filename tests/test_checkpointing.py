@@ -1,0 +1,132 @@
+"""Gradient checkpointing (``surgery.checkpointing``): what a scope's code decides from ``grad_checkpointing``
+(timm) or ``gradient_checkpointing`` (Hugging Face) is decided per call, as on the original model, and the
+recomputed forward draws the same DropBlock masks."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.utils.checkpoint
+import transformers
+from _models import X, set_keep
+
+import dropblock_inject as dbi
+
+
+CALLS = []
+
+
+@pytest.fixture(autouse=True)
+def counted_checkpoints(monkeypatch):
+    """Counts the calls of ``torch.utils.checkpoint.checkpoint``: timm's helpers call it through the module,
+    Hugging Face's ``activation_checkpointing_enable`` binds the name it imported."""
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        CALLS.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting)
+
+
+def _step(model):
+    CALLS.clear()
+    out = model(X)
+    (out if isinstance(out, torch.Tensor) else out[0]).square().mean().backward()
+    return len(CALLS)
+
+
+def _timm(name):
+    return timm.create_model(name, pretrained=False, num_classes=4).train()
+
+
+def _hf():  # PP-LCNet's blocks are GradientCheckpointingLayers: its wrapper decides, around the block's forward
+    return transformers.PPLCNetForImageClassification(transformers.PPLCNetConfig(
+        scale=0.25, class_expand=64, num_labels=4)).train()
+
+
+def _enable(model, on=True):
+    if isinstance(model, transformers.PreTrainedModel):
+        model.activation_checkpointing_enable() if on else model.activation_checkpointing_disable()
+    else:
+        model.set_grad_checkpointing(on)
+
+
+MODELS = {"efficientnet_b0": lambda: _timm("efficientnet_b0"), "convnext_atto": lambda: _timm("convnext_atto"),
+          "resnet18": lambda: _timm("resnet18"), "hf_pp_lcnet": _hf}
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("name", MODELS)
+def test_same_checkpoint_calls_as_the_original(name, when):
+    """Checkpointing toggled before or after inject: as many checkpoint calls per train step as the original
+    model makes, and none once it is turned off again."""
+    plain = MODELS[name]()
+    _enable(plain)
+    expected = _step(plain)
+    assert expected > 0
+    model = MODELS[name]()
+    if when == "before":
+        _enable(model)
+    dbi.inject(model, "paper_generic", example_input=X[:1])
+    scopes = [m for _, m in dbi.surgery.forward.injected_modules(model)]
+    if when == "after":
+        assert _step(model) == 0
+        _enable(model)
+    fired = []
+    hooks = [d.register_forward_hook(lambda *a: fired.append(1)) for d in dbi.injected_dropblocks(model)]
+    assert _step(model) == expected
+    assert len(fired) >= len(dbi.injected_dropblocks(model))  # every DropBlock ran (some twice: recomputed)
+    for h in hooks:
+        h.remove()
+    _enable(model, False)
+    assert _step(model) == 0 and scopes
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_recomputed_forward_draws_the_same_masks(name):
+    """With DropBlock active, checkpointed training gives the gradients of the same injected model without
+    checkpointing under the same seed: the recomputation replays the masks (checkpoint restores the RNG)."""
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    dbi.inject(model, "paper_generic", example_input=X[:1])
+    set_keep(model, 0.6)
+    twin = copy.deepcopy(model)
+    _enable(twin)
+    grads = []
+    for m in (model, twin):
+        torch.manual_seed(7)
+        _step(m)
+        grads.append([p.grad for p in m.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
+    torch.manual_seed(8)  # and the masks do drop: another seed, another gradient
+    model.zero_grad()
+    _step(model)
+    assert not all(torch.allclose(p.grad, g) for p, g in zip(model.parameters(), grads[1]))
+
+
+def test_untraceable_checkpoint_call_warns_instead_of_losing_checkpointing():
+    """A forward that checkpoints a closure (fx cannot keep it as one call): inject warns, and while the flag
+    is on that scope runs its original code, checkpointing included, and warns that it runs without DropBlock."""
+    from torch import nn
+
+    class Stage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.grad_checkpointing = False
+
+        def forward(self, x):
+            if self.grad_checkpointing:
+                return x + torch.utils.checkpoint.checkpoint(lambda t: self.bn(self.conv(t)), x, use_reentrant=False)
+            return x + self.bn(self.conv(x))
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), Stage(), nn.Conv2d(8, 4, 1)).train()
+    with pytest.warns(UserWarning, match="without DropBlock while grad_checkpointing=True"):
+        dbi.inject(model, {"rules": [{"modules": ["1"], "after": ["norm"]}]})
+    model[1].grad_checkpointing = True
+    with pytest.warns(UserWarning, match="runs its original forward, without DropBlock"):
+        assert _step(model) == 1

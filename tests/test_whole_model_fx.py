@@ -1,0 +1,92 @@
+"""The injected model stays traceable as a whole (``surgery.forward`` called with Proxies, under an outer
+tracer): ``torch.fx.symbolic_trace``, torchvision's ``create_feature_extractor`` (train and eval graphs) and
+timm's FX feature models see each DropBlock as one node, in training mode only."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from _models import X, set_keep
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import dropblock_inject as dbi
+
+
+def _op_is_fx_visible() -> bool:
+    """Whether the DropBlock op records itself as one fx node (the op side of issue 16, item 6)."""
+    try:
+        torch.fx.symbolic_trace(nn.Sequential(dbi.DropBlock2d(3, 0.9)).train())
+    except TypeError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _op_is_fx_visible(), reason="the DropBlock op is not fx-visible in this tree")
+
+
+def _dropblock_nodes(gm: torch.fx.GraphModule) -> int:
+    def is_dropblock(n):
+        if n.op == "call_module":
+            return isinstance(gm.get_submodule(str(n.target)), dbi.ops._DropBlockNd)
+        return n.op == "call_function" and "drop_block" in str(n.target)
+
+    return sum(map(is_dropblock, gm.graph.nodes))
+
+
+def _injected_resnet():
+    model = torchvision.models.resnet18()
+    dbi.inject(model, "resnet50_paper")
+    set_keep(model, 0.7)
+    return model
+
+
+def test_symbolic_trace_of_the_injected_model():
+    model = _injected_resnet().train()
+    gm = torch.fx.symbolic_trace(model)
+    assert _dropblock_nodes(gm) == 12
+    torch.manual_seed(3)
+    expected = model(X)
+    torch.manual_seed(3)
+    assert torch.equal(gm(X), expected)  # the same masks: the same ops in the same order
+    eval_gm = torch.fx.symbolic_trace(model.eval())
+    assert _dropblock_nodes(eval_gm) == 0 and torch.equal(eval_gm(X), model(X))
+
+
+def test_create_feature_extractor_train_and_eval_graphs():
+    model = _injected_resnet()
+    extractor = create_feature_extractor(model, {"layer3": "l3", "layer4": "l4"})
+    assert _dropblock_nodes(extractor.train_graph_module if hasattr(extractor, "train_graph_module") else
+                            torch.fx.GraphModule(extractor, extractor.train_graph)) == 12
+    assert _dropblock_nodes(torch.fx.GraphModule(extractor, extractor.eval_graph)) == 0
+    feats = {}
+    hook = model.layer4.register_forward_hook(lambda m, i, o: feats.setdefault("l4", o))
+    model.train()
+    torch.manual_seed(5)
+    model(X)
+    hook.remove()
+    extractor.train()
+    torch.manual_seed(5)
+    out = extractor(X)
+    assert torch.equal(out["l4"], feats["l4"])
+    plain = dbi.strip(copy.deepcopy(model)).eval()
+    reference = create_feature_extractor(plain, {"layer4": "l4"}).eval()(X)["l4"]
+    assert torch.equal(extractor.eval()(X)["l4"], reference)  # eval: the original code
+
+
+def test_timm_fx_feature_model_of_an_injected_model():
+    from timm.models._features_fx import FeatureGraphNet
+
+    model = timm.create_model("resnet18", pretrained=False)
+    dbi.inject(model, "resnet50_paper")
+    set_keep(model, 0.7)
+    features = FeatureGraphNet(model, out_indices=(3, 4)).train()
+    assert _dropblock_nodes(features.graph_module) == 12
+    out = features(X)
+    assert [tuple(t.shape) for t in out] == [(2, 256, 4, 4), (2, 512, 2, 2)]
+    out[-1].sum().backward()
+    features.eval()
+    plain = FeatureGraphNet(dbi.strip(copy.deepcopy(model)), out_indices=(3, 4)).eval()
+    assert all(torch.equal(a, b) for a, b in zip(features(X), plain(X)))
