@@ -2,16 +2,18 @@
 
 One ``inject`` call goes down these stages, each a module that imports only the ones before it:
 
-0. :mod:`.wrappers` -- the network inside DataParallel, DDP, ``torch.compile`` or an EMA copy;
-1. :mod:`.trace` -- the training-mode fx graph of one module (a *scope*), specialised to how it is called;
-2. :mod:`.kinds` -- what a module or node is: conv, norm, act, conv-norm unit, residual add, gate;
-3. :mod:`.shapes` -- one example forward recording output shapes (for strides) and call patterns;
-4. :mod:`.analyze` -- residual additions, shortcut and branch candidates of one traced scope;
-5. :mod:`.select` -- recipe rules -> scopes -> insertion points (``plan``, ``format_plan``);
-6. :mod:`.rewrite` -- DropBlock nodes inserted, the injected forward installed (``inject``); ``strip``.
-
-:mod:`.forward` is the runtime of an injected module (the callable installed as its ``forward``), used by
-``select`` and ``rewrite``.
+* :mod:`.wrappers` -- the network inside DataParallel, DDP, ``torch.compile`` or an EMA copy;
+* :mod:`.outputs` -- a scope's structured output flattened for fx and rebuilt with its exact type;
+* :mod:`.checkpointing` -- gradient-checkpointing flags a scope reads, decided per call;
+* :mod:`.trace` -- the training-mode fx graph of one module (a *scope*), specialised to how it is called;
+* :mod:`.forward` -- the runtime of an injected module (the callable installed as its ``forward``);
+* :mod:`.kinds` -- what a module or node is: conv, norm, act, conv-norm unit, residual add, gate;
+* :mod:`.example` -- the example forward run cheaply (empty batch, meta device) with user hooks set aside;
+* :mod:`.shapes` -- what that forward records: output shapes (strides) and call patterns;
+* :mod:`.analyze` -- residual additions, shortcut and branch candidates of one traced scope;
+* :mod:`.explain` -- why a rule selects nothing, whether a model is a CNN, points never allowed;
+* :mod:`.select` -- recipe rules -> scopes -> insertion points (``plan``, ``format_plan``);
+* :mod:`.rewrite` -- DropBlock nodes inserted, the injected forward installed (``inject``); ``strip``.
 """
 
 from .forward import injected_dropblocks
