@@ -6,7 +6,6 @@ import functools
 import math
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 

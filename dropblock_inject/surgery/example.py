@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections import OrderedDict
 from typing import Any
