@@ -4,7 +4,8 @@
 eval mode, so eval() is the original code bit for bit and whatever fx would bake in from ``self.training``
 follows train()/eval(); the gradient-checkpointing flags likewise pick their graph per call (see
 :mod:`.checkpointing`), and a structured output is rebuilt with its type (:mod:`.outputs`). A graph traced with specialised arguments (see :mod:`.trace`) runs only for calls that
-match them. :class:`RefuseScripting` makes ``torch.jit.script`` of an injected model a clear error.
+match them. :class:`RefuseScripting` makes ``torch.jit.script`` of an injected model a clear error, and
+:class:`RefuseRootTrace` an fx trace that would lose a rewritten root's DropBlocks.
 Used by :mod:`.select` (is a model already injected?) and :mod:`.rewrite` (installing it); depends on
 :mod:`.trace` only.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -176,6 +178,48 @@ class RefuseScripting:
                            f"{self.name!r}; call dropblock_inject.strip(model) before scripting (or use "
                            f"torch.jit.trace / torch.export / torch.onnx.export in eval mode, which see the "
                            f"original forward)")
+
+
+class RefuseRootTrace:
+    """Stored as ``module._get_name``: a clear error where fx would trace ``module`` without its DropBlocks.
+
+    ``torch.fx.Tracer.trace`` traces ``type(root).forward``, the class's forward, not the instance ``forward``
+    that inject installed, so a rewritten module traced as the root of an fx graph (``symbolic_trace``,
+    ``create_feature_extractor``) would lose its own DropBlocks from the training graph without a word (its
+    rewritten children are fine: fx calls their instance forward). ``Tracer.trace`` calls
+    ``root._get_name()`` before tracing; called from there in training mode, this raises. Any other caller
+    (``repr``) gets the module's name as usual.
+
+    Args:
+        module: the rewritten module.
+        name: its path in the model (``<root>`` for the top module), for the message.
+        points: the DropBlocks its own code runs (``after bn2``, ``shortcut of add``), for the message.
+        original: an instance-level ``_get_name`` that was there before, if any (``strip`` puts it back).
+    """
+
+    def __init__(self, module: nn.Module, name: str, points: tuple[str, ...],
+                 original: Callable[[], str] | None) -> None:
+        self.module = module
+        self.name = name
+        self.points = points
+        self.original = original
+
+    def __call__(self) -> str:
+        """The module's name; a :class:`SurgeryError` when fx's ``Tracer.trace`` asks in training mode."""
+        caller = sys._getframe(1).f_code  # noqa: SLF001 - who asks: fx's Tracer.trace, or anyone else
+        if caller is fx.Tracer.trace.__code__ and self.module.training:
+            cls = type(self.module).__name__
+            raise SurgeryError(
+                f"torch.fx traces {cls}.forward, the class's forward, of the module it is given ({self.name!r}), "
+                f"not the forward dropblock_inject installed on it, so its {len(self.points)} DropBlock(s) "
+                f"({', '.join(self.points[:4])}{', ...' if len(self.points) > 4 else ''}) would be missing from "
+                f"this training-mode graph. Trace in eval mode (the eval graph is the original code, exact) or "
+                f"after dropblock_inject.strip(model); for a training graph with every DropBlock, inject into the "
+                f"fx module itself (dbi.inject(create_feature_extractor(plain_model, ...), recipe)) or use rules "
+                f"whose modules are below {cls} (fx traces their installed forwards)")
+        if self.original is not None:
+            return self.original()
+        return type(self.module)._get_name(self.module)
 
 
 def injected_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:

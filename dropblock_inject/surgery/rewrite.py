@@ -20,7 +20,7 @@ from ..ops import DropBlock2d, DropBlock3d
 from ..recipe import RecipeLike, ScheduleConfig, load_recipe
 from .analyze import Candidate, Scope
 from .checkpointing import calls_checkpoint, combinations, variant_flags
-from .forward import InjectedForward, RefuseScripting, check_not_injected, injected_modules
+from .forward import InjectedForward, RefuseRootTrace, RefuseScripting, check_not_injected, injected_modules
 from .select import InsertionPoint, build_plan
 from .trace import SurgeryError, trace_variant
 from .wrappers import unwrap
@@ -184,6 +184,10 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
             module.forward = fwd  # type: ignore[method-assign]
             module.__dict__["__prepare_scriptable__"] = RefuseScripting(
                 fwd.name, module.__dict__.get("__prepare_scriptable__"))
+            points = tuple(f"{'shortcut of' if db.point.kind == 'shortcut' else 'after'} {db.point.after}"
+                           for db in container.values())
+            module.__dict__["_get_name"] = RefuseRootTrace(module, path or "<root>", points,
+                                                           module.__dict__.get("_get_name"))
             done.append((module, name))
     except Exception:
         for module, name in done:
@@ -193,6 +197,11 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
 
 
 def _undo(module: nn.Module) -> None:
+    name_guard = module.__dict__.get("_get_name")
+    if isinstance(name_guard, RefuseRootTrace):  # models injected before this guard existed have none
+        del module.__dict__["_get_name"]
+        if name_guard.original is not None:
+            module.__dict__["_get_name"] = name_guard.original
     guard = module.__dict__.pop("__prepare_scriptable__", None)
     if isinstance(guard, RefuseScripting) and guard.original is not None:
         module.__dict__["__prepare_scriptable__"] = guard.original
