@@ -30,6 +30,12 @@ from .trace import EMPTY, Param, SurgeryError
 
 
 def _compile_graph(graph: fx.Graph, name: str) -> Callable[..., Any]:
+    """The graph's forward as a function of the module. A torch function fx autowrapped (the checkpoint call)
+    would make the code register ``fx.wrap("torch.utils.checkpoint.checkpoint")``, a dotted name that no
+    namespace holds: every later fx trace in the process would fail on it (KeyError), so it is not asked for."""
+    for node in graph.nodes:
+        if node.meta.get("is_wrapped") and getattr(node.target, "__module__", "").partition(".")[0] == "torch":
+            del node.meta["is_wrapped"]
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
     exec(compile(code.src, f"<dropblock_inject: {name}>", "exec"), namespace)  # noqa: S102 - fx codegen

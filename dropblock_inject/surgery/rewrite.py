@@ -28,6 +28,10 @@ from .wrappers import unwrap
 _CONTAINER = "dropblocks"
 
 
+_CHECKPOINT_HINT = ("to keep DropBlock there, checkpoint a submodule, not a closure or a lambda: "
+                    "checkpoint(self.block, x), with torch.utils.checkpoint.checkpoint or timm's checkpoint_seq "
+                    "called by name, through the module, as an attribute or as a functools.partial")
+
 _OUTPUT_NOT_SAVED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d,
                      nn.Conv3d)
 
@@ -94,13 +98,12 @@ def _variants(scope: Scope, sites: list[_Site], container: str, flag_names: tupl
         try:
             graph = trace_variant(scope.module, scope.path, scope.params, flag_names, values)
         except SurgeryError as e:
-            variants[values] = f"{e}"
+            variants[values] = f"{e}; {_CHECKPOINT_HINT}"
             continue
         if graph.python_code("self").src == main:
             continue  # the flags do not change this scope's code
         if not calls_checkpoint(graph):
-            variants[values] = (f"with {state} fx traced through its checkpoint call (only torch.utils.checkpoint "
-                                f"and timm's checkpoint_seq called by their global names stay one call)")
+            variants[values] = f"with {state} fx traced through its checkpoint call; {_CHECKPOINT_HINT}"
             continue
         try:
             variants[values], ok = _insert(graph, sites, container, scope.module, like=scope.graph)
