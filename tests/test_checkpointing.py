@@ -60,8 +60,14 @@ MODELS = {"efficientnet_b0": lambda: _timm("efficientnet_b0"), "convnext_atto": 
           "resnet18": lambda: _timm("resnet18"), "hf_pp_lcnet": _hf}
 
 
+def _models(*slow):
+    """The MODELS names as parameters, those in ``slow`` marked slow (the fast subset keeps a timm and an HF
+    model for each behaviour)."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in MODELS]
+
+
 @pytest.mark.parametrize("when", ["before", "after"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", _models("efficientnet_b0", "convnext_atto"))
 def test_same_checkpoint_calls_as_the_original(name, when):
     """Checkpointing toggled before or after inject: as many checkpoint calls per train step as the original
     model makes, and none once it is turned off again."""
@@ -87,7 +93,7 @@ def test_same_checkpoint_calls_as_the_original(name, when):
     assert _step(model) == 0 and scopes
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", _models("efficientnet_b0"))
 def test_recomputed_forward_draws_the_same_masks(name):
     """With DropBlock active, checkpointed training gives the gradients of the same injected model without
     checkpointing under the same seed: the recomputation replays the masks (checkpoint restores the RNG)."""
