@@ -64,7 +64,7 @@ class InjectedForward:
     def __init__(self, module: nn.Module, graph: fx.Graph, original: Callable[..., Any] | None,
                  name: str, params: tuple[Param, ...] | None = None, out_spec: Any = None,
                  flags: tuple[str, ...] = (), variants: dict[tuple[bool, ...], fx.Graph | str] | None = None,
-                 inplace: tuple[tuple[str, str], ...] = ()) -> None:
+                 inplace: tuple[tuple[str, str], ...] | None = None) -> None:
         self.module = module
         self.graph = graph
         self.original = original  # an instance-level forward that was there before, if any
@@ -73,7 +73,7 @@ class InjectedForward:
         self.out_spec = out_spec
         self.flags = flags
         self.variants = variants or {}
-        self.inplace = inplace
+        self.inplace = inplace  # None: pickled by 0.1, which kept no list (found from the graph on the first call)
         self._fn = _compile_graph(graph, name)
         self._variant_fns = {k: _compile_graph(g, f"{name} {k}") if isinstance(g, fx.Graph) else g
                              for k, g in self.variants.items()}
@@ -105,6 +105,8 @@ class InjectedForward:
                               f"call runs its original forward, without DropBlock", stacklevel=2)
                 return self._original(*args, **kwargs)
             args, kwargs = tuple(flat), {}
+        if self.inplace is None:
+            self.inplace = self._pickled_inplace()
         if self.inplace and not torch.compiler.is_compiling():  # compiled DropBlocks never write in place
             self._allow_inplace()
         if self._checkpoints_itself and hf_checkpointing_on(self.module):
@@ -127,6 +129,22 @@ class InjectedForward:
             allowed = not _observed(producer)
             if db.inplace is not allowed:
                 db.inplace = allowed
+
+    def _pickled_inplace(self) -> tuple[tuple[str, str], ...]:
+        """For a forward pickled by 0.1, whose DropBlocks carry the in-place flag it set once: those working in
+        place, each with the module producing its input, so they get the per-call hook check too (one whose
+        input no module produces is set to allocate)."""
+        found = []
+        for node in self.graph.find_nodes(op="call_module"):
+            db = self.module.get_submodule(str(node.target))
+            if not isinstance(db, _DropBlockNd) or not db.inplace:
+                continue
+            source = node.args[0]
+            if isinstance(source, fx.Node) and source.op == "call_module":
+                found.append((str(node.target), str(source.target)))
+            else:
+                db.inplace = False
+        return tuple(found)
 
     def _flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
         """The graph's placeholder values for this call, or None if it does not match the traced pattern."""
