@@ -143,3 +143,10 @@ def test_strip_restores_an_instance_get_name_and_the_suggested_fx_first_route_wo
     features(X)["head"].sum().backward()
     features.eval()
     assert torch.equal(features(X)["head"], create_feature_extractor(model, {"bn2": "head"}).eval()(X)["head"])
+
+
+def test_the_root_trace_error_survives_dynamo_wrapping_fx():
+    torch.compile(lambda t: t + 1, backend="eager")(X)  # loads dynamo, which wraps fx's Tracer.trace
+    assert hasattr(torch.fx.Tracer.trace, "__wrapped__")  # the premise: the function fx calls is wrapped
+    with pytest.raises(dbi.SurgeryError, match="after bn2"):
+        torch.fx.symbolic_trace(_injected_efficientnet().train())

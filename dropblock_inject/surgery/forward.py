@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import sys
 import warnings
 from typing import Any, Callable, Iterable
@@ -204,6 +205,11 @@ class RefuseScripting:
                            f"original forward)")
 
 
+def _trace_code() -> Any:
+    """The code object of fx's ``Tracer.trace`` (torch.compile wraps the function once dynamo is loaded)."""
+    return inspect.unwrap(fx.Tracer.trace).__code__
+
+
 class RefuseRootTrace:
     """Stored as ``module._get_name``: a clear error where fx would trace ``module`` without its DropBlocks.
 
@@ -231,7 +237,7 @@ class RefuseRootTrace:
     def __call__(self) -> str:
         """The module's name; a :class:`SurgeryError` when fx's ``Tracer.trace`` asks in training mode."""
         caller = sys._getframe(1).f_code  # noqa: SLF001 - who asks: fx's Tracer.trace, or anyone else
-        if caller is fx.Tracer.trace.__code__ and self.module.training:
+        if caller is _trace_code() and self.module.training:
             cls = type(self.module).__name__
             raise SurgeryError(
                 f"torch.fx traces {cls}.forward, the class's forward, of the module it is given ({self.name!r}), "
