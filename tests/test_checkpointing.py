@@ -133,7 +133,8 @@ def test_untraceable_checkpoint_call_warns_instead_of_losing_checkpointing():
             return x + self.bn(self.conv(x))
 
     model = nn.Sequential(nn.Conv2d(3, 8, 1), Stage(), nn.Conv2d(8, 4, 1)).train()
-    with pytest.warns(UserWarning, match="without DropBlock while grad_checkpointing=True.*checkpoint a submodule, not a closure"):
+    with pytest.warns(UserWarning,
+                      match="without DropBlock while grad_checkpointing=True.*checkpoint a submodule, not a closure"):
         dbi.inject(model, {"rules": [{"modules": ["1"], "after": ["norm"]}]})
     model[1].grad_checkpointing = True
     with pytest.warns(UserWarning, match="runs its original forward, without DropBlock"):

@@ -3,8 +3,8 @@
 :class:`InjectedForward` runs the rewritten graph in training mode and the module's original ``forward`` in
 eval mode, so eval() is the original code bit for bit and whatever fx would bake in from ``self.training``
 follows train()/eval(); the gradient-checkpointing flags likewise pick their graph per call (see
-:mod:`.checkpointing`), and a structured output is rebuilt with its type (:mod:`.outputs`). A graph traced with specialised arguments (see :mod:`.trace`) runs only for calls that
-match them. :class:`RefuseScripting` makes ``torch.jit.script`` of an injected model a clear error, and
+:mod:`.checkpointing`), and a structured output is rebuilt with its type (:mod:`.outputs`). A graph traced
+with specialised arguments (see :mod:`.trace`) runs only for calls that match them. :class:`RefuseScripting` makes ``torch.jit.script`` of an injected model a clear error, and
 :class:`RefuseRootTrace` an fx trace that would lose a rewritten root's DropBlocks.
 Used by :mod:`.select` (is a model already injected?) and :mod:`.rewrite` (installing it); depends on
 :mod:`.trace` only.
