@@ -2,8 +2,10 @@
 forward (``inject``); remove it all again (``strip``).
 
 Each rewritten scope gets a ``dropblocks`` ``ModuleDict`` holding its DropBlock modules (one per point, keyed by
-the node it follows), an instance ``forward`` (:class:`~.forward.InjectedForward`) and an instance
-``__prepare_scriptable__`` refusing TorchScript; ``strip`` deletes exactly these, so the original objects remain.
+the node it follows), an instance ``forward`` (:class:`~.forward.InjectedForward`), an instance
+``__prepare_scriptable__`` refusing TorchScript and an instance ``_get_name`` refusing an fx trace that would
+lose its DropBlocks (:class:`~.forward.RefuseRootTrace`); ``strip`` deletes exactly these (putting back what
+was there), so the original objects remain.
 Every rewrite is built before any module is touched, so a failure leaves the model as it was.
 """
 
