@@ -3,12 +3,14 @@
 recomputed forward draws the same DropBlock masks."""
 
 import copy
+import functools
 
 import pytest
 import timm
 import torch
 import torch.utils.checkpoint
 import transformers
+from torch.utils.checkpoint import checkpoint
 from _models import X, set_keep
 
 import dropblock_inject as dbi
@@ -58,8 +60,14 @@ MODELS = {"efficientnet_b0": lambda: _timm("efficientnet_b0"), "convnext_atto": 
           "resnet18": lambda: _timm("resnet18"), "hf_pp_lcnet": _hf}
 
 
+def _models(*slow):
+    """The MODELS names as parameters, those in ``slow`` marked slow (the fast subset keeps a timm and an HF
+    model for each behaviour)."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in MODELS]
+
+
 @pytest.mark.parametrize("when", ["before", "after"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", _models("efficientnet_b0", "convnext_atto"))
 def test_same_checkpoint_calls_as_the_original(name, when):
     """Checkpointing toggled before or after inject: as many checkpoint calls per train step as the original
     model makes, and none once it is turned off again."""
@@ -85,7 +93,7 @@ def test_same_checkpoint_calls_as_the_original(name, when):
     assert _step(model) == 0 and scopes
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", _models("efficientnet_b0"))
 def test_recomputed_forward_draws_the_same_masks(name):
     """With DropBlock active, checkpointed training gives the gradients of the same injected model without
     checkpointing under the same seed: the recomputation replays the masks (checkpoint restores the RNG)."""
@@ -125,8 +133,71 @@ def test_untraceable_checkpoint_call_warns_instead_of_losing_checkpointing():
             return x + self.bn(self.conv(x))
 
     model = nn.Sequential(nn.Conv2d(3, 8, 1), Stage(), nn.Conv2d(8, 4, 1)).train()
-    with pytest.warns(UserWarning, match="without DropBlock while grad_checkpointing=True"):
+    with pytest.warns(UserWarning,
+                      match="without DropBlock while grad_checkpointing=True.*checkpoint a submodule, not a closure"):
         dbi.inject(model, {"rules": [{"modules": ["1"], "after": ["norm"]}]})
     model[1].grad_checkpointing = True
     with pytest.warns(UserWarning, match="runs its original forward, without DropBlock"):
         assert _step(model) == 1
+
+
+_PARTIAL = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+
+class _Reached(torch.nn.Module):
+    """A stage checkpointing its convolutions (the DropBlock goes after its BatchNorm, outside the checkpoint)
+    the way ``how`` says, as users' and older Hugging Face models do."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1))
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.grad_checkpointing = False
+        self.how = how
+        self.checkpoint_fn = torch.utils.checkpoint.checkpoint  # the function object, not the module attribute
+        self._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+    def forward(self, x):
+        if not self.grad_checkpointing:
+            y = self.conv(x)
+        elif self.how == "global name":
+            y = checkpoint(self.conv, x, use_reentrant=False)
+        elif self.how == "module attribute":
+            y = torch.utils.checkpoint.checkpoint(self.conv, x, use_reentrant=False)
+        elif self.how == "instance attribute":
+            y = self.checkpoint_fn(self.conv, x, use_reentrant=False)
+        elif self.how == "partial attribute, bound __call__":  # Hugging Face's older encoders
+            y = self._gradient_checkpointing_func(self.conv.__call__, x)
+        else:  # "global partial"
+            y = _PARTIAL(self.conv, x)
+        return x + self.bn(y)
+
+
+@pytest.mark.parametrize("how", ["module attribute", "instance attribute", "partial attribute, bound __call__",
+                                 "global partial"])
+def test_checkpoint_reached_through_an_attribute_or_a_partial_stays_one_call(how, recwarn):
+    """Checkpoint called as ``torch.utils.checkpoint.checkpoint``, through an attribute or a partial: inject
+    keeps the call (no warning, no fallback); while the flag is on the checkpointed convolutions run twice per
+    step (forward and recomputation) and the DropBlock drops."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), _Reached(how), torch.nn.Conv2d(8, 4, 1)).train()
+    dbi.inject(model, {"rules": [{"modules": ["1"], "after": ["norm"], "keep_prob": 0.5}]})
+    conv_calls, dropped = [], []
+    model[1].conv[0].register_forward_hook(lambda *a: conv_calls.append(1))  # recomputed in backward
+    dbi.injected_dropblocks(model)[0].register_forward_hook(lambda m, a, out: dropped.append(bool((out == 0).any())))
+    model[1].grad_checkpointing = True
+    _step(model)
+    assert len(conv_calls) == 2 and dropped == [True]
+    model[1].grad_checkpointing = False
+    _step(model)
+    assert len(conv_calls) == 3
+    assert not [w for w in recwarn if "dropblock_inject" in str(w.message)]
+
+
+def test_a_checkpoint_variant_leaves_later_fx_traces_working(monkeypatch):
+    """The rewritten graph of a checkpoint call torch's function makes (a dotted name for fx) must not register
+    an fx.wrap that breaks every later trace in the process (KeyError: 'torch.utils.checkpoint.checkpoint')."""
+    monkeypatch.undo()  # torch's own checkpoint function, not the counting stand-in
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), _Reached("global name")).train()
+    dbi.inject(model, {"rules": [{"modules": ["1"], "after": ["norm"]}]})
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+    assert [n.op for n in gm.graph.nodes].count("call_module") == 2

@@ -1,6 +1,7 @@
 """The ``surgery`` package as a whole: its public names, the import order of its stages, old pickles."""
 
 import ast
+import copy
 import io
 import pickletools
 import zipfile
@@ -64,7 +65,9 @@ def test_model_pickled_by_version_0_1_loads_trains_and_strips():
     assert isinstance(model, SmallResNet)
     assert len(dbi.injected_dropblocks(model)) == saved["dropblocks"] == 12
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), saved["eval_output"])
+        out = model.eval()(x)
+        assert torch.equal(out, dbi.strip(copy.deepcopy(model)).eval()(x))  # the original code, bit for bit
+        torch.testing.assert_close(out, saved["eval_output"], rtol=1e-5, atol=1e-6)  # kernels vary per machine
     model.train()
     dropped = []
     hooks = [db.register_forward_hook(lambda m, args, out: dropped.append(bool((out == 0).any())))
@@ -82,4 +85,20 @@ def test_model_pickled_by_version_0_1_loads_trains_and_strips():
     assert len(dbi.injected_dropblocks(again)) == 12
     dbi.strip(model)
     assert not dbi.injected_dropblocks(model) and "forward" not in model.layer3[0].__dict__
+
+
+def test_model_pickled_by_version_0_1_gets_the_per_call_in_place_check():
+    """0.1 set each DropBlock's in-place flag once, at inject; loaded today, a DropBlock on a BatchNorm output
+    that a user hook observes must not write into it (the check each call makes on models injected today)."""
+    model = torch.load(OLD_PICKLE, weights_only=False)["model"].train()
+    bn, block = model.layer3[0].bn1, model.layer3[0].dropblocks.bn1
+    assert block.inplace  # as pickled
+    seen = []
+    hook = bn.register_forward_hook(lambda m, args, out: seen.append(out))
+    torch.manual_seed(0)
+    model(torch.randn(2, 3, 64, 64))
+    hook.remove()
+    assert not block.inplace and not (seen[0] == 0).any()  # the hook's tensor kept its values
+    model(torch.randn(2, 3, 64, 64))
+    assert block.inplace  # unobserved again: in place again
 

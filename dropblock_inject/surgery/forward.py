@@ -3,8 +3,9 @@
 :class:`InjectedForward` runs the rewritten graph in training mode and the module's original ``forward`` in
 eval mode, so eval() is the original code bit for bit and whatever fx would bake in from ``self.training``
 follows train()/eval(); the gradient-checkpointing flags likewise pick their graph per call (see
-:mod:`.checkpointing`), and a structured output is rebuilt with its type (:mod:`.outputs`). A graph traced with specialised arguments (see :mod:`.trace`) runs only for calls that
-match them. :class:`RefuseScripting` makes ``torch.jit.script`` of an injected model a clear error.
+:mod:`.checkpointing`), and a structured output is rebuilt with its type (:mod:`.outputs`). A graph traced
+with specialised arguments (see :mod:`.trace`) runs only for calls that match them. :class:`RefuseScripting` makes ``torch.jit.script`` of an injected model a clear error, and
+:class:`RefuseRootTrace` an fx trace that would lose a rewritten root's DropBlocks.
 Used by :mod:`.select` (is a model already injected?) and :mod:`.rewrite` (installing it); depends on
 :mod:`.trace` only.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
+import sys
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -28,6 +31,12 @@ from .trace import EMPTY, Param, SurgeryError
 
 
 def _compile_graph(graph: fx.Graph, name: str) -> Callable[..., Any]:
+    """The graph's forward as a function of the module. A torch function fx autowrapped (the checkpoint call)
+    would make the code register ``fx.wrap("torch.utils.checkpoint.checkpoint")``, a dotted name that no
+    namespace holds: every later fx trace in the process would fail on it (KeyError), so it is not asked for."""
+    for node in graph.nodes:
+        if node.meta.get("is_wrapped") and getattr(node.target, "__module__", "").partition(".")[0] == "torch":
+            del node.meta["is_wrapped"]
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
     exec(compile(code.src, f"<dropblock_inject: {name}>", "exec"), namespace)  # noqa: S102 - fx codegen
@@ -56,7 +65,7 @@ class InjectedForward:
     def __init__(self, module: nn.Module, graph: fx.Graph, original: Callable[..., Any] | None,
                  name: str, params: tuple[Param, ...] | None = None, out_spec: Any = None,
                  flags: tuple[str, ...] = (), variants: dict[tuple[bool, ...], fx.Graph | str] | None = None,
-                 inplace: tuple[tuple[str, str], ...] = ()) -> None:
+                 inplace: tuple[tuple[str, str], ...] | None = None) -> None:
         self.module = module
         self.graph = graph
         self.original = original  # an instance-level forward that was there before, if any
@@ -65,7 +74,7 @@ class InjectedForward:
         self.out_spec = out_spec
         self.flags = flags
         self.variants = variants or {}
-        self.inplace = inplace
+        self.inplace = inplace  # None: pickled by 0.1, which kept no list (found from the graph on the first call)
         self._fn = _compile_graph(graph, name)
         self._variant_fns = {k: _compile_graph(g, f"{name} {k}") if isinstance(g, fx.Graph) else g
                              for k, g in self.variants.items()}
@@ -97,6 +106,8 @@ class InjectedForward:
                               f"call runs its original forward, without DropBlock", stacklevel=2)
                 return self._original(*args, **kwargs)
             args, kwargs = tuple(flat), {}
+        if self.inplace is None:
+            self.inplace = self._pickled_inplace()
         if self.inplace and not torch.compiler.is_compiling():  # compiled DropBlocks never write in place
             self._allow_inplace()
         if self._checkpoints_itself and hf_checkpointing_on(self.module):
@@ -119,6 +130,22 @@ class InjectedForward:
             allowed = not _observed(producer)
             if db.inplace is not allowed:
                 db.inplace = allowed
+
+    def _pickled_inplace(self) -> tuple[tuple[str, str], ...]:
+        """For a forward pickled by 0.1, whose DropBlocks carry the in-place flag it set once: those working in
+        place, each with the module producing its input, so they get the per-call hook check too (one whose
+        input no module produces is set to allocate)."""
+        found = []
+        for node in self.graph.find_nodes(op="call_module"):
+            db = self.module.get_submodule(str(node.target))
+            if not isinstance(db, _DropBlockNd) or not db.inplace:
+                continue
+            source = node.args[0]
+            if isinstance(source, fx.Node) and source.op == "call_module":
+                found.append((str(node.target), str(source.target)))
+            else:
+                db.inplace = False
+        return tuple(found)
 
     def _flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
         """The graph's placeholder values for this call, or None if it does not match the traced pattern."""
@@ -176,6 +203,53 @@ class RefuseScripting:
                            f"{self.name!r}; call dropblock_inject.strip(model) before scripting (or use "
                            f"torch.jit.trace / torch.export / torch.onnx.export in eval mode, which see the "
                            f"original forward)")
+
+
+def _trace_code() -> Any:
+    """The code object of fx's ``Tracer.trace`` (torch.compile wraps the function once dynamo is loaded)."""
+    return inspect.unwrap(fx.Tracer.trace).__code__
+
+
+class RefuseRootTrace:
+    """Stored as ``module._get_name``: a clear error where fx would trace ``module`` without its DropBlocks.
+
+    ``torch.fx.Tracer.trace`` traces ``type(root).forward``, the class's forward, not the instance ``forward``
+    that inject installed, so a rewritten module traced as the root of an fx graph (``symbolic_trace``,
+    ``create_feature_extractor``) would lose its own DropBlocks from the training graph without a word (its
+    rewritten children are fine: fx calls their instance forward). ``Tracer.trace`` calls
+    ``root._get_name()`` before tracing; called from there in training mode, this raises. Any other caller
+    (``repr``) gets the module's name as usual.
+
+    Args:
+        module: the rewritten module.
+        name: its path in the model (``<root>`` for the top module), for the message.
+        points: the DropBlocks its own code runs (``after bn2``, ``shortcut of add``), for the message.
+        original: an instance-level ``_get_name`` that was there before, if any (``strip`` puts it back).
+    """
+
+    def __init__(self, module: nn.Module, name: str, points: tuple[str, ...],
+                 original: Callable[[], str] | None) -> None:
+        self.module = module
+        self.name = name
+        self.points = points
+        self.original = original
+
+    def __call__(self) -> str:
+        """The module's name; a :class:`SurgeryError` when fx's ``Tracer.trace`` asks in training mode."""
+        caller = sys._getframe(1).f_code  # noqa: SLF001 - who asks: fx's Tracer.trace, or anyone else
+        if caller is _trace_code() and self.module.training:
+            cls = type(self.module).__name__
+            raise SurgeryError(
+                f"torch.fx traces {cls}.forward, the class's forward, of the module it is given ({self.name!r}), "
+                f"not the forward dropblock_inject installed on it, so its {len(self.points)} DropBlock(s) "
+                f"({', '.join(self.points[:4])}{', ...' if len(self.points) > 4 else ''}) would be missing from "
+                f"this training-mode graph. Trace in eval mode (the eval graph is the original code, exact) or "
+                f"after dropblock_inject.strip(model); for a training graph with every DropBlock, inject into the "
+                f"fx module itself (dbi.inject(create_feature_extractor(plain_model, ...), recipe)) or use rules "
+                f"whose modules are below {cls} (fx traces their installed forwards)")
+        if self.original is not None:
+            return self.original()
+        return type(self.module)._get_name(self.module)
 
 
 def injected_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:

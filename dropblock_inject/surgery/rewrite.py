@@ -2,8 +2,10 @@
 forward (``inject``); remove it all again (``strip``).
 
 Each rewritten scope gets a ``dropblocks`` ``ModuleDict`` holding its DropBlock modules (one per point, keyed by
-the node it follows), an instance ``forward`` (:class:`~.forward.InjectedForward`) and an instance
-``__prepare_scriptable__`` refusing TorchScript; ``strip`` deletes exactly these, so the original objects remain.
+the node it follows), an instance ``forward`` (:class:`~.forward.InjectedForward`), an instance
+``__prepare_scriptable__`` refusing TorchScript and an instance ``_get_name`` refusing an fx trace that would
+lose its DropBlocks (:class:`~.forward.RefuseRootTrace`); ``strip`` deletes exactly these (putting back what
+was there), so the original objects remain.
 Every rewrite is built before any module is touched, so a failure leaves the model as it was.
 """
 
@@ -20,13 +22,17 @@ from ..ops import DropBlock2d, DropBlock3d
 from ..recipe import RecipeLike, ScheduleConfig, load_recipe
 from .analyze import Candidate, Scope
 from .checkpointing import calls_checkpoint, combinations, variant_flags
-from .forward import InjectedForward, RefuseScripting, check_not_injected, injected_modules
+from .forward import InjectedForward, RefuseRootTrace, RefuseScripting, check_not_injected, injected_modules
 from .select import InsertionPoint, build_plan
 from .trace import SurgeryError, trace_variant
 from .wrappers import unwrap
 
 _CONTAINER = "dropblocks"
 
+
+_CHECKPOINT_HINT = ("to keep DropBlock there, checkpoint a submodule, not a closure or a lambda: "
+                    "checkpoint(self.block, x), with torch.utils.checkpoint.checkpoint or timm's checkpoint_seq "
+                    "called by name, through the module, as an attribute or as a functools.partial")
 
 _OUTPUT_NOT_SAVED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d,
                      nn.Conv3d)
@@ -94,13 +100,12 @@ def _variants(scope: Scope, sites: list[_Site], container: str, flag_names: tupl
         try:
             graph = trace_variant(scope.module, scope.path, scope.params, flag_names, values)
         except SurgeryError as e:
-            variants[values] = f"{e}"
+            variants[values] = f"{e}; {_CHECKPOINT_HINT}"
             continue
         if graph.python_code("self").src == main:
             continue  # the flags do not change this scope's code
         if not calls_checkpoint(graph):
-            variants[values] = (f"with {state} fx traced through its checkpoint call (only torch.utils.checkpoint "
-                                f"and timm's checkpoint_seq called by their global names stay one call)")
+            variants[values] = f"with {state} fx traced through its checkpoint call; {_CHECKPOINT_HINT}"
             continue
         try:
             variants[values], ok = _insert(graph, sites, container, scope.module, like=scope.graph)
@@ -184,6 +189,10 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
             module.forward = fwd  # type: ignore[method-assign]
             module.__dict__["__prepare_scriptable__"] = RefuseScripting(
                 fwd.name, module.__dict__.get("__prepare_scriptable__"))
+            points = tuple(f"{'shortcut of' if db.point.kind == 'shortcut' else 'after'} {db.point.after}"
+                           for db in container.values())
+            module.__dict__["_get_name"] = RefuseRootTrace(module, path or "<root>", points,
+                                                           module.__dict__.get("_get_name"))
             done.append((module, name))
     except Exception:
         for module, name in done:
@@ -193,6 +202,11 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
 
 
 def _undo(module: nn.Module) -> None:
+    name_guard = module.__dict__.get("_get_name")
+    if isinstance(name_guard, RefuseRootTrace):  # models injected before this guard existed have none
+        del module.__dict__["_get_name"]
+        if name_guard.original is not None:
+            module.__dict__["_get_name"] = name_guard.original
     guard = module.__dict__.pop("__prepare_scriptable__", None)
     if isinstance(guard, RefuseScripting) and guard.original is not None:
         module.__dict__["__prepare_scriptable__"] = guard.original
