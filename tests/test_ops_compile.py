@@ -167,6 +167,7 @@ def test_symbolic_trace_sees_one_node_reading_the_buffer():
     (node,) = op_nodes(gm.graph)
     assert node.args[1].op == "get_attr" and node.args[1].target == "1.keep_prob_tensor"
     assert node.args[2:] == (3, True, True)
+    assert set(gm.state_dict()) == set(model.state_dict())  # the traced tensor is no persistent buffer there
     # the graph reads the module's buffer: a new keep_prob reaches the traced graph
     model[1].keep_prob = 0.7
     with torch.no_grad():
