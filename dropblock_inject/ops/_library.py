@@ -54,12 +54,17 @@ def kernel_mode(x: Tensor, block_size: int, per_channel: bool) -> str:
         ``"triton"`` on CUDA with Triton, else ``"broadcast"`` for a shared mask or a block covering the whole
         map, else ``"sparse"`` on CPU and ``"dense"`` elsewhere.
     """
-    if x.device.type == "cuda" and _triton.AVAILABLE:
+    return mode_for(x.device, tuple(x.shape[2:]), block_size, per_channel)
+
+
+def mode_for(device: torch.device, spatial: tuple, block_size: int, per_channel: bool) -> str:
+    """:func:`kernel_mode` from the input's device and spatial size alone."""
+    if device.type == "cuda" and _triton.AVAILABLE:
         return TRITON
-    _, valid, _ = _clipped_geometry(tuple(x.shape[2:]), block_size)
+    _, valid, _ = _clipped_geometry(tuple(spatial), block_size)
     if not per_channel or all(v == 1 for v in valid):
         return BROADCAST
-    return SPARSE if x.device.type == "cpu" else DENSE
+    return SPARSE if device.type == "cpu" else DENSE
 
 
 def _forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool,
@@ -70,7 +75,8 @@ def _forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, s
     if mode == SPARSE:
         out = torch.empty_like(x)
         gamma = (1.0 - float(keep_prob)) * factor
-        seed = int(torch.randint(2**53, (), dtype=torch.int64))  # from torch's generator: manual_seed holds
+        # from torch's generator, so manual_seed holds; none at keep_prob 1 (nothing to draw, as in eager)
+        seed = int(torch.randint(2**53, (), dtype=torch.int64)) if gamma > 0 else 0
         _, applied = sparse_forward(x, gamma, block, valid, scale, out, seeded_generator(seed))
         return out, torch.tensor([seed, gamma], dtype=torch.float64), torch.tensor(applied, dtype=torch.float64)
     if x.device.type == "cpu":  # a Python float: no host sync to avoid, and bernoulli_(float) is much faster
@@ -85,7 +91,9 @@ def _forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, s
     return dense_forward(x, gamma, block, valid, scale)
 
 
-@torch.library.custom_op("dropblock_inject::drop_block", mutates_args=())
+# nondeterministic_seeded: AOT autograd's CSE must not merge two calls with the same arguments (two masks)
+@torch.library.custom_op("dropblock_inject::drop_block", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
 def drop_block(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
                scale: bool) -> tuple[Tensor, Tensor, Tensor]:
     """DropBlock's forward: ``(x * mask * scale, state, scale)``; see the module docstring.
