@@ -203,68 +203,27 @@ def test_create_feature_extractor_of_an_injected_model_train_and_eval():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the fusible form under torch.compile: a mask op and a product inductor fuses with its neighbours
-
-MASK_OP = torch.ops.dropblock_inject.drop_block_mask.default
+# random numbers under torch.compile
 
 
-def aot_forward_graphs(fn, *args) -> list[torch.fx.GraphModule]:
-    """The AOT forward graphs (what inductor receives) of ``torch.compile(fn)`` run on ``args``."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs: list[torch.fx.GraphModule] = []
-
-    def fw(gm, inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
-    torch.compile(fn, backend=aot_autograd(fw_compiler=fw, bw_compiler=make_boxed_func), fullgraph=True)(*args)
-    return graphs
-
-
-def test_compiled_forward_is_the_mask_op_and_plain_aten_ops(dynamo_reset):
-    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), DropBlock2d(3, 0.9), nn.ReLU()).train()
-    (graph,) = aot_forward_graphs(m, torch.randn(2, 3, 12, 12, requires_grad=True))
-    targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
-    assert targets.count(MASK_OP) == 1 and OP not in targets  # the opaque op is gone: inductor can fuse
-    (mask_node,) = [n for n in graph.graph.nodes if n.target == MASK_OP]
-    assert not any(isinstance(a, torch.fx.Node) and a.meta["val"].dim() == 4 for a in mask_node.args)  # no x
-
-
-def test_compiled_keep_prob_one_draws_no_random_numbers(dynamo_reset):
-    m = DropBlock2d(3, 1.0).train()
+@pytest.mark.parametrize("per_channel", [True, False])  # the sparse kernel, and a broadcast mask
+def test_compiled_keep_prob_one_draws_no_random_numbers(dynamo_reset, per_channel):
+    m = DropBlock2d(3, 1.0, per_channel=per_channel).train()
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
-    x = torch.randn(4, 8, 12, 12)
+    x = torch.randn(4, 8, 12, 12, requires_grad=True)
     state = torch.get_rng_state()
-    torch.testing.assert_close(compiled(x), x)
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, x)
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
     assert torch.equal(torch.get_rng_state(), state)
     m.keep_prob = 0.9  # the same graph then draws
     assert not torch.equal(compiled(x), x) and not torch.equal(torch.get_rng_state(), state)
 
 
 def test_two_calls_with_the_same_arguments_draw_two_masks(dynamo_reset):
-    # identical mask-op calls must not be merged by AOT autograd's CSE (the op is nondeterministic_seeded)
+    # identical calls of the op must not be merged by AOT autograd's CSE (the op is nondeterministic_seeded)
     fn = torch.compile(lambda x, kp: (drop_block2d(x, kp, 3), drop_block2d(x, kp, 3)), backend="aot_eager",
                        fullgraph=True)
     a, b = fn(torch.ones(64, 8, 12, 12, requires_grad=True), torch.tensor(0.8))
     assert not torch.equal(a == 0, b == 0)
-
-
-@pytest.mark.parametrize("per_channel, block_size, channels_last", [
-    (True, 3, False), (True, 3, True), (False, 3, False), (True, 20, False)])
-def test_mask_op_fake_kernel_matches_and_masks_are_whole_blocks(per_channel, block_size, channels_last):
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    args = (torch.tensor(0.8), [64, 8, 12, 12], torch.device("cpu"), block_size, per_channel, True, channels_last)
-    keep, scale = MASK_OP(*args)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        fake_keep, fake_scale = MASK_OP(*args)
-    assert (fake_keep.shape, fake_keep.stride(), fake_keep.dtype) == (keep.shape, keep.stride(), keep.dtype)
-    assert (fake_scale.shape, fake_scale.dtype) == (scale.shape, scale.dtype) == ((), torch.float32)
-    y = keep.expand(64, 8, 12, 12) * scale
-    assert_whole_blocks(y, block_size)
-    assert float(scale) == pytest.approx(keep.numel() / float(keep.sum()))
-    if block_size < 12:
-        assert float((y == 0).double().mean()) == pytest.approx(
-            expected_drop_fraction(0.8, block_size, (12, 12)), abs=0.03)

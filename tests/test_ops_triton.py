@@ -158,16 +158,3 @@ def test_philox_matches_the_random123_known_answer():
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if below(mid) else (mid, hi)
     assert lo == 0x6627E8D5
-
-
-@pytest.mark.parametrize("per_channel", [True, False])
-def test_keep_mask_alone_for_the_fusible_form(per_channel):
-    # what drop_block_mask returns on CUDA under torch.compile: the same seeds and mask kernels, no product
-    shape = (64, 16, 16, 16)
-    keep, scale = _triton.triton_keep_mask(torch.tensor(0.8), shape, torch.device("cpu"), 3, per_channel, True,
-                                           interpret=True)
-    assert keep.dtype == torch.bool and keep.shape == (64, 16 if per_channel else 1, 16, 16)
-    assert scale.dtype == torch.float32 and float(scale) == pytest.approx(keep.numel() / float(keep.sum()))
-    y = keep.expand(shape) * scale
-    assert_whole_blocks(y, 3)
-    assert float((y == 0).double().mean()) == pytest.approx(expected_drop_fraction(0.8, 3, (16, 16)), abs=TOL)

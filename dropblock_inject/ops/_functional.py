@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ._check import _check_block_size, _check_input, _check_keep_prob, _geometry
-from . import _fusible, _library  # noqa: F401  (register torch.ops.dropblock_inject)
+from . import _library  # noqa: F401  (registers torch.ops.dropblock_inject)
 from ._dense import _ApplyKeepMask, _dense_block_counts, _normalizer, broadcast_multiplier
 from ._sparse import _SparseDropBlock
 
@@ -42,14 +42,11 @@ def _drop_block(x: Tensor, keep_prob: float, block_size: int, per_channel: bool,
 
 
 def _call_op(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool) -> Tensor:
-    """The registered op: ``drop_block`` (its node when ``x`` is an fx ``Proxy``), or ``drop_block_fusible``
-    under ``torch.compile`` (not export), which inductor decomposes into a mask op and a fusible product."""
+    """``torch.ops.dropblock_inject.drop_block``, or its node when ``x`` is an fx ``Proxy``."""
+    op = torch.ops.dropblock_inject.drop_block.default
     if isinstance(x, torch.fx.Proxy):  # symbolic_trace: one call_function node (a buffer becomes a get_attr)
-        op = torch.ops.dropblock_inject.drop_block.default
         return x.tracer.create_proxy("call_function", op, (x, keep_prob, block_size, per_channel, scale), {})[0]
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        return torch.ops.dropblock_inject.drop_block_fusible.default(x, keep_prob, block_size, per_channel, scale)
-    return torch.ops.dropblock_inject.drop_block.default(x, keep_prob, block_size, per_channel, scale)[0]
+    return op(x, keep_prob, block_size, per_channel, scale)[0]
 
 
 def _functional(x: Tensor, keep_prob: float | Tensor, block_size: int, per_channel: bool, scale: bool,

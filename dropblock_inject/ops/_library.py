@@ -54,17 +54,12 @@ def kernel_mode(x: Tensor, block_size: int, per_channel: bool) -> str:
         ``"triton"`` on CUDA with Triton, else ``"broadcast"`` for a shared mask or a block covering the whole
         map, else ``"sparse"`` on CPU and ``"dense"`` elsewhere.
     """
-    return mode_for(x.device, tuple(x.shape[2:]), block_size, per_channel)
-
-
-def mode_for(device: torch.device, spatial: tuple, block_size: int, per_channel: bool) -> str:
-    """:func:`kernel_mode` from the input's device and spatial size alone."""
-    if device.type == "cuda" and _triton.AVAILABLE:
+    if x.device.type == "cuda" and _triton.AVAILABLE:
         return TRITON
-    _, valid, _ = _clipped_geometry(tuple(spatial), block_size)
+    _, valid, _ = _clipped_geometry(tuple(x.shape[2:]), block_size)
     if not per_channel or all(v == 1 for v in valid):
         return BROADCAST
-    return SPARSE if device.type == "cpu" else DENSE
+    return SPARSE if x.device.type == "cpu" else DENSE
 
 
 def _forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool,
@@ -84,7 +79,12 @@ def _forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, s
     else:  # on a device gamma stays there (no host sync)
         gamma = (1.0 - keep_prob.to(device=x.device, dtype=torch.float32).reshape(())) * factor
     if mode == BROADCAST:
-        multiplier = broadcast_multiplier(x, gamma, block, valid, per_channel, scale)
+        if isinstance(gamma, float) and gamma <= 0.0:  # keep_prob 1 on CPU: draw nothing (as eager)
+            whole = all(v == 1 for v in valid)
+            shape = (x.shape[0], x.shape[1] if per_channel else 1, *(valid if whole else x.shape[2:]))
+            multiplier = torch.ones(shape, dtype=x.dtype)
+        else:
+            multiplier = broadcast_multiplier(x, gamma, block, valid, per_channel, scale)
         out = torch.empty_like(x)
         torch.mul(x, multiplier, out=out)
         return out, multiplier, torch.ones((), dtype=torch.float32, device=x.device)

@@ -161,39 +161,6 @@ def sparse_forward(x: Tensor, gamma: float, block: tuple[int, ...], valid: tuple
     return corner, scale
 
 
-def sparse_keep_mask(shape: tuple[int, ...], gamma: float, block: tuple[int, ...], valid: tuple[int, ...],
-                     normalize: bool, memory_format: torch.memory_format) -> tuple[Tensor, float]:
-    """The ``bool`` keep mask of a per-channel DropBlock of an input of ``shape``, and its scale.
-
-    The same seeds as :func:`sparse_forward` (torch's global generator; none drawn when ``gamma`` is 0),
-    written as zero blocks into a mask of ones instead of into the output.
-
-    Args:
-        shape: the input's shape ``(N, C, *spatial)``.
-        gamma: the seed rate.
-        block: the clipped block.
-        valid: the valid seed region.
-        normalize: compute the scale ``numel / kept``; otherwise it is 1.
-        memory_format: the mask's layout (the input's, so that a product with it reads both in order).
-
-    Returns:
-        The mask (``True`` where kept) and the scale.
-    """
-    n, c, *spatial = shape
-    keep = torch.empty(shape, dtype=torch.bool, memory_format=memory_format).fill_(True)
-    plane, anchor = _sample_seeds(n * c, math.prod(valid), gamma, keep.device)
-    if plane.numel() == 0:
-        return keep, 1.0
-    offset = _grid(valid, _contiguous_strides(tuple(spatial)), keep.device).index_select(0, anchor)
-    scale = 1.0
-    if normalize:
-        numel = keep.numel()
-        scale = numel / max(numel - _count_dropped(plane, offset, n * c, tuple(spatial), block), 1)
-    corner = _corners(plane, anchor, tuple(shape), valid, tuple(keep.stride()), offset)
-    _fill_blocks(_flat(keep), corner, block, tuple(keep.stride()[2:]), False)
-    return keep, scale
-
-
 def redraw_corners(shape: tuple[int, ...], gamma: float, valid: tuple[int, ...], stride: tuple[int, ...],
                    seed: int) -> Tensor:
     """The corners :func:`sparse_forward` drew from ``seeded_generator(seed)``, for an output of ``stride``."""

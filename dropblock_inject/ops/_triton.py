@@ -249,39 +249,3 @@ def triton_backward(grad: Tensor, state: Tensor, kept: Tensor, block_size: int, 
         return torch.empty_like(grad)
     keep = _keep_map(ks, state, None, n * (c if per_channel else 1), tuple(spatial), block_size)
     return _launch_apply(ks, grad, keep, kept, per_channel, normalize)
-
-
-def triton_keep_mask(keep_prob: Tensor, shape: tuple[int, ...], device: torch.device, block_size: int,
-                     per_channel: bool, normalize: bool, interpret: bool = False) -> tuple[Tensor, Tensor]:
-    """The keep mask alone (seeds and mask kernels, no product), for the fusible form under ``torch.compile``.
-
-    Args:
-        keep_prob: a one-element tensor.
-        shape: the input's shape ``(N, C, *spatial)``.
-        device: the input's device (CPU when ``interpret``).
-        block_size: the requested block size.
-        per_channel: a mask per channel, or one per sample.
-        normalize: compute the scale ``numel(mask) / kept``; otherwise it is 1.
-        interpret: run Triton's interpreter.
-
-    Returns:
-        The ``bool`` mask ``(N, C or 1, *spatial)``, contiguous (a view of the kernel's ``uint8`` keep map),
-        and the fp32 0-d scale on ``device`` (0 when nothing is kept); no host sync.
-    """
-    from ._dense import _normalizer
-
-    ks = kernels(interpret)
-    n, c, *spatial = shape
-    mask_shape = (n, c if per_channel else 1, *spatial)
-    one = torch.ones((), dtype=torch.float32, device=device)
-    if math.prod(mask_shape) == 0:
-        return torch.ones(mask_shape, dtype=torch.bool, device=device), one
-    state = torch.randint(2**62, (2,), dtype=torch.int64, device=device)  # [seed, threshold (set below)]
-    keep_prob = keep_prob.to(device=device, dtype=torch.float32).reshape(1)
-    keep = _keep_map(ks, state, keep_prob, mask_shape[0] * mask_shape[1], tuple(spatial), block_size)
-    if normalize:
-        # counted in int64 (exact), then fp32: a float32 sum of 0/1 stops being exact past 2**24 cells
-        scale = _normalizer(keep.sum(dtype=torch.int64).to(torch.float32), keep.numel())
-    else:
-        scale = one
-    return keep.view(torch.bool).view(mask_shape), scale
