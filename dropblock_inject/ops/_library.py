@@ -7,7 +7,7 @@ and exported programs hold one call to it, which runs the fast kernel of the inp
 * CUDA: the fused Triton kernel, or the dense kernels when Triton is absent;
 * any other device: the dense kernels.
 
-``keep_prob`` is a tensor argument (the modules pass their ``keep_prob_tensor`` buffer), so a new value is
+``keep_prob`` is a tensor argument (the modules pass their ``keep_prob_tensor``), so a new value is
 data, not a new graph: no recompile. The op returns ``(out, state, scale)``; ``state`` and ``scale`` are
 what backward needs, and their form depends on the kernel (see :func:`kernel_mode`), always of a size known
 from the input's shape (a data-dependent size, such as one corner per seed, would break the graph unless

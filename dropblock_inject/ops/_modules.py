@@ -41,16 +41,16 @@ class _DropBlockNd(nn.Module):
 
     @property
     def keep_prob(self) -> float:
-        """The current keep probability; setting it updates the tensor buffer in place (no allocation)."""
+        """The current keep probability; setting it updates ``keep_prob_tensor`` in place (no allocation)."""
         return self._keep_prob
 
     @keep_prob.setter
     def keep_prob(self, value: float) -> None:
         value = _check_keep_prob(value)
         self._keep_prob = value
-        self._sync_buffer()
+        self._sync_tensor()
 
-    def _sync_buffer(self, tensor: Tensor | None = None) -> None:
+    def _sync_tensor(self, tensor: Tensor | None = None) -> None:
         """Makes ``keep_prob_tensor`` an fp32 scalar holding ``_keep_prob``, on ``tensor``'s device if given.
 
         In place when the tensor already is one (so graphs holding it see the new value), else a new one.
@@ -69,7 +69,7 @@ class _DropBlockNd(nn.Module):
         super()._apply(fn, recurse)
         # not a buffer, so moved here: fn gives the device (.to, .cuda, to_empty...), the float the value
         # (.half() must not round it, to_empty must not leave it uninitialised)
-        self._sync_buffer(fn(self.keep_prob_tensor))
+        self._sync_tensor(fn(self.keep_prob_tensor))
         return self
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -79,16 +79,16 @@ class _DropBlockNd(nn.Module):
         tensor = self.__dict__.get("keep_prob_tensor", old)
         if "_keep_prob" not in self.__dict__:  # a module pickled with the tensor only
             self._keep_prob = _check_keep_prob(tensor.float())
-        self._sync_buffer(tensor)
+        self._sync_tensor(tensor)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        if isinstance(x, torch.fx.Proxy):  # fx: one node of the registered op, reading the buffer
+        if isinstance(x, torch.fx.Proxy):  # fx: one node of the registered op, reading the tensor
             return _call_op(x, self.keep_prob_tensor, self.block_size, self.per_channel, self.scale)
         _check_input(x, self._spatial_dims, type(self).__name__)
         if torch.compiler.is_compiling():
-            # read the buffer, not the Python float, so a new keep_prob does not trigger a recompile
+            # read the tensor, not the Python float, so a new keep_prob does not trigger a recompile
             return _call_op(x, self.keep_prob_tensor, self.block_size, self.per_channel, self.scale)
         if self._keep_prob == 1.0 or x.numel() == 0:
             return x
