@@ -63,8 +63,6 @@ def test_ema_of_an_injected_model(name, order):
     assert torch.equal(ema(X), before)
 
 
-@pytest.mark.xfail(reason="AveragedModel(use_buffers=True) averages every buffer, DropBlock's keep_prob_tensor "
-                          "included, so it drifts from the keep_prob float (issue 16 item 4, the op's side)")
 def test_averaged_buffers_leave_keep_prob_float_and_buffer_agreeing():
     model = SmallResNet().train()
     dbi.inject(model, "resnet50_paper")

@@ -256,8 +256,9 @@ def test_unstripped_torch_export_graph_has_no_dropblock(injected_small):
     program = torch.export.export(model.eval(), (X,))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not any(w in t for t in targets for w in ("rand", "uniform", "poisson", "bernoulli", "index_fill"))
-    # ... but the DropBlocks' non-persistent keep_prob buffers ride along as unused constants
-    assert any("keep_prob_tensor" in k for k in program.constants)
+    # ... nor their keep_prob tensors: plain attributes, not buffers, so an eval program does not carry them
+    assert not any("keep_prob_tensor" in k for k in program.constants)
+    assert not any("keep_prob_tensor" in k for k in program.state_dict)
 
 
 def test_unstripped_model_does_not_script_and_says_strip(injected_small):

@@ -490,10 +490,11 @@ def test_under_autocast():
 # the module: keep_prob buffer, repr, state_dict
 
 
-def test_keep_prob_buffer_non_persistent_and_updated_in_place():
+def test_keep_prob_tensor_not_a_buffer_and_updated_in_place():
     m = DropBlock2d(7, 0.9)
     assert m.state_dict() == {}
-    assert dict(m.named_buffers())["keep_prob_tensor"].item() == pytest.approx(0.9)
+    assert not list(m.buffers())  # AveragedModel(use_buffers=True) and DDP's broadcast never see it
+    assert m.keep_prob_tensor.item() == pytest.approx(0.9)
     ptr = m.keep_prob_tensor.data_ptr()
     m.keep_prob = 0.8
     assert m.keep_prob == 0.8 and isinstance(m.keep_prob, float)

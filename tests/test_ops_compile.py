@@ -167,6 +167,7 @@ def test_symbolic_trace_sees_one_node_reading_the_buffer():
     (node,) = op_nodes(gm.graph)
     assert node.args[1].op == "get_attr" and node.args[1].target == "1.keep_prob_tensor"
     assert node.args[2:] == (3, True, True)
+    assert set(gm.state_dict()) == set(model.state_dict())  # the traced tensor is no persistent buffer there
     # the graph reads the module's buffer: a new keep_prob reaches the traced graph
     model[1].keep_prob = 0.7
     with torch.no_grad():
@@ -199,3 +200,30 @@ def test_create_feature_extractor_of_an_injected_model_train_and_eval():
     y.sum().backward()
     train_graph = extractor.train_graph if hasattr(extractor, "train_graph") else extractor.graph
     assert len(op_nodes(train_graph)) == len(dbi.injected_dropblocks(model))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# random numbers under torch.compile
+
+
+@pytest.mark.parametrize("per_channel", [True, False])  # the sparse kernel, and a broadcast mask
+def test_compiled_keep_prob_one_draws_no_random_numbers(dynamo_reset, per_channel):
+    m = DropBlock2d(3, 1.0, per_channel=per_channel).train()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 8, 12, 12, requires_grad=True)
+    state = torch.get_rng_state()
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, x)
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
+    assert torch.equal(torch.get_rng_state(), state)
+    m.keep_prob = 0.9  # the same graph then draws
+    assert not torch.equal(compiled(x), x) and not torch.equal(torch.get_rng_state(), state)
+
+
+def test_two_calls_with_the_same_arguments_draw_two_masks(dynamo_reset):
+    # identical calls of the op must not be merged by AOT autograd's CSE (the op is nondeterministic_seeded)
+    fn = torch.compile(lambda x, kp: (drop_block2d(x, kp, 3), drop_block2d(x, kp, 3)), backend="aot_eager",
+                       fullgraph=True)
+    a, b = fn(torch.ones(64, 8, 12, 12, requires_grad=True), torch.tensor(0.8))
+    assert not torch.equal(a == 0, b == 0)

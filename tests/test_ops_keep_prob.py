@@ -85,15 +85,20 @@ def test_deepcopy_and_save_load_agree():
 def test_unpickling_repairs_a_disagreeing_buffer_and_an_old_layout():
     m = DropBlock2d(5, 0.9)
     # a module saved by the earlier code after .half(): that code left the buffer in fp16 (0.8999...)
+    del m.__dict__["keep_prob_tensor"]  # earlier code: a non-persistent buffer, not an attribute
     m._buffers["keep_prob_tensor"] = torch.tensor(0.9, dtype=torch.float16)
+    m._non_persistent_buffers_set.add("keep_prob_tensor")
     loaded = pickle.loads(pickle.dumps(m))
     agree(loaded, 0.9)
-    # the attribute set of the earlier code without the float: the buffer is then the only record
+    assert "keep_prob_tensor" not in dict(loaded.named_buffers())  # moved out of the buffers
+    # the attribute set of the earliest code, without the float: the buffer is then the only record
     old = DropBlock2d(5, 0.75)
     del old.__dict__["_keep_prob"]
+    old._buffers["keep_prob_tensor"] = old.__dict__.pop("keep_prob_tensor")
+    old._non_persistent_buffers_set.add("keep_prob_tensor")
     loaded = pickle.loads(pickle.dumps(old))
     agree(loaded, 0.75)
-    assert loaded.state_dict() == {}  # still non-persistent
+    assert loaded.state_dict() == {} and not list(loaded.buffers())
 
 
 # pickle.dumps(DropBlock2d(5, 0.9, per_channel=False).half() with keep_prob then set to 0.8, protocol=4),

@@ -44,7 +44,7 @@ def _drop_block(x: Tensor, keep_prob: float, block_size: int, per_channel: bool,
 def _call_op(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool) -> Tensor:
     """``torch.ops.dropblock_inject.drop_block``, or its node when ``x`` is an fx ``Proxy``."""
     op = torch.ops.dropblock_inject.drop_block.default
-    if isinstance(x, torch.fx.Proxy):  # symbolic_trace: one call_function node (a buffer becomes a get_attr)
+    if isinstance(x, torch.fx.Proxy):  # symbolic_trace: one call_function node (a tensor: a get_attr)
         return x.tracer.create_proxy("call_function", op, (x, keep_prob, block_size, per_channel, scale), {})[0]
     return op(x, keep_prob, block_size, per_channel, scale)[0]
 

@@ -7,7 +7,7 @@ and exported programs hold one call to it, which runs the fast kernel of the inp
 * CUDA: the fused Triton kernel, or the dense kernels when Triton is absent;
 * any other device: the dense kernels.
 
-``keep_prob`` is a tensor argument (the modules pass their ``keep_prob_tensor`` buffer), so a new value is
+``keep_prob`` is a tensor argument (the modules pass their ``keep_prob_tensor``), so a new value is
 data, not a new graph: no recompile. The op returns ``(out, state, scale)``; ``state`` and ``scale`` are
 what backward needs, and their form depends on the kernel (see :func:`kernel_mode`), always of a size known
 from the input's shape (a data-dependent size, such as one corner per seed, would break the graph unless
@@ -70,7 +70,8 @@ def _forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, s
     if mode == SPARSE:
         out = torch.empty_like(x)
         gamma = (1.0 - float(keep_prob)) * factor
-        seed = int(torch.randint(2**53, (), dtype=torch.int64))  # from torch's generator: manual_seed holds
+        # from torch's generator, so manual_seed holds; none at keep_prob 1 (nothing to draw, as in eager)
+        seed = int(torch.randint(2**53, (), dtype=torch.int64)) if gamma > 0 else 0
         _, applied = sparse_forward(x, gamma, block, valid, scale, out, seeded_generator(seed))
         return out, torch.tensor([seed, gamma], dtype=torch.float64), torch.tensor(applied, dtype=torch.float64)
     if x.device.type == "cpu":  # a Python float: no host sync to avoid, and bernoulli_(float) is much faster
@@ -78,14 +79,21 @@ def _forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, s
     else:  # on a device gamma stays there (no host sync)
         gamma = (1.0 - keep_prob.to(device=x.device, dtype=torch.float32).reshape(())) * factor
     if mode == BROADCAST:
-        multiplier = broadcast_multiplier(x, gamma, block, valid, per_channel, scale)
+        if isinstance(gamma, float) and gamma <= 0.0:  # keep_prob 1 on CPU: draw nothing (as eager)
+            whole = all(v == 1 for v in valid)
+            shape = (x.shape[0], x.shape[1] if per_channel else 1, *(valid if whole else x.shape[2:]))
+            multiplier = torch.ones(shape, dtype=x.dtype)
+        else:
+            multiplier = broadcast_multiplier(x, gamma, block, valid, per_channel, scale)
         out = torch.empty_like(x)
         torch.mul(x, multiplier, out=out)
         return out, multiplier, torch.ones((), dtype=torch.float32, device=x.device)
     return dense_forward(x, gamma, block, valid, scale)
 
 
-@torch.library.custom_op("dropblock_inject::drop_block", mutates_args=())
+# nondeterministic_seeded: AOT autograd's CSE must not merge two calls with the same arguments (two masks)
+@torch.library.custom_op("dropblock_inject::drop_block", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
 def drop_block(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
                scale: bool) -> tuple[Tensor, Tensor, Tensor]:
     """DropBlock's forward: ``(x * mask * scale, state, scale)``; see the module docstring.

@@ -14,11 +14,13 @@ from ._functional import _call_op, _drop_block
 class _DropBlockNd(nn.Module):
     """The common module. ``_keep_prob`` (a float) is the truth; ``keep_prob_tensor`` is derived from it.
 
-    The buffer is what compiled graphs, exported programs and fx graphs read, so a new keep_prob never
-    recompiles; it is non-persistent, so state_dict keys are those of the model without DropBlock. It is
-    refilled from the float whenever it could disagree: after every ``_apply`` (``.to``, ``.half()``,
-    ``to_empty`` from the meta device...) it is an fp32 tensor on the module's device holding the float, and
-    so after unpickling (also of modules saved by earlier versions).
+    The tensor is what compiled graphs, exported programs and fx graphs read, so a new keep_prob never
+    recompiles. It is a plain tensor attribute, not a buffer: nothing that walks ``buffers()`` sees it, so
+    ``state_dict`` keys are those of the model without DropBlock, and neither ``AveragedModel(use_buffers=True)``
+    nor DDP's buffer broadcast can overwrite it. It is refilled from the float whenever it could disagree:
+    after every ``_apply`` (``.to``, ``.half()``, ``to_empty`` from the meta device...) it is an fp32 tensor
+    on the module's device holding the float, and so after unpickling (also of modules saved by earlier
+    versions, which held it as a non-persistent buffer). ``copy.deepcopy`` copies it with the float.
     """
 
     _spatial_dims: int = 2
@@ -32,49 +34,61 @@ class _DropBlockNd(nn.Module):
         self.inplace = bool(inplace)
         keep_prob = _check_keep_prob(keep_prob)
         self._keep_prob = keep_prob
-        self.register_buffer("keep_prob_tensor", torch.tensor(keep_prob, dtype=torch.float32), persistent=False)
+        self.keep_prob_tensor = torch.tensor(keep_prob, dtype=torch.float32)
+        # not a buffer; but torch.fx copies a traced tensor attribute into its GraphModule as a buffer, persistent
+        # unless named here, and the GraphModule's state_dict must keep the model's keys
+        self._non_persistent_buffers_set.add("keep_prob_tensor")
 
     @property
     def keep_prob(self) -> float:
-        """The current keep probability; setting it updates the tensor buffer in place (no allocation)."""
+        """The current keep probability; setting it updates ``keep_prob_tensor`` in place (no allocation)."""
         return self._keep_prob
 
     @keep_prob.setter
     def keep_prob(self, value: float) -> None:
         value = _check_keep_prob(value)
         self._keep_prob = value
-        self._sync_buffer()
+        self._sync_tensor()
 
-    def _sync_buffer(self) -> None:
-        """Makes ``keep_prob_tensor`` an fp32 scalar holding ``_keep_prob`` (in place when it already is one)."""
-        buffer = self._buffers.get("keep_prob_tensor")
-        if buffer is None or buffer.dtype != torch.float32 or buffer.dim() != 0:
-            device = buffer.device if buffer is not None else torch.device("cpu")
-            self._buffers["keep_prob_tensor"] = torch.tensor(self._keep_prob, dtype=torch.float32, device=device)
-            self._non_persistent_buffers_set.add("keep_prob_tensor")
-        elif not buffer.is_meta:  # a meta tensor holds no value; to_empty comes back here
+    def _sync_tensor(self, tensor: Tensor | None = None) -> None:
+        """Makes ``keep_prob_tensor`` an fp32 scalar holding ``_keep_prob``, on ``tensor``'s device if given.
+
+        In place when the tensor already is one (so graphs holding it see the new value), else a new one.
+        """
+        tensor = self.__dict__.get("keep_prob_tensor") if tensor is None else tensor
+        if tensor is None or tensor.dtype != torch.float32 or tensor.dim() != 0:
+            device = tensor.device if tensor is not None else torch.device("cpu")
+            self.__dict__["keep_prob_tensor"] = torch.tensor(self._keep_prob, dtype=torch.float32, device=device)
+            return
+        self.__dict__["keep_prob_tensor"] = tensor
+        if not tensor.is_meta:  # a meta tensor holds no value; to_empty comes back here
             with torch.no_grad():
-                buffer.fill_(self._keep_prob)
+                tensor.fill_(self._keep_prob)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
         super()._apply(fn, recurse)
-        self._sync_buffer()  # .half() must not round it, to_empty must not leave it uninitialised
+        # not a buffer, so moved here: fn gives the device (.to, .cuda, to_empty...), the float the value
+        # (.half() must not round it, to_empty must not leave it uninitialised)
+        self._sync_tensor(fn(self.keep_prob_tensor))
         return self
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if "_keep_prob" not in self.__dict__:  # a module pickled with the buffer only
-            self._keep_prob = _check_keep_prob(self._buffers["keep_prob_tensor"].float())
-        self._sync_buffer()
+        old = self._buffers.pop("keep_prob_tensor", None)  # earlier versions: a non-persistent buffer
+        self._non_persistent_buffers_set.add("keep_prob_tensor")  # see __init__
+        tensor = self.__dict__.get("keep_prob_tensor", old)
+        if "_keep_prob" not in self.__dict__:  # a module pickled with the tensor only
+            self._keep_prob = _check_keep_prob(tensor.float())
+        self._sync_tensor(tensor)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        if isinstance(x, torch.fx.Proxy):  # fx: one node of the registered op, reading the buffer
+        if isinstance(x, torch.fx.Proxy):  # fx: one node of the registered op, reading the tensor
             return _call_op(x, self.keep_prob_tensor, self.block_size, self.per_channel, self.scale)
         _check_input(x, self._spatial_dims, type(self).__name__)
         if torch.compiler.is_compiling():
-            # read the buffer, not the Python float, so a new keep_prob does not trigger a recompile
+            # read the tensor, not the Python float, so a new keep_prob does not trigger a recompile
             return _call_op(x, self.keep_prob_tensor, self.block_size, self.per_channel, self.scale)
         if self._keep_prob == 1.0 or x.numel() == 0:
             return x
