@@ -152,3 +152,44 @@ def test_augmented_assignment_stays_in_place(keep_prob):
     out = block(torch.randn(2, 1024, 8, 8))
     assert out.data_ptr() == produced[0]
     assert "+=" in block.forward.graph.python_code("self").src
+
+
+class _MathCheck(nn.Module):
+    """Records, while traced, whether ``math.sqrt`` is the real function (fx's default tracer patches every
+    ``math`` function for the duration of a trace)."""
+
+    def __init__(self, use_proxy: bool) -> None:
+        super().__init__()
+        self.conv, self.use_proxy, self.patched = nn.Conv2d(3, 4, 3, padding=1), use_proxy, None
+
+    def forward(self, x):
+        import math
+        self.patched = math.sqrt is not _REAL_SQRT
+        y = self.conv(x)
+        return y * math.sqrt(y.shape[1]) if self.use_proxy else y * math.sqrt(4)
+
+
+import math as _math  # noqa: E402
+
+_REAL_SQRT = _math.sqrt
+
+
+def test_scope_traced_without_patching_math():
+    """Patching all of ``math`` was a third of each scope's trace: a forward that does not call it on a Proxy
+    is traced without the patch."""
+    from dropblock_inject.surgery.trace import trace_scope
+
+    m = _MathCheck(use_proxy=False)
+    trace_scope(m, "")
+    assert m.patched is False
+
+
+def test_math_on_a_proxy_still_traced():
+    """A forward calling ``math`` on a traced value gets fx's wrapped call, as before."""
+    from dropblock_inject.surgery.trace import trace_scope
+
+    m = _MathCheck(use_proxy=True)
+    graph = trace_scope(m, "").graph
+    assert any(n.op == "call_function" and n.target is _REAL_SQRT for n in graph.nodes)
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(torch.fx.GraphModule(m, graph)(x), m.conv(x) * 2.0)
