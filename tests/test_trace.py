@@ -193,3 +193,46 @@ def test_math_on_a_proxy_still_traced():
     assert any(n.op == "call_function" and n.target is _REAL_SQRT for n in graph.nodes)
     x = torch.randn(1, 3, 8, 8)
     torch.testing.assert_close(torch.fx.GraphModule(m, graph)(x), m.conv(x) * 2.0)
+
+
+class _RateBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x, rate=None, scale=1.0):
+        y = self.bn(self.conv(x)) * scale
+        if rate:  # efficientnet_pytorch's MBConvBlock: a float the forward branches on
+            y = y * (1 - rate)
+        return x + y
+
+
+class _RateNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=16, padding=1)
+        self.blocks = nn.ModuleList([_RateBlock() for _ in range(2)])
+
+    def forward(self, x, scale=1.0):
+        x = self.stem(x)
+        for i, b in enumerate(self.blocks):
+            x = b(x, 0.1 * (i + 1), scale=scale)
+        return x
+
+
+def test_float_argument_branched_on_is_specialised_to_its_value():
+    model = _RateNet().eval()
+    recipe = {"name": "r", "dropblock": {"block_size": 3, "keep_prob": 0.9},
+              "rules": [{"name": "s", "types": ["_RateBlock"], "after": ["norm"], "shortcut": True}]}
+    dbi.inject(model, recipe, example_input=torch.randn(1, 3, 64, 64))
+    fwd = model.blocks[0].forward
+    params = {p.name: p for p in fwd.params}
+    assert params["rate"].kind == "const" and params["rate"].expect == 0.1
+    assert params["scale"].kind == "free"  # traceable as a placeholder: any value keeps the rewritten graph
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(2, 3, 64, 64), scale=0.5).sum().backward()
+    x = torch.randn(1, 4, 4, 4)
+    model.eval()
+    torch.testing.assert_close(model.blocks[1](x, 0.3), x + model.blocks[1].bn(model.blocks[1].conv(x)) * 0.7)

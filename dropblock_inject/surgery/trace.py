@@ -94,7 +94,7 @@ class Tracer(fx.Tracer):
 class Arg:
     """One argument of a module call in the example forward."""
 
-    kind: str  # "tensor" | "none" | "seq" (list/tuple of tensors) | "const" (bool/int/str) | "other"
+    kind: str  # "tensor" | "none" | "seq" (list/tuple of tensors) | "const" (bool/int/str) | "float" | "other"
     shapes: tuple[tuple[int, ...], ...] = ()  # "tensor": its shape; "seq": one per element
     value: Any = None  # "const": the value; "seq": list or tuple
 
@@ -108,6 +108,8 @@ def describe(value: Any) -> Arg:
         return Arg("seq", tuple(tuple(t.shape) for t in value), type(value))
     if type(value) in (bool, int, str):
         return Arg("const", value=value)
+    if type(value) is float:
+        return Arg("float", value=value)
     return Arg("other")
 
 
@@ -162,9 +164,11 @@ def forward_signature(cls: type) -> inspect.Signature | None:
         return None
 
 
-def _specialise(scope: nn.Module, call: Call | None) -> tuple[dict[str, Any], tuple[Param, ...] | None,
-                                                              list[tuple[int, ...] | None]]:
-    """``concrete_args`` for fx, the parameter layout of the traced graph and its placeholders' shapes."""
+def _specialise(scope: nn.Module, call: Call | None, floats: int = 0
+                ) -> tuple[dict[str, Any], tuple[Param, ...] | None, list[tuple[int, ...] | None]]:
+    """``concrete_args`` for fx, the parameter layout of the traced graph and its placeholders' shapes.
+    Float arguments are placeholders (``floats`` 0), constants where the parameter defaults to None (1), or
+    all constants (2)."""
     positional = [a.shapes[0] if a.kind == "tensor" else None for a in call.args] if call else []
     sig = forward_signature(type(scope))
     if sig is None:
@@ -189,6 +193,9 @@ def _specialise(scope: nn.Module, call: Call | None) -> tuple[dict[str, Any], tu
             arg = passed[p.name]
         else:
             arg = describe(p.default)
+        if arg is not None and arg.kind == "float":
+            const = floats == 2 or (floats == 1 and p.default is None)
+            arg = Arg("const", value=arg.value) if const else Arg("other")
         if arg is None or arg.kind in ("tensor", "other"):
             layout.append(Param(p.name, index, p.default, "free", arg is None or arg.kind == "other"))
             shapes.append(arg.shapes[0] if arg is not None and arg.kind == "tensor" else None)
@@ -238,7 +245,19 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None) -> Traced
     if fx cannot trace it."""
     concrete, params, shapes = _specialise(scope, call)
     names = flags(scope)
-    graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
+    try:
+        graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
+    except SurgeryError:
+        # ``if drop_connect_rate:`` (efficientnet_pytorch's MBConvBlock): a float argument the forward branches
+        # on is specialised to its value in the example forward; other values run the original forward
+        if call is None or not any(a.kind == "float" for a in (*call.args, *call.kwargs.values())):
+            raise
+        try:  # first only the optional ones (``rate=None``), then every float
+            concrete, params, shapes = _specialise(scope, call, floats=1)
+            graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
+        except SurgeryError:
+            concrete, params, shapes = _specialise(scope, call, floats=2)
+            graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
     placeholders = sum(n.op == "placeholder" for n in graph.nodes)
     if params is not None and placeholders != len(shapes):
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
