@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -214,6 +215,19 @@ def _specialise(scope: nn.Module, call: Call | None, floats: int = 0
     return concrete, tuple(layout), shapes
 
 
+# helpers that compute padding from a map's size in Python (``int`` of shapes, ``max``): called on a Proxy
+# they fail, so fx records them as one call (module, function name), if that library is loaded
+_PADDING_HELPERS = (("transformers.models.mobilenet_v1.modeling_mobilenet_v1", "apply_tf_padding"),
+                    ("transformers.models.mobilenet_v2.modeling_mobilenet_v2", "apply_tf_padding"),
+                    ("timm.layers.padding", "pad_same"))
+
+
+def _leaf_functions() -> tuple[Callable[..., Any], ...]:
+    """The functions fx records as single calls: checkpointing's and the loaded padding helpers."""
+    found = [getattr(sys.modules[mod], name, None) for mod, name in _PADDING_HELPERS if mod in sys.modules]
+    return (*checkpoint_functions(), *(f for f in found if callable(f)))
+
+
 def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
            checkpointing: tuple[tuple[str, ...], tuple[bool, ...]]) -> tuple[fx.Graph, Any]:
     was_training = scope.training
@@ -222,10 +236,10 @@ def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
         with warnings.catch_warnings(), flags_set(scope, *checkpointing), no_inline_checkpoint():
             warnings.simplefilter("ignore")  # fx warns about constants it cannot guard; the layout checks them
             try:  # without fx's patching of every ``math`` function: a third of the tracing time
-                tracer = Tracer(autowrap_modules=(), autowrap_functions=checkpoint_functions())
+                tracer = Tracer(autowrap_modules=(), autowrap_functions=_leaf_functions())
                 graph = tracer.trace(scope, concrete_args=concrete or None)
             except Exception:  # noqa: BLE001 - e.g. ``math.sqrt(proxy)``: fx's default tracer wraps it
-                tracer = Tracer(autowrap_functions=checkpoint_functions())
+                tracer = Tracer(autowrap_functions=_leaf_functions())
                 graph = tracer.trace(scope, concrete_args=concrete or None)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
