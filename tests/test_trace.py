@@ -236,3 +236,48 @@ def test_float_argument_branched_on_is_specialised_to_its_value():
     x = torch.randn(1, 4, 4, 4)
     model.eval()
     torch.testing.assert_close(model.blocks[1](x, 0.3), x + model.blocks[1].bn(model.blocks[1].conv(x)) * 0.7)
+
+
+def test_identical_scopes_share_one_trace(monkeypatch):
+    """ResNet-50's layer3/layer4 blocks: 9 scopes, 4 distinct (the first block of each stage differs by its
+    downsample), so 4 traces; the plan is the same as with one trace per scope."""
+    from dropblock_inject.surgery import trace
+
+    calls = []
+    real = trace._trace
+    monkeypatch.setattr(trace, "_trace", lambda scope, *a, **k: calls.append(scope) or real(scope, *a, **k))
+    model = torchvision.models.resnet50().eval()
+    points = dbi.plan(model, "paper_generic")
+    assert len(calls) == 4 and len(points) == 36
+    assert len({p.module for p in points}) == 9
+
+
+class _Flagged(nn.Module):
+    def __init__(self, flag, act=None) -> None:
+        super().__init__()
+        self.conv, self.bn, self.flag, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), flag, act
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.flag:
+            y = y * 2
+        return x + (self.act(y) if self.act is not None else y)
+
+
+def test_scopes_differing_in_state_are_traced_apart():
+    """A plain attribute the forward branches on, a child's type or a parameter's shape makes another graph;
+    an attribute that is not plain data (a function) keeps the scope out of the cache."""
+    from dropblock_inject.surgery.trace import _state_key, trace_scope
+
+    a, b, c = _Flagged(True), _Flagged(False), _Flagged(True)
+    assert _state_key(a, {}, ()) == _state_key(c, {}, ()) != _state_key(b, {}, ())
+    d = _Flagged(True)
+    d.conv = nn.Conv2d(4, 4, 5, padding=2)
+    assert _state_key(d, {}, ()) != _state_key(a, {}, ())
+    assert _state_key(_Flagged(True, act=torch.relu), {}, ()) is None
+    cache: dict = {}
+    graphs = [trace_scope(m, "", cache=cache).graph for m in (a, b, c)]
+    assert graphs[0] is graphs[2] and graphs[1] is not graphs[0]
+    x = torch.randn(1, 4, 8, 8)
+    for m, g in zip((a, b), graphs):
+        torch.testing.assert_close(torch.fx.GraphModule(m, g)(x), m(x))

@@ -181,6 +181,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
     reasons: list[str] = []
     small: list[str] = []
     wrappers: set[str] = set()
+    graphs: dict[Any, Any] = {}  # traced graphs shared by identical scopes, for this plan only
     for rule in recipe.rules:
         count = 0
         named = rule.modules is not None or rule.types is not None
@@ -199,7 +200,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
                     calls.append(call_log(model, example_input))  # the call pattern, once
                 call = calls[0].call(path) if calls and calls[0] is not None else None
                 try:
-                    traced = trace_scope(modules[path], path, call)
+                    traced = trace_scope(modules[path], path, call, graphs)
                 except SurgeryError as e:
                     if named:  # the user named this module: an error
                         raise

@@ -254,11 +254,60 @@ def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
     return graph, tracer.out_structure
 
 
-def trace_scope(scope: nn.Module, path: str, call: Call | None = None) -> Traced:
-    """The training-mode graph of ``scope``, with its checkpointing flags off; SurgeryError naming ``path``
-    if fx cannot trace it."""
+_INTERNAL = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_backward_hooks",
+                       "_backward_pre_hooks", "_is_full_backward_hook", "_forward_hooks", "_forward_hooks_with_kwargs",
+                       "_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
+                       "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                       "_load_state_dict_post_hooks"})
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, _PLAIN) or (type(value) in (tuple, list) and all(isinstance(v, _PLAIN) for v in value))
+
+
+def _state_key(scope: nn.Module, concrete: dict[str, Any], names: tuple[str, ...]) -> tuple[Any, ...] | None:
+    """Everything fx's trace of ``scope`` can depend on besides the code: the class, how it is called, and
+    for the scope and every module under it the names, types and plain attributes (ints, strings, tuples of
+    them), and its parameters' and buffers' names, shapes and dtypes. None when some attribute is anything
+    else (a function, a tensor, a config object): such a scope is traced on its own."""
+    if "forward" in scope.__dict__:
+        return None
+    call = tuple((k, type(v), len(v) if type(v) in (list, tuple) else v) for k, v in concrete.items())
+    state: list[Any] = [type(scope), call, names]
+    for name, m in scope.named_modules():
+        attrs = [(k, tuple(v) if type(v) is list else v) for k, v in m.__dict__.items() if k not in _INTERNAL]
+        if not all(_plain(v) for _, v in attrs):
+            return None
+        tensors = [(k, None if t is None else (tuple(t.shape), t.dtype, t.requires_grad))
+                   for k, t in (*m._parameters.items(), *m._buffers.items())]
+        state.append((name, type(m), tuple(attrs), tuple(tensors), frozenset(m._non_persistent_buffers_set)))
+    return tuple(state)
+
+
+def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
+                cache: dict[Any, tuple[fx.Graph, Any]] | None = None) -> Traced:
+    """The training-mode graph of ``scope``, with its checkpointing flags off.
+
+    Args:
+        scope: the module whose own forward is traced.
+        path: its path, for error messages.
+        call: how the example forward called it (None: with its parameters' defaults).
+        cache: graphs traced earlier in the same plan, by :func:`_state_key`: a scope of the same class, call
+            and state (ResNet's identical blocks) shares its graph, which nothing downstream changes.
+
+    Returns:
+        The graph, its parameter layout, output structure and placeholder shapes.
+
+    Raises:
+        SurgeryError: naming ``path``, if fx cannot trace it.
+    """
     concrete, params, shapes = _specialise(scope, call)
     names = flags(scope)
+    key = _state_key(scope, concrete, names) if cache is not None else None
+    if key is not None and key in cache:  # type: ignore[operator]
+        graph, structure = cache[key]  # type: ignore[index]
+        return Traced(graph, params, structure, shapes)
     try:
         graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
     except SurgeryError:
@@ -276,6 +325,8 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None) -> Traced
     if params is not None and placeholders != len(shapes):
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
                            f"{placeholders} placeholders for the arguments {[p.describe() for p in params]}")
+    if key is not None and _state_key(scope, concrete, names) == key:  # (unless tracing changed the module)
+        cache[key] = (graph, structure)  # type: ignore[index]
     return Traced(graph, params, structure, shapes)
 
 
