@@ -44,10 +44,6 @@ KNOWN_LIMITS = {
                                                 "features_only DLA (a dense model) counts them as necks: 3 + 1 points only",
     ("timm", "dla34"): "known limit: the projection a DlaTree passes to its first block gets two DropBlocks "
                        "in series (after the tree's `project`, and on the block's `shortcut` argument)",
-    ("timm", "ghostnet_100"): "known limit: blocks whose layers are all GhostModules are not rewritten, so "
-                              "their identity shortcuts get no DropBlock (their GhostModules do)",
-    ("timm", "repghostnet_050"): "known limit: blocks whose layers are all RepGhostModules are not rewritten, so "
-                                 "their identity shortcuts get no DropBlock (their modules do)",
 }
 
 
