@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 from _models import counts
+import torchvision
 from torchvision.models import detection
 
 import dropblock_inject as dbi
@@ -83,3 +84,16 @@ def test_named_detector_recipes(recipe, name):
     assert len(dbi.injected_dropblocks(model)) == 36
     dbi.strip(model)
     assert not dbi.injected_dropblocks(model)
+
+
+@pytest.mark.parametrize("name, allowed", [
+    ("ssdlite320_mobilenet_v3_large", ()),
+    ("ssd300_vgg16", ("extra_0_", "extra_1_")),  # VGG's conv5/fc6/fc7, and (known limit) the first extra level
+])
+def test_ssd_extra_levels_get_no_point(name, allowed):
+    """Levels an SSD backbone computes from its returned stride-32 level are extra levels, not the body."""
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None).eval()
+    points = dbi.plan(model, "paper_generic", example_input=[torch.rand(3, 320, 320)])
+    extra = [p.after for p in points if p.after.startswith("extra_")]
+    assert all(a.startswith(allowed) for a in extra) if allowed else not extra, extra
+    assert points and all(p.module.startswith("backbone") for p in points)

@@ -38,3 +38,22 @@ def test_upernet_heads_and_pooled_bins_never_selected():
     with pytest.raises(dbi.RecipeError, match="adaptively pooled map"):
         dbi.plan(model, {"rules": [{"modules": ["decode_head.psp_modules.*"], "after": ["any"]}]},
                  example_input=torch.randn(1, 3, 128, 128))
+
+
+def test_mobilenet_v2_with_tf_padding():
+    """HF MobileNetV2's conv layers compute TensorFlow padding in Python (``apply_tf_padding``): recorded as one
+    call, each layer gets its point after the norm, and each inverted residual with a residual its shortcut."""
+    model = transformers.MobileNetV2ForImageClassification(transformers.MobileNetV2Config()).eval()
+    assert model.config.tf_padding
+    with torch.no_grad():
+        ref = model(X).logits
+    points = dbi.plan(model, "paper_generic", example_input=X)
+    branch, shortcut = counts(points)
+    assert branch >= 30 and {p.after for p in points if p.kind == "branch"} == {"normalization"}
+    residual = {f"mobilenet_v2.layer.{i}" for i, b in enumerate(model.mobilenet_v2.layer) if b.use_residual}
+    assert {p.module for p in points if p.kind == "shortcut"} == {
+        m for m in residual if any(p.module.startswith(m + ".") for p in points)}
+    assert shortcut >= 5
+    dbi.inject(model, "paper_generic", example_input=X)
+    with torch.no_grad():
+        assert torch.equal(model(X).logits, ref)

@@ -146,3 +146,19 @@ def test_wheel_ships_recipes(tmp_path):
                          check=True, capture_output=True, text=True).stdout.splitlines()
     assert out[0].startswith(str(tmp_path / "site"))
     assert set(out[1].split(",")) >= {"resnet50_paper", "paper_generic", "retinanet_resnet50_fpn"}
+
+
+def test_recipe_file_parsed_once_per_version(tmp_path):
+    """A shipped or file recipe is parsed once (it is immutable); a changed file is parsed again."""
+    assert load_recipe("paper_generic") is load_recipe("paper_generic")
+    path = tmp_path / "r.yaml"
+    doc = {"name": "r", "dropblock": {"block_size": 7, "keep_prob": 0.9},
+           "rules": [{"name": "a", "modules": ["layer3.*"], "after": ["unit"]}]}
+    path.write_text(yaml.safe_dump(doc))
+    first = load_recipe(path)
+    assert load_recipe(path) is first
+    doc["dropblock"]["block_size"] = 5
+    path.write_text(yaml.safe_dump(doc))
+    import os
+    os.utime(path, ns=(first_ns := path.stat().st_mtime_ns + 10**9, first_ns))
+    assert load_recipe(path).dropblock.block_size == 5

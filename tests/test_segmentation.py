@@ -1,6 +1,8 @@
 """Placement on segmenters (issue 15): dilated backbones count as groups 3 and 4, and no DropBlock on
 predictions, adaptively pooled maps or single-channel maps, whatever the recipe."""
 
+import warnings
+
 import pytest
 import torch
 from _models import SegNet, counts
@@ -59,3 +61,20 @@ def test_no_stride_16_stage_names_the_largest_stride():
                           nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
     with pytest.raises(dbi.RecipeError, match=r"largest stride found is 4 .*modules:"):
         dbi.plan(model, "paper_generic")
+
+
+def test_smp_efficientnet_encoder_gets_shortcut_points():
+    """efficientnet_pytorch's MBConvBlock branches on its float ``drop_connect_rate`` argument: traced with the
+    value of the example forward, its blocks get their shortcut points instead of being skipped."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    model = smp.Unet("efficientnet-b0", encoder_weights=None, classes=2).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no block left without DropBlock
+        points = dbi.plan(model, "paper_generic", example_input=torch.randn(1, 3, 64, 64))
+    shortcut = {p.module for p in points if p.kind == "shortcut"}
+    assert len(shortcut) >= 5 and all(m.startswith("encoder._blocks.") for m in shortcut)
+    dbi.inject(model, "paper_generic", example_input=torch.randn(1, 3, 64, 64))
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the injected forward, not the original one
+        model(torch.randn(2, 3, 64, 64)).mean().backward()

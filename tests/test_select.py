@@ -144,3 +144,13 @@ def test_resnet_recipe_on_timm_fused_units(name, expected):
     assert counts(points) == expected
     blocks = {p.module for p in points}
     assert all(sum(q.module == b and q.kind == "branch" for q in points) == expected[0] // len(blocks) for b in blocks)
+
+
+@pytest.mark.parametrize("name", ["ghostnet_100", "repghostnet_050"])
+def test_blocks_made_of_conv_modules_get_their_shortcut(name):
+    """A GhostBottleneck calls only GhostModules (no layer of its own): it is still tried for its residual
+    addition, so its identity shortcut gets a point (previously only wrappers of one or two children were)."""
+    model = timm.create_model(name).eval()
+    points = dbi.plan(model, "paper_generic", example_input=torch.randn(1, 3, 64, 64))
+    shortcut = {p.module for p in points if p.kind == "shortcut"}
+    assert {"blocks.6.1", "blocks.6.2", "blocks.8.1"} <= shortcut and len(shortcut) == 11

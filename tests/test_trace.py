@@ -152,3 +152,132 @@ def test_augmented_assignment_stays_in_place(keep_prob):
     out = block(torch.randn(2, 1024, 8, 8))
     assert out.data_ptr() == produced[0]
     assert "+=" in block.forward.graph.python_code("self").src
+
+
+class _MathCheck(nn.Module):
+    """Records, while traced, whether ``math.sqrt`` is the real function (fx's default tracer patches every
+    ``math`` function for the duration of a trace)."""
+
+    def __init__(self, use_proxy: bool) -> None:
+        super().__init__()
+        self.conv, self.use_proxy, self.patched = nn.Conv2d(3, 4, 3, padding=1), use_proxy, None
+
+    def forward(self, x):
+        import math
+        self.patched = math.sqrt is not _REAL_SQRT
+        y = self.conv(x)
+        return y * math.sqrt(y.shape[1]) if self.use_proxy else y * math.sqrt(4)
+
+
+import math as _math  # noqa: E402
+
+_REAL_SQRT = _math.sqrt
+
+
+def test_scope_traced_without_patching_math():
+    """Patching all of ``math`` was a third of each scope's trace: a forward that does not call it on a Proxy
+    is traced without the patch."""
+    from dropblock_inject.surgery.trace import trace_scope
+
+    m = _MathCheck(use_proxy=False)
+    trace_scope(m, "")
+    assert m.patched is False
+
+
+def test_math_on_a_proxy_still_traced():
+    """A forward calling ``math`` on a traced value gets fx's wrapped call, as before."""
+    from dropblock_inject.surgery.trace import trace_scope
+
+    m = _MathCheck(use_proxy=True)
+    graph = trace_scope(m, "").graph
+    assert any(n.op == "call_function" and n.target is _REAL_SQRT for n in graph.nodes)
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(torch.fx.GraphModule(m, graph)(x), m.conv(x) * 2.0)
+
+
+class _RateBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x, rate=None, scale=1.0):
+        y = self.bn(self.conv(x)) * scale
+        if rate:  # efficientnet_pytorch's MBConvBlock: a float the forward branches on
+            y = y * (1 - rate)
+        return x + y
+
+
+class _RateNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=16, padding=1)
+        self.blocks = nn.ModuleList([_RateBlock() for _ in range(2)])
+
+    def forward(self, x, scale=1.0):
+        x = self.stem(x)
+        for i, b in enumerate(self.blocks):
+            x = b(x, 0.1 * (i + 1), scale=scale)
+        return x
+
+
+def test_float_argument_branched_on_is_specialised_to_its_value():
+    model = _RateNet().eval()
+    recipe = {"name": "r", "dropblock": {"block_size": 3, "keep_prob": 0.9},
+              "rules": [{"name": "s", "types": ["_RateBlock"], "after": ["norm"], "shortcut": True}]}
+    dbi.inject(model, recipe, example_input=torch.randn(1, 3, 64, 64))
+    fwd = model.blocks[0].forward
+    params = {p.name: p for p in fwd.params}
+    assert params["rate"].kind == "const" and params["rate"].expect == 0.1
+    assert params["scale"].kind == "free"  # traceable as a placeholder: any value keeps the rewritten graph
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(2, 3, 64, 64), scale=0.5).sum().backward()
+    x = torch.randn(1, 4, 4, 4)
+    model.eval()
+    torch.testing.assert_close(model.blocks[1](x, 0.3), x + model.blocks[1].bn(model.blocks[1].conv(x)) * 0.7)
+
+
+def test_identical_scopes_share_one_trace(monkeypatch):
+    """ResNet-50's layer3/layer4 blocks: 9 scopes, 4 distinct (the first block of each stage differs by its
+    downsample), so 4 traces; the plan is the same as with one trace per scope."""
+    from dropblock_inject.surgery import trace
+
+    calls = []
+    real = trace._trace
+    monkeypatch.setattr(trace, "_trace", lambda scope, *a, **k: calls.append(scope) or real(scope, *a, **k))
+    model = torchvision.models.resnet50().eval()
+    points = dbi.plan(model, "paper_generic")
+    assert len(calls) == 4 and len(points) == 36
+    assert len({p.module for p in points}) == 9
+
+
+class _Flagged(nn.Module):
+    def __init__(self, flag, act=None) -> None:
+        super().__init__()
+        self.conv, self.bn, self.flag, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), flag, act
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.flag:
+            y = y * 2
+        return x + (self.act(y) if self.act is not None else y)
+
+
+def test_scopes_differing_in_state_are_traced_apart():
+    """A plain attribute the forward branches on, a child's type or a parameter's shape makes another graph;
+    an attribute that is not plain data (a function) keeps the scope out of the cache."""
+    from dropblock_inject.surgery.trace import _state_key, trace_scope
+
+    a, b, c = _Flagged(True), _Flagged(False), _Flagged(True)
+    assert _state_key(a, {}, ()) == _state_key(c, {}, ()) != _state_key(b, {}, ())
+    d = _Flagged(True)
+    d.conv = nn.Conv2d(4, 4, 5, padding=2)
+    assert _state_key(d, {}, ()) != _state_key(a, {}, ())
+    assert _state_key(_Flagged(True, act=torch.relu), {}, ()) is None
+    cache: dict = {}
+    graphs = [trace_scope(m, "", cache=cache).graph for m in (a, b, c)]
+    assert graphs[0] is graphs[2] and graphs[1] is not graphs[0]
+    x = torch.randn(1, 4, 8, 8)
+    for m, g in zip((a, b), graphs):
+        torch.testing.assert_close(torch.fx.GraphModule(m, g)(x), m(x))

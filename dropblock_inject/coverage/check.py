@@ -11,6 +11,8 @@
   single channel is attention logits, not features), at stride 16 or 32 of the input,
   or at stride 8 inside a residual block whose output stride is 16 (the downsampling first block of group
   3), checked with forward pre-hooks during that train forward;
+* every residual block of groups 3/4 with branch points has a shortcut point when the recipe asks for
+  shortcuts, and every shortcut point has branch points in its block (:mod:`.blocks`);
 * ``strip`` restores the module types (compared with a deep copy taken before inject) and state_dict keys.
 
 ``python -m dropblock_inject.coverage [--fast]`` sweeps torchvision's classifiers and a timm sample and
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 
 from ..ops import _DropBlockNd
 from ..surgery.shapes import ShapeLog
+from .blocks import missing_points
 
 
 
@@ -133,6 +136,10 @@ def check_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "paper_g
         notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)
                  and "left without DropBlock" in str(w.message)]
         log = ShapeLog(model, example)  # the network's own strides, for the checks below
+        stage = "branch and shortcut points"
+        missing = missing_points(model, points, recipe, log)
+        if missing:
+            raise _CheckFailed(missing)
         row.branch = sum(p.kind == "branch" for p in points)
         row.shortcut = len(points) - row.branch
         stage = "inject"

@@ -73,6 +73,21 @@ def _load_yaml(path: Path) -> Any:
         raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {e}") from None
 
 
+_PARSED: dict[tuple[str, str, int, int], Recipe] = {}
+
+
+def _from_file(path: Path, name: str) -> Recipe:
+    """The recipe in ``path``, parsed once per version of the file (a ``Recipe`` is immutable)."""
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe file {str(path)!r}: {e}") from None
+    key = (str(path.resolve()), name, stat.st_mtime_ns, stat.st_size)
+    if key not in _PARSED:
+        _PARSED[key] = from_dict(_load_yaml(path), name)
+    return _PARSED[key]
+
+
 def load_recipe(recipe: RecipeLike) -> Recipe:
     """Parse and validate a recipe.
 
@@ -95,11 +110,11 @@ def load_recipe(recipe: RecipeLike) -> Recipe:
         path = Path(recipe)
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
-        return from_dict(_load_yaml(path), path.stem)
+        return _from_file(path, path.stem)
     if isinstance(recipe, str):
         path = _recipes_dir() / f"{recipe}.yaml"
         if not path.is_file():
             known = ", ".join(available_recipes())
             raise RecipeError(f"unknown recipe {recipe!r}; known recipes: {known}")
-        return from_dict(_load_yaml(path), recipe)
+        return _from_file(path, recipe)
     raise RecipeError(f"a recipe must be a name, a path, a dict or a Recipe, got {type(recipe).__name__}")

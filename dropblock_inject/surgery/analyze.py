@@ -94,12 +94,13 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
     for n in reversed(nodes):
         if n.op == "output" or any(u in features and not is_gate(u, scope) for u in n.users):
             features.add(n)
+    extra = _extra_levels(path, nodes, index, ancestors, node_shapes, shapes)
     for n in nodes:
         if "composite" in kinds[n] and not residual:
             continue  # a SelectiveKernel-like step counts only on a residual branch, not a whole block elsewhere
         if kinds[n] and not (on_shortcut >> index[n] & 1) and n in features:
             candidates.append(Candidate(n, "branch", unit_kinds(n, kinds), shape=node_shapes.get(n.name),
-                                        banned=banned.get(n.name, "")))
+                                        banned=banned.get(n.name, "") or extra.get(n, "")))
     output = next(n for n in reversed(nodes) if n.op == "output")
     out_arg = output.args[0]
     out_shape = node_shapes.get(out_arg.name) if isinstance(out_arg, fx.Node) else None
@@ -110,3 +111,31 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
                  traced.out_spec)
 
 
+def _extra_levels(path: str, nodes: list[fx.Node], index: dict[fx.Node, int], ancestors: dict[fx.Node, int],
+                  node_shapes: dict[str, Any], shapes: ShapeLog | None) -> dict[fx.Node, str]:
+    """Nodes on the *extra levels* of a backbone that returns several levels, some beyond stride 32 (SSD's
+    ``extra`` blocks): computed from a returned level of stride 32 or more (no body stage is deeper). The
+    body's stages stay candidates, also where they continue from a returned stride-16 level (SSDlite splits a
+    MobileNetV3 block there); SSD300-VGG's first extra level, computed from the stride-16 ``fc7``, cannot be
+    told from such a stage and keeps its points.
+
+    Args:
+        path: the scope's path.
+        nodes: its graph's nodes, in order; ``index`` their positions, ``ancestors`` their ancestor bitmasks.
+        node_shapes: the example shapes by node name.
+        shapes: the example forward's log (None: no strides, nothing found).
+
+    Returns:
+        node -> the reason it may never get a DropBlock.
+    """
+    if shapes is None:
+        return {}
+    output = next(n for n in reversed(nodes) if n.op == "output")
+    levels = [n for n in output.all_input_nodes
+              if (shape := node_shapes.get(n.name)) is not None and len(shape) == 4]
+    strides = {n: shapes.nominal_stride(node_shapes[n.name], path) or 0 for n in levels}
+    if len(levels) < 2 or max(strides.values(), default=0) <= 32:
+        return {}
+    level_bits = sum(1 << index[n] for n in levels if strides[n] >= 32)  # no body stage is deeper
+    return {n: "an extra pyramid level (computed from a level the backbone already returns)" for n in nodes
+            if ancestors[n] & level_bits}

@@ -49,6 +49,13 @@ def _leaves_in(args: Any, kwargs: Any, info: WeakIdKeyDictionary) -> list[Tensor
     return [t for t in leaves((args, kwargs)) if t in info]
 
 
+_T = Tensor
+_METADATA = {_T.dim, _T.size, _T.numel, _T.stride, _T.is_contiguous, _T.is_floating_point, _T.is_complex,
+             _T.element_size, _T.data_ptr, _T.__len__, *(getattr(_T, name).__get__ for name in (
+                 "shape", "ndim", "dtype", "device", "layout", "is_cuda", "is_meta", "is_sparse",
+                 "is_quantized", "requires_grad"))}
+
+
 class Flow(TorchFunctionMode):
     """Follows each tensor of the example forward back to the last layer that produced it, and whether it
     is an adaptively pooled map (pooled and not upsampled since)."""
@@ -65,6 +72,8 @@ class Flow(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func in _METADATA:  # most calls: ``x.shape``, ``x.dim()`` (ours in the hooks too) make no tensor
+            return out
         tagged = _leaves_in(args, kwargs, self.info)
         ins = [self.info[t] for t in tagged]
         if ins:
@@ -115,8 +124,17 @@ class MetaMode(TorchDispatchMode):
             hit = self.cache[id(t)] = (t, t.to("meta"))
         return hit[1]
 
+    def _map(self, value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return self._meta(value)
+        if type(value) in (list, tuple):
+            return type(value)(self._map(v) for v in value)
+        return value
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        args, kwargs = pytree.tree_map_only(Tensor, self._meta, (args, kwargs or {}))
+        # aten arguments are tensors, lists of tensors and scalars: no generic pytree walk needed
+        args = tuple(self._map(a) for a in args)
+        kwargs = {k: self._map(v) for k, v in kwargs.items()} if kwargs else {}
         if func in _SHAPE_PRESERVING:  # their meta kernels are slow Python decompositions; only shapes matter
             x = args[0]
             return torch.empty_like(x), x.new_empty(0), x.new_empty(0)

@@ -81,9 +81,10 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
         for p, kind in kinds.items():
             if kind is not None and not inside_layer(p, kinds):
                 owners.setdefault(owner(p, model), []).append(p)
-        # residual wrappers ``x + self.fn(x)``: a module whose children hold convolutions but no layer of its own
+        # residual wrappers ``x + self.fn(x)`` and blocks made of conv modules (HF MobileNetV2's InvertedResidual):
+        # a module whose children hold convolutions but that calls no layer of its own
         for p, m in usable.items():
-            if p not in owners and 0 < len(m._modules) <= 2 and any(
+            if p not in owners and m._modules and any(
                     isinstance(c, CONV_TYPES) for child in m.children() for c in child.modules()):
                 owners[p] = []
                 wrappers.add(p)
@@ -180,6 +181,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
     reasons: list[str] = []
     small: list[str] = []
     wrappers: set[str] = set()
+    graphs: dict[Any, Any] = {}  # traced graphs shared by identical scopes, for this plan only
     for rule in recipe.rules:
         count = 0
         named = rule.modules is not None or rule.types is not None
@@ -198,7 +200,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
                     calls.append(call_log(model, example_input))  # the call pattern, once
                 call = calls[0].call(path) if calls and calls[0] is not None else None
                 try:
-                    traced = trace_scope(modules[path], path, call)
+                    traced = trace_scope(modules[path], path, call, graphs)
                 except SurgeryError as e:
                     if named:  # the user named this module: an error
                         raise

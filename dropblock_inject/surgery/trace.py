@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -94,7 +95,7 @@ class Tracer(fx.Tracer):
 class Arg:
     """One argument of a module call in the example forward."""
 
-    kind: str  # "tensor" | "none" | "seq" (list/tuple of tensors) | "const" (bool/int/str) | "other"
+    kind: str  # "tensor" | "none" | "seq" (list/tuple of tensors) | "const" (bool/int/str) | "float" | "other"
     shapes: tuple[tuple[int, ...], ...] = ()  # "tensor": its shape; "seq": one per element
     value: Any = None  # "const": the value; "seq": list or tuple
 
@@ -108,6 +109,8 @@ def describe(value: Any) -> Arg:
         return Arg("seq", tuple(tuple(t.shape) for t in value), type(value))
     if type(value) in (bool, int, str):
         return Arg("const", value=value)
+    if type(value) is float:
+        return Arg("float", value=value)
     return Arg("other")
 
 
@@ -162,9 +165,11 @@ def forward_signature(cls: type) -> inspect.Signature | None:
         return None
 
 
-def _specialise(scope: nn.Module, call: Call | None) -> tuple[dict[str, Any], tuple[Param, ...] | None,
-                                                              list[tuple[int, ...] | None]]:
-    """``concrete_args`` for fx, the parameter layout of the traced graph and its placeholders' shapes."""
+def _specialise(scope: nn.Module, call: Call | None, floats: int = 0
+                ) -> tuple[dict[str, Any], tuple[Param, ...] | None, list[tuple[int, ...] | None]]:
+    """``concrete_args`` for fx, the parameter layout of the traced graph and its placeholders' shapes.
+    Float arguments are placeholders (``floats`` 0), constants where the parameter defaults to None (1), or
+    all constants (2)."""
     positional = [a.shapes[0] if a.kind == "tensor" else None for a in call.args] if call else []
     sig = forward_signature(type(scope))
     if sig is None:
@@ -189,6 +194,9 @@ def _specialise(scope: nn.Module, call: Call | None) -> tuple[dict[str, Any], tu
             arg = passed[p.name]
         else:
             arg = describe(p.default)
+        if arg is not None and arg.kind == "float":
+            const = floats == 2 or (floats == 1 and p.default is None)
+            arg = Arg("const", value=arg.value) if const else Arg("other")
         if arg is None or arg.kind in ("tensor", "other"):
             layout.append(Param(p.name, index, p.default, "free", arg is None or arg.kind == "other"))
             shapes.append(arg.shapes[0] if arg is not None and arg.kind == "tensor" else None)
@@ -207,15 +215,32 @@ def _specialise(scope: nn.Module, call: Call | None) -> tuple[dict[str, Any], tu
     return concrete, tuple(layout), shapes
 
 
+# helpers that compute padding from a map's size in Python (``int`` of shapes, ``max``): called on a Proxy
+# they fail, so fx records them as one call (module, function name), if that library is loaded
+_PADDING_HELPERS = (("transformers.models.mobilenet_v1.modeling_mobilenet_v1", "apply_tf_padding"),
+                    ("transformers.models.mobilenet_v2.modeling_mobilenet_v2", "apply_tf_padding"),
+                    ("timm.layers.padding", "pad_same"))
+
+
+def _leaf_functions() -> tuple[Callable[..., Any], ...]:
+    """The functions fx records as single calls: checkpointing's and the loaded padding helpers."""
+    found = [getattr(sys.modules[mod], name, None) for mod, name in _PADDING_HELPERS if mod in sys.modules]
+    return (*checkpoint_functions(), *(f for f in found if callable(f)))
+
+
 def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
            checkpointing: tuple[tuple[str, ...], tuple[bool, ...]]) -> tuple[fx.Graph, Any]:
     was_training = scope.training
     scope.training = True  # only the scope's own flag can be baked: children are leaves
-    tracer = Tracer(autowrap_functions=checkpoint_functions())
     try:
         with warnings.catch_warnings(), flags_set(scope, *checkpointing), no_inline_checkpoint():
             warnings.simplefilter("ignore")  # fx warns about constants it cannot guard; the layout checks them
-            graph = tracer.trace(scope, concrete_args=concrete or None)
+            try:  # without fx's patching of every ``math`` function: a third of the tracing time
+                tracer = Tracer(autowrap_modules=(), autowrap_functions=_leaf_functions())
+                graph = tracer.trace(scope, concrete_args=concrete or None)
+            except Exception:  # noqa: BLE001 - e.g. ``math.sqrt(proxy)``: fx's default tracer wraps it
+                tracer = Tracer(autowrap_functions=_leaf_functions())
+                graph = tracer.trace(scope, concrete_args=concrete or None)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
                            f"{type(e).__name__}: {e}") from e
@@ -229,16 +254,79 @@ def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
     return graph, tracer.out_structure
 
 
-def trace_scope(scope: nn.Module, path: str, call: Call | None = None) -> Traced:
-    """The training-mode graph of ``scope``, with its checkpointing flags off; SurgeryError naming ``path``
-    if fx cannot trace it."""
+_INTERNAL = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_backward_hooks",
+                       "_backward_pre_hooks", "_is_full_backward_hook", "_forward_hooks", "_forward_hooks_with_kwargs",
+                       "_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
+                       "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                       "_load_state_dict_post_hooks"})
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, _PLAIN) or (type(value) in (tuple, list) and all(isinstance(v, _PLAIN) for v in value))
+
+
+def _state_key(scope: nn.Module, concrete: dict[str, Any], names: tuple[str, ...]) -> tuple[Any, ...] | None:
+    """Everything fx's trace of ``scope`` can depend on besides the code: the class, how it is called, and
+    for the scope and every module under it the names, types and plain attributes (ints, strings, tuples of
+    them), and its parameters' and buffers' names, shapes and dtypes. None when some attribute is anything
+    else (a function, a tensor, a config object): such a scope is traced on its own."""
+    if "forward" in scope.__dict__:
+        return None
+    call = tuple((k, type(v), len(v) if type(v) in (list, tuple) else v) for k, v in concrete.items())
+    state: list[Any] = [type(scope), call, names]
+    for name, m in scope.named_modules():
+        attrs = [(k, tuple(v) if type(v) is list else v) for k, v in m.__dict__.items() if k not in _INTERNAL]
+        if not all(_plain(v) for _, v in attrs):
+            return None
+        tensors = [(k, None if t is None else (tuple(t.shape), t.dtype, t.requires_grad))
+                   for k, t in (*m._parameters.items(), *m._buffers.items())]
+        state.append((name, type(m), tuple(attrs), tuple(tensors), frozenset(m._non_persistent_buffers_set)))
+    return tuple(state)
+
+
+def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
+                cache: dict[Any, tuple[fx.Graph, Any]] | None = None) -> Traced:
+    """The training-mode graph of ``scope``, with its checkpointing flags off.
+
+    Args:
+        scope: the module whose own forward is traced.
+        path: its path, for error messages.
+        call: how the example forward called it (None: with its parameters' defaults).
+        cache: graphs traced earlier in the same plan, by :func:`_state_key`: a scope of the same class, call
+            and state (ResNet's identical blocks) shares its graph, which nothing downstream changes.
+
+    Returns:
+        The graph, its parameter layout, output structure and placeholder shapes.
+
+    Raises:
+        SurgeryError: naming ``path``, if fx cannot trace it.
+    """
     concrete, params, shapes = _specialise(scope, call)
     names = flags(scope)
-    graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
+    key = _state_key(scope, concrete, names) if cache is not None else None
+    if key is not None and key in cache:  # type: ignore[operator]
+        graph, structure = cache[key]  # type: ignore[index]
+        return Traced(graph, params, structure, shapes)
+    try:
+        graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
+    except SurgeryError:
+        # ``if drop_connect_rate:`` (efficientnet_pytorch's MBConvBlock): a float argument the forward branches
+        # on is specialised to its value in the example forward; other values run the original forward
+        if call is None or not any(a.kind == "float" for a in (*call.args, *call.kwargs.values())):
+            raise
+        try:  # first only the optional ones (``rate=None``), then every float
+            concrete, params, shapes = _specialise(scope, call, floats=1)
+            graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
+        except SurgeryError:
+            concrete, params, shapes = _specialise(scope, call, floats=2)
+            graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
     placeholders = sum(n.op == "placeholder" for n in graph.nodes)
     if params is not None and placeholders != len(shapes):
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
                            f"{placeholders} placeholders for the arguments {[p.describe() for p in params]}")
+    if key is not None and _state_key(scope, concrete, names) == key:  # (unless tracing changed the module)
+        cache[key] = (graph, structure)  # type: ignore[index]
     return Traced(graph, params, structure, shapes)
 
 
