@@ -7,6 +7,6 @@ Those pickles name their classes ``dropblock_inject.graph.<name>``; the code now
 from .surgery.forward import InjectedForward as _InjectedForward
 from .surgery.forward import RefuseScripting as _RefuseScripting
 from .surgery.select import InsertionPoint
-from .surgery.trace import Param as _Param
+from .surgery.calls import Param as _Param
 
 __all__ = ["InsertionPoint", "_InjectedForward", "_Param", "_RefuseScripting"]  # what old pickles name

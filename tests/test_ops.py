@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -19,7 +18,7 @@ from torch import nn
 from dropblock_inject import DropBlock2d, DropBlock3d, drop_block2d, drop_block3d
 from dropblock_inject import ops
 
-from _dropblock_stats import (TOL, assert_scaled_mask, assert_whole_blocks, block_union, clipped, drop_fraction,
+from _dropblock_stats import (TOL, assert_scaled_mask, assert_whole_blocks, clipped, drop_fraction,
                               expected_drop_fraction, stat_shape)
 
 

@@ -5,6 +5,7 @@ One ``inject`` call goes down these stages, each a module that imports only the 
 * :mod:`.wrappers` -- the network inside DataParallel, DDP, ``torch.compile`` or an EMA copy;
 * :mod:`.outputs` -- a scope's structured output flattened for fx and rebuilt with its exact type;
 * :mod:`.checkpointing` -- gradient-checkpointing flags a scope reads, decided per call;
+* :mod:`.calls` -- how a scope is called, and how its traced graph takes those arguments;
 * :mod:`.trace` -- the training-mode fx graph of one module (a *scope*), specialised to how it is called;
 * :mod:`.forward` -- the runtime of an injected module (the callable installed as its ``forward``);
 * :mod:`.kinds` -- what a module or node is: conv, norm, act, conv-norm unit, residual add, gate;

@@ -17,7 +17,8 @@ from torch import nn
 
 from .kinds import add_operands, conv_count, is_gate, node_kinds, unit_kinds
 from .shapes import ShapeLog
-from .trace import Param, Traced
+from .calls import Param
+from .trace import Traced
 
 
 @dataclass

@@ -27,7 +27,8 @@ from torch.nn.modules import module as _module
 from ..ops import _DropBlockNd
 from .checkpointing import hf_checkpointing_on, wraps_checkpointing
 from .outputs import unflatten_output
-from .trace import EMPTY, Param, SurgeryError
+from .calls import EMPTY, Param
+from .trace import SurgeryError
 
 
 def _compile_graph(graph: fx.Graph, name: str) -> Callable[..., Any]:
@@ -52,7 +53,7 @@ def _observed(m: nn.Module) -> bool:
 class InjectedForward:
     """Stored as ``module.forward``: the rewritten graph in training mode, the original forward in eval.
 
-    A graph traced with specialised arguments (see ``_specialise``) runs only for calls that match them:
+    A graph traced with specialised arguments (see :func:`.calls.specialise`) runs only for calls that match them:
     another call pattern (e.g. ``shortcut=None`` where the trace saw a tensor) warns and runs the original
     forward, without DropBlock. The scope's gradient-checkpointing ``flags`` pick one of the ``variants``
     graphs per call (a string where a value could not be traced with its checkpoint call: that call warns and

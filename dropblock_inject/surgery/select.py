@@ -25,7 +25,8 @@ from .example import HooksAside
 from .explain import explain, not_a_cnn
 from .kinds import CONV_TYPES, inside_layer, module_kind, owner, usable_scopes
 from .shapes import ShapeLog, call_log
-from .trace import SurgeryError, trace_scope, wants_call
+from .calls import wants_call
+from .trace import SurgeryError, trace_scope
 from .wrappers import unwrap
 
 

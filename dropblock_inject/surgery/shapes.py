@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from .example import Flow, MetaMode, Snapshot, attempts, leaves
 from .kinds import ACT_FUNCTIONS, ACT_METHODS, CONV_TYPES, add_operands, is_container, is_layer, module_kind, owner
-from .trace import Call, SurgeryError, describe
+from .calls import Call, describe
+from .trace import SurgeryError
 
 Shape = tuple[int, ...]
 

@@ -6,16 +6,13 @@ traced through. Augmented assignments (``out += identity``) are recorded as the 
 rewritten graph does what the original code did.
 
 How a scope's forward is called matters: fx traces every argument as a Proxy, so ``if shortcut is None:``
-or ``if not isinstance(x, list):`` would bake the wrong branch, and a ``List[Tensor]`` input cannot be
-indexed. Arguments that were None, lists/tuples of tensors, or plain constants in the example forward (or,
-without one, parameters whose default is None) are specialised with ``concrete_args``; the injected forward
-(:mod:`.forward`) checks each call against that pattern and runs the original forward when it differs.
+would bake the wrong branch; :mod:`.calls` specialises such arguments (``concrete_args``) from the example
+forward. Blocks of the same class, call and state share one traced graph within a plan (:func:`trace_scope`).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import operator
 import sys
 import warnings
@@ -23,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.fx as fx
-from torch import Tensor, nn
+from torch import nn
 
 from ..ops import _DropBlockNd
+from .calls import Call, Param, specialise
 from .checkpointing import checkpoint_functions, flags, flags_set, no_inline_checkpoint
 from .outputs import Structure, flatten_output
 
@@ -91,128 +89,12 @@ class Tracer(fx.Tracer):
         return super().create_args_for_root(flat_output, is_module, concrete_args)
 
 
-@dataclass(frozen=True)
-class Arg:
-    """One argument of a module call in the example forward."""
-
-    kind: str  # "tensor" | "none" | "seq" (list/tuple of tensors) | "const" (bool/int/str) | "float" | "other"
-    shapes: tuple[tuple[int, ...], ...] = ()  # "tensor": its shape; "seq": one per element
-    value: Any = None  # "const": the value; "seq": list or tuple
-
-
-def describe(value: Any) -> Arg:
-    if isinstance(value, Tensor):
-        return Arg("tensor", (tuple(value.shape),))
-    if value is None:
-        return Arg("none")
-    if type(value) in (list, tuple) and value and all(isinstance(t, Tensor) for t in value):
-        return Arg("seq", tuple(tuple(t.shape) for t in value), type(value))
-    if type(value) in (bool, int, str):
-        return Arg("const", value=value)
-    if type(value) is float:
-        return Arg("float", value=value)
-    return Arg("other")
-
-
-@dataclass(frozen=True)
-class Call:
-    """The first call of a module in the example forward."""
-
-    args: tuple[Arg, ...]
-    kwargs: dict[str, Arg]
-
-
-EMPTY = inspect.Parameter.empty
-
-
-@dataclass(frozen=True)
-class Param:
-    """How the traced graph takes one parameter of the scope's forward.
-
-    ``kind`` "none" / "seq" / "const": specialised at trace time to None, a list (or tuple) of ``expect[1]``
-    tensors of type ``expect[0]``, or the constant ``expect``; "free": one placeholder, which must not be
-    None unless ``expect`` is true.
-    """
-
-    name: str
-    index: int | None  # position, None for a keyword-only parameter
-    default: Any  # EMPTY when required
-    kind: str
-    expect: Any = None
-
-    def describe(self) -> str:
-        what = {"none": "None", "free": "any" if self.expect else "not None"}.get(self.kind)
-        if self.kind == "seq":
-            what = f"{self.expect[0].__name__} of {self.expect[1]} tensors"
-        elif self.kind == "const":
-            what = repr(self.expect)
-        return f"{self.name}={what}"
-
-
 @dataclass
 class Traced:
     graph: fx.Graph
     params: tuple[Param, ...] | None  # None: a forward with *args/**kwargs, called as it is
     out_spec: Any  # a Structure (or, with list arguments, fx's TreeSpec) rebuilding the output; None: a tensor
     input_shapes: list[tuple[int, ...] | None]  # one per placeholder, from the example forward
-
-
-@functools.lru_cache(maxsize=None)
-def forward_signature(cls: type) -> inspect.Signature | None:
-    try:
-        return inspect.signature(inspect.unwrap(cls.forward))
-    except (TypeError, ValueError):
-        return None
-
-
-def _specialise(scope: nn.Module, call: Call | None, floats: int = 0
-                ) -> tuple[dict[str, Any], tuple[Param, ...] | None, list[tuple[int, ...] | None]]:
-    """``concrete_args`` for fx, the parameter layout of the traced graph and its placeholders' shapes.
-    Float arguments are placeholders (``floats`` 0), constants where the parameter defaults to None (1), or
-    all constants (2)."""
-    positional = [a.shapes[0] if a.kind == "tensor" else None for a in call.args] if call else []
-    sig = forward_signature(type(scope))
-    if sig is None:
-        return {}, None, positional
-    params = list(sig.parameters.values())[1:]  # without self
-    if not params or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-        return {}, None, positional
-    passed: dict[str, Any] = {}
-    if call is not None:
-        try:
-            passed = dict(sig.bind(None, *call.args, **call.kwargs).arguments)
-        except TypeError:
-            call = None
-    concrete: dict[str, Any] = {}
-    layout: list[Param] = []
-    shapes: list[tuple[int, ...] | None] = []
-    for i, p in enumerate(params):
-        index = None if p.kind is p.KEYWORD_ONLY else i
-        if call is None:
-            arg = Arg("none") if p.default is None else None
-        elif p.name in passed:
-            arg = passed[p.name]
-        else:
-            arg = describe(p.default)
-        if arg is not None and arg.kind == "float":
-            const = floats == 2 or (floats == 1 and p.default is None)
-            arg = Arg("const", value=arg.value) if const else Arg("other")
-        if arg is None or arg.kind in ("tensor", "other"):
-            layout.append(Param(p.name, index, p.default, "free", arg is None or arg.kind == "other"))
-            shapes.append(arg.shapes[0] if arg is not None and arg.kind == "tensor" else None)
-        elif arg.kind == "none":
-            concrete[p.name] = None
-            layout.append(Param(p.name, index, p.default, "none"))
-            shapes.append(None)
-        elif arg.kind == "seq":
-            concrete[p.name] = arg.value([fx.PH] * len(arg.shapes))
-            layout.append(Param(p.name, index, p.default, "seq", (arg.value, len(arg.shapes))))
-            shapes.extend(arg.shapes)
-        else:
-            concrete[p.name] = arg.value
-            layout.append(Param(p.name, index, p.default, "const", arg.value))
-            shapes.append(None)
-    return concrete, tuple(layout), shapes
 
 
 # helpers that compute padding from a map's size in Python (``int`` of shapes, ``max``): called on a Proxy
@@ -302,7 +184,7 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
     Raises:
         SurgeryError: naming ``path``, if fx cannot trace it.
     """
-    concrete, params, shapes = _specialise(scope, call)
+    concrete, params, shapes = specialise(scope, call)
     names = flags(scope)
     key = _state_key(scope, concrete, names) if cache is not None else None
     if key is not None and key in cache:  # type: ignore[operator]
@@ -316,10 +198,10 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
         if call is None or not any(a.kind == "float" for a in (*call.args, *call.kwargs.values())):
             raise
         try:  # first only the optional ones (``rate=None``), then every float
-            concrete, params, shapes = _specialise(scope, call, floats=1)
+            concrete, params, shapes = specialise(scope, call, floats=1)
             graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
         except SurgeryError:
-            concrete, params, shapes = _specialise(scope, call, floats=2)
+            concrete, params, shapes = specialise(scope, call, floats=2)
             graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
     placeholders = sum(n.op == "placeholder" for n in graph.nodes)
     if params is not None and placeholders != len(shapes):
@@ -343,17 +225,3 @@ def trace_variant(scope: nn.Module, path: str, params: tuple[Param, ...] | None,
         elif p.kind == "const":
             concrete[p.name] = p.expect
     return _trace(scope, path, concrete, (names, values))[0]
-
-
-def wants_call(scope: nn.Module) -> bool:
-    """Whether tracing ``scope`` depends on how it is called: a forward taking more than one argument,
-    optional ones, or an input annotated as something other than a Tensor (e.g. ``List[Tensor]``)."""
-    sig = forward_signature(type(scope))
-    if sig is None:
-        return True
-    params = list(sig.parameters.values())[1:]
-    if len(params) != 1:
-        return True
-    p = params[0]
-    return p.kind is not p.POSITIONAL_OR_KEYWORD or p.default is not EMPTY or p.annotation not in (
-        EMPTY, Tensor, "Tensor", "torch.Tensor")
