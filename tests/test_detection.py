@@ -88,7 +88,7 @@ def test_named_detector_recipes(recipe, name):
 
 @pytest.mark.parametrize("name, allowed", [
     ("ssdlite320_mobilenet_v3_large", ()),
-    ("ssd300_vgg16", ("extra_0_", "extra_1_")),  # VGG's conv5/fc6/fc7, and (known limit) the first extra level
+    ("ssd300_vgg16", ("extra_0_",)),  # VGG's conv5/fc6/fc7 are the body; extra[1] is SSD's first extra level
 ])
 def test_ssd_extra_levels_get_no_point(name, allowed):
     """Levels an SSD backbone computes from its returned stride-32 level are extra levels, not the body."""
@@ -96,4 +96,5 @@ def test_ssd_extra_levels_get_no_point(name, allowed):
     points = dbi.plan(model, "paper_generic", example_input=[torch.rand(3, 320, 320)])
     extra = [p.after for p in points if p.after.startswith("extra_")]
     assert all(a.startswith(allowed) for a in extra) if allowed else not extra, extra
+    assert not allowed or extra, "the body in extra[0] lost its points"
     assert points and all(p.module.startswith("backbone") for p in points)

@@ -95,7 +95,7 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
     for n in reversed(nodes):
         if n.op == "output" or any(u in features and not is_gate(u, scope) for u in n.users):
             features.add(n)
-    extra = _extra_levels(path, nodes, index, ancestors, node_shapes, shapes)
+    extra = {**_known_extra_levels(scope, nodes), **_extra_levels(path, nodes, index, ancestors, node_shapes, shapes)}
     for n in nodes:
         if "composite" in kinds[n] and not residual:
             continue  # a SelectiveKernel-like step counts only on a residual branch, not a whole block elsewhere
@@ -118,7 +118,7 @@ def _extra_levels(path: str, nodes: list[fx.Node], index: dict[fx.Node, int], an
     ``extra`` blocks): computed from a returned level of stride 32 or more (no body stage is deeper). The
     body's stages stay candidates, also where they continue from a returned stride-16 level (SSDlite splits a
     MobileNetV3 block there); SSD300-VGG's first extra level, computed from the stride-16 ``fc7``, cannot be
-    told from such a stage and keeps its points.
+    told from such a stage by structure (:func:`_known_extra_levels` names it).
 
     Args:
         path: the scope's path.
@@ -140,3 +140,25 @@ def _extra_levels(path: str, nodes: list[fx.Node], index: dict[fx.Node, int], an
     level_bits = sum(1 << index[n] for n in levels if strides[n] >= 32)  # no body stage is deeper
     return {n: "an extra pyramid level (computed from a level the backbone already returns)" for n in nodes
             if ancestors[n] & level_bits}
+
+
+# Extractors whose extra levels structure cannot tell from a body stage: (module, class) -> the ``ModuleList``
+# holding the levels, and how many of its first entries are the body. torchvision's SSD300 VGG extractor puts
+# VGG's conv5/fc6/fc7 in ``extra[0]``; ``extra[1]``, SSD's first extra level, is computed from fc7 (stride 16)
+# exactly as SSDlite's stride-32 MobileNetV3 stage is from its stride-16 level.
+_KNOWN_EXTRA = {("torchvision.models.detection.ssd", "SSDFeatureExtractorVGG"): ("extra", 1)}
+
+
+def _known_extra_levels(scope: nn.Module, nodes: list[fx.Node]) -> dict[fx.Node, str]:
+    """The nodes of ``scope`` on the extra levels :data:`_KNOWN_EXTRA` names for its class (none for others)."""
+    known = _KNOWN_EXTRA.get((type(scope).__module__, type(scope).__qualname__))
+    if known is None:
+        return {}
+    container, body = known
+    found = {}
+    for n in nodes:
+        parts = str(n.target).split(".") if n.op == "call_module" else []
+        if len(parts) > 1 and parts[0] == container and parts[1].isdigit() and int(parts[1]) >= body:
+            found[n] = f"an extra pyramid level ({type(scope).__name__}.{container}[{parts[1]}], not the backbone body)"
+    return found
+
