@@ -59,3 +59,19 @@ def test_attention_logits_never_selected():
     points = dbi.plan(model, "paper_generic", example_input=torch.randn(1, 3, 64, 64))
     assert points and not any(".attn" in p.module for p in points)
     assert all(p.shape[1] > 1 for p in points)
+
+
+def test_parallel_convolutions_over_channel_groups_are_one_conv():
+    """timm's MixedConv2d (a ModuleDict of convs with its own forward) is one conv: the norms after it are
+    branch points, so MixNet's residual blocks get branch points beside their shortcut points."""
+    from timm.layers import MixedConv2d
+
+    from dropblock_inject.surgery.kinds import module_kind
+
+    assert module_kind(MixedConv2d(16, 16, kernel_size=[3, 5])) == "conv"
+    assert module_kind(nn.ModuleList([nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)])) is None  # a plain container
+    points = dbi.plan(timm.create_model("mixnet_s"), "paper_generic", example_input=torch.rand(1, 3, 224, 224))
+    shortcut_blocks = {p.module for p in points if p.kind == "shortcut"}
+    branch_blocks = {p.module for p in points if p.kind == "branch"}
+    assert shortcut_blocks and shortcut_blocks <= branch_blocks, shortcut_blocks - branch_blocks
+    assert {p.after for p in points if p.module == "blocks.4.1"} >= {"bn1", "bn2", "bn3"}

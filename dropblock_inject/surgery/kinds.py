@@ -68,6 +68,9 @@ def module_kind(m: nn.Module) -> str | None:
         return "norm"
     if isinstance(m, _ACT_TYPES) or type(m).__name__ in _ACT_NAMES:
         return "act"
+    if (isinstance(m, (nn.ModuleDict, nn.ModuleList)) and type(m).forward is not nn.Module.forward and len(m) > 1
+            and all(isinstance(c, CONV_TYPES) for c in m.children())):
+        return "conv"  # parallel convolutions over channel groups, called as one layer (timm's MixedConv2d)
     if not isinstance(m, nn.Sequential):
         # a conv-norm(-act) module such as timm's ConvNormAct: one conv, a norm, nothing but acts besides
         kinds = [module_kind(c) if not isinstance(c, (nn.Identity, nn.Dropout)) else "skip" for c in m.children()]
