@@ -71,6 +71,13 @@ def apply_keep_mask(x: Tensor, keep: Tensor, scale: Tensor) -> Tensor:
     return out.mul_(scale.to(x.dtype))
 
 
+def multiplier_shape(x: Tensor, valid: tuple[int, ...], per_channel: bool) -> tuple[int, ...]:
+    """The shape of :func:`broadcast_multiplier`'s result: ``(N, C or 1, *spatial)``, or ``(N, C or 1, 1...)``
+    when every block covers the whole map."""
+    whole = all(v == 1 for v in valid)
+    return (x.shape[0], x.shape[1] if per_channel else 1, *(valid if whole else x.shape[2:]))
+
+
 def broadcast_multiplier(x: Tensor, gamma: Tensor | float, block: tuple[int, ...], valid: tuple[int, ...],
                          per_channel: bool, normalize: bool) -> Tensor:
     """The scaled multiplier of a mask broadcast over ``x``, in x's dtype.
@@ -89,6 +96,8 @@ def broadcast_multiplier(x: Tensor, gamma: Tensor | float, block: tuple[int, ...
     Returns:
         ``(N, C or 1, *spatial or 1s)``: 0 where dropped, the scale where kept.
     """
+    if isinstance(gamma, float) and gamma <= 0.0:  # keep_prob 1: nothing to drop, no random numbers drawn
+        return torch.ones(multiplier_shape(x, valid, per_channel), dtype=x.dtype, device=x.device)
     mask_shape = (x.shape[0], x.shape[1] if per_channel else 1, *x.shape[2:])
     if valid == (1,) * len(valid):
         multiplier = torch.rand((*mask_shape[:2], *valid), device=x.device).ge_(gamma)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import _triton
 from ._check import _geometry
-from ._dense import apply_keep_mask, broadcast_multiplier, dense_forward
+from ._dense import apply_keep_mask, broadcast_multiplier, dense_forward, multiplier_shape
 from ._sparse import redraw_corners, seeded_generator, sparse_backward, sparse_forward
 
 SPARSE, BROADCAST, DENSE, TRITON = "sparse", "broadcast", "dense", "triton"
@@ -79,12 +79,7 @@ def _forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, s
     else:  # on a device gamma stays there (no host sync)
         gamma = (1.0 - keep_prob.to(device=x.device, dtype=torch.float32).reshape(())) * factor
     if mode == BROADCAST:
-        if isinstance(gamma, float) and gamma <= 0.0:  # keep_prob 1 on CPU: draw nothing (as eager)
-            whole = all(v == 1 for v in valid)
-            shape = (x.shape[0], x.shape[1] if per_channel else 1, *(valid if whole else x.shape[2:]))
-            multiplier = torch.ones(shape, dtype=x.dtype)
-        else:
-            multiplier = broadcast_multiplier(x, gamma, block, valid, per_channel, scale)
+        multiplier = broadcast_multiplier(x, gamma, block, valid, per_channel, scale)  # keep_prob 1: no draw
         out = torch.empty_like(x)
         torch.mul(x, multiplier, out=out)
         return out, multiplier, torch.ones((), dtype=torch.float32, device=x.device)
@@ -123,9 +118,7 @@ def _drop_block_fake(x: Tensor, keep_prob: Tensor, block_size: int, per_channel:
     scale_t = x.new_empty((), dtype=torch.float32)
     if mode == BROADCAST:
         _, valid, _ = _clipped_geometry(tuple(x.shape[2:]), block_size)
-        whole = all(v == 1 for v in valid)
-        shape = (x.shape[0], x.shape[1] if per_channel else 1, *(valid if whole else x.shape[2:]))
-        return out, x.new_empty(shape), scale_t
+        return out, x.new_empty(multiplier_shape(x, valid, per_channel)), scale_t
     return out, x.new_empty(x.shape, dtype=torch.bool), scale_t
 
 
