@@ -4,10 +4,11 @@
 eval mode, so eval() is the original code bit for bit and whatever fx would bake in from ``self.training``
 follows train()/eval(); the gradient-checkpointing flags likewise pick their graph per call (see
 :mod:`.checkpointing`), and a structured output is rebuilt with its type (:mod:`.outputs`). A graph traced
-with specialised arguments (see :mod:`.trace`) runs only for calls that match them. :class:`RefuseScripting` makes ``torch.jit.script`` of an injected model a clear error, and
-:class:`RefuseRootTrace` an fx trace that would lose a rewritten root's DropBlocks.
+with specialised arguments (see :mod:`.calls`) runs only for calls that match them. :class:`RefuseScripting`
+makes ``torch.jit.script`` of an injected model a clear error, and :class:`RefuseRootTrace` an fx trace that
+would lose a rewritten root's DropBlocks.
 Used by :mod:`.select` (is a model already injected?) and :mod:`.rewrite` (installing it); depends on
-:mod:`.trace` only.
+:mod:`.calls` and :mod:`.trace` only.
 """
 
 from __future__ import annotations

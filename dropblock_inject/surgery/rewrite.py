@@ -201,15 +201,19 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
     return wrapper
 
 
+def _remove_guard(module: nn.Module, name: str, guard_type: type) -> None:
+    """Delete the instance attribute ``name`` if inject stored a ``guard_type`` there, putting back what it
+    shadowed (models injected before a guard existed have none)."""
+    guard = module.__dict__.get(name)
+    if isinstance(guard, guard_type):
+        del module.__dict__[name]
+        if guard.original is not None:
+            module.__dict__[name] = guard.original
+
+
 def _undo(module: nn.Module) -> None:
-    name_guard = module.__dict__.get("_get_name")
-    if isinstance(name_guard, RefuseRootTrace):  # models injected before this guard existed have none
-        del module.__dict__["_get_name"]
-        if name_guard.original is not None:
-            module.__dict__["_get_name"] = name_guard.original
-    guard = module.__dict__.pop("__prepare_scriptable__", None)
-    if isinstance(guard, RefuseScripting) and guard.original is not None:
-        module.__dict__["__prepare_scriptable__"] = guard.original
+    _remove_guard(module, "_get_name", RefuseRootTrace)
+    _remove_guard(module, "__prepare_scriptable__", RefuseScripting)
     fwd = module.__dict__.pop("forward")
     if fwd.original is not None:
         module.forward = fwd.original  # type: ignore[method-assign]
