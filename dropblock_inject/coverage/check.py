@@ -85,11 +85,12 @@ def _first_line(e: BaseException) -> str:
 def _nested_dropblocks(model: nn.Module) -> str:
     """A DropBlock placed right after a module call whose module holds DropBlocks of its own (the same map
     dropped twice, e.g. after a conv-norm module and inside it); empty if there is none."""
-    scopes = {name: m.forward.graph for name, m in model.named_modules()
-              if hasattr(m.__dict__.get("forward"), "graph")}
+    forwards = {name: m.forward for name, m in model.named_modules() if hasattr(m.__dict__.get("forward"), "graph")}
+    scopes = {name: fwd.graph for name, fwd in forwards.items()}
     for outer, graph in scopes.items():
         for node in graph.nodes:
-            if node.op != "call_module" or not isinstance(model.get_submodule(_join(outer, node.target)), _DropBlockNd):
+            if node.op != "call_module" or not isinstance(forwards[outer].called_module(str(node.target)),
+                                                          _DropBlockNd):
                 continue
             src = node.args[0]
             if getattr(src, "op", None) != "call_module":

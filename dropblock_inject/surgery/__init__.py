@@ -14,7 +14,9 @@ One ``inject`` call goes down these stages, each a module that imports only the 
 * :mod:`.analyze` -- residual additions, shortcut and branch candidates of one traced scope;
 * :mod:`.explain` -- why a rule selects nothing, whether a model is a CNN, points never allowed;
 * :mod:`.select` -- recipe rules -> scopes -> insertion points (``plan``, ``format_plan``);
-* :mod:`.rewrite` -- DropBlock nodes inserted, the injected forward installed (``inject``); ``strip``.
+* :mod:`.sites` -- DropBlock calls inserted into a copy of a traced graph;
+* :mod:`.sequentials` -- the top module's points handed to the plain Sequentials it calls, when all lie there;
+* :mod:`.rewrite` -- DropBlock modules built, the injected forwards installed (``inject``); ``strip``.
 """
 
 from .forward import injected_dropblocks

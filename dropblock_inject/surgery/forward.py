@@ -60,15 +60,17 @@ class InjectedForward:
     graphs per call (a string where a value could not be traced with its checkpoint call: that call warns and
     runs the original forward); a Hugging Face ``GradientCheckpointingLayer`` checkpoints the graph as its own
     wrapper would. A DropBlock listed in ``inplace`` (with the module producing its input) writes in place only
-    while no hook can observe that module's output. Pickles (torch.save of a whole model), deep-copies and
-    compiles; its code is regenerated from the graphs.
+    while no hook can observe that module's output. A plain ``Sequential`` rewritten for its owner (see
+    :mod:`.sequentials`) reaches the DropBlocks in its ``holder``'s container, as ``self.forward.holder``.
+    Pickles (torch.save of a whole model), deep-copies and compiles; its code is regenerated from the graphs.
     """
 
     def __init__(self, module: nn.Module, graph: fx.Graph, original: Callable[..., Any] | None,
                  name: str, params: tuple[Param, ...] | None = None, out_spec: Any = None,
                  flags: tuple[str, ...] = (), variants: dict[tuple[bool, ...], fx.Graph | str] | None = None,
-                 inplace: tuple[tuple[str, str], ...] | None = None) -> None:
+                 inplace: tuple[tuple[str, str], ...] | None = None, holder: nn.Module | None = None) -> None:
         self.module = module
+        self.holder = holder  # the module whose container holds the DropBlocks, when it is not ``module``
         self.graph = graph
         self.original = original  # an instance-level forward that was there before, if any
         self.name = name
@@ -116,6 +118,11 @@ class InjectedForward:
             return self.module._gradient_checkpointing_func(functools.partial(self._run, fn, **kwargs), *args)
         return self._run(fn, *args, **kwargs)
 
+    def called_module(self, target: str) -> nn.Module:
+        """The module a ``call_module`` node of its graphs calls (``target`` is relative to ``module``, and
+        reaches the holder's DropBlocks through ``forward.holder``)."""
+        return functools.reduce(getattr, target.split("."), self.module)
+
     def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return unflatten_output(fn(self.module, *args, **kwargs), self.out_spec)
 
@@ -127,7 +134,9 @@ class InjectedForward:
     def _allow_inplace(self) -> None:
         if self._producers is None:
             get = self.module.get_submodule
-            self._producers = [(get(db), get(producer)) for db, producer in self.inplace]
+            self._producers = [((self.module if self.holder is None else self.holder).get_submodule(db),
+                                get(producer))
+                               for db, producer in self.inplace]
         for db, producer in self._producers:
             allowed = not _observed(producer)
             if db.inplace is not allowed:
@@ -185,12 +194,13 @@ class InjectedForward:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (InjectedForward, (self.module, self.graph, self.original, self.name, self.params, self.out_spec,
-                                  self.flags, self.variants, self.inplace))
+                                  self.flags, self.variants, self.inplace, self.holder))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> InjectedForward:
         return InjectedForward(copy.deepcopy(self.module, memo), copy.deepcopy(self.graph, memo),
                                 copy.deepcopy(self.original, memo), self.name, self.params, self.out_spec,
-                                self.flags, copy.deepcopy(self.variants, memo), self.inplace)
+                                self.flags, copy.deepcopy(self.variants, memo), self.inplace,
+                                copy.deepcopy(self.holder, memo))
 
 
 class RefuseScripting:

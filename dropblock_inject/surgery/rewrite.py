@@ -1,11 +1,13 @@
-"""Stage 6, rewrite: insert the DropBlock nodes into each planned scope's graph and install the injected
-forward (``inject``); remove it all again (``strip``).
+"""Stage 8, rewrite: build the DropBlock modules of each planned scope, insert their calls into its graph
+(:mod:`.sites`) and install the injected forward (``inject``); remove it all again (``strip``).
 
 Each rewritten scope gets a ``dropblocks`` ``ModuleDict`` holding its DropBlock modules (one per point, keyed by
-the node it follows), an instance ``forward`` (:class:`~.forward.InjectedForward`), an instance
-``__prepare_scriptable__`` refusing TorchScript and an instance ``_get_name`` refusing an fx trace that would
-lose its DropBlocks (:class:`~.forward.RefuseRootTrace`); ``strip`` deletes exactly these (putting back what
-was there), so the original objects remain.
+the node it follows), and each module whose graph calls them an instance ``forward``
+(:class:`~.forward.InjectedForward`), an instance ``__prepare_scriptable__`` refusing TorchScript and an instance
+``_get_name`` refusing an fx trace that would lose its DropBlocks (:class:`~.forward.RefuseRootTrace`): the scope
+itself, or the plain Sequentials that run the top module's points (:mod:`.sequentials`). ``strip`` deletes
+exactly these (putting back what was there), so the original objects remain. A container (``Sequential``,
+``ModuleList``, ``ModuleDict``) never holds DropBlocks: its forward runs every child it has.
 Every rewrite is built before any module is touched, so a failure leaves the model as it was.
 """
 
@@ -22,8 +24,12 @@ from ..ops import DropBlock2d, DropBlock3d
 from ..recipe import RecipeLike, ScheduleConfig, load_recipe
 from .analyze import Candidate, Scope
 from .checkpointing import calls_checkpoint, combinations, variant_flags
+from .kinds import is_container
 from .forward import InjectedForward, RefuseRootTrace, RefuseScripting, check_not_injected, injected_modules
 from .select import InsertionPoint, build_plan
+from .sequentials import HOLDER, delegate
+from .sites import Site, insert
+from .calls import Param
 from .trace import SurgeryError, trace_variant
 from .wrappers import unwrap
 
@@ -34,61 +40,7 @@ _CHECKPOINT_HINT = ("to keep DropBlock there, checkpoint a submodule, not a clos
                     "checkpoint(self.block, x), with torch.utils.checkpoint.checkpoint or timm's checkpoint_seq "
                     "called by name, through the module, as an attribute or as a functools.partial")
 
-_OUTPUT_NOT_SAVED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d,
-                     nn.Conv3d)
-
-
-def _writable(source: fx.Node, scope: nn.Module) -> bool:
-    """Whether DropBlock may work in place on ``source`` (when no hook observes its producer, checked per call
-    by the injected forward): a fresh BatchNorm or convolution output (exact types: subclasses such as timm's
-    BatchNormAct2d end with an activation that keeps its output for backward) that nothing but the DropBlock
-    reads."""
-    if source.op != "call_module" or len(source.users) != 1:
-        return False
-    return type(scope.get_submodule(str(source.target))) in _OUTPUT_NOT_SAVED
-
-
-@dataclass(frozen=True)
-class _Site:
-    """One DropBlock call: after node ``source`` (a branch), or between ``source`` and the addition ``add``."""
-
-    key: str
-    source: str
-    add: str | None
-
-
-def _insert(src: fx.Graph, sites: list[_Site], container: str, scope: nn.Module,
-            like: fx.Graph | None = None) -> tuple[fx.Graph, set[str]]:
-    """A copy of ``src`` with the DropBlock calls of ``sites`` (nodes found by name, and, when ``like`` is
-    given, checked to do what ``like``'s nodes of that name do), and the keys of those that may work in place.
-    KeyError: a node is missing or differs."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(src, {}))
-    nodes = {n.name: n for n in graph.nodes}
-    reference = {n.name: n for n in (like or src).nodes}
-    writable = set()
-    for site in sites:
-        for name in (site.source, site.add):
-            if name is not None and (name not in nodes or (nodes[name].op, nodes[name].target) != (
-                    reference[name].op, reference[name].target)):
-                raise KeyError(name)
-        source = nodes[site.source]
-        if site.add is None:
-            with graph.inserting_after(source):
-                new = graph.call_module(f"{container}.{site.key}", (source,))
-            source.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-        else:
-            add = nodes[site.add]
-            with graph.inserting_before(add):
-                new = graph.call_module(f"{container}.{site.key}", (source,))
-            add.replace_input_with(source, new)
-        if _writable(source, scope):
-            writable.add(site.key)
-    graph.lint()
-    return graph, writable
-
-
-def _variants(scope: Scope, sites: list[_Site], container: str, flag_names: tuple[str, ...]
+def _variants(scope: Scope, sites: list[Site], container: str, flag_names: tuple[str, ...]
               ) -> tuple[dict[tuple[bool, ...], fx.Graph | str], set[str] | None]:
     """One rewritten graph per other value of the scope's checkpointing flags (or why there is none), and the
     keys that may work in place in every one of them (None: no variant)."""
@@ -108,7 +60,7 @@ def _variants(scope: Scope, sites: list[_Site], container: str, flag_names: tupl
             variants[values] = f"with {state} fx traced through its checkpoint call; {_CHECKPOINT_HINT}"
             continue
         try:
-            variants[values], ok = _insert(graph, sites, container, scope.module, like=scope.graph)
+            variants[values], ok = insert(graph, sites, container, scope.module, like=scope.graph)
         except KeyError as e:
             variants[values] = f"with {state} its graph has no node {e} to put DropBlock after"
             continue
@@ -121,9 +73,24 @@ def _variants(scope: Scope, sites: list[_Site], container: str, flag_names: tupl
     return variants, writable
 
 
-def _rewrite(scope: Scope, points: list[tuple[Candidate, InsertionPoint]], schedule: ScheduleConfig,
-             container_name: str) -> tuple[fx.Graph, nn.ModuleDict, tuple[str, ...], dict[tuple[bool, ...], Any],
-                                           tuple[tuple[str, str], ...]]:
+@dataclass
+class _Install:
+    """One module's injected forward, before it is installed."""
+
+    module: nn.Module
+    path: str
+    graph: fx.Graph
+    params: tuple[Param, ...] | None
+    out_spec: Any
+    flags: tuple[str, ...]
+    variants: dict[tuple[bool, ...], Any]
+    inplace: tuple[tuple[str, str], ...]
+    holder: nn.Module | None  # the module holding its DropBlocks, when it is not ``module`` (see .sequentials)
+
+
+def _dropblocks(points: list[tuple[Candidate, InsertionPoint]], scope: Scope, schedule: ScheduleConfig
+                ) -> tuple[nn.ModuleDict, list[Site]]:
+    """The scope's DropBlock modules by key, and where each is called."""
     container = nn.ModuleDict()
     cls = DropBlock3d if scope.spatial_dims == 3 else DropBlock2d
     sites = []
@@ -133,18 +100,42 @@ def _rewrite(scope: Scope, points: list[tuple[Candidate, InsertionPoint]], sched
         db.point = point  # type: ignore[assignment]
         db.schedule = schedule  # type: ignore[assignment]
         container[key] = db
-        sites.append(_Site(key, c.node.name, c.add.name if c.kind == "shortcut" else None))  # type: ignore[union-attr]
-    graph, writable = _insert(scope.graph, sites, container_name, scope.module)
+        sites.append(Site(key, c.node.name, c.add.name if c.kind == "shortcut" else None))  # type: ignore[union-attr]
+    return container, sites
+
+
+def _inplace(graph: fx.Graph, sources: dict[str, str], writable: set[str], name: str,
+             container: nn.ModuleDict) -> tuple[tuple[str, str], ...]:
+    """(DropBlock path from its holder, path of the module producing its input) of those that may work in
+    place; the DropBlocks' flags set to match, until a call finds a hook on the producer."""
+    producers = {n.name: str(n.target) for n in graph.nodes if n.op == "call_module"}
+    for key, db in container.items():
+        db.inplace = key in writable
+    return tuple((f"{name}.{k}", producers[sources[k]]) for k in container if k in writable)
+
+
+def _rewrite(scope: Scope, points: list[tuple[Candidate, InsertionPoint]], schedule: ScheduleConfig,
+             name: str) -> tuple[nn.ModuleDict, list[_Install]]:
+    """The scope's DropBlock container (``name`` on the scope's module) and the forwards to install: the
+    scope's own, or those of the plain Sequentials holding all its points (:func:`.sequentials.delegate`)."""
+    container, sites = _dropblocks(points, scope, schedule)
+    delegated = delegate(scope, sites)
+    if delegated is not None:
+        installs = []
+        for d in delegated:
+            graph, writable = insert(d.graph, d.sites, f"{HOLDER}.{name}", d.module)
+            inplace = _inplace(graph, {s.key: s.source for s in d.sites}, writable, name,
+                               nn.ModuleDict({s.key: container[s.key] for s in d.sites}))
+            installs.append(_Install(d.module, d.name, graph, None, None, (), {}, inplace, scope.module))
+        return container, installs
+    graph, writable = insert(scope.graph, sites, name, scope.module)
     flag_names = variant_flags(scope.module)
-    variants, also = _variants(scope, sites, container_name, flag_names) if flag_names else ({}, None)
+    variants, also = _variants(scope, sites, name, flag_names) if flag_names else ({}, None)
     if also is not None:
         writable &= also
-    sources = {s.key: s.source for s in sites}
-    producers = {n.name: str(n.target) for n in graph.nodes if n.op == "call_module"}
-    inplace = tuple((f"{container_name}.{k}", producers[sources[k]]) for k in container if k in writable)
-    for key, db in container.items():
-        db.inplace = key in writable  # until a call finds a hook on its producer
-    return graph, container, flag_names if variants else (), variants, inplace
+    inplace = _inplace(graph, {s.key: s.source for s in sites}, writable, name, container)
+    return container, [_Install(scope.module, scope.path, graph, scope.params, scope.out_spec,
+                                flag_names if variants else (), variants, inplace, None)]
 
 
 def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -> nn.Module:
@@ -177,28 +168,37 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
         name = _CONTAINER
         while hasattr(scope.module, name):
             name = f"_{name}"
-        rewrites.append((scope.module, path, name, *_rewrite(scope, points, recipe.schedule, name)))
-    done: list[tuple[nn.Module, str]] = []
+        if is_container(scope.module):
+            raise SurgeryError(
+                f"cannot add DropBlocks to module {path or '<root>'!r}: it is a {type(scope.module).__name__}, whose "
+                f"forward runs every child it holds (in eval too), so it cannot hold them; put its layers in a "
+                f"module of your own (an nn.Module whose forward calls them), or select blocks below it")
+        rewrites.append((scope.module, name, *_rewrite(scope, points, recipe.schedule, name)))
+    done: list[nn.Module] = []
     try:
-        for module, path, name, graph, container, flag_names, variants, inplace in rewrites:
-            original = module.__dict__.get("forward")
-            fwd = InjectedForward(module, graph, original, f"{type(module).__name__} {path}",
-                                   built.scopes[path].params, built.scopes[path].out_spec, flag_names, variants,
-                                   inplace)
-            module.add_module(name, container)
-            module.forward = fwd  # type: ignore[method-assign]
-            module.__dict__["__prepare_scriptable__"] = RefuseScripting(
-                fwd.name, module.__dict__.get("__prepare_scriptable__"))
-            points = tuple(f"{'shortcut of' if db.point.kind == 'shortcut' else 'after'} {db.point.after}"
-                           for db in container.values())
-            module.__dict__["_get_name"] = RefuseRootTrace(module, path or "<root>", points,
-                                                           module.__dict__.get("_get_name"))
-            done.append((module, name))
+        for owner, name, container, installs in rewrites:
+            owner.add_module(name, container)
+            done.append(owner)
+            for i in installs:
+                _install(i, container)
+                done.append(i.module)
     except Exception:
-        for module, name in done:
+        for module in done:
             _undo(module)
         raise
     return wrapper
+
+
+def _install(i: _Install, container: nn.ModuleDict) -> None:
+    module = i.module
+    fwd = InjectedForward(module, i.graph, module.__dict__.get("forward"), f"{type(module).__name__} {i.path}",
+                          i.params, i.out_spec, i.flags, i.variants, i.inplace, i.holder)
+    module.forward = fwd  # type: ignore[method-assign]
+    module.__dict__["__prepare_scriptable__"] = RefuseScripting(fwd.name, module.__dict__.get("__prepare_scriptable__"))
+    keys = {str(n.target).rpartition(".")[2] for n in i.graph.find_nodes(op="call_module")}
+    runs = [db for key, db in container.items() if key in keys]
+    points = tuple(f"{'shortcut of' if db.point.kind == 'shortcut' else 'after'} {db.point.after}" for db in runs)
+    module.__dict__["_get_name"] = RefuseRootTrace(module, i.path or "<root>", points, module.__dict__.get("_get_name"))
 
 
 def _remove_guard(module: nn.Module, name: str, guard_type: type) -> None:
@@ -212,11 +212,22 @@ def _remove_guard(module: nn.Module, name: str, guard_type: type) -> None:
 
 
 def _undo(module: nn.Module) -> None:
-    _remove_guard(module, "_get_name", RefuseRootTrace)
-    _remove_guard(module, "__prepare_scriptable__", RefuseScripting)
-    fwd = module.__dict__.pop("forward")
-    if fwd.original is not None:
-        module.forward = fwd.original  # type: ignore[method-assign]
+    """Remove what inject put on ``module``: its injected forward and guards, and the DropBlock containers
+    on it and on the module holding its DropBlocks."""
+    holders = [module]
+    if isinstance(module.__dict__.get("forward"), InjectedForward):
+        _remove_guard(module, "_get_name", RefuseRootTrace)
+        _remove_guard(module, "__prepare_scriptable__", RefuseScripting)
+        fwd = module.__dict__.pop("forward")
+        if fwd.original is not None:
+            module.forward = fwd.original  # type: ignore[method-assign]
+        if getattr(fwd, "holder", None) is not None:
+            holders.append(fwd.holder)
+    for holder in holders:
+        _remove_containers(holder)
+
+
+def _remove_containers(module: nn.Module) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.ModuleDict) and child and all(hasattr(c, "point") for c in child.values()):
             delattr(module, name)

@@ -22,7 +22,6 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import nn
 
-from ..ops import _DropBlockNd
 from .calls import Call, Param, specialise
 from .checkpointing import checkpoint_functions, flags, flags_set, no_inline_checkpoint
 from .outputs import Structure, flatten_output
@@ -73,8 +72,12 @@ class Tracer(fx.Tracer):
 
     out_structure: Structure | None = None
 
+    def __init__(self, *args: Any, leaves: frozenset[str] = frozenset(), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.leaves = leaves  # plain Sequentials kept as leaves too (by qualified name)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return not is_plain_sequential(m) or isinstance(m, _DropBlockNd)
+        return not is_plain_sequential(m) or module_qualified_name in self.leaves
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -111,17 +114,18 @@ def _leaf_functions() -> tuple[Callable[..., Any], ...]:
 
 
 def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
-           checkpointing: tuple[tuple[str, ...], tuple[bool, ...]]) -> tuple[fx.Graph, Any]:
+           checkpointing: tuple[tuple[str, ...], tuple[bool, ...]], leaves: frozenset[str] = frozenset()
+           ) -> tuple[fx.Graph, Any]:
     was_training = scope.training
     scope.training = True  # only the scope's own flag can be baked: children are leaves
     try:
         with warnings.catch_warnings(), flags_set(scope, *checkpointing), no_inline_checkpoint():
             warnings.simplefilter("ignore")  # fx warns about constants it cannot guard; the layout checks them
             try:  # without fx's patching of every ``math`` function: a third of the tracing time
-                tracer = Tracer(autowrap_modules=(), autowrap_functions=_leaf_functions())
+                tracer = Tracer(autowrap_modules=(), autowrap_functions=_leaf_functions(), leaves=leaves)
                 graph = tracer.trace(scope, concrete_args=concrete or None)
             except Exception:  # noqa: BLE001 - e.g. ``math.sqrt(proxy)``: fx's default tracer wraps it
-                tracer = Tracer(autowrap_functions=_leaf_functions())
+                tracer = Tracer(autowrap_functions=_leaf_functions(), leaves=leaves)
                 graph = tracer.trace(scope, concrete_args=concrete or None)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
@@ -213,9 +217,10 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
 
 
 def trace_variant(scope: nn.Module, path: str, params: tuple[Param, ...] | None, names: tuple[str, ...],
-                  values: tuple[bool, ...]) -> fx.Graph:
+                  values: tuple[bool, ...], leaves: frozenset[str] = frozenset()) -> fx.Graph:
     """The graph of ``scope`` specialised as :func:`trace_scope` did (``params``), with the checkpointing flags
-    ``names`` set to ``values``; SurgeryError if fx cannot trace it."""
+    ``names`` set to ``values`` and the plain Sequentials named in ``leaves`` kept as leaves; SurgeryError if fx
+    cannot trace it."""
     concrete: dict[str, Any] = {}
     for p in params or ():
         if p.kind == "none":
@@ -224,4 +229,4 @@ def trace_variant(scope: nn.Module, path: str, params: tuple[Param, ...] | None,
             concrete[p.name] = p.expect[0]([fx.PH] * p.expect[1])
         elif p.kind == "const":
             concrete[p.name] = p.expect
-    return _trace(scope, path, concrete, (names, values))[0]
+    return _trace(scope, path, concrete, (names, values), leaves)[0]
