@@ -100,42 +100,56 @@ def _injected_efficientnet():
     return model
 
 
-def test_fx_trace_of_a_rewritten_top_module_is_an_error_not_a_silent_loss():
-    # fx traces type(model).forward, not the instance forward inject installed on the top module: its
-    # DropBlock after bn2 would vanish from the train graph; it must be a clear error instead
+def test_fx_trace_of_a_rewritten_top_module_holds_its_own_dropblocks():
+    # fx traces type(model).forward, not the instance forward inject installed on the top module: without the
+    # redirection its DropBlock after bn2 would vanish from the train graph
     model = _injected_efficientnet()
+    set_keep(model, 0.7)
     before = dict(model.__dict__)
-    with pytest.raises(dbi.SurgeryError, match=r"EfficientNet\.forward.*'<root>'.*1 DropBlock.*after bn2.*eval"):
-        torch.fx.symbolic_trace(model.train())
-    with pytest.raises(dbi.SurgeryError, match="after bn2"):
-        create_feature_extractor(model, {"blocks.5": "f", "bn2": "head"})
+    tracer = torch.fx.Tracer()
+    gm = torch.fx.GraphModule(model, tracer.trace(model.train()))
+    assert _dropblock_nodes(gm) == 40 and "create_args_for_root" not in tracer.__dict__
+    torch.manual_seed(2)
+    expected = model(X)
+    torch.manual_seed(2)
+    assert torch.equal(gm(X), expected)
+    plain = timm.create_model("resnet18", pretrained=False).train()
+    assert _dropblock_nodes(torch.fx.GraphModule(plain, tracer.trace(plain))) == 0  # the tracer is left as it was
+    extractor = create_feature_extractor(model, {"blocks.5": "f", "bn2": "head"})
+    assert _dropblock_nodes(torch.fx.GraphModule(extractor, extractor.train_graph)) == 40
+    assert _dropblock_nodes(torch.fx.GraphModule(extractor, extractor.eval_graph)) == 0
     assert model.__dict__.keys() == before.keys() and all(model.__dict__[k] is v for k, v in before.items())
-    model.eval()  # the eval graph is the original code: exact, allowed
-    plain = dbi.strip(copy.deepcopy(model))
-    assert torch.equal(torch.fx.symbolic_trace(model)(X), plain(X))
+    model.eval()  # the eval graph is the original code
+    stripped = dbi.strip(copy.deepcopy(model))
+    assert torch.equal(torch.fx.symbolic_trace(model)(X), stripped(X))
     assert repr(model).startswith("EfficientNet(\n")  # every other caller of _get_name gets the name
 
 
-def test_a_rewritten_block_traced_as_the_root_is_an_error_and_its_parent_is_fine():
+def test_a_rewritten_block_traced_as_the_root_holds_its_dropblocks():
     model = _injected_resnet().train()
-    with pytest.raises(dbi.SurgeryError, match=r"BasicBlock\.forward.*'layer3\.0'.*after bn1"):
-        torch.fx.symbolic_trace(model.layer3[0])
+    block = model.layer3[0]
+    gm = torch.fx.symbolic_trace(block)
+    assert _dropblock_nodes(gm) == 3  # after bn1, after bn2, on the shortcut
+    x = torch.randn(2, 128, 8, 8)
+    torch.manual_seed(1)
+    expected = block(x)
+    torch.manual_seed(1)
+    assert torch.equal(gm(x), expected)
     gm = torch.fx.symbolic_trace(model.layer3)  # a plain Sequential: its blocks' installed forwards are traced
     assert _dropblock_nodes(gm) == 6
 
 
-def test_strip_restores_an_instance_get_name_and_the_suggested_fx_first_route_works():
+def test_strip_restores_an_instance_get_name_and_the_fx_first_route_works():
     model = timm.create_model("efficientnet_b0", pretrained=False)
     named = lambda: "MyNet"  # noqa: E731 - an instance-level _get_name of the user's
     model._get_name = named
     dbi.inject(model, "paper_generic")
     assert repr(model).startswith("MyNet(")
-    with pytest.raises(dbi.SurgeryError, match="after bn2"):
-        torch.fx.symbolic_trace(model.train())
+    assert _dropblock_nodes(torch.fx.symbolic_trace(model.train())) == 40
     dbi.strip(model)
     assert model.__dict__["_get_name"] is named
     del model._get_name
-    # what the error suggests for a training graph: build the fx module first, inject into it
+    # the other route to a training graph: build the fx module first, inject into it
     features = create_feature_extractor(model, {"bn2": "head"})
     dbi.inject(features, "paper_generic")
     assert dbi.injected_dropblocks(features)
@@ -145,8 +159,7 @@ def test_strip_restores_an_instance_get_name_and_the_suggested_fx_first_route_wo
     assert torch.equal(features(X)["head"], create_feature_extractor(model, {"bn2": "head"}).eval()(X)["head"])
 
 
-def test_the_root_trace_error_survives_dynamo_wrapping_fx():
+def test_the_redirection_survives_dynamo_wrapping_fx():
     torch.compile(lambda t: t + 1, backend="eager")(X)  # loads dynamo, which wraps fx's Tracer.trace
     assert hasattr(torch.fx.Tracer.trace, "__wrapped__")  # the premise: the function fx calls is wrapped
-    with pytest.raises(dbi.SurgeryError, match="after bn2"):
-        torch.fx.symbolic_trace(_injected_efficientnet().train())
+    assert _dropblock_nodes(torch.fx.symbolic_trace(_injected_efficientnet().train())) == 40

@@ -5,8 +5,8 @@ eval mode, so eval() is the original code bit for bit and whatever fx would bake
 follows train()/eval(); the gradient-checkpointing flags likewise pick their graph per call (see
 :mod:`.checkpointing`), and a structured output is rebuilt with its type (:mod:`.outputs`). A graph traced
 with specialised arguments (see :mod:`.calls`) runs only for calls that match them. :class:`RefuseScripting`
-makes ``torch.jit.script`` of an injected model a clear error, and :class:`RefuseRootTrace` an fx trace that
-would lose a rewritten root's DropBlocks.
+makes ``torch.jit.script`` of an injected model a clear error, and :class:`TraceInstalledForward` makes an fx
+trace of a rewritten module as the root trace its installed forward, DropBlocks included.
 Used by :mod:`.select` (is a model already injected?) and :mod:`.rewrite` (installing it); depends on
 :mod:`.calls` and :mod:`.trace` only.
 """
@@ -222,15 +222,19 @@ def _trace_code() -> Any:
     return inspect.unwrap(fx.Tracer.trace).__code__
 
 
-class RefuseRootTrace:
-    """Stored as ``module._get_name``: a clear error where fx would trace ``module`` without its DropBlocks.
+class TraceInstalledForward:
+    """Stored as ``module._get_name``: makes an fx trace of ``module`` as the root trace the forward inject
+    installed, so the training graph holds its DropBlocks.
 
     ``torch.fx.Tracer.trace`` traces ``type(root).forward``, the class's forward, not the instance ``forward``
-    that inject installed, so a rewritten module traced as the root of an fx graph (``symbolic_trace``,
-    ``create_feature_extractor``) would lose its own DropBlocks from the training graph without a word (its
-    rewritten children are fine: fx calls their instance forward). ``Tracer.trace`` calls
-    ``root._get_name()`` before tracing; called from there in training mode, this raises. Any other caller
-    (``repr``) gets the module's name as usual.
+    that inject installed: a rewritten module traced as the root of an fx graph (``symbolic_trace``,
+    ``create_feature_extractor``, timm's ``FeatureGraphNet``) would lose its own DropBlocks from the training
+    graph (its rewritten children are fine: fx calls their instance forwards). ``Tracer.trace`` calls
+    ``root._get_name()`` after choosing that function and before building the graph's arguments from it
+    (``Tracer.create_args_for_root``); called from there in training mode, this hands that one call the
+    installed forward instead, wrapped with the class forward's signature, so the arguments are the same.
+    Where the tracer cannot be found, it raises a :class:`SurgeryError` rather than let the DropBlocks go
+    missing. Eval traces, and any other caller (``repr``), get the module's name as usual.
 
     Args:
         module: the rewritten module.
@@ -247,21 +251,49 @@ class RefuseRootTrace:
         self.original = original
 
     def __call__(self) -> str:
-        """The module's name; a :class:`SurgeryError` when fx's ``Tracer.trace`` asks in training mode."""
-        caller = sys._getframe(1).f_code  # noqa: SLF001 - who asks: fx's Tracer.trace, or anyone else
-        if caller is _trace_code() and self.module.training:
-            cls = type(self.module).__name__
-            raise SurgeryError(
-                f"torch.fx traces {cls}.forward, the class's forward, of the module it is given ({self.name!r}), "
-                f"not the forward dropblock_inject installed on it, so its {len(self.points)} DropBlock(s) "
-                f"({', '.join(self.points[:4])}{', ...' if len(self.points) > 4 else ''}) would be missing from "
-                f"this training-mode graph. Trace in eval mode (the eval graph is the original code, exact) or "
-                f"after dropblock_inject.strip(model); for a training graph with every DropBlock, inject into the "
-                f"fx module itself (dbi.inject(create_feature_extractor(plain_model, ...), recipe)) or use rules "
-                f"whose modules are below {cls} (fx traces their installed forwards)")
+        """The module's name; from fx's ``Tracer.trace`` in training mode, also the redirection."""
+        caller = sys._getframe(1)  # noqa: SLF001 - who asks: fx's Tracer.trace, or anyone else
+        if caller.f_code is _trace_code() and self.module.training:
+            tracer = caller.f_locals.get("self")
+            holder = getattr(self.module.__dict__.get("forward"), "holder", None)
+            if holder is not None:  # a Sequential running its owner's DropBlocks: fx would not find them
+                raise SurgeryError(self._lost(f"; its DropBlocks are held by the module that calls it "
+                                              f"({type(holder).__name__}): trace that one"))
+            if not isinstance(tracer, fx.Tracer) or tracer.root is not self.module:
+                raise SurgeryError(self._lost())
+            _trace_installed(tracer, self.module)
         if self.original is not None:
             return self.original()
         return type(self.module)._get_name(self.module)
+
+    def _lost(self, why: str = "") -> str:
+        cls = type(self.module).__name__
+        return (f"torch.fx traces {cls}.forward, the class's forward, of the module it is given ({self.name!r}), "
+                f"not the forward dropblock_inject installed on it, so its {len(self.points)} DropBlock(s) "
+                f"({', '.join(self.points[:4])}{', ...' if len(self.points) > 4 else ''}) would be missing from "
+                f"this training-mode graph{why}. Trace in eval mode (the eval graph is the original code, exact) or "
+                f"after dropblock_inject.strip(model), or inject into the fx module itself "
+                f"(dbi.inject(create_feature_extractor(plain_model, ...), recipe))")
+
+
+RefuseRootTrace = TraceInstalledForward  # the name models pickled before the redirection refer to
+
+
+def _trace_installed(tracer: fx.Tracer, module: nn.Module) -> None:
+    """Make ``tracer``'s next ``create_args_for_root`` call, for ``type(module).forward``, trace the forward
+    installed on ``module`` instead (once: the instance attribute removes itself)."""
+    cls_forward = type(module).forward
+
+    @functools.wraps(cls_forward)  # fx reads the arguments' names through __wrapped__
+    def installed(root: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return root.forward(*args, **kwargs)
+
+    def create_args_for_root(root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> Any:
+        del tracer.create_args_for_root
+        return tracer.create_args_for_root(installed if root_fn is cls_forward else root_fn, is_module,
+                                           concrete_args)
+
+    tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
 
 
 def injected_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:

@@ -4,7 +4,7 @@
 Each rewritten scope gets a ``dropblocks`` ``ModuleDict`` holding its DropBlock modules (one per point, keyed by
 the node it follows), and each module whose graph calls them an instance ``forward``
 (:class:`~.forward.InjectedForward`), an instance ``__prepare_scriptable__`` refusing TorchScript and an instance
-``_get_name`` refusing an fx trace that would lose its DropBlocks (:class:`~.forward.RefuseRootTrace`): the scope
+``_get_name`` making an fx trace of it trace that forward (:class:`~.forward.TraceInstalledForward`): the scope
 itself, or the plain Sequentials that run the top module's points (:mod:`.sequentials`). ``strip`` deletes
 exactly these (putting back what was there), so the original objects remain. A container (``Sequential``,
 ``ModuleList``, ``ModuleDict``) never holds DropBlocks: its forward runs every child it has.
@@ -25,7 +25,7 @@ from ..recipe import RecipeLike, ScheduleConfig, load_recipe
 from .analyze import Candidate, Scope
 from .checkpointing import calls_checkpoint, combinations, variant_flags
 from .kinds import is_container
-from .forward import InjectedForward, RefuseRootTrace, RefuseScripting, check_not_injected, injected_modules
+from .forward import InjectedForward, TraceInstalledForward, RefuseScripting, check_not_injected, injected_modules
 from .select import InsertionPoint, build_plan
 from .sequentials import HOLDER, delegate
 from .sites import Site, insert
@@ -198,7 +198,8 @@ def _install(i: _Install, container: nn.ModuleDict) -> None:
     keys = {str(n.target).rpartition(".")[2] for n in i.graph.find_nodes(op="call_module")}
     runs = [db for key, db in container.items() if key in keys]
     points = tuple(f"{'shortcut of' if db.point.kind == 'shortcut' else 'after'} {db.point.after}" for db in runs)
-    module.__dict__["_get_name"] = RefuseRootTrace(module, i.path or "<root>", points, module.__dict__.get("_get_name"))
+    module.__dict__["_get_name"] = TraceInstalledForward(module, i.path or "<root>", points,
+                                                         module.__dict__.get("_get_name"))
 
 
 def _remove_guard(module: nn.Module, name: str, guard_type: type) -> None:
@@ -216,7 +217,7 @@ def _undo(module: nn.Module) -> None:
     on it and on the module holding its DropBlocks."""
     holders = [module]
     if isinstance(module.__dict__.get("forward"), InjectedForward):
-        _remove_guard(module, "_get_name", RefuseRootTrace)
+        _remove_guard(module, "_get_name", TraceInstalledForward)
         _remove_guard(module, "__prepare_scriptable__", RefuseScripting)
         fwd = module.__dict__.pop("forward")
         if fwd.original is not None:
