@@ -140,3 +140,18 @@ def test_check_requires_shortcut_and_branch_points_of_residual_blocks():
     branch_only = {"name": "b", "dropblock": {"block_size": 7, "keep_prob": 0.9},
                    "rules": [{"name": "s", "stride": [16, 32], "after": ["unit"]}]}
     assert missing_points(model, [p for p in points if p.kind == "branch"], branch_only, log) == ""
+
+
+def test_check_requires_the_whole_model_fx_graph_to_hold_every_dropblock(monkeypatch):
+    """Where fx traces the plain model, the injected model's training graph must hold every DropBlock: here
+    the fx redirection to the installed forward is switched off, so timm EfficientNet's point after bn2 (in
+    its top module's own code) goes missing from the graph, and the check says so."""
+    import timm
+
+    from dropblock_inject.surgery import forward
+
+    ctor = lambda: timm.create_model("efficientnet_b0", pretrained=False)  # noqa: E731
+    assert coverage.check_model("efficientnet_b0", ctor, library="timm").status == "ok"
+    monkeypatch.setattr(forward, "_trace_installed", lambda tracer, module: None)
+    row = coverage.check_model("efficientnet_b0", ctor, library="timm")
+    assert row.status == "fail" and "holds 39 of the 40 DropBlocks" in row.reason, row.reason

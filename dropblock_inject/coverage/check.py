@@ -13,6 +13,8 @@
   3), checked with forward pre-hooks during that train forward;
 * every residual block of groups 3/4 with branch points has a shortcut point when the recipe asks for
   shortcuts, and every shortcut point has branch points in its block (:mod:`.blocks`);
+* where fx traces the plain model whole (``torch.fx.symbolic_trace``, training mode), it traces the injected
+  model too, and its training graph holds one DropBlock call per point;
 * ``strip`` restores the module types (compared with a deep copy taken before inject) and state_dict keys.
 
 ``python -m dropblock_inject.coverage [--fast]`` sweeps torchvision's classifiers and a timm sample and
@@ -103,6 +105,20 @@ def _nested_dropblocks(model: nn.Module) -> str:
     return ""
 
 
+def _fx_traces(model: nn.Module) -> bool:
+    """Whether ``torch.fx.symbolic_trace`` traces the (plain) model whole in training mode."""
+    was = model.training
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.fx.symbolic_trace(model.train())
+    except Exception:  # noqa: BLE001 - control flow on values, shapes, ...: fx cannot, whatever we do
+        return False
+    finally:
+        model.train(was)
+    return True
+
+
 def _join(path: str, target: Any) -> str:
     return f"{path}.{target}" if path else str(target)
 
@@ -125,6 +141,7 @@ def check_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "paper_g
         stage = "reference forward"
         with torch.no_grad():
             ref = _tensors(model(x))
+        fx_whole = not detection and _fx_traces(model)
         before = copy.deepcopy(model)
         types_before = [type(m) for m in before.modules()]
         keys_before = list(before.state_dict().keys())
@@ -230,6 +247,15 @@ def check_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "paper_g
                 continue
             raise _CheckFailed(f"DropBlock at {where} ({db.point.kind}) sees stride {stride} {shape} "
                                f"(its block outputs stride {out_stride})")
+
+        stage = "whole-model fx"
+        if fx_whole:
+            graph = torch.fx.symbolic_trace(model.train()).graph
+            calls = sum(n.op == "call_function" and "drop_block" in str(n.target) for n in graph.nodes)
+            if calls != len(dbs):
+                raise _CheckFailed(f"the training graph of torch.fx.symbolic_trace holds {calls} of the {len(dbs)} "
+                                   f"DropBlocks")
+            del graph
 
         stage = "strip"
         dbi.strip(model)

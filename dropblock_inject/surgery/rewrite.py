@@ -23,13 +23,13 @@ from torch import nn
 from ..ops import DropBlock2d, DropBlock3d
 from ..recipe import RecipeLike, ScheduleConfig, load_recipe
 from .analyze import Candidate, Scope
+from .calls import Param
 from .checkpointing import calls_checkpoint, combinations, variant_flags
+from .forward import InjectedForward, RefuseScripting, TraceInstalledForward, check_not_injected, injected_modules
 from .kinds import is_container
-from .forward import InjectedForward, TraceInstalledForward, RefuseScripting, check_not_injected, injected_modules
 from .select import InsertionPoint, build_plan
 from .sequentials import HOLDER, delegate
 from .sites import Site, insert
-from .calls import Param
 from .trace import SurgeryError, trace_variant
 from .wrappers import unwrap
 
@@ -194,7 +194,8 @@ def _install(i: _Install, container: nn.ModuleDict) -> None:
     fwd = InjectedForward(module, i.graph, module.__dict__.get("forward"), f"{type(module).__name__} {i.path}",
                           i.params, i.out_spec, i.flags, i.variants, i.inplace, i.holder)
     module.forward = fwd  # type: ignore[method-assign]
-    module.__dict__["__prepare_scriptable__"] = RefuseScripting(fwd.name, module.__dict__.get("__prepare_scriptable__"))
+    module.__dict__["__prepare_scriptable__"] = RefuseScripting(fwd.name,
+                                                                module.__dict__.get("__prepare_scriptable__"))
     keys = {str(n.target).rpartition(".")[2] for n in i.graph.find_nodes(op="call_module")}
     runs = [db for key, db in container.items() if key in keys]
     points = tuple(f"{'shortcut of' if db.point.kind == 'shortcut' else 'after'} {db.point.after}" for db in runs)
