@@ -651,11 +651,12 @@ def test_backward_memory_sparse_saves_only_seeds():
     assert nbytes < 0.1 * x.numel()
 
 
-def test_backward_memory_op_saves_a_seed_not_a_mask():
-    # the registered op (compile, export, fx): a generator seed, gamma and the scale, whatever the input size
+def test_backward_memory_op_saves_the_seeds_not_a_mask():
+    # the registered op (compile, export, fx): a generator seed, gamma, the scale and one corner (8 bytes) per
+    # seed, as the eager kernel keeps: about 0.016 bytes per element here, where a bool mask would be 1
     for shape in ((16, 256, 14, 14), (4, 64, 28, 28)):
         x = torch.randn(shape, requires_grad=True)
-        assert saved_bytes(lambda t: op(t, 0.9, 7), x) <= 64
+        assert 64 < saved_bytes(lambda t: op(t, 0.9, 7), x) < 0.05 * x.numel()
 
 
 def test_backward_memory_dense_and_shared():

@@ -227,3 +227,39 @@ def test_two_calls_with_the_same_arguments_draw_two_masks(dynamo_reset):
                        fullgraph=True)
     a, b = fn(torch.ones(64, 8, 12, 12, requires_grad=True), torch.tensor(0.8))
     assert not torch.equal(a == 0, b == 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the sparse kernel keeps for backward
+
+
+@pytest.fixture
+def redraws(monkeypatch):
+    """Counts the sparse backward's redraws of the forward's seeds."""
+    from dropblock_inject.ops import _library
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return redraw(*args)
+
+    redraw = _library.redraw_corners
+    monkeypatch.setattr(_library, "redraw_corners", counted)
+    return calls
+
+
+def test_compiled_backward_reads_the_forward_corners_and_draws_no_seeds(dynamo_reset, redraws):
+    m = torch.compile(DropBlock2d(3, 0.8).train(), backend="aot_eager", fullgraph=True)
+    check_grad(m, torch.rand(4, 8, 12, 12) + 0.5)
+    check_grad(m, (torch.rand(4, 8, 12, 12) + 0.5).to(memory_format=torch.channels_last))
+    assert not redraws  # the corners rode behind the 2-value state
+
+
+def test_a_state_copied_on_its_way_to_backward_redraws_the_same_mask(redraws):
+    def op(x):
+        return OP(x, torch.tensor(0.8), 3, True, True)[0]
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):  # keeps the 2 values only
+        check_grad(op, torch.rand(4, 8, 12, 12) + 0.5)
+    assert len(redraws) == 1

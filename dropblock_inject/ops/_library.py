@@ -13,14 +13,16 @@ what backward needs, and their form depends on the kernel (see :func:`kernel_mod
 from the input's shape (a data-dependent size, such as one corner per seed, would break the graph unless
 ``capture_dynamic_output_shape_ops`` is set):
 
-* sparse: the seed of a private CPU generator and ``gamma`` (fp64, 2 values), and the scale; backward
-  draws the same seeds again from that generator (a few tens of microseconds) and rescatters the blocks;
+* sparse: the seed of a private CPU generator and ``gamma`` (fp64, 2 values), with the number of seeds and
+  the blocks' corners stored behind them in the same memory (8 bytes per seed, see ``pack_state``), and the
+  scale; backward rescatters the blocks from those corners, or, if the state reaches it copied (without
+  them), draws the same seeds again from the generator;
 * Triton: the philox seed and threshold (int64, 2 values) and the kept count;
 * broadcast: the small scaled multiplier itself;
 * dense (fallback): a ``bool`` mask and the scale.
 
 Backward is the op ``drop_block_backward``. The eager CPU modules do not go through this op: they call the
-sparse kernel directly, which keeps the corners instead (8 bytes per seed) and dispatches nothing.
+sparse kernel directly, which keeps the same corners and dispatches nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from torch import Tensor
 from . import _triton
 from ._check import _geometry
 from ._dense import apply_keep_mask, broadcast_multiplier, dense_forward, multiplier_shape
-from ._sparse import redraw_corners, seeded_generator, sparse_backward, sparse_forward
+from ._sparse import (pack_state, redraw_corners, seeded_generator, sparse_backward, sparse_forward,
+                      stored_corners)
 
 SPARSE, BROADCAST, DENSE, TRITON = "sparse", "broadcast", "dense", "triton"
 
@@ -72,8 +75,8 @@ def _forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, s
         gamma = (1.0 - float(keep_prob)) * factor
         # from torch's generator, so manual_seed holds; none at keep_prob 1 (nothing to draw, as in eager)
         seed = int(torch.randint(2**53, (), dtype=torch.int64)) if gamma > 0 else 0
-        _, applied = sparse_forward(x, gamma, block, valid, scale, out, seeded_generator(seed))
-        return out, torch.tensor([seed, gamma], dtype=torch.float64), torch.tensor(applied, dtype=torch.float64)
+        corner, applied = sparse_forward(x, gamma, block, valid, scale, out, seeded_generator(seed))
+        return out, pack_state(seed, gamma, corner), torch.tensor(applied, dtype=torch.float64)
     if x.device.type == "cpu":  # a Python float: no host sync to avoid, and bernoulli_(float) is much faster
         gamma: Tensor | float = (1.0 - float(keep_prob)) * factor
     else:  # on a device gamma stays there (no host sync)
@@ -145,8 +148,10 @@ def drop_block_backward(grad: Tensor, state: Tensor, scale: Tensor, block_size: 
         return _triton.triton_backward(grad, state, scale, block_size, per_channel, normalize)
     if mode == SPARSE:
         block, valid, _ = _clipped_geometry(tuple(grad.shape[2:]), block_size)
-        seed, gamma = state.tolist()
-        corner = redraw_corners(tuple(grad.shape), gamma, valid, tuple(stride), int(seed))
+        corner = stored_corners(state)
+        if corner is None:  # the state was copied on its way here: draw the same seeds again
+            seed, gamma = state.tolist()
+            corner = redraw_corners(tuple(grad.shape), gamma, valid, tuple(stride), int(seed))
         return sparse_backward(grad, corner, tuple(stride), block, float(scale))
     if mode == BROADCAST:
         out = torch.empty_like(grad)

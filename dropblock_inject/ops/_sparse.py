@@ -169,6 +169,50 @@ def redraw_corners(shape: tuple[int, ...], gamma: float, valid: tuple[int, ...],
     return _corners(plane, anchor, shape, valid, stride)
 
 
+def pack_state(seed: int, gamma: float, corner: Tensor) -> Tensor:
+    """The registered op's backward state: ``[seed, gamma]`` in fp64, the corners stored behind it in memory.
+
+    A compiled graph needs outputs whose size follows from the input's shape, so the state shows 2 values
+    (as before the corners were kept: graphs compiled and cached then still fit); behind them in the same
+    int64 storage lie the number of corners ``k`` and the corners, where :func:`stored_corners` reads them,
+    so backward need not draw the seeds again.
+
+    Args:
+        seed: the seed of the private generator the corners were drawn from.
+        gamma: the seed rate.
+        corner: the blocks' corners (int64), as :func:`sparse_forward` returned them.
+
+    Returns:
+        A 2-element fp64 view at the start of an int64 buffer ``[seed, gamma, k, *corners]``.
+    """
+    k = corner.numel()
+    buf = torch.empty(3 + k, dtype=torch.int64)
+    buf[3:] = corner
+    buf[:3] = torch.tensor([seed, gamma, 0], dtype=torch.float64).view(torch.int64)
+    buf[2] = k
+    return buf[:2].view(torch.float64)
+
+
+def stored_corners(state: Tensor) -> Tensor | None:
+    """The corners :func:`pack_state` put behind ``state``, or ``None`` where ``state`` no longer holds them.
+
+    A state copied on its way to backward (e.g. by a ``saved_tensors_hooks`` pack hook) is only its 2 values:
+    then ``None``, and the caller redraws the corners from the seed.
+
+    Args:
+        state: the op's backward state.
+
+    Returns:
+        The corners (int64, a view of ``state``'s storage), or ``None``.
+    """
+    storage = state.untyped_storage()
+    if state.storage_offset() != 0 or storage.nbytes() < 24:
+        return None
+    buf = torch.empty(0, dtype=torch.int64).set_(storage)
+    k = int(buf[2])
+    return buf[3:] if storage.nbytes() == (3 + k) * 8 else None
+
+
 def sparse_backward(grad: Tensor, corner: Tensor, stride: tuple[int, ...], block: tuple[int, ...],
                     scale: float) -> Tensor:
     """``grad * mask * scale``, the mask rebuilt from the corners that :func:`sparse_forward` returned.
