@@ -17,6 +17,7 @@ from torch import nn
 
 from dropblock_inject import DropBlock2d, DropBlock3d, drop_block2d, drop_block3d
 from dropblock_inject import ops
+from dropblock_inject.ops._functional import _call_op
 
 from _dropblock_stats import (TOL, assert_scaled_mask, assert_whole_blocks, clipped, drop_fraction,
                               expected_drop_fraction, stat_shape)
@@ -811,3 +812,21 @@ def test_inplace_functional_and_fallbacks():
     leaf = torch.rand(2, 4, 10, 10, requires_grad=True)  # like nn.ReLU(inplace=True) on a leaf
     with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
         DropBlock2d(3, 0.6, inplace=True)(leaf)
+
+
+@pytest.mark.parametrize(("shape", "block_size", "keep_prob"), [((2, 64, 8, 8), 7, 0.9), ((2, 32, 16, 16), 3, 0.8),
+                                                                 ((2, 8, 6, 10, 10), 3, 0.85)])
+def test_eager_module_and_registered_op_draw_the_same_mask(shape, block_size, keep_prob):
+    """Under the same torch.manual_seed the eager module (the sparse kernel called directly) and the registered
+    op (what compiled and fx-traced models call) drop the same blocks, forward and backward."""
+    db = (DropBlock3d if len(shape) == 5 else DropBlock2d)(block_size, keep_prob).train()
+    x = torch.randn(shape)
+    outs, grads = [], []
+    for call in (db, lambda t: _call_op(t, db.keep_prob_tensor, db.block_size, db.per_channel, db.scale)):
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        out = call(leaf)
+        out.backward(torch.ones_like(out))
+        outs.append(out.detach())
+        grads.append(leaf.grad)
+    assert (outs[0] == 0).any() and torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])

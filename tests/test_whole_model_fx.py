@@ -163,3 +163,20 @@ def test_the_redirection_survives_dynamo_wrapping_fx():
     torch.compile(lambda t: t + 1, backend="eager")(X)  # loads dynamo, which wraps fx's Tracer.trace
     assert hasattr(torch.fx.Tracer.trace, "__wrapped__")  # the premise: the function fx calls is wrapped
     assert _dropblock_nodes(torch.fx.symbolic_trace(_injected_efficientnet().train())) == 40
+
+
+def test_fx_and_compiled_graphs_draw_the_eager_masks():
+    """ResNet-50 with paper_generic at 64 px has per-channel masks on maps larger than the block (the sparse
+    kernel): the fx graph and a compiled model (which call the registered op) drop the same blocks as eager
+    under the same seed."""
+    model = torchvision.models.resnet50()
+    dbi.inject(model, "paper_generic")
+    set_keep(model, 0.7)
+    model.train()
+    gm = torch.fx.symbolic_trace(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.manual_seed(11)
+    expected = model(X)
+    for graph in (gm, compiled):
+        torch.manual_seed(11)
+        assert torch.equal(graph(X), expected)

@@ -247,7 +247,10 @@ class _SparseDropBlock(torch.autograd.Function):
             ctx.mark_dirty(x)
         else:
             out = torch.empty_like(x)  # x's memory format when x is dense, contiguous otherwise
-        corner, scale = sparse_forward(x, gamma, block, valid, normalize, out)
+        # the seeds come from a private generator seeded from torch's, as in the registered op, so eager,
+        # compiled and fx-traced models draw the same masks under the same torch.manual_seed
+        seed = int(torch.randint(2**53, (), dtype=torch.int64)) if gamma > 0 else 0
+        corner, scale = sparse_forward(x, gamma, block, valid, normalize, out, seeded_generator(seed))
         ctx.save_for_backward(corner)  # 8 bytes per seed
         ctx.meta = (out.stride(), block, scale)
         return out
