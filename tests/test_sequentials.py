@@ -199,11 +199,20 @@ class _Residual(_Loop):
         return self.features(x) + nn.functional.avg_pool2d(x.mean(1, keepdim=True), 4)
 
 
+class _Optional(_Loop):
+    """A top module with an optional argument: its graph is specialised to ``scale=None`` (another call pattern
+    runs the original code, with a warning), so the Sequential is not handed points the other pattern may skip."""
+
+    def forward(self, x, scale=None):
+        y = self.features(x)
+        return y if scale is None else y * scale
+
+
 RECIPE = {"rules": [{"modules": ["features"], "after": ["norm"], "shortcut": True}]}
 ALL = {"rules": [{"after": ["norm"], "shortcut": True}]}
 
 
-@pytest.mark.parametrize("cls", [_Loop, _Checkpointed, _Residual])
+@pytest.mark.parametrize("cls", [_Loop, _Checkpointed, _Residual, _Optional])
 def test_the_top_module_keeps_points_its_sequentials_would_not_run(cls):
     model = cls()
     dbi.inject(model, ALL)

@@ -30,6 +30,7 @@ from .checkpointing import hf_checkpointing_on, wraps_checkpointing
 from .outputs import unflatten_output
 from .calls import EMPTY, Param
 from .trace import SurgeryError
+from .trace import concrete_args as concrete_args_of  # (``concrete_args`` is fx's parameter name)
 
 
 def _compile_graph(graph: fx.Graph, name: str) -> Callable[..., Any]:
@@ -281,7 +282,8 @@ RefuseRootTrace = TraceInstalledForward  # the name models pickled before the re
 
 def _trace_installed(tracer: fx.Tracer, module: nn.Module) -> None:
     """Make ``tracer``'s next ``create_args_for_root`` call, for ``type(module).forward``, trace the forward
-    installed on ``module`` instead (once: the instance attribute removes itself)."""
+    installed on ``module`` instead (once: the instance attribute removes itself), with the arguments that
+    forward's graph was specialised to (``None``, constants) fixed unless the caller fixed them."""
     cls_forward = type(module).forward
 
     @functools.wraps(cls_forward)  # fx reads the arguments' names through __wrapped__
@@ -290,8 +292,11 @@ def _trace_installed(tracer: fx.Tracer, module: nn.Module) -> None:
 
     def create_args_for_root(root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> Any:
         del tracer.create_args_for_root
-        return tracer.create_args_for_root(installed if root_fn is cls_forward else root_fn, is_module,
-                                           concrete_args)
+        if root_fn is not cls_forward:
+            return tracer.create_args_for_root(root_fn, is_module, concrete_args)
+        if concrete_args is None or isinstance(concrete_args, dict):  # arguments inject's graph was specialised to
+            concrete_args = {**concrete_args_of(module.__dict__["forward"].params), **(concrete_args or {})} or None
+        return tracer.create_args_for_root(installed, is_module, concrete_args)
 
     tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
 

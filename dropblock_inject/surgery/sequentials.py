@@ -65,9 +65,10 @@ def _called_whole(scope: Scope, names: frozenset[str]) -> bool:
 
 def delegate(scope: Scope, sites: list[Site]) -> list[Delegated] | None:
     """The top module's ``sites`` grouped by the plain Sequential children that hold them, or None when the
-    top module must keep them in its own graph: it is not the top module, a Hugging Face checkpointing layer, a
-    site is a shortcut or not inside a plain Sequential child, a node cannot be matched one to one in that
-    child's own graph, or the forward does not call the child as a whole.
+    top module must keep them in its own graph: it is not the top module, a Hugging Face checkpointing layer, its
+    graph is specialised to one call pattern (``shortcut=None``, a constant argument), a site is a shortcut or
+    not inside a plain Sequential child, a node cannot be matched one to one in that child's own graph, or the
+    forward does not call the child as a whole.
 
     Args:
         scope: the analysed scope (only the top module, path ``""``, is ever delegated).
@@ -78,6 +79,8 @@ def delegate(scope: Scope, sites: list[Site]) -> list[Delegated] | None:
     """
     if scope.path != "" or wraps_checkpointing(scope.module) or not sites:
         return None
+    if scope.params is None or any(p.kind != "free" for p in scope.params):
+        return None  # traced for one call pattern: another may reach inside the Sequential (and then it warns)
     nodes = {n.name: n for n in scope.graph.nodes}
     targets = [str(n.target) for n in scope.graph.nodes if n.op == "call_module"]
     groups: dict[str, list[tuple[Site, str]]] = {}

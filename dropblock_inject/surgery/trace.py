@@ -221,6 +221,12 @@ def trace_variant(scope: nn.Module, path: str, params: tuple[Param, ...] | None,
     """The graph of ``scope`` specialised as :func:`trace_scope` did (``params``), with the checkpointing flags
     ``names`` set to ``values`` and the plain Sequentials named in ``leaves`` kept as leaves; SurgeryError if fx
     cannot trace it."""
+    return _trace(scope, path, concrete_args(params), (names, values), leaves)[0]
+
+
+def concrete_args(params: tuple[Param, ...] | None) -> dict[str, Any]:
+    """fx ``concrete_args`` tracing a forward as :func:`trace_scope` specialised it (``params``): its
+    ``None``, constant and list arguments fixed, the others free."""
     concrete: dict[str, Any] = {}
     for p in params or ():
         if p.kind == "none":
@@ -229,4 +235,4 @@ def trace_variant(scope: nn.Module, path: str, params: tuple[Param, ...] | None,
             concrete[p.name] = p.expect[0]([fx.PH] * p.expect[1])
         elif p.kind == "const":
             concrete[p.name] = p.expect
-    return _trace(scope, path, concrete, (names, values), leaves)[0]
+    return concrete
