@@ -148,10 +148,10 @@ def test_check_requires_the_whole_model_fx_graph_to_hold_every_dropblock(monkeyp
     its top module's own code) goes missing from the graph, and the check says so."""
     import timm
 
-    from dropblock_inject.surgery import forward
+    from dropblock_inject.surgery import roottrace
 
     ctor = lambda: timm.create_model("efficientnet_b0", pretrained=False)  # noqa: E731
     assert coverage.check_model("efficientnet_b0", ctor, library="timm").status == "ok"
-    monkeypatch.setattr(forward, "_trace_installed", lambda tracer, module: None)
+    monkeypatch.setattr(roottrace, "_trace_installed", lambda tracer, module: None)
     row = coverage.check_model("efficientnet_b0", ctor, library="timm")
     assert row.status == "fail" and "holds 39 of the 40 DropBlocks" in row.reason, row.reason

@@ -16,7 +16,7 @@ from dropblock_inject import surgery
 
 # the stages in data-flow order (``wrappers`` finds the network inside DataParallel, compile, EMA); ``forward`` (the runtime of an injected module) sits right after ``trace``,
 # the only stage it needs, so that ``select`` can ask whether a model is already injected
-STAGES = ["wrappers", "outputs", "checkpointing", "calls", "trace", "forward", "kinds", "example", "shapes", "analyze",
+STAGES = ["wrappers", "outputs", "checkpointing", "calls", "trace", "roottrace", "forward", "kinds", "example", "shapes", "analyze",
           "explain", "select", "sites", "sequentials", "rewrite"]
 PACKAGE = Path(surgery.__file__).parent
 OLD_PICKLE = Path(__file__).parent / "data" / "injected_smallresnet_v0_1.pt"

@@ -7,6 +7,7 @@ One ``inject`` call goes down these stages, each a module that imports only the 
 * :mod:`.checkpointing` -- gradient-checkpointing flags a scope reads, decided per call;
 * :mod:`.calls` -- how a scope is called, and how its traced graph takes those arguments;
 * :mod:`.trace` -- the training-mode fx graph of one module (a *scope*), specialised to how it is called;
+* :mod:`.roottrace` -- an fx trace of a rewritten module as the root traces its installed forward;
 * :mod:`.forward` -- the runtime of an injected module (the callable installed as its ``forward``);
 * :mod:`.kinds` -- what a module or node is: conv, norm, act, conv-norm unit, residual add, gate;
 * :mod:`.example` -- the example forward run cheaply (empty batch, meta device) with user hooks set aside;

@@ -4,7 +4,7 @@
 Each rewritten scope gets a ``dropblocks`` ``ModuleDict`` holding its DropBlock modules (one per point, keyed by
 the node it follows), and each module whose graph calls them an instance ``forward``
 (:class:`~.forward.InjectedForward`), an instance ``__prepare_scriptable__`` refusing TorchScript and an instance
-``_get_name`` making an fx trace of it trace that forward (:class:`~.forward.TraceInstalledForward`): the scope
+``_get_name`` making an fx trace of it trace that forward (:class:`~.roottrace.TraceInstalledForward`): the scope
 itself, or the plain Sequentials that run the top module's points (:mod:`.sequentials`). ``strip`` deletes
 exactly these (putting back what was there), so the original objects remain. A container (``Sequential``,
 ``ModuleList``, ``ModuleDict``) never holds DropBlocks: its forward runs every child it has.
@@ -25,8 +25,9 @@ from ..recipe import RecipeLike, ScheduleConfig, load_recipe
 from .analyze import Candidate, Scope
 from .calls import Param
 from .checkpointing import calls_checkpoint, combinations, variant_flags
-from .forward import InjectedForward, RefuseScripting, TraceInstalledForward, check_not_injected, injected_modules
+from .forward import InjectedForward, RefuseScripting, check_not_injected, injected_modules
 from .kinds import is_container
+from .roottrace import TraceInstalledForward
 from .select import InsertionPoint, build_plan
 from .sequentials import HOLDER, delegate
 from .sites import Site, insert

@@ -2,16 +2,17 @@
 children's own forwards, so that the top module need not be rewritten.
 
 fx traces the *class* forward of the module it is given (``Tracer.trace`` calls ``type(root).forward``), so a
-top module running its DropBlocks from its own rewritten graph cannot be traced whole in training mode
-(:class:`.forward.RefuseRootTrace` makes that an error). Most such points are not in the top module's own code,
-though: they are in a plain Sequential child the scope's tracer traced through (VGG's, DenseNet's, MobileNet's
-and EfficientNet's ``features``, ShuffleNet's ``conv5``). When every point of the top module is of that kind
-and its forward calls each of those Sequentials as a whole (in every gradient-checkpointing variant), each
-Sequential gets the injected forward instead: its own graph with its DropBlock calls, the same ops in the same
-order as the top module's graph would run them. The DropBlocks stay in the top module's container (a
-Sequential iterates over its children, so it must not gain one), which the Sequential's graph reaches through
-its injected forward (``self.forward.holder``). The top module's code is then untouched: its forward, an fx
-trace of the whole model and ``torch.compile`` call the Sequentials' installed forwards.
+top module running its DropBlocks from its own rewritten graph is traced whole in training mode only through the
+redirection of :mod:`.roottrace`, which relies on the order of fx's own calls. Most such points are not in the
+top module's own code, though: they are in a plain Sequential child the scope's tracer traced through (VGG's,
+DenseNet's, MobileNet's and EfficientNet's ``features``, ShuffleNet's ``conv5``). When every point of the top
+module is of that kind and its forward calls each of those Sequentials as a whole (in every
+gradient-checkpointing variant), each Sequential gets the injected forward instead: its own graph with its
+DropBlock calls, the same ops in the same order as the top module's graph would run them. The DropBlocks stay in
+the top module's container (a Sequential iterates over its children, so it must not gain one), which the
+Sequential's graph reaches through its injected forward (``self.forward.holder``). The top module's code is then
+untouched: its forward, an fx trace of the whole model and ``torch.compile`` call the Sequentials' installed
+forwards.
 """
 
 from __future__ import annotations
