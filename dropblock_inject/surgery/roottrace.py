@@ -37,7 +37,8 @@ class TraceInstalledForward:
     ``root._get_name()`` after choosing that function and before building the graph's arguments from it
     (``Tracer.create_args_for_root``); called from there in training mode, this hands that one call the
     installed forward instead, wrapped with the class forward's signature, so the arguments are the same.
-    Where the tracer cannot be found, it raises a :class:`SurgeryError` rather than let the DropBlocks go
+    Where that cannot work (the tracer is not found, or the module is a Sequential whose DropBlocks its owner
+    holds, out of the traced module's reach), it raises a :class:`SurgeryError` rather than let them go
     missing. Eval traces, and any other caller (``repr``), get the module's name as usual.
 
     Args:
