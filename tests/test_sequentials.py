@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torchvision
-from _models import X, reload, set_keep
+from _models import X, dropblock_nodes, reload, set_keep
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
@@ -16,10 +16,6 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import dropblock_inject as dbi
 from dropblock_inject.surgery import rewrite
 from dropblock_inject.surgery.forward import InjectedForward
-
-
-def _dropblock_nodes(gm: torch.fx.GraphModule) -> int:
-    return sum(n.op == "call_function" and "drop_block" in str(n.target) for n in gm.graph.nodes)
 
 
 def _build(name: str) -> nn.Module:
@@ -76,21 +72,21 @@ def test_the_whole_model_traces_in_training_mode_with_every_dropblock():
     dbi.inject(model, "paper_generic")
     set_keep(model, 0.7)
     gm = torch.fx.symbolic_trace(model.train())
-    assert _dropblock_nodes(gm) == 2
+    assert dropblock_nodes(gm) == 2
     torch.manual_seed(3)
     expected = model(X)
     torch.manual_seed(3)
     assert torch.equal(gm(X), expected)
     eval_gm = torch.fx.symbolic_trace(model.eval())
-    assert _dropblock_nodes(eval_gm) == 0 and torch.equal(eval_gm(X), model(X))
+    assert dropblock_nodes(eval_gm) == 0 and torch.equal(eval_gm(X), model(X))
 
 
 def test_create_feature_extractor_of_an_injected_mobilenet():
     model = _build("mobilenet_v2")
     dbi.inject(model, "paper_generic")
     extractor = create_feature_extractor(model, {"features.14": "s16", "features": "s32"})
-    assert _dropblock_nodes(torch.fx.GraphModule(extractor, extractor.train_graph)) == 40
-    assert _dropblock_nodes(torch.fx.GraphModule(extractor, extractor.eval_graph)) == 0
+    assert dropblock_nodes(torch.fx.GraphModule(extractor, extractor.train_graph)) == 40
+    assert dropblock_nodes(torch.fx.GraphModule(extractor, extractor.eval_graph)) == 0
     extractor.train()
     out = extractor(X)
     (out["s16"].mean() + out["s32"].mean()).backward()
@@ -220,7 +216,7 @@ def test_the_top_module_keeps_points_its_sequentials_would_not_run(cls):
     assert "forward" not in model.features.__dict__
     count = len(dbi.injected_dropblocks(model))
     assert count == (3 if cls is _Residual else 2)
-    assert _dropblock_nodes(torch.fx.symbolic_trace(model.train())) == count  # the top module's own graph
+    assert dropblock_nodes(torch.fx.symbolic_trace(model.train())) == count  # the top module's own graph
 
 
 def test_a_container_cannot_hold_dropblocks_and_says_so():

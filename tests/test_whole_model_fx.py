@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from _models import X, set_keep
+from _models import X, dropblock_nodes, set_keep
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -27,15 +27,6 @@ def _op_is_fx_visible() -> bool:
 pytestmark = pytest.mark.skipif(not _op_is_fx_visible(), reason="the DropBlock op is not fx-visible in this tree")
 
 
-def _dropblock_nodes(gm: torch.fx.GraphModule) -> int:
-    def is_dropblock(n):
-        if n.op == "call_module":
-            return isinstance(gm.get_submodule(str(n.target)), dbi.ops._DropBlockNd)
-        return n.op == "call_function" and "drop_block" in str(n.target)
-
-    return sum(map(is_dropblock, gm.graph.nodes))
-
-
 def _injected_resnet():
     model = torchvision.models.resnet18()
     dbi.inject(model, "resnet50_paper")
@@ -46,21 +37,21 @@ def _injected_resnet():
 def test_symbolic_trace_of_the_injected_model():
     model = _injected_resnet().train()
     gm = torch.fx.symbolic_trace(model)
-    assert _dropblock_nodes(gm) == 12
+    assert dropblock_nodes(gm) == 12
     torch.manual_seed(3)
     expected = model(X)
     torch.manual_seed(3)
     assert torch.equal(gm(X), expected)  # the same masks: the same ops in the same order
     eval_gm = torch.fx.symbolic_trace(model.eval())
-    assert _dropblock_nodes(eval_gm) == 0 and torch.equal(eval_gm(X), model(X))
+    assert dropblock_nodes(eval_gm) == 0 and torch.equal(eval_gm(X), model(X))
 
 
 def test_create_feature_extractor_train_and_eval_graphs():
     model = _injected_resnet()
     extractor = create_feature_extractor(model, {"layer3": "l3", "layer4": "l4"})
-    assert _dropblock_nodes(extractor.train_graph_module if hasattr(extractor, "train_graph_module") else
+    assert dropblock_nodes(extractor.train_graph_module if hasattr(extractor, "train_graph_module") else
                             torch.fx.GraphModule(extractor, extractor.train_graph)) == 12
-    assert _dropblock_nodes(torch.fx.GraphModule(extractor, extractor.eval_graph)) == 0
+    assert dropblock_nodes(torch.fx.GraphModule(extractor, extractor.eval_graph)) == 0
     feats = {}
     hook = model.layer4.register_forward_hook(lambda m, i, o: feats.setdefault("l4", o))
     model.train()
@@ -83,7 +74,7 @@ def test_timm_fx_feature_model_of_an_injected_model():
     dbi.inject(model, "resnet50_paper")
     set_keep(model, 0.7)
     features = FeatureGraphNet(model, out_indices=(3, 4)).train()
-    assert _dropblock_nodes(features.graph_module) == 12
+    assert dropblock_nodes(features.graph_module) == 12
     out = features(X)
     assert [tuple(t.shape) for t in out] == [(2, 256, 4, 4), (2, 512, 2, 2)]
     out[-1].sum().backward()
@@ -108,16 +99,16 @@ def test_fx_trace_of_a_rewritten_top_module_holds_its_own_dropblocks():
     before = dict(model.__dict__)
     tracer = torch.fx.Tracer()
     gm = torch.fx.GraphModule(model, tracer.trace(model.train()))
-    assert _dropblock_nodes(gm) == 40 and "create_args_for_root" not in tracer.__dict__
+    assert dropblock_nodes(gm) == 40 and "create_args_for_root" not in tracer.__dict__
     torch.manual_seed(2)
     expected = model(X)
     torch.manual_seed(2)
     assert torch.equal(gm(X), expected)
     plain = timm.create_model("resnet18", pretrained=False).train()
-    assert _dropblock_nodes(torch.fx.GraphModule(plain, tracer.trace(plain))) == 0  # the tracer is left as it was
+    assert dropblock_nodes(torch.fx.GraphModule(plain, tracer.trace(plain))) == 0  # the tracer is left as it was
     extractor = create_feature_extractor(model, {"blocks.5": "f", "bn2": "head"})
-    assert _dropblock_nodes(torch.fx.GraphModule(extractor, extractor.train_graph)) == 40
-    assert _dropblock_nodes(torch.fx.GraphModule(extractor, extractor.eval_graph)) == 0
+    assert dropblock_nodes(torch.fx.GraphModule(extractor, extractor.train_graph)) == 40
+    assert dropblock_nodes(torch.fx.GraphModule(extractor, extractor.eval_graph)) == 0
     assert model.__dict__.keys() == before.keys() and all(model.__dict__[k] is v for k, v in before.items())
     model.eval()  # the eval graph is the original code
     stripped = dbi.strip(copy.deepcopy(model))
@@ -129,14 +120,14 @@ def test_a_rewritten_block_traced_as_the_root_holds_its_dropblocks():
     model = _injected_resnet().train()
     block = model.layer3[0]
     gm = torch.fx.symbolic_trace(block)
-    assert _dropblock_nodes(gm) == 3  # after bn1, after bn2, on the shortcut
+    assert dropblock_nodes(gm) == 3  # after bn1, after bn2, on the shortcut
     x = torch.randn(2, 128, 8, 8)
     torch.manual_seed(1)
     expected = block(x)
     torch.manual_seed(1)
     assert torch.equal(gm(x), expected)
     gm = torch.fx.symbolic_trace(model.layer3)  # a plain Sequential: its blocks' installed forwards are traced
-    assert _dropblock_nodes(gm) == 6
+    assert dropblock_nodes(gm) == 6
 
 
 def test_strip_restores_an_instance_get_name_and_the_fx_first_route_works():
@@ -145,7 +136,7 @@ def test_strip_restores_an_instance_get_name_and_the_fx_first_route_works():
     model._get_name = named
     dbi.inject(model, "paper_generic")
     assert repr(model).startswith("MyNet(")
-    assert _dropblock_nodes(torch.fx.symbolic_trace(model.train())) == 40
+    assert dropblock_nodes(torch.fx.symbolic_trace(model.train())) == 40
     dbi.strip(model)
     assert model.__dict__["_get_name"] is named
     del model._get_name
@@ -162,7 +153,7 @@ def test_strip_restores_an_instance_get_name_and_the_fx_first_route_works():
 def test_the_redirection_survives_dynamo_wrapping_fx():
     torch.compile(lambda t: t + 1, backend="eager")(X)  # loads dynamo, which wraps fx's Tracer.trace
     assert hasattr(torch.fx.Tracer.trace, "__wrapped__")  # the premise: the function fx calls is wrapped
-    assert _dropblock_nodes(torch.fx.symbolic_trace(_injected_efficientnet().train())) == 40
+    assert dropblock_nodes(torch.fx.symbolic_trace(_injected_efficientnet().train())) == 40
 
 
 def test_fx_and_compiled_graphs_draw_the_eager_masks():

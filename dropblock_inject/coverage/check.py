@@ -88,17 +88,15 @@ def _nested_dropblocks(model: nn.Module) -> str:
     """A DropBlock placed right after a module call whose module holds DropBlocks of its own (the same map
     dropped twice, e.g. after a conv-norm module and inside it); empty if there is none."""
     forwards = {name: m.forward for name, m in model.named_modules() if hasattr(m.__dict__.get("forward"), "graph")}
-    scopes = {name: fwd.graph for name, fwd in forwards.items()}
-    for outer, graph in scopes.items():
-        for node in graph.nodes:
-            if node.op != "call_module" or not isinstance(forwards[outer].called_module(str(node.target)),
-                                                          _DropBlockNd):
+    for outer, fwd in forwards.items():
+        for node in fwd.graph.nodes:
+            if node.op != "call_module" or not isinstance(fwd.called_module(str(node.target)), _DropBlockNd):
                 continue
             src = node.args[0]
             if getattr(src, "op", None) != "call_module":
                 continue
             called = _join(outer, src.target)
-            inner = [s for s in scopes if s == called or s.startswith(called + ".")]
+            inner = [s for s in forwards if s == called or s.startswith(called + ".")]
             if inner:
                 return (f"DropBlock after {outer or '<root>'}:{src.name} follows module {called!r}, which holds "
                         f"DropBlocks of its own (in {inner[0]!r})")

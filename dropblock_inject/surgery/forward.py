@@ -132,9 +132,8 @@ class InjectedForward:
 
     def _allow_inplace(self) -> None:
         if self._producers is None:
-            get = self.module.get_submodule
-            self._producers = [((self.module if self.holder is None else self.holder).get_submodule(db),
-                                get(producer))
+            holder = self.module if self.holder is None else self.holder
+            self._producers = [(holder.get_submodule(db), self.module.get_submodule(producer))
                                for db, producer in self.inplace]
         for db, producer in self._producers:
             allowed = not _observed(producer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch.fx as fx
@@ -106,7 +107,7 @@ def _dropblocks(points: list[tuple[Candidate, InsertionPoint]], scope: Scope, sc
 
 
 def _inplace(graph: fx.Graph, sources: dict[str, str], writable: set[str], name: str,
-             container: nn.ModuleDict) -> tuple[tuple[str, str], ...]:
+             container: Mapping[str, nn.Module]) -> tuple[tuple[str, str], ...]:
     """(DropBlock path from its holder, path of the module producing its input) of those that may work in
     place; the DropBlocks' flags set to match, until a call finds a hook on the producer."""
     producers = {n.name: str(n.target) for n in graph.nodes if n.op == "call_module"}
@@ -126,7 +127,7 @@ def _rewrite(scope: Scope, points: list[tuple[Candidate, InsertionPoint]], sched
         for d in delegated:
             graph, writable = insert(d.graph, d.sites, f"{HOLDER}.{name}", d.module)
             inplace = _inplace(graph, {s.key: s.source for s in d.sites}, writable, name,
-                               nn.ModuleDict({s.key: container[s.key] for s in d.sites}))
+                               {s.key: container[s.key] for s in d.sites})
             installs.append(_Install(d.module, d.name, graph, None, None, (), {}, inplace, scope.module))
         return container, installs
     graph, writable = insert(scope.graph, sites, name, scope.module)
