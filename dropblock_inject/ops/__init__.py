@@ -15,13 +15,15 @@ authors' TensorFlow code (``tensorflow/tpu``, ``resnet_model.py``):
 
 Layout: ``_check`` (arguments, geometry), ``_sparse`` (the CPU kernel), ``_dense`` (broadcast masks and the
 generic fallback), ``_triton`` (the fused accelerator kernel), ``_library`` (the registered operator
-``torch.ops.dropblock_inject.drop_block``, which compile, export and fx see as one node), ``_functional``
+``torch.ops.dropblock_inject.drop_block``, which export and fx see as one node), ``_mask_op`` (the mask op
+compiled graphs call, with the product left to inductor), ``_functional``
 and ``_modules`` (the public API). Eager CPU calls the sparse kernel directly, without operator dispatch.
 """
 
-from ._check import _check_block_size, _check_input, _check_keep_prob, _contiguous_strides, _geometry, seed_rate
+from ._check import (_check_block_size, _check_input, _check_keep_prob, _contiguous_strides, _fills_its_memory,
+                     _geometry, seed_rate)
 from ._dense import _ApplyKeepMask, _dense_block_counts, _normalizer
-from ._functional import _drop_block, _fills_its_memory, drop_block2d, drop_block3d
+from ._functional import _drop_block, drop_block2d, drop_block3d
 from ._library import drop_block, drop_block_backward, kernel_mode
 from ._modules import DropBlock2d, DropBlock3d, _DropBlockNd
 from ._sparse import _LANES, _SMALL_MAP, _count_dropped, _fill_blocks, _flat, _grid, _sample_seeds, _SparseDropBlock

@@ -6,6 +6,7 @@ import functools
 import math
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -66,3 +67,16 @@ def seed_rate(keep_prob: float, spatial: Sequence[int], block_size: int) -> floa
 def _contiguous_strides(spatial: tuple[int, ...]) -> tuple[int, ...]:
     """Strides of a contiguous map of size ``spatial`` (looked up twice per sparse call, computed once)."""
     return tuple(math.prod(spatial[i + 1:]) for i in range(len(spatial)))
+
+
+def _fills_its_memory(x: Tensor) -> bool:
+    """Whether x's elements fill its memory exactly (any permutation of the dimensions)."""
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4
+                                                   else torch.channels_last_3d)
+
+
+def _layout_strides(x: Tensor) -> tuple[int, ...]:
+    """x's strides where its elements fill its memory, else contiguous ones (``torch.empty_like``'s rule)."""
+    if _fills_its_memory(x):
+        return tuple(x.stride())
+    return tuple(math.prod(x.shape[i + 1:]) for i in range(x.dim()))

@@ -42,25 +42,36 @@ def _normalizer(kept: Tensor, numel: int) -> Tensor:
     return torch.where(kept > 0, torch.full_like(kept, numel).div_(kept.clamp_min(1.0)), 0.0)
 
 
-def dense_forward(x: Tensor, gamma: Tensor | float, block: tuple[int, ...], valid: tuple[int, ...],
-                  normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``x * keep * scale`` with a per-channel ``bool`` mask built densely (no host sync).
+def dense_keep_mask(x: Tensor, gamma: Tensor | float, block: tuple[int, ...], valid: tuple[int, ...],
+                    normalize: bool) -> tuple[Tensor, Tensor]:
+    """A per-channel ``bool`` keep mask built densely (no host sync), and its scale.
 
     Args:
-        x: the input ``(N, C, *spatial)``.
+        x: the input ``(N, C, *spatial)`` (only its shape and device are read).
         gamma: the seed rate, a float or a 0-d tensor on x's device.
         block: the clipped block.
         valid: the valid seed region.
-        normalize: scale by ``numel / kept``.
+        normalize: scale by ``numel / kept``; otherwise the scale is 1.
 
     Returns:
-        The output (laid out as ``torch.empty_like(x)``), the ``bool`` keep mask and the fp32 0-d scale.
+        The contiguous ``bool`` mask of x's shape and the fp32 0-d scale, both on x's device.
     """
     keep = _dense_block_counts(x.shape, block, valid, gamma, x.device) == 0
     if normalize:
         scale = _normalizer(keep.sum(dtype=torch.float32), keep.numel())
     else:
         scale = torch.ones((), dtype=torch.float32, device=x.device)
+    return keep, scale
+
+
+def dense_forward(x: Tensor, gamma: Tensor | float, block: tuple[int, ...], valid: tuple[int, ...],
+                  normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``x * keep * scale`` with the mask of :func:`dense_keep_mask`.
+
+    Returns:
+        The output (laid out as ``torch.empty_like(x)``), the ``bool`` keep mask and the fp32 0-d scale.
+    """
+    keep, scale = dense_keep_mask(x, gamma, block, valid, normalize)
     return apply_keep_mask(x, keep, scale), keep, scale
 
 

@@ -5,16 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._check import _check_block_size, _check_input, _check_keep_prob, _geometry
-from . import _library  # noqa: F401  (registers torch.ops.dropblock_inject)
-from ._dense import _ApplyKeepMask, _dense_block_counts, _normalizer, broadcast_multiplier
+from ._check import _check_block_size, _check_input, _check_keep_prob, _fills_its_memory, _geometry
+from . import _library, _triton  # noqa: F401  (_library registers torch.ops.dropblock_inject)
+from ._mask_op import masked
+from ._dense import _ApplyKeepMask, broadcast_multiplier, dense_keep_mask
 from ._sparse import _SparseDropBlock
-
-
-def _fills_its_memory(x: Tensor) -> bool:
-    """Whether x's elements fill its memory exactly (any permutation of the dimensions)."""
-    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4
-                                                   else torch.channels_last_3d)
 
 
 def _drop_block(x: Tensor, keep_prob: float, block_size: int, per_channel: bool, scale: bool, dense: bool,
@@ -31,21 +26,24 @@ def _drop_block(x: Tensor, keep_prob: float, block_size: int, per_channel: bool,
     if per_channel and not whole_map:
         if not dense:
             return _SparseDropBlock.apply(x, float(gamma), block, valid, scale, inplace and _fills_its_memory(x))
-        keep = _dense_block_counts(x.shape, block, valid, gamma, x.device) == 0
-        if scale:
-            factor_t = _normalizer(keep.sum(dtype=torch.float32), keep.numel())
-        else:
-            factor_t = torch.ones((), dtype=torch.float32, device=x.device)
+        keep, factor_t = dense_keep_mask(x, gamma, block, valid, scale)
         return _ApplyKeepMask.apply(x, keep, factor_t)
     multiplier = broadcast_multiplier(x, gamma, block, valid, per_channel, scale)
     return x.mul_(multiplier) if inplace else x * multiplier
 
 
 def _call_op(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool) -> Tensor:
-    """``torch.ops.dropblock_inject.drop_block``, or its node when ``x`` is an fx ``Proxy``."""
+    """``torch.ops.dropblock_inject.drop_block``, or its node when ``x`` is an fx ``Proxy``.
+
+    Under ``torch.compile`` (not ``torch.export``), except for the fused Triton kernel: the mask op and a
+    product the compiler fuses with its neighbours (see ``_mask_op``).
+    """
     op = torch.ops.dropblock_inject.drop_block.default
     if isinstance(x, torch.fx.Proxy):  # symbolic_trace: one call_function node (a tensor: a get_attr)
         return x.tracer.create_proxy("call_function", op, (x, keep_prob, block_size, per_channel, scale), {})[0]
+    if (torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and not (x.device.type == "cuda" and _triton.AVAILABLE)):
+        return masked(x, keep_prob, block_size, per_channel, scale)
     return op(x, keep_prob, block_size, per_channel, scale)[0]
 
 

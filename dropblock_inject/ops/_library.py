@@ -1,7 +1,8 @@
 """DropBlock as a registered torch operator, ``torch.ops.dropblock_inject.drop_block``.
 
-One op for eager, ``torch.compile`` (``fullgraph=True``), ``torch.fx`` and ``torch.export``: compiled graphs
-and exported programs hold one call to it, which runs the fast kernel of the input's device:
+One op for eager, ``torch.fx`` and ``torch.export`` (exported programs and traced graphs hold one call to it),
+and for ``torch.compile`` on CUDA with Triton; elsewhere compiled graphs call ``drop_block_mask`` and multiply
+in arithmetic inductor fuses (see ``_mask_op``). The op runs the fast kernel of the input's device:
 
 * CPU: the sparse kernel (per-channel masks) or the small broadcast multiplier (shared masks, whole maps);
 * CUDA: the fused Triton kernel, or the dense kernels when Triton is absent;

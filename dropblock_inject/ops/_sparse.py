@@ -63,7 +63,7 @@ def _grid(extent: tuple[int, ...], strides: tuple[int, ...], device: torch.devic
 
 
 def _fill_blocks(flat: Tensor, corner: Tensor, block: tuple[int, ...], strides: tuple[int, ...],
-                 value: float) -> None:
+                 value: float | bool) -> None:
     """Writes ``value`` over the ``block``-sized block whose first cell is ``flat[c]``, for every ``c`` in ``corner``.
 
     ``strides`` are the map's spatial strides within ``flat``. The blocks are slices of one overlapping strided
@@ -112,8 +112,6 @@ def _flat(t: Tensor) -> Tensor:
     return t.as_strided((t.numel(),), (1,))
 
 
-
-
 def _corners(plane: Tensor, anchor: Tensor, shape: tuple[int, ...], valid: tuple[int, ...],
              stride: tuple[int, ...], offset: Tensor | None = None) -> Tensor:
     """The blocks' first cells as offsets into a tensor of ``shape`` and ``stride`` (consumes ``plane``)."""
@@ -125,6 +123,22 @@ def _corners(plane: Tensor, anchor: Tensor, shape: tuple[int, ...], valid: tuple
     if stride_n == c * stride_c:  # contiguous, or any layout keeping the planes in order
         return offset.add_(plane, alpha=stride_c)
     return offset.add_(plane // c, alpha=stride_n).add_(plane.remainder_(c), alpha=stride_c)
+
+
+def _draw_blocks(shape: tuple[int, ...], gamma: float, block: tuple[int, ...], valid: tuple[int, ...],
+                 normalize: bool, device: torch.device,
+                 generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The seeds of one call: their planes, anchors and corner offsets within a contiguous plane, and the
+    scale ``numel / kept`` (1 when not ``normalize``)."""
+    n, c, *spatial = shape
+    plane, anchor = _sample_seeds(n * c, math.prod(valid), gamma, device, generator)
+    offset = _grid(valid, _contiguous_strides(tuple(spatial)), device).index_select(0, anchor)
+    scale = 1.0
+    if normalize:
+        numel = math.prod(shape)
+        dropped = _count_dropped(plane, offset, n * c, tuple(spatial), block)
+        scale = numel / max(numel - dropped, 1)
+    return plane, anchor, offset, scale
 
 
 def sparse_forward(x: Tensor, gamma: float, block: tuple[int, ...], valid: tuple[int, ...], normalize: bool,
@@ -143,22 +157,42 @@ def sparse_forward(x: Tensor, gamma: float, block: tuple[int, ...], valid: tuple
     Returns:
         The blocks' corners as offsets into ``out``'s memory (int64, one per seed), and the scale applied.
     """
-    n, c, *spatial = x.shape
-    plane, anchor = _sample_seeds(n * c, math.prod(valid), gamma, x.device, generator)
-    contiguous = _contiguous_strides(tuple(spatial))
-    offset = _grid(valid, contiguous, x.device).index_select(0, anchor)  # block corner within its plane
-    numel = x.numel()
-    scale = 1.0
-    if normalize:
-        dropped = _count_dropped(plane, offset, n * c, tuple(spatial), block)
-        scale = numel / max(numel - dropped, 1)
-    corner = _corners(plane, anchor, tuple(x.shape), valid, tuple(out.stride()), offset)
+    shape = tuple(x.shape)
+    plane, anchor, offset, scale = _draw_blocks(shape, gamma, block, valid, normalize, x.device, generator)
+    corner = _corners(plane, anchor, shape, valid, tuple(out.stride()), offset)
     if out is x:
         x.mul_(scale)
     else:
         torch.mul(x, scale, out=out)
     _fill_blocks(_flat(out), corner, block, tuple(out.stride()[2:]), 0.0)
     return corner, scale
+
+
+def sparse_keep_mask(shape: tuple[int, ...], stride: tuple[int, ...], gamma: float, block: tuple[int, ...],
+                     valid: tuple[int, ...], normalize: bool,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, float]:
+    """The mask :func:`sparse_forward` applies, as a CPU ``bool`` tensor of ``shape`` and ``stride``.
+
+    The same draws as :func:`sparse_forward` from the same generator state, so the same blocks.
+
+    Args:
+        shape: the input's shape ``(N, C, *spatial)``.
+        stride: the mask's strides (non-overlapping and dense, e.g. the input's).
+        gamma: the seed rate.
+        block: the clipped block.
+        valid: the valid seed region.
+        normalize: compute the scale ``numel / kept``; otherwise it is 1.
+        generator: where the seeds are drawn from (default: torch's global generator).
+
+    Returns:
+        The keep mask (``False`` in the dropped blocks) and the scale.
+    """
+    device = torch.device("cpu")
+    plane, anchor, offset, scale = _draw_blocks(shape, gamma, block, valid, normalize, device, generator)
+    keep = torch.empty_strided(shape, stride, dtype=torch.bool).fill_(True)
+    corner = _corners(plane, anchor, shape, valid, stride, offset)
+    _fill_blocks(_flat(keep), corner, block, stride[2:], False)
+    return keep, scale
 
 
 def redraw_corners(shape: tuple[int, ...], gamma: float, valid: tuple[int, ...], stride: tuple[int, ...],

@@ -1,0 +1,66 @@
+"""An inductor graph pass: every ``drop_block_mask`` call moved up to just after the nodes it reads.
+
+A mask op reads only ``keep_prob`` (a graph input) and sizes, but dynamo records it where the DropBlock
+runs, after the BatchNorm that feeds it. There the extern call sits between the BatchNorm's statistics and
+its normalisation, and inductor makes two kernels of what is one without DropBlock (statistics,
+normalisation, mask product and ReLU in one loop nest): one more pass over the activation per DropBlock.
+Moved up next to its inputs (the graph's inputs, in practice), it splits nothing. The mask ops keep their
+order, so they draw from torch's generator in the order the eager model does.
+
+The pass is added to ``torch._inductor.config.post_grad_custom_pre_pass`` (beside any pass already set
+there) the first time a mask op is traced. It leaves graphs without the op as they are, and it has a
+``uuid``, so inductor's FX graph cache keeps working.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._inductor import config
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+
+def hoist_mask_ops(graph: torch.fx.Graph) -> int:
+    """Moves every ``drop_block_mask`` node up to just after the last node it reads, keeping their order.
+
+    Args:
+        graph: a graph, changed in place.
+
+    Returns:
+        The number of nodes moved.
+    """
+    target = torch.ops.dropblock_inject.drop_block_mask.default
+    masks = [n for n in graph.nodes if n.op == "call_function" and n.target is target]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    cursor = placeholders[-1] if placeholders else None  # after the inputs, and after the previous mask op
+    moved = 0
+    for node in masks:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        reads = [*node.all_input_nodes, *([cursor] if cursor is not None else [])]
+        if reads:
+            anchor = max(reads, key=order.__getitem__)
+            if anchor.next is not node:
+                anchor.append(node)
+                moved += 1
+        elif node.prev.op != "root":  # reads no node at all: first
+            next(iter(graph.nodes)).prepend(node)
+            moved += 1
+        cursor = node
+    return moved
+
+
+class HoistMaskOps(CustomGraphPass):
+    """:func:`hoist_mask_ops` as an inductor custom graph pass."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        hoist_mask_ops(graph)
+
+    def uuid(self) -> str:
+        return "dropblock_inject.ops.hoist_mask_ops.v1"
+
+
+def install() -> None:
+    """Adds :class:`HoistMaskOps` to inductor's post-grad passes, once, beside any pass already there."""
+    current = config.post_grad_custom_pre_pass
+    passes = tuple(current) if isinstance(current, (list, tuple)) else (() if current is None else (current,))
+    if not any(isinstance(p, HoistMaskOps) for p in passes):
+        config.post_grad_custom_pre_pass = [*passes, HoistMaskOps()] if passes else HoistMaskOps()

@@ -1,0 +1,127 @@
+"""DropBlock under ``torch.compile``: the mask is a registered op, the multiply is left to the compiler.
+
+``torch.ops.dropblock_inject.drop_block`` is opaque to inductor: a compiled graph must write the
+activation out before it, and the op reads it and writes a new one, in forward and again in backward. At
+ResNet-50 scale that alone costs ~5% of a compiled train step, whatever the op computes. So a compiled
+graph (``torch.compile``, not ``torch.export``, which keeps the one op) calls ``drop_block_mask`` instead,
+which only draws the mask, and multiplies by it in plain arithmetic, ``x * keep * scale``. Inductor fuses that
+product into the kernel that produces ``x`` (a BatchNorm's normalisation, the ReLU after it) and into the
+backward kernels, and autograd saves the ``bool`` mask for backward: 1 byte per element.
+
+The mask is the one the fused op would apply: the same kernel picks the same seeds from the same random
+numbers (the sparse CPU kernel from a private generator seeded by torch's), so eager, fx-traced, exported
+and compiled models drop the same blocks under the same ``torch.manual_seed``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._check import _layout_strides
+from ._dense import broadcast_multiplier, dense_keep_mask, multiplier_shape
+from ._library import BROADCAST, SPARSE, _clipped_geometry, kernel_mode
+from ._sparse import seeded_generator, sparse_keep_mask
+
+
+def _mode(like: Tensor, block_size: int, per_channel: bool) -> str:
+    """The fused op's kernel mode; a device kernel of its own (Triton) draws here as the dense one."""
+    mode = kernel_mode(like, block_size, per_channel)
+    return mode if mode in (SPARSE, BROADCAST) else "dense"
+
+
+def _like(shape: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A stand-in for the input, with its shape, dtype and device and no memory (what the kernels read)."""
+    return torch.empty((), dtype=dtype, device=device).expand(shape)
+
+
+# The op does not take the input itself: an input would make inductor write the activation out before the
+# call, and the product could no longer fuse with the kernel that computes the activation.
+# nondeterministic_seeded: two calls with the same arguments are two masks (no CSE, no recompute).
+@torch.library.custom_op("dropblock_inject::drop_block_mask", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
+def drop_block_mask(shape: list[int], stride: list[int], dtype: torch.dtype, device: torch.device,
+                    keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool) -> tuple[Tensor, Tensor]:
+    """The mask and scale of DropBlock for an input of ``shape``, whose product with it is DropBlock's output.
+
+    Args:
+        shape: the input's shape, ``(N, C, H, W)`` or ``(N, C, T, H, W)``.
+        stride: the input's strides (a CPU per-channel mask is laid out with them).
+        dtype: the input's dtype (that of a broadcast multiplier).
+        device: the input's device.
+        keep_prob: a one-element tensor, in [0, 1].
+        block_size: the requested block size (clipped to the map).
+        per_channel: a mask per channel, or one per sample.
+        scale: scale by ``numel(mask) / sum(mask)``; otherwise the scale is 1.
+
+    Returns:
+        ``(keep, scale)``, with ``x * keep * scale`` the output. Per-channel masks: ``keep`` is ``bool`` of
+        x's shape (with ``stride`` on CPU, contiguous elsewhere) and ``scale`` an fp32 0-d tensor. Broadcast
+        masks (shared across channels, or a block covering the whole map): ``keep`` is the small scaled
+        multiplier in ``dtype`` and ``scale`` is 1.
+    """
+    like = _like(shape, dtype, device)
+    block, valid, factor = _clipped_geometry(tuple(shape[2:]), block_size)
+    mode = _mode(like, block_size, per_channel)
+    if mode == SPARSE:
+        gamma = (1.0 - float(keep_prob)) * factor
+        # as the fused op draws: a seed from torch's generator, none at keep_prob 1 (nothing to draw)
+        seed = int(torch.randint(2**53, (), dtype=torch.int64)) if gamma > 0 else 0
+        keep, applied = sparse_keep_mask(tuple(shape), tuple(stride), gamma, block, valid, scale,
+                                         seeded_generator(seed))
+        return keep, torch.tensor(applied, dtype=torch.float32)
+    if like.device.type == "cpu":
+        gamma_t: Tensor | float = (1.0 - float(keep_prob)) * factor
+    else:  # on a device gamma stays there (no host sync)
+        gamma_t = (1.0 - keep_prob.to(device=like.device, dtype=torch.float32).reshape(())) * factor
+    if mode == BROADCAST:
+        multiplier = broadcast_multiplier(like, gamma_t, block, valid, per_channel, scale)
+        return multiplier, torch.ones((), dtype=torch.float32, device=like.device)
+    return dense_keep_mask(like, gamma_t, block, valid, scale)
+
+
+@drop_block_mask.register_fake
+def _drop_block_mask_fake(shape: list[int], stride: list[int], dtype: torch.dtype, device: torch.device,
+                          keep_prob: Tensor, block_size: int, per_channel: bool,
+                          scale: bool) -> tuple[Tensor, Tensor]:
+    from . import _hoist  # torch._inductor, imported only once something traces the op
+
+    _hoist.install()  # every compile runs this fake kernel first: inductor will move the op up (see _hoist)
+    like = _like(shape, dtype, device)
+    mode = _mode(like, block_size, per_channel)
+    scale_t = torch.empty((), dtype=torch.float32, device=device)
+    if mode == SPARSE:
+        return torch.empty_strided(shape, stride, dtype=torch.bool, device=device), scale_t
+    if mode == BROADCAST:
+        _, valid, _ = _clipped_geometry(tuple(shape[2:]), block_size)
+        return torch.empty(multiplier_shape(like, valid, per_channel), dtype=dtype, device=device), scale_t
+    return torch.empty(shape, dtype=torch.bool, device=device), scale_t
+
+
+def _mask_strides(x: Tensor) -> tuple[int, ...]:
+    """The layout of a per-channel mask for ``x``: x's own, except channels-last for a contiguous 4-D CPU
+    input, since inductor lays out CPU graphs that hold a convolution channels-last after tracing (the
+    activation the product reads is channels-last then, and a mask in another layout is read by gathers)."""
+    if x.dim() == 4 and x.device.type == "cpu" and x.is_contiguous():
+        _, c, h, w = x.shape
+        return (c * h * w, 1, w * c, c)
+    return _layout_strides(x)
+
+
+def masked(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool) -> Tensor:
+    """DropBlock as ``x * keep * scale`` with the mask of :func:`drop_block_mask` (what compiled graphs run).
+
+    Args:
+        x: the input.
+        keep_prob: a one-element tensor, in [0, 1].
+        block_size: the requested block size.
+        per_channel: a mask per channel, or one per sample.
+        scale: scale by ``numel(mask) / sum(mask)``.
+
+    Returns:
+        The output, in x's dtype; its gradient is ``grad * keep * scale`` by autograd.
+    """
+    keep, factor = drop_block_mask(list(x.shape), list(_mask_strides(x)), x.dtype, x.device, keep_prob, block_size,
+                                   per_channel, scale)
+    return x * keep * factor
+

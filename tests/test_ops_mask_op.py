@@ -1,0 +1,164 @@
+"""Compiled graphs call ``drop_block_mask`` and multiply in plain arithmetic, which inductor fuses.
+
+The fused op is opaque to inductor: a compiled graph would write the activation out before it and read it
+back after, in forward and backward. These tests pin what replaces it under ``torch.compile``: the mask op
+(the same masks as eager under the same seed), a product inductor fuses into its neighbours' kernels, and
+``torch.export`` / fx still seeing the one fused op.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+import torch
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+
+from dropblock_inject import DropBlock2d, DropBlock3d
+
+MASK_OP = torch.ops.dropblock_inject.drop_block_mask.default
+FUSED_OP = torch.ops.dropblock_inject.drop_block.default
+
+
+@pytest.fixture
+def dynamo_reset():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("per_channel, block_size, channels_last", [
+    (True, 3, False), (True, 3, True),  # the sparse mask, in the input's layout
+    (False, 3, False), (True, 20, False),  # broadcast multipliers: a shared mask, a block covering the map
+])
+def test_opcheck_schema_and_fake_kernel(per_channel, block_size, channels_last):
+    x = torch.randn(4, 8, 12, 12)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    args = (list(x.shape), list(x.stride()), x.dtype, x.device, torch.tensor(0.9), block_size, per_channel, True)
+    result = torch.library.opcheck(MASK_OP, args,
+                                   test_utils=("test_schema", "test_faketensor"))
+    assert set(result.values()) == {"SUCCESS"}
+
+
+@pytest.mark.parametrize("backend, make, shape, channels_last", [
+    ("inductor", lambda: DropBlock2d(3, 0.8), (4, 16, 12, 12), False),
+    ("inductor", lambda: DropBlock2d(3, 0.8), (4, 16, 12, 12), True),
+    ("inductor", lambda: DropBlock2d(3, 0.8, per_channel=False), (4, 16, 12, 12), False),
+    ("aot_eager", lambda: DropBlock3d(3, 0.85), (2, 8, 6, 10, 10), False),
+    ("aot_eager", lambda: DropBlock2d(20, 0.8), (4, 16, 12, 12), False),
+])
+def test_compiled_module_drops_the_eager_blocks_with_the_eager_gradient(dynamo_reset, backend, make, shape,
+                                                                        channels_last):
+    module = make().train()
+    x = torch.rand(shape) + 0.5
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for call in (module, torch.compile(module, backend=backend, fullgraph=True)):
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        out = call(leaf)
+        out.backward(grad)
+        results.append((out.detach(), leaf.grad))
+    (eager, eager_grad), (out, out_grad) = results
+    assert (eager == 0).any() and torch.equal(out, eager) and torch.equal(out_grad, eager_grad)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_compiled_graph_holds_the_mask_op_and_no_fused_op(dynamo_reset):
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), DropBlock2d(3, 0.9), nn.ReLU()).train()
+    torch.compile(m, backend=backend, fullgraph=True)(torch.randn(2, 3, 10, 10))
+    (graph,) = graphs
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    assert targets.count(MASK_OP) == 1 and FUSED_OP not in targets
+    # export keeps the one fused op (a stable node for exported programs)
+    program = torch.export.export(m, (torch.randn(2, 3, 10, 10),))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count(FUSED_OP) == 1 and MASK_OP not in targets
+
+
+def _kernels(code: list[str]) -> set[str]:
+    return {name for source in code for name in re.findall(r"\b(cpp_fused_\w+)\(", source)}
+
+
+def test_inductor_fuses_the_product_into_the_batchnorm_kernels(dynamo_reset):
+    """conv -> BN -> DropBlock -> ReLU compiles to as many generated kernels, forward and backward, as
+    conv -> BN -> ReLU: the mask product adds no pass over the activation of its own."""
+    def step_code(dropblock: bool) -> list[str]:
+        torch.manual_seed(0)
+        layers = [nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1)]
+        if dropblock:
+            layers.insert(2, DropBlock2d(3, 0.8))
+        compiled = torch.compile(nn.Sequential(*layers).train(), fullgraph=True)
+        x = torch.randn(4, 3, 14, 14, requires_grad=True)
+        _, code = run_and_get_code(lambda: compiled(x).sum().backward())
+        return code
+
+    plain, injected = step_code(False), step_code(True)
+    assert any("drop_block_mask" in c for c in injected)
+    assert not any("dropblock_inject.drop_block.default" in c for c in injected)
+    assert len(_kernels(injected)) == len(_kernels(plain)) > 0
+
+
+def test_hoisted_mask_ops_keep_their_order_beside_a_users_pass(dynamo_reset):
+    """Two DropBlocks in one graph: the pass moves both mask ops up in their order (each draws the seed the
+    eager model's DropBlock draws), and runs beside a post-grad pass the user set."""
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from dropblock_inject.ops._hoist import HoistMaskOps
+
+    run_id = str(uuid.uuid4())
+
+    class Counted(CustomGraphPass):
+        calls = 0
+
+        def __call__(self, graph):
+            Counted.calls += 1
+
+        def uuid(self):  # new in every run: a hit in inductor's on-disk cache would run no pass at all
+            return run_id
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), DropBlock2d(3, 0.8), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16), DropBlock2d(3, 0.7)).train()
+    x = torch.randn(4, 3, 16, 16)
+    with config.patch(post_grad_custom_pre_pass=Counted()):
+        compiled = torch.compile(model, fullgraph=True)
+        outs = []
+        for call in (model, compiled):
+            torch.manual_seed(3)
+            outs.append(call(x.clone().requires_grad_()))
+        passes = config.post_grad_custom_pre_pass
+    assert isinstance(passes, list) and isinstance(passes[0], Counted) and isinstance(passes[1], HoistMaskOps)
+    assert Counted.calls > 0
+    eager, out = (o.detach() for o in outs)
+    assert torch.equal(eager == 0, out == 0)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)  # BatchNorm compiled: not bitwise
+
+
+def test_hoist_moves_mask_ops_up_in_order():
+    from dropblock_inject.ops._hoist import hoist_mask_ops
+
+    graph = torch.fx.Graph()
+    x, keep_prob = graph.placeholder("x"), graph.placeholder("keep_prob")
+    y = graph.call_function(torch.relu, (x,))
+    first = graph.call_function(MASK_OP, ([2, 4, 8, 8], [256, 64, 8, 1], torch.float32, torch.device("cpu"),
+                                          keep_prob, 3, True, True))
+    z = graph.call_function(torch.relu, (y,))
+    second = graph.call_function(MASK_OP, ([2, 4, 8, 8], [256, 64, 8, 1], torch.float32, torch.device("cpu"),
+                                           keep_prob, 3, True, True))
+    graph.output((first, second, z))
+    assert hoist_mask_ops(graph) == 2
+    assert list(graph.nodes)[:5] == [x, keep_prob, first, second, y]
+    assert hoist_mask_ops(graph) == 0  # already in place
