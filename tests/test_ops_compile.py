@@ -98,7 +98,7 @@ def test_inductor_fullgraph_one_graph_for_a_keep_prob_schedule(dynamo_reset):
     assert counter.frame_count == 1
 
 
-def test_compiled_graph_holds_one_op_reading_the_buffer(dynamo_reset):
+def test_compiled_graph_holds_one_mask_op_reading_the_buffer(dynamo_reset):
     graphs: list[torch.fx.GraphModule] = []
 
     def backend(gm, inputs):

@@ -162,3 +162,37 @@ def test_hoist_moves_mask_ops_up_in_order():
     assert hoist_mask_ops(graph) == 2
     assert list(graph.nodes)[:5] == [x, keep_prob, first, second, y]
     assert hoist_mask_ops(graph) == 0  # already in place
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_checkpointed_region_backward_uses_the_forward_mask(dynamo_reset, backend):
+    """Activation checkpointing inside a compiled graph must not draw a second mask for backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.db = DropBlock2d(3, 0.8)
+
+        def forward(self, x):
+            return checkpoint(lambda t: self.db(t * 2) * 3, x, use_reentrant=False)
+
+    compiled = torch.compile(Checkpointed().train(), backend=backend, fullgraph=True)
+    x = (torch.rand(8, 16, 12, 12) + 0.5).requires_grad_()
+    y = compiled(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert (y == 0).any()
+    torch.testing.assert_close(x.grad, g * y.detach() / x.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_mask_layout_follows_inductors_layout_of_the_graph(dynamo_reset, conv):
+    """Inductor runs CPU graphs with a convolution channels-last: their masks are laid out channels-last
+    (a contiguous one would be read by gathers); a graph without one keeps the input's contiguous layout."""
+    layers = [nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), DropBlock2d(3, 0.8)] if conv else [DropBlock2d(3, 0.8)]
+    compiled = torch.compile(nn.Sequential(*layers).train(), fullgraph=True)
+    x = torch.randn(4, 3 if conv else 16, 14 if conv else 12, 14 if conv else 12, requires_grad=True)
+    _, code = run_and_get_code(lambda: compiled(x).sum().backward())
+    (strides,) = {m for c in code for m in re.findall(r"drop_block_mask\.default\(\[[\d, ]+\], (\[[\d, ]+\])", c)}
+    assert strides == ("[2304, 1, 192, 16]" if conv else "[2304, 144, 12, 1]")

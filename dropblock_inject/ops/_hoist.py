@@ -14,6 +14,8 @@ there) the first time a mask op is traced. It leaves graphs without the op as th
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch._inductor import config
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -48,14 +50,66 @@ def hoist_mask_ops(graph: torch.fx.Graph) -> int:
     return moved
 
 
+def _channels_last_graph(graph: torch.fx.Graph) -> bool:
+    """Whether inductor will lay this CPU graph out channels-last: when it holds a convolution and oneDNN
+    is on (inductor's ``GraphLowering.decide_layout_opt`` for CPU, mirrored)."""
+    if not config.layout_optimization:
+        return False
+    if config.force_layout_optimization:
+        return True
+    return (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()
+            and any(n.target is torch.ops.aten.convolution.default for n in graph.nodes))
+
+
+def channels_last_masks(graph: torch.fx.Graph) -> int:
+    """Lays every contiguous 4-D CPU mask of a graph inductor will run channels-last out channels-last.
+
+    The mask op takes its layout from the input as traced (contiguous), but inductor then runs the
+    convolutions and what follows them channels-last, and the fused product would read a contiguous mask by
+    gathers. The node's strides argument and its recorded outputs are changed together.
+
+    Args:
+        graph: a post-grad graph, changed in place.
+
+    Returns:
+        The number of masks changed.
+    """
+    target = torch.ops.dropblock_inject.drop_block_mask.default
+    masks = [n for n in graph.nodes if n.op == "call_function" and n.target is target]
+    if not masks or not _channels_last_graph(graph):
+        return 0
+    changed = 0
+    for node in masks:
+        shape, stride, _, device, *_ = node.args
+        val = node.meta.get("val")
+        if (len(shape) != 4 or torch.device(device).type != "cpu" or val is None
+                or not all(isinstance(v, int) for v in (*shape, *stride))):
+            continue
+        keep = val[0]
+        if keep.dtype != torch.bool or tuple(keep.stride()) != tuple(keep.contiguous().stride()):
+            continue  # a broadcast multiplier, or a mask already laid out otherwise
+        _, c, h, w = shape
+        channels_last = [c * h * w, 1, w * c, c]
+        node.args = (shape, channels_last, *node.args[2:])
+        with keep.fake_mode:
+            new_keep = torch.empty_strided(shape, channels_last, dtype=torch.bool, device=keep.device)
+        node.meta["val"] = (new_keep, *val[1:])
+        for user in node.users:
+            if user.target is operator.getitem and user.args[1] == 0:
+                user.meta["val"] = new_keep
+        changed += 1
+    return changed
+
+
 class HoistMaskOps(CustomGraphPass):
-    """:func:`hoist_mask_ops` as an inductor custom graph pass."""
+    """:func:`channels_last_masks` and :func:`hoist_mask_ops` as an inductor custom graph pass."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        channels_last_masks(graph)
         hoist_mask_ops(graph)
 
-    def uuid(self) -> str:
-        return "dropblock_inject.ops.hoist_mask_ops.v1"
+    def uuid(self) -> str:  # in inductor's cache keys: change it whenever the pass changes what it does
+        return "dropblock_inject.ops.hoist_mask_ops.v2"
 
 
 def install() -> None:

@@ -6,7 +6,9 @@ ResNet-50 scale that alone costs ~5% of a compiled train step, whatever the op c
 graph (``torch.compile``, not ``torch.export``, which keeps the one op) calls ``drop_block_mask`` instead,
 which only draws the mask, and multiplies by it in plain arithmetic, ``x * keep * scale``. Inductor fuses that
 product into the kernel that produces ``x`` (a BatchNorm's normalisation, the ReLU after it) and into the
-backward kernels, and autograd saves the ``bool`` mask for backward: 1 byte per element.
+backward kernels, and autograd saves the ``bool`` mask for backward: 1 byte per element. Traced where the
+DropBlock runs, the extern mask call would still split a BatchNorm's kernel in two: an inductor pass moves
+it up to the graph's inputs (``_hoist``).
 
 The mask is the one the fused op would apply: the same kernel picks the same seeds from the same random
 numbers (the sparse CPU kernel from a private generator seeded by torch's), so eager, fx-traced, exported
@@ -98,16 +100,6 @@ def _drop_block_mask_fake(shape: list[int], stride: list[int], dtype: torch.dtyp
     return torch.empty(shape, dtype=torch.bool, device=device), scale_t
 
 
-def _mask_strides(x: Tensor) -> tuple[int, ...]:
-    """The layout of a per-channel mask for ``x``: x's own, except channels-last for a contiguous 4-D CPU
-    input, since inductor lays out CPU graphs that hold a convolution channels-last after tracing (the
-    activation the product reads is channels-last then, and a mask in another layout is read by gathers)."""
-    if x.dim() == 4 and x.device.type == "cpu" and x.is_contiguous():
-        _, c, h, w = x.shape
-        return (c * h * w, 1, w * c, c)
-    return _layout_strides(x)
-
-
 def masked(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool) -> Tensor:
     """DropBlock as ``x * keep * scale`` with the mask of :func:`drop_block_mask` (what compiled graphs run).
 
@@ -121,7 +113,7 @@ def masked(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, sca
     Returns:
         The output, in x's dtype; its gradient is ``grad * keep * scale`` by autograd.
     """
-    keep, factor = drop_block_mask(list(x.shape), list(_mask_strides(x)), x.dtype, x.device, keep_prob, block_size,
+    keep, factor = drop_block_mask(list(x.shape), list(_layout_strides(x)), x.dtype, x.device, keep_prob, block_size,
                                    per_channel, scale)
     return x * keep * factor
 
