@@ -196,3 +196,17 @@ def test_mask_layout_follows_inductors_layout_of_the_graph(dynamo_reset, conv):
     _, code = run_and_get_code(lambda: compiled(x).sum().backward())
     (strides,) = {m for c in code for m in re.findall(r"drop_block_mask\.default\(\[[\d, ]+\], (\[[\d, ]+\])", c)}
     assert strides == ("[2304, 1, 192, 16]" if conv else "[2304, 144, 12, 1]")
+
+
+def test_dynamic_shapes_compile_once_and_drop_the_expected_fraction(dynamo_reset):
+    from _dropblock_stats import TOL, assert_whole_blocks, expected_drop_fraction
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(DropBlock2d(3, 0.8).train(), backend=counter, dynamic=True, fullgraph=True)
+    for n, size in ((256, 12), (192, 15)):
+        y = compiled(torch.ones(n, 8, size, size))
+        assert float((y == 0).double().mean()) == pytest.approx(expected_drop_fraction(0.8, 3, (size, size)),
+                                                                abs=TOL)
+        assert_whole_blocks(y, 3)
+    assert counter.frame_count == 1
