@@ -16,7 +16,8 @@ authors' TensorFlow code (``tensorflow/tpu``, ``resnet_model.py``):
 Layout: ``_check`` (arguments, geometry), ``_sparse`` (the CPU kernel), ``_dense`` (broadcast masks and the
 generic fallback), ``_triton`` (the fused accelerator kernel), ``_library`` (the registered operator
 ``torch.ops.dropblock_inject.drop_block``, which export and fx see as one node), ``_mask_op`` (the mask op
-compiled graphs call, with the product left to inductor), ``_functional``
+compiled graphs call, with the product left to inductor), ``_hoist`` (the inductor pass that moves the mask
+ops up and lays them out as inductor will), ``_functional``
 and ``_modules`` (the public API). Eager CPU calls the sparse kernel directly, without operator dispatch.
 """
 
