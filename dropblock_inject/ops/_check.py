@@ -79,4 +79,4 @@ def _layout_strides(x: Tensor) -> tuple[int, ...]:
     """x's strides where its elements fill its memory, else contiguous ones (``torch.empty_like``'s rule)."""
     if _fills_its_memory(x):
         return tuple(x.stride())
-    return tuple(math.prod(x.shape[i + 1:]) for i in range(x.dim()))
+    return _contiguous_strides.__wrapped__(tuple(x.shape))  # traced by dynamo, which ignores lru_cache

@@ -19,6 +19,7 @@ import operator
 import torch
 from torch._inductor import config
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.graph import GraphLowering
 
 
 def hoist_mask_ops(graph: torch.fx.Graph) -> int:
@@ -51,14 +52,10 @@ def hoist_mask_ops(graph: torch.fx.Graph) -> int:
 
 
 def _channels_last_graph(graph: torch.fx.Graph) -> bool:
-    """Whether inductor will lay this CPU graph out channels-last: when it holds a convolution and oneDNN
-    is on (inductor's ``GraphLowering.decide_layout_opt`` for CPU, mirrored)."""
-    if not config.layout_optimization:
-        return False
-    if config.force_layout_optimization:
-        return True
-    return (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()
-            and any(n.target is torch.ops.aten.convolution.default for n in graph.nodes))
+    """Whether inductor will lay this graph out channels-last (on CPU: when it holds a convolution and oneDNN
+    is on), as inductor itself decides it, after the post-grad passes."""
+    gm = graph.owning_module
+    return gm is not None and GraphLowering.decide_layout_opt(gm, is_inference=False)
 
 
 def channels_last_masks(graph: torch.fx.Graph) -> int:
@@ -109,7 +106,7 @@ class HoistMaskOps(CustomGraphPass):
         hoist_mask_ops(graph)
 
     def uuid(self) -> str:  # in inductor's cache keys: change it whenever the pass changes what it does
-        return "dropblock_inject.ops.hoist_mask_ops.v2"
+        return "dropblock_inject.ops.hoist_mask_ops.v3"
 
 
 def install() -> None:

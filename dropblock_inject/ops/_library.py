@@ -34,7 +34,7 @@ from torch import Tensor
 from . import _triton
 from ._check import _geometry
 from ._dense import apply_keep_mask, broadcast_multiplier, dense_forward, multiplier_shape
-from ._sparse import (pack_state, redraw_corners, seeded_generator, sparse_backward, sparse_forward,
+from ._sparse import (draw_seed, pack_state, redraw_corners, seeded_generator, sparse_backward, sparse_forward,
                       stored_corners)
 
 SPARSE, BROADCAST, DENSE, TRITON = "sparse", "broadcast", "dense", "triton"
@@ -66,6 +66,14 @@ def kernel_mode(x: Tensor, block_size: int, per_channel: bool) -> str:
     return SPARSE if x.device.type == "cpu" else DENSE
 
 
+def dense_seed_rate(keep_prob: Tensor, factor: float, device: torch.device) -> Tensor | float:
+    """``gamma`` for the dense and broadcast kernels: a Python float on CPU (no host sync to avoid there, and
+    ``bernoulli_(float)`` is much faster), a 0-d tensor on ``device`` elsewhere (no host sync)."""
+    if device.type == "cpu":
+        return (1.0 - float(keep_prob)) * factor
+    return (1.0 - keep_prob.to(device=device, dtype=torch.float32).reshape(())) * factor
+
+
 def _forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool,
              mode: str) -> tuple[Tensor, Tensor, Tensor]:
     block, valid, factor = _clipped_geometry(tuple(x.shape[2:]), block_size)
@@ -74,14 +82,10 @@ def _forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, s
     if mode == SPARSE:
         out = torch.empty_like(x)
         gamma = (1.0 - float(keep_prob)) * factor
-        # from torch's generator, so manual_seed holds; none at keep_prob 1 (nothing to draw, as in eager)
-        seed = int(torch.randint(2**53, (), dtype=torch.int64)) if gamma > 0 else 0
+        seed = draw_seed(gamma)
         corner, applied = sparse_forward(x, gamma, block, valid, scale, out, seeded_generator(seed))
         return out, pack_state(seed, gamma, corner), torch.tensor(applied, dtype=torch.float64)
-    if x.device.type == "cpu":  # a Python float: no host sync to avoid, and bernoulli_(float) is much faster
-        gamma: Tensor | float = (1.0 - float(keep_prob)) * factor
-    else:  # on a device gamma stays there (no host sync)
-        gamma = (1.0 - keep_prob.to(device=x.device, dtype=torch.float32).reshape(())) * factor
+    gamma = dense_seed_rate(keep_prob, factor, x.device)
     if mode == BROADCAST:
         multiplier = broadcast_multiplier(x, gamma, block, valid, per_channel, scale)  # keep_prob 1: no draw
         out = torch.empty_like(x)

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from ._check import _layout_strides
 from ._dense import broadcast_multiplier, dense_keep_mask, multiplier_shape
-from ._library import BROADCAST, SPARSE, _clipped_geometry, kernel_mode
-from ._sparse import seeded_generator, sparse_keep_mask
+from ._library import BROADCAST, SPARSE, _clipped_geometry, dense_seed_rate, kernel_mode
+from ._sparse import draw_seed, seeded_generator, sparse_keep_mask
 
 
 def _mode(like: Tensor, block_size: int, per_channel: bool) -> str:
@@ -67,15 +67,10 @@ def drop_block_mask(shape: list[int], stride: list[int], dtype: torch.dtype, dev
     mode = _mode(like, block_size, per_channel)
     if mode == SPARSE:
         gamma = (1.0 - float(keep_prob)) * factor
-        # as the fused op draws: a seed from torch's generator, none at keep_prob 1 (nothing to draw)
-        seed = int(torch.randint(2**53, (), dtype=torch.int64)) if gamma > 0 else 0
         keep, applied = sparse_keep_mask(tuple(shape), tuple(stride), gamma, block, valid, scale,
-                                         seeded_generator(seed))
+                                         seeded_generator(draw_seed(gamma)))  # as the fused op draws
         return keep, torch.tensor(applied, dtype=torch.float32)
-    if like.device.type == "cpu":
-        gamma_t: Tensor | float = (1.0 - float(keep_prob)) * factor
-    else:  # on a device gamma stays there (no host sync)
-        gamma_t = (1.0 - keep_prob.to(device=like.device, dtype=torch.float32).reshape(())) * factor
+    gamma_t = dense_seed_rate(keep_prob, factor, like.device)
     if mode == BROADCAST:
         multiplier = broadcast_multiplier(like, gamma_t, block, valid, per_channel, scale)
         return multiplier, torch.ones((), dtype=torch.float32, device=like.device)

@@ -53,6 +53,12 @@ def seeded_generator(seed: int) -> torch.Generator:
     return generator.manual_seed(seed)
 
 
+def draw_seed(gamma: float) -> int:
+    """The seed of a call's private generator, drawn from torch's (so ``torch.manual_seed`` holds); 0 with no
+    draw at ``gamma == 0`` (keep_prob 1: no random numbers, as in eager)."""
+    return int(torch.randint(2**53, (), dtype=torch.int64)) if gamma > 0 else 0
+
+
 @functools.lru_cache(maxsize=512)
 def _grid(extent: tuple[int, ...], strides: tuple[int, ...], device: torch.device) -> Tensor:
     """Offsets ``sum(i * stride)`` of every position ``i`` of a box of size ``extent``, in row-major order."""
@@ -283,7 +289,7 @@ class _SparseDropBlock(torch.autograd.Function):
             out = torch.empty_like(x)  # x's memory format when x is dense, contiguous otherwise
         # the seeds come from a private generator seeded from torch's, as in the registered op, so eager,
         # compiled and fx-traced models draw the same masks under the same torch.manual_seed
-        seed = int(torch.randint(2**53, (), dtype=torch.int64)) if gamma > 0 else 0
+        seed = draw_seed(gamma)
         corner, scale = sparse_forward(x, gamma, block, valid, normalize, out, seeded_generator(seed))
         ctx.save_for_backward(corner)  # 8 bytes per seed
         ctx.meta = (out.stride(), block, scale)
