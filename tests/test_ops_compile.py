@@ -69,9 +69,10 @@ def test_fake_kernel_describes_the_triton_state_on_cuda():
     pytest.importorskip("triton")
     with FakeTensorMode():  # no GPU needed: what compile would plan for a CUDA input
         x = torch.empty(2, 8, 14, 14, device="cuda")
-        out, state, kept = OP(x, torch.tensor(0.9, device="cuda"), 7, True, True)
+        out, state, scale = OP(x, torch.tensor(0.9, device="cuda"), 7, True, True)
     assert out.device.type == "cuda" and out.shape == x.shape
-    assert (state.shape, state.dtype, kept.shape) == ((2,), torch.int64, (1,))  # philox seed + threshold
+    assert (state.shape, state.dtype) == ((2,), torch.int64)  # philox seed + threshold
+    assert (scale.shape, scale.dtype) == ((), torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -210,3 +210,55 @@ def test_dynamic_shapes_compile_once_and_drop_the_expected_fraction(dynamo_reset
                                                                 abs=TOL)
         assert_whole_blocks(y, 3)
     assert counter.frame_count == 1
+
+
+def test_compiled_graph_on_triton_multiplies_by_the_fused_kernels_mask(dynamo_reset, monkeypatch):
+    """What a CUDA compile runs, here on CPU: both ops take their Triton branch (interpreted), and the compiled
+    model (mask op, product fused by inductor, channels-last convolution) equals the eager fused op, bitwise."""
+    pytest.importorskip("triton")
+    from dropblock_inject.ops import _library, _mask_op, _triton
+
+    interpreted = _triton.kernels(interpret=True)
+    monkeypatch.setattr(_triton, "kernels", lambda interpret=False: interpreted)
+    for module in (_library, _mask_op):
+        monkeypatch.setattr(module, "kernel_mode", lambda x, block_size, per_channel: _library.TRITON)
+
+    class Fused(nn.Module):  # the eager op, as a GPU model runs it
+        def forward(self, x):
+            return FUSED_OP(x, torch.tensor(0.8), 3, True, True)[0]
+
+    conv, bn = nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)
+    eager = nn.Sequential(conv, bn, Fused(), nn.ReLU()).train()
+    compiled = torch.compile(nn.Sequential(conv, bn, DropBlock2d(3, 0.8), nn.ReLU()).train(), fullgraph=True)
+    x = torch.randn(4, 3, 14, 14)
+    grad = torch.randn(4, 16, 12, 12, generator=torch.Generator().manual_seed(1))
+    results = []
+    for call in (eager, compiled):
+        leaf = x.clone().requires_grad_()
+        conv.weight.grad = None
+        torch.manual_seed(7)
+        out = call(leaf)
+        out.backward(grad)
+        results.append((out.detach(), leaf.grad, conv.weight.grad))
+    (eager_out, *eager_grads), (out, *grads) = results
+    blocks = (eager_out == 0) & (bn(conv(x)).relu() != 0)  # zeros the ReLU did not make
+    assert blocks.any() and torch.equal(out == 0, eager_out == 0)
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-6)  # a convolution and BatchNorm between
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_channel, block_size", [(True, 3), (False, 3), (True, 20)])
+def test_fake_kernel_describes_the_triton_mask_on_cuda(per_channel, block_size):
+    """What compile plans for a CUDA input (no GPU needed): the Triton kernels' contiguous ``bool`` mask, one
+    plane per channel or per sample, even for a block covering the map, and an fp32 scale."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    pytest.importorskip("triton")
+    with FakeTensorMode():
+        x = torch.empty(2, 8, 12, 12, device="cuda").to(memory_format=torch.channels_last)
+        keep, scale = MASK_OP(list(x.shape), list(x.stride()), x.dtype, x.device, torch.tensor(0.9, device="cuda"),
+                              block_size, per_channel, True)
+    assert keep.device.type == "cuda" and keep.dtype == torch.bool and keep.is_contiguous()
+    assert keep.shape == (2, 8 if per_channel else 1, 12, 12)
+    assert (scale.shape, scale.dtype) == ((), torch.float32)

@@ -78,12 +78,12 @@ def test_masks_independent_across_channels_and_shared_when_asked():
     assert zero.any() and torch.equal(zero, zero[:, :1].expand_as(zero))
 
 
-def test_scale_is_numel_over_kept_and_count_matches():
+def test_scale_is_numel_over_kept():
     x = torch.randn(16, 8, 11, 13)
-    y, _, kept = forward(x, 0.8, 4)
+    y, _, scale = forward(x, 0.8, 4)
     keep = y != 0
-    assert int(kept) == int(keep.sum())
-    torch.testing.assert_close(y[keep], x[keep] * (x.numel() / int(kept)))
+    assert scale.dtype == torch.float32 and float(scale) == pytest.approx(x.numel() / int(keep.sum()), rel=1e-7)
+    torch.testing.assert_close(y[keep], x[keep] * scale, rtol=0, atol=0)
     y, _, _ = forward(x, 0.8, 4, scale=False)
     torch.testing.assert_close(y[y != 0], x[y != 0])
 
@@ -97,10 +97,10 @@ def test_keep_one_is_identity_and_keep_zero_is_finite_zeros():
 
 def test_backward_rebuilds_the_mask_from_the_seed():
     x = torch.ones(8, 16, 14, 14)
-    y, state, kept = forward(x, 0.9, 7)
-    assert state.numel() == 2 and state.dtype == torch.int64 and kept.numel() == 1  # 24 bytes, no mask
+    y, state, scale = forward(x, 0.9, 7)
+    assert state.numel() == 2 and state.dtype == torch.int64 and scale.numel() == 1  # 20 bytes, no mask
     g = torch.randn_like(x)
-    grad = _triton.triton_backward(g, state, kept, 7, True, True, interpret=True)
+    grad = _triton.triton_backward(g, state, scale, 7, True, interpret=True)
     torch.testing.assert_close(grad, g * y, rtol=0, atol=0)
     # the seed threshold gamma * 2**32 lives in the state: a keep_prob changed before backward cannot matter
     assert int(state[1]) / 2**32 == pytest.approx(seed_rate(0.9, (14, 14), 7), rel=1e-6)
@@ -158,3 +158,42 @@ def test_philox_matches_the_random123_known_answer():
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if below(mid) else (mid, hi)
     assert lo == 0x6627E8D5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# triton_mask: what compiled CUDA graphs run (the mask op's CUDA kernel), the product left to inductor
+
+
+@pytest.mark.parametrize("shape, per_channel, scale, channels_last, dtype", [
+    ((4, 8, 14, 14), True, True, False, torch.float32),
+    ((4, 8, 14, 14), True, True, True, torch.float32),  # the mask stays contiguous, the product follows x
+    ((4, 8, 12, 12), False, True, False, torch.float32),  # shared: one (N, 1, H, W) mask
+    ((2, 4, 5, 8, 8), True, True, False, torch.float32),  # 3-D
+    ((4, 8, 14, 14), True, False, False, torch.float32),  # no scale: 1
+    ((4, 8, 14, 14), True, True, False, torch.bfloat16),
+])
+def test_mask_times_input_is_the_fused_kernels_output(shape, per_channel, scale, channels_last, dtype):
+    x = torch.randn(shape).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    torch.manual_seed(3)
+    fused, _, fused_scale = forward(x, 0.8, 3, per_channel, scale)
+    torch.manual_seed(3)  # the same philox seed from torch's generator: the same seeds and mask
+    keep, factor = _triton.triton_mask(list(shape), torch.tensor(0.8), 3, per_channel, scale, x.device,
+                                       interpret=True)
+    assert keep.dtype == torch.bool and keep.is_contiguous()
+    assert keep.shape == (shape[0], shape[1] if per_channel else 1, *shape[2:])
+    assert factor.shape == () and factor.dtype == torch.float32 and torch.equal(factor, fused_scale)
+    product = (x.float() * keep * factor).to(dtype)  # as inductor computes it: in fp32, rounded once
+    assert not keep.all() and torch.equal(product == 0, fused == 0)
+    if dtype == torch.float32:
+        assert torch.equal(product, fused)  # bitwise
+    else:  # the interpreter rounds fp32 to bf16 towards zero (a GPU, and inductor, to nearest): one ulp apart
+        torch.testing.assert_close(fused.float(), product.float(), rtol=2**-7, atol=0)
+    assert scale or float(factor) == 1.0
+
+
+def test_mask_of_an_empty_batch():
+    keep, factor = _triton.triton_mask([0, 8, 10, 10], torch.tensor(0.8), 3, True, True, torch.device("cpu"),
+                                       interpret=True)
+    assert keep.shape == (0, 8, 10, 10) and keep.dtype == torch.bool and factor.shape == ()

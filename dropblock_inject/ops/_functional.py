@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ._check import _check_block_size, _check_input, _check_keep_prob, _fills_its_memory, _geometry
-from . import _library, _triton  # noqa: F401  (_library registers torch.ops.dropblock_inject)
+from . import _library  # noqa: F401  (registers torch.ops.dropblock_inject)
 from ._mask_op import masked
 from ._dense import _ApplyKeepMask, broadcast_multiplier, dense_keep_mask
 from ._sparse import _SparseDropBlock
@@ -35,14 +35,13 @@ def _drop_block(x: Tensor, keep_prob: float, block_size: int, per_channel: bool,
 def _call_op(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool) -> Tensor:
     """``torch.ops.dropblock_inject.drop_block``, or its node when ``x`` is an fx ``Proxy``.
 
-    Under ``torch.compile`` (not ``torch.export``), except for the fused Triton kernel: the mask op and a
-    product the compiler fuses with its neighbours (see ``_mask_op``).
+    Under ``torch.compile`` (not ``torch.export``): the mask op and a product the compiler fuses with its
+    neighbours (see ``_mask_op``).
     """
     op = torch.ops.dropblock_inject.drop_block.default
     if isinstance(x, torch.fx.Proxy):  # symbolic_trace: one call_function node (a tensor: a get_attr)
         return x.tracer.create_proxy("call_function", op, (x, keep_prob, block_size, per_channel, scale), {})[0]
-    if (torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-            and not (x.device.type == "cuda" and _triton.AVAILABLE)):
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return masked(x, keep_prob, block_size, per_channel, scale)
     return op(x, keep_prob, block_size, per_channel, scale)[0]
 

@@ -21,6 +21,8 @@ from torch._inductor import config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.graph import GraphLowering
 
+from ._mask_op import follows_stride
+
 
 def hoist_mask_ops(graph: torch.fx.Graph) -> int:
     """Moves every ``drop_block_mask`` node up to just after the last node it reads, keeping their order.
@@ -59,7 +61,7 @@ def _channels_last_graph(graph: torch.fx.Graph) -> bool:
 
 
 def channels_last_masks(graph: torch.fx.Graph) -> int:
-    """Lays every contiguous 4-D CPU mask of a graph inductor will run channels-last out channels-last.
+    """Lays every contiguous 4-D sparse CPU mask of a graph inductor will run channels-last out channels-last.
 
     The mask op takes its layout from the input as traced (contiguous), but inductor then runs the
     convolutions and what follows them channels-last, and the fused product would read a contiguous mask by
@@ -77,11 +79,11 @@ def channels_last_masks(graph: torch.fx.Graph) -> int:
         return 0
     changed = 0
     for node in masks:
-        shape, stride, _, device, *_ = node.args
+        shape, stride, dtype, device, _, block_size, per_channel, _ = node.args
         val = node.meta.get("val")
-        if (len(shape) != 4 or torch.device(device).type != "cpu" or val is None
-                or not all(isinstance(v, int) for v in (*shape, *stride))):
-            continue
+        if (len(shape) != 4 or val is None or not all(isinstance(v, int) for v in (*shape, *stride))
+                or not follows_stride(shape, dtype, torch.device(device), block_size, per_channel)):
+            continue  # the mask is laid out by its kernel (Triton, dense, broadcast), not by ``stride``
         keep = val[0]
         if keep.dtype != torch.bool or tuple(keep.stride()) != tuple(keep.contiguous().stride()):
             continue  # a broadcast multiplier, or a mask already laid out otherwise
@@ -106,7 +108,7 @@ class HoistMaskOps(CustomGraphPass):
         hoist_mask_ops(graph)
 
     def uuid(self) -> str:  # in inductor's cache keys: change it whenever the pass changes what it does
-        return "dropblock_inject.ops.hoist_mask_ops.v3"
+        return "dropblock_inject.ops.hoist_mask_ops.v4"
 
 
 def install() -> None:

@@ -1,8 +1,8 @@
 """DropBlock as a registered torch operator, ``torch.ops.dropblock_inject.drop_block``.
 
-One op for eager, ``torch.fx`` and ``torch.export`` (exported programs and traced graphs hold one call to it),
-and for ``torch.compile`` on CUDA with Triton; elsewhere compiled graphs call ``drop_block_mask`` and multiply
-in arithmetic inductor fuses (see ``_mask_op``). The op runs the fast kernel of the input's device:
+One op for eager, ``torch.fx`` and ``torch.export`` (exported programs and traced graphs hold one call to it);
+``torch.compile`` graphs call ``drop_block_mask`` instead and multiply in arithmetic inductor fuses (see
+``_mask_op``). The op runs the fast kernel of the input's device:
 
 * CPU: the sparse kernel (per-channel masks) or the small broadcast multiplier (shared masks, whole maps);
 * CUDA: the fused Triton kernel, or the dense kernels when Triton is absent;
@@ -18,7 +18,7 @@ from the input's shape (a data-dependent size, such as one corner per seed, woul
   the blocks' corners stored behind them in the same memory (8 bytes per seed, see ``pack_state``), and the
   scale; backward rescatters the blocks from those corners, or, if the state reaches it copied (without
   them), draws the same seeds again from the generator;
-* Triton: the philox seed and threshold (int64, 2 values) and the kept count;
+* Triton: the philox seed and threshold (int64, 2 values) and the scale;
 * broadcast: the small scaled multiplier itself;
 * dense (fallback): a ``bool`` mask and the scale.
 
@@ -120,7 +120,7 @@ def _drop_block_fake(x: Tensor, keep_prob: Tensor, block_size: int, per_channel:
     mode = kernel_mode(x, block_size, per_channel)
     out = torch.empty_like(x)
     if mode == TRITON:
-        return out, x.new_empty((2,), dtype=torch.int64), x.new_empty((1,), dtype=torch.int64)
+        return out, x.new_empty((2,), dtype=torch.int64), x.new_empty((), dtype=torch.float32)
     if mode == SPARSE:
         return out, torch.empty((2,), dtype=torch.float64), torch.empty((), dtype=torch.float64)
     scale_t = x.new_empty((), dtype=torch.float32)
@@ -150,7 +150,7 @@ def drop_block_backward(grad: Tensor, state: Tensor, scale: Tensor, block_size: 
     """
     mode = kernel_mode(grad, block_size, per_channel)
     if mode == TRITON:
-        return _triton.triton_backward(grad, state, scale, block_size, per_channel, normalize)
+        return _triton.triton_backward(grad, state, scale, block_size, per_channel)
     if mode == SPARSE:
         block, valid, _ = _clipped_geometry(tuple(grad.shape[2:]), block_size)
         corner = stored_corners(state)

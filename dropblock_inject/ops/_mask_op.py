@@ -11,8 +11,9 @@ DropBlock runs, the extern mask call would still split a BatchNorm's kernel in t
 it up to the graph's inputs (``_hoist``).
 
 The mask is the one the fused op would apply: the same kernel picks the same seeds from the same random
-numbers (the sparse CPU kernel from a private generator seeded by torch's), so eager, fx-traced, exported
-and compiled models drop the same blocks under the same ``torch.manual_seed``.
+numbers (the sparse CPU kernel from a private generator seeded by torch's; on CUDA with Triton the fused
+kernel's philox seeds and keep map, without its product launch), so eager, fx-traced, exported and compiled
+models drop the same blocks under the same ``torch.manual_seed``.
 """
 
 from __future__ import annotations
@@ -22,19 +23,21 @@ from torch import Tensor
 
 from ._check import _layout_strides
 from ._dense import broadcast_multiplier, dense_keep_mask, multiplier_shape
-from ._library import BROADCAST, SPARSE, _clipped_geometry, dense_seed_rate, kernel_mode
+from ._library import BROADCAST, SPARSE, TRITON, _clipped_geometry, dense_seed_rate, kernel_mode
 from ._sparse import draw_seed, seeded_generator, sparse_keep_mask
-
-
-def _mode(like: Tensor, block_size: int, per_channel: bool) -> str:
-    """The fused op's kernel mode; a device kernel of its own (Triton) draws here as the dense one."""
-    mode = kernel_mode(like, block_size, per_channel)
-    return mode if mode in (SPARSE, BROADCAST) else "dense"
+from ._triton import triton_mask
 
 
 def _like(shape: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A stand-in for the input, with its shape, dtype and device and no memory (what the kernels read)."""
     return torch.empty((), dtype=dtype, device=device).expand(shape)
+
+
+def follows_stride(shape: list[int], dtype: torch.dtype, device: torch.device, block_size: int,
+                   per_channel: bool) -> bool:
+    """Whether the mask op lays its mask out with the ``stride`` argument (the sparse CPU kernel does; the
+    Triton, dense and broadcast masks are contiguous)."""
+    return kernel_mode(_like(shape, dtype, device), block_size, per_channel) == SPARSE
 
 
 # The op does not take the input itself: an input would make inductor write the activation out before the
@@ -57,14 +60,17 @@ def drop_block_mask(shape: list[int], stride: list[int], dtype: torch.dtype, dev
         scale: scale by ``numel(mask) / sum(mask)``; otherwise the scale is 1.
 
     Returns:
-        ``(keep, scale)``, with ``x * keep * scale`` the output. Per-channel masks: ``keep`` is ``bool`` of
-        x's shape (with ``stride`` on CPU, contiguous elsewhere) and ``scale`` an fp32 0-d tensor. Broadcast
-        masks (shared across channels, or a block covering the whole map): ``keep`` is the small scaled
-        multiplier in ``dtype`` and ``scale`` is 1.
+        ``(keep, scale)``, with ``x * keep * scale`` the output, ``scale`` an fp32 0-d tensor. On CUDA with
+        Triton (the fused op's seeds and mask kernels): ``keep`` is a contiguous ``bool`` tensor of x's shape, or
+        ``(N, 1, *spatial)`` when shared. Elsewhere, per-channel masks: ``keep`` is ``bool`` of x's shape (with
+        ``stride`` on CPU, contiguous elsewhere); broadcast masks (shared across channels, or a block covering
+        the whole map): ``keep`` is the small scaled multiplier in ``dtype`` and ``scale`` is 1.
     """
     like = _like(shape, dtype, device)
     block, valid, factor = _clipped_geometry(tuple(shape[2:]), block_size)
-    mode = _mode(like, block_size, per_channel)
+    mode = kernel_mode(like, block_size, per_channel)
+    if mode == TRITON:  # the fused kernel's seeds and mask, from the same philox seed
+        return triton_mask(shape, keep_prob, block_size, per_channel, scale, like.device)
     if mode == SPARSE:
         gamma = (1.0 - float(keep_prob)) * factor
         keep, applied = sparse_keep_mask(tuple(shape), tuple(stride), gamma, block, valid, scale,
@@ -85,8 +91,11 @@ def _drop_block_mask_fake(shape: list[int], stride: list[int], dtype: torch.dtyp
 
     _hoist.install()  # every compile runs this fake kernel first: inductor will move the op up (see _hoist)
     like = _like(shape, dtype, device)
-    mode = _mode(like, block_size, per_channel)
+    mode = kernel_mode(like, block_size, per_channel)
     scale_t = torch.empty((), dtype=torch.float32, device=device)
+    if mode == TRITON:
+        return torch.empty((shape[0], shape[1] if per_channel else 1, *shape[2:]), dtype=torch.bool,
+                           device=device), scale_t
     if mode == SPARSE:
         return torch.empty_strided(shape, stride, dtype=torch.bool, device=device), scale_t
     if mode == BROADCAST:

@@ -8,12 +8,14 @@ Three launches, none of which syncs with the host:
    kernel (nor a recompile).
 2. ``_mask``: for every cell of the mask, whether a seed of the valid region lies in the block window ending
    at it (the stride-1 max-pool of the seed map, read from cache), written as a ``uint8`` keep map; the kept
-   cells are counted by a torch reduction on the device (``keep.sum()``, no host sync).
-3. ``_apply``: ``x * keep * numel / kept`` (0 when nothing is kept), in x's dtype and strides.
+   cells are counted and the scale ``numel / kept`` (0 when nothing is kept) computed by torch ops on the
+   device (no host sync).
+3. ``_apply``: ``x * keep * scale``, in x's dtype and strides.
 
-Backward keeps only the philox seed, the threshold and the count (24 bytes): it redraws the same seed map (philox is
+Backward keeps only the philox seed, the threshold and the scale (20 bytes): it redraws the same seed map (philox is
 counter-based), rebuilds the keep map and applies it to the gradient. The seed and keep maps are temporaries
-of one launch sequence, never saved.
+of one launch sequence, never saved. Compiled graphs run launches 1 and 2 only (:func:`triton_mask`, through
+the mask op, see ``_mask_op``) and leave the product to inductor, which fuses it with its neighbours.
 
 The kernels are plain functions decorated at run time (:func:`kernels`), so a test can build an interpreted
 copy (``TRITON_INTERPRET=1``) that runs them on CPU tensors while the CUDA ones stay compiled. For that they
@@ -32,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ._check import _geometry
+from ._dense import _normalizer
 
 try:
     import triton
@@ -98,9 +101,9 @@ def _mask(seeds_ptr, keep_ptr, n_cells, T, H, W, VT, VH, VW, BT, BH, BW, BLOCK: 
     tl.store(keep_ptr + offs, (hits == 0).to(tl.uint8), mask=live)
 
 
-def _apply(x_ptr, out_ptr, keep_ptr, kept_ptr, numel, mask_numel, C, T, H, W,
+def _apply(x_ptr, out_ptr, keep_ptr, scale_ptr, numel, C, T, H, W,
            sxn, sxc, sxt, sxh, sxw, son, soc, sot, soh, sow,
-           PER_CHANNEL: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+           PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < numel
     w = offs % W
@@ -114,11 +117,7 @@ def _apply(x_ptr, out_ptr, keep_ptr, kept_ptr, numel, mask_numel, C, T, H, W,
     plane = n * C + c if PER_CHANNEL else n
     keep = tl.load(keep_ptr + ((plane * T + t) * H + h) * W + w, mask=live, other=0)
     x = tl.load(x_ptr + n * sxn + c * sxc + t * sxt + h * sxh + w * sxw, mask=live, other=0.0)
-    if NORMALIZE:
-        kept = tl.load(kept_ptr).to(tl.float32)
-        scale = tl.where(kept > 0, mask_numel / tl.maximum(kept, 1.0), 0.0)
-    else:
-        scale = 1.0
+    scale = tl.load(scale_ptr)  # fp32
     y = tl.where(keep != 0, x * scale, 0.0)
     tl.store(out_ptr + n * son + c * soc + t * sot + h * soh + w * sow, y.to(out_ptr.dtype.element_ty), mask=live)
 
@@ -187,16 +186,58 @@ def _keep_map(ks: SimpleNamespace, state: Tensor, keep_prob: Tensor | None, mask
     return keep
 
 
-def _launch_apply(ks: SimpleNamespace, x: Tensor, keep: Tensor, kept: Tensor, per_channel: bool,
-                  normalize: bool) -> Tensor:
+def _scale(keep: Tensor, normalize: bool) -> Tensor:
+    """The fp32 0-d scale of a keep map: ``numel / kept`` (0 when nothing is kept), or 1; on its device."""
+    if not normalize:
+        return torch.ones((), dtype=torch.float32, device=keep.device)
+    return _normalizer(keep.sum(dtype=torch.int64).to(torch.float32), keep.numel())  # no host sync
+
+
+def _launch_apply(ks: SimpleNamespace, x: Tensor, keep: Tensor, scale: Tensor, per_channel: bool) -> Tensor:
     out = torch.empty_like(x)
-    n, c, *spatial = x.shape
+    _, c, *spatial = x.shape
     t, h, w = _dims(tuple(spatial))
-    mask_numel = n * (c if per_channel else 1) * math.prod(spatial)
-    ks.apply[(triton.cdiv(x.numel(), ks.block),)](x, out, keep, kept, x.numel(), float(mask_numel), c, t, h, w,
+    ks.apply[(triton.cdiv(x.numel(), ks.block),)](x, out, keep, scale, x.numel(), c, t, h, w,
                                                    *_strides5(x), *_strides5(out), PER_CHANNEL=per_channel,
-                                                   NORMALIZE=normalize, BLOCK=ks.block)
+                                                   BLOCK=ks.block)
     return out
+
+
+def _draw_state(device: torch.device) -> Tensor:
+    """``[philox seed, threshold]``: the seed drawn from torch's generator on ``device``, the threshold set by the
+    seeds kernel."""
+    return torch.randint(2**62, (2,), dtype=torch.int64, device=device)
+
+
+def triton_mask(shape: list[int], keep_prob: Tensor, block_size: int, per_channel: bool, normalize: bool,
+                device: torch.device, interpret: bool = False) -> tuple[Tensor, Tensor]:
+    """The keep mask and scale :func:`triton_forward` would apply, for a compiled graph to multiply by.
+
+    It draws the same philox seed from torch's generator and runs the same two kernels, so under one
+    ``torch.manual_seed`` ``x * keep * scale`` is :func:`triton_forward`'s output.
+
+    Args:
+        shape: the input's shape ``(N, C, *spatial)``.
+        keep_prob: a one-element tensor.
+        block_size: the requested block size.
+        per_channel: a mask per channel, or one per sample.
+        normalize: scale by ``numel / kept``; otherwise the scale is 1.
+        device: the input's device (CPU when ``interpret``).
+        interpret: run Triton's interpreter.
+
+    Returns:
+        ``keep``, a contiguous ``bool`` tensor ``(N, C, *spatial)`` (``(N, 1, *spatial)`` when shared), and
+        the fp32 0-d scale, both on ``device``.
+    """
+    ks = kernels(interpret)
+    n, c, *spatial = shape
+    mask_shape = (n, c if per_channel else 1, *spatial)
+    state = _draw_state(device)
+    if math.prod(shape) == 0:
+        return torch.ones(mask_shape, dtype=torch.bool, device=device), torch.ones((), device=device)
+    keep_prob = keep_prob.to(device=device, dtype=torch.float32).reshape(1)
+    keep = _keep_map(ks, state, keep_prob, math.prod(mask_shape[:2]), tuple(spatial), block_size)
+    return keep.view(torch.bool).view(mask_shape), _scale(keep, normalize)
 
 
 def triton_forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, normalize: bool,
@@ -213,31 +254,30 @@ def triton_forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: b
 
     Returns:
         The output (laid out as ``torch.empty_like(x)``), the state (int64: the philox seed, drawn from
-        torch's generator on x's device, and the seed threshold) and the count of kept mask cells (int64,
-        one element): all that backward needs.
+        torch's generator on x's device, and the seed threshold) and the scale (fp32, 0-d): all that backward
+        needs.
     """
     ks = kernels(interpret)
     n, c, *spatial = x.shape
-    state = torch.randint(2**62, (2,), dtype=torch.int64, device=x.device)  # [seed, threshold (set below)]
+    state = _draw_state(x.device)
     if x.numel() == 0:
-        return torch.empty_like(x), state, torch.zeros(1, dtype=torch.int64, device=x.device)
+        return torch.empty_like(x), state, torch.ones((), device=x.device)
     keep_prob = keep_prob.to(device=x.device, dtype=torch.float32).reshape(1)
     keep = _keep_map(ks, state, keep_prob, n * (c if per_channel else 1), tuple(spatial), block_size)
-    kept = keep.sum(dtype=torch.int64).reshape(1)  # a device reduction: no host sync
-    return _launch_apply(ks, x, keep, kept, per_channel, normalize), state, kept
+    scale = _scale(keep, normalize)
+    return _launch_apply(ks, x, keep, scale, per_channel), state, scale
 
 
-def triton_backward(grad: Tensor, state: Tensor, kept: Tensor, block_size: int, per_channel: bool,
-                    normalize: bool, interpret: bool = False) -> Tensor:
+def triton_backward(grad: Tensor, state: Tensor, scale: Tensor, block_size: int, per_channel: bool,
+                    interpret: bool = False) -> Tensor:
     """``grad * keep * scale``, the keep map redrawn from the forward's philox seed and threshold.
 
     Args:
         grad: the output's gradient.
         state: the forward's state (philox seed and threshold).
-        kept: the forward's count of kept cells.
+        scale: the forward's scale.
         block_size: the requested block size.
         per_channel: as in forward.
-        normalize: as in forward.
         interpret: run Triton's interpreter.
 
     Returns:
@@ -248,4 +288,4 @@ def triton_backward(grad: Tensor, state: Tensor, kept: Tensor, block_size: int, 
     if grad.numel() == 0:
         return torch.empty_like(grad)
     keep = _keep_map(ks, state, None, n * (c if per_channel else 1), tuple(spatial), block_size)
-    return _launch_apply(ks, grad, keep, kept, per_channel, normalize)
+    return _launch_apply(ks, grad, keep, scale, per_channel)
