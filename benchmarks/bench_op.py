@@ -95,8 +95,8 @@ class ThroughTheOp(nn.Module):
 
 
 def candidates(shape: tuple[int, ...], device: torch.device, compiled: bool) -> list[Candidate]:
-    """Every candidate, in training mode, on ``device``, compiled when asked."""
-    import dropblock
+    """Every candidate, in training mode, on ``device``, compiled when asked (the ``dropblock`` package's only
+    where it is installed: it is a dev extra, absent from a bare GPU image)."""
     import timm.layers
     import torchvision.ops
 
@@ -110,9 +110,15 @@ def candidates(shape: tuple[int, ...], device: torch.device, compiled: bool) -> 
         Candidate("ours per_channel=False", SHARED, OURS, DropBlock2d(BLOCK, KEEP_PROB, per_channel=False)),
         Candidate("timm couple_channels=True", SHARED, PEER,
                   timm.layers.DropBlock2d(drop_prob=drop, block_size=BLOCK, couple_channels=True)),
-        Candidate("dropblock DropBlock2D", SHARED, PEER, dropblock.DropBlock2D(drop_prob=drop, block_size=BLOCK)),
         Candidate("floor x * mask", FLOOR, REFERENCE, Floor(shape, device)),
     ]
+    try:
+        import dropblock
+    except ImportError:
+        print("(the dropblock package is not installed: its candidate is left out)")
+    else:
+        cands.insert(-1, Candidate("dropblock DropBlock2D", SHARED, PEER,
+                                   dropblock.DropBlock2D(drop_prob=drop, block_size=BLOCK)))
     for c in cands:
         c.module.to(device).train()
     if compiled:

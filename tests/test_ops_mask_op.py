@@ -262,3 +262,34 @@ def test_fake_kernel_describes_the_triton_mask_on_cuda(per_channel, block_size):
     assert keep.device.type == "cuda" and keep.dtype == torch.bool and keep.is_contiguous()
     assert keep.shape == (2, 8 if per_channel else 1, 12, 12)
     assert (scale.shape, scale.dtype) == ((), torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton path runs interpreted above)")
+@pytest.mark.parametrize("per_channel, channels_last", [(True, False), (True, True), (False, False)])
+def test_compiled_cuda_module_drops_the_eager_blocks_with_the_eager_gradient(dynamo_reset, per_channel,
+                                                                             channels_last):
+    """On a GPU: the eager op runs the fused Triton kernel, the compiled graph its mask launches and a product
+    inductor generates; the same blocks, outputs and gradients, bitwise."""
+    pytest.importorskip("triton")
+    module = DropBlock2d(3, 0.8, per_channel=per_channel).train().cuda()
+    x = torch.rand(16, 32, 14, 14, device="cuda") + 0.5
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape, device="cuda")
+    leaf = x.clone().requires_grad_()
+    torch.manual_seed(7)
+    eager = module(leaf)
+    eager.backward(grad)
+    eager_grad = leaf.grad
+    compiled = torch.compile(module, fullgraph=True)
+    leaf = x.clone().requires_grad_()
+    torch.manual_seed(7)
+
+    def compiled_step() -> torch.Tensor:
+        out = compiled(leaf)
+        out.backward(grad)
+        return out.detach()
+
+    out, codes = run_and_get_code(compiled_step)
+    assert any("drop_block_mask" in c for c in codes) and not any("dropblock_inject.drop_block." in c for c in codes)
+    assert (eager == 0).any() and torch.equal(out, eager) and torch.equal(leaf.grad, eager_grad)
