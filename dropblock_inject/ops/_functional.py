@@ -32,6 +32,13 @@ def _drop_block(x: Tensor, keep_prob: float, block_size: int, per_channel: bool,
     return x.mul_(multiplier) if inplace else x * multiplier
 
 
+def _exporting() -> bool:
+    """Whether ``torch.export`` is tracing. Dynamo in torch 2.11 folds ``torch.compiler.is_exporting()`` to
+    ``True`` in every trace (a ``torch.compile`` too); the flag it returns is read as it is (2.14 does that)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)  # what is_exporting() returns outside dynamo
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def _call_op(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool) -> Tensor:
     """``torch.ops.dropblock_inject.drop_block``, or its node when ``x`` is an fx ``Proxy``.
 
@@ -41,7 +48,7 @@ def _call_op(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, s
     op = torch.ops.dropblock_inject.drop_block.default
     if isinstance(x, torch.fx.Proxy):  # symbolic_trace: one call_function node (a tensor: a get_attr)
         return x.tracer.create_proxy("call_function", op, (x, keep_prob, block_size, per_channel, scale), {})[0]
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    if torch.compiler.is_compiling() and not _exporting():
         return masked(x, keep_prob, block_size, per_channel, scale)
     return op(x, keep_prob, block_size, per_channel, scale)[0]
 

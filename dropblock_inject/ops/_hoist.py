@@ -7,14 +7,15 @@ normalisation, mask product and ReLU in one loop nest): one more pass over the a
 Moved up next to its inputs (the graph's inputs, in practice), it splits nothing. The mask ops keep their
 order, so they draw from torch's generator in the order the eager model does.
 
-The pass is added to ``torch._inductor.config.post_grad_custom_pre_pass`` (beside any pass already set
-there) the first time a mask op is traced. It leaves graphs without the op as they are, and it has a
-``uuid``, so inductor's FX graph cache keeps working.
+The pass is added to ``torch._inductor.config.post_grad_custom_pre_pass`` (after any pass already set
+there, chained into one pass) the first time a mask op is traced. It leaves graphs without the op as they
+are, and it has a ``uuid``, so inductor's FX graph cache keeps working.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 from torch._inductor import config
@@ -111,9 +112,40 @@ class HoistMaskOps(CustomGraphPass):
         return "dropblock_inject.ops.hoist_mask_ops.v4"
 
 
+class ChainedPasses(CustomGraphPass):
+    """Graph passes run in order as one pass: inductor in torch 2.11 calls ``post_grad_custom_pre_pass``
+    itself, so it takes one callable, not a list.
+
+    Args:
+        passes: the passes, in the order they run.
+    """
+
+    def __init__(self, *passes: Callable[[torch.fx.Graph], None]) -> None:
+        self.passes = passes
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for graph_pass in self.passes:
+            graph_pass(graph)
+
+    def uuid(self) -> str | None:  # None (no FX graph cache) if one of the passes has no uuid
+        ids = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in self.passes]
+        return None if any(i is None for i in ids) else "|".join(map(str, ids))
+
+
+def _holds_hoist(graph_pass: object) -> bool:
+    if isinstance(graph_pass, HoistMaskOps):
+        return True
+    inner = graph_pass.passes if isinstance(graph_pass, ChainedPasses) else graph_pass
+    return isinstance(inner, (list, tuple)) and any(_holds_hoist(p) for p in inner)
+
+
 def install() -> None:
-    """Adds :class:`HoistMaskOps` to inductor's post-grad passes, once, beside any pass already there."""
+    """Adds :class:`HoistMaskOps` to inductor's post-grad passes, once, after any pass already there."""
     current = config.post_grad_custom_pre_pass
-    passes = tuple(current) if isinstance(current, (list, tuple)) else (() if current is None else (current,))
-    if not any(isinstance(p, HoistMaskOps) for p in passes):
-        config.post_grad_custom_pre_pass = [*passes, HoistMaskOps()] if passes else HoistMaskOps()
+    if _holds_hoist(current):
+        return
+    if current is None:
+        config.post_grad_custom_pre_pass = HoistMaskOps()
+        return
+    passes = tuple(current) if isinstance(current, (list, tuple)) else (current,)
+    config.post_grad_custom_pre_pass = ChainedPasses(*passes, HoistMaskOps())

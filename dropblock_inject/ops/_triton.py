@@ -77,7 +77,10 @@ def _seeds(state_ptr, keep_prob_ptr, seeds_ptr, n_anchors, factor, FORWARD: tl.c
     tl.store(seeds_ptr + offs, (c0.to(tl.int64) < threshold).to(tl.uint8), mask=offs < n_anchors)
 
 
-def _mask(seeds_ptr, keep_ptr, n_cells, T, H, W, VT, VH, VW, BT, BH, BW, BLOCK: tl.constexpr):
+def _mask(seeds_ptr, keep_ptr, n_cells, T, H, W, VT, VH, VW, BT: tl.constexpr, BH: tl.constexpr,
+          BW: tl.constexpr, BLOCK: tl.constexpr):
+    # the block is constexpr: its loops unroll (one kernel per block shape, a handful per model), and Triton 3.6's
+    # interpreter cannot take range() of a runtime scalar under numpy >= 2.4
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n_cells
     w = offs % W
@@ -181,7 +184,7 @@ def _keep_map(ks: SimpleNamespace, state: Tensor, keep_prob: Tensor | None, mask
                                                    BLOCK=ks.block)
     n_cells = mask_planes * math.prod(spatial)
     keep = torch.empty(n_cells, dtype=torch.uint8, device=state.device)
-    ks.mask[(triton.cdiv(n_cells, ks.block),)](seeds, keep, n_cells, t, h, w, vt, vh, vw, bt, bh, bw,
+    ks.mask[(triton.cdiv(n_cells, ks.block),)](seeds, keep, n_cells, t, h, w, vt, vh, vw, BT=bt, BH=bh, BW=bw,
                                                 BLOCK=ks.block)
     return keep
 
