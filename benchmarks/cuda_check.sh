@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17's CUDA checks in one call of the device tool, for a session that is lent a GPU:
-#   bash benchmarks/cuda_check.sh          (there, from the repository root; about 8 minutes on an H200)
+#   bash benchmarks/cuda_check.sh          (there, from the repository root; at most 9 minutes: run it with timeout_s 600)
 # It needs no install: the package is read from the working tree (PYTHONPATH), with the image's torch,
 # torchvision, timm, Triton and pytest. Logs go to $OUT (the device tool brings them back), else ./cuda_check_out.
 # Each part has its own time limit and they run in order of value, so a slow part leaves the others' logs:
@@ -27,15 +27,15 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log
     echo "== $name: exit $rc" | tee -a "$out/$name.log"
     [ "$rc" -eq 0 ] || status=1
 }
-part env 60 "$py" -c "import torch, triton, torchvision, timm; print('torch', torch.__version__, 'triton', triton.__version__,
+part env 30 "$py" -c "import torch, triton, torchvision, timm; print('torch', torch.__version__, 'triton', triton.__version__,
     'torchvision', torchvision.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available() and
     torch.cuda.get_device_name())"
 if [ "$device" = cuda ]; then
-    part tests 150 "$py" -m pytest -q -p no:cacheprovider -k cuda tests/test_ops_triton.py tests/test_ops_mask_op.py \
+    part tests 120 "$py" -m pytest -q -p no:cacheprovider -k cuda tests/test_ops_triton.py tests/test_ops_mask_op.py \
         tests/test_ops_compile.py
 fi
-part train_step 210 "$py" benchmarks/bench_train_step.py --device "$device" --compile --only "tv plain" "tv + dbi" \
+part train_step 200 "$py" benchmarks/bench_train_step.py --device "$device" --compile --only "tv plain" "tv + dbi" \
     --batch "${BATCH:-64}" --size "${SIZE:-224}" --rounds "$rounds"
-part op_eager 90 "$py" benchmarks/bench_op.py --device "$device" --rounds "$rounds" $quick
-part op_compiled 150 "$py" benchmarks/bench_op.py --device "$device" --compile --rounds "$rounds" $quick
+part op_eager 60 "$py" benchmarks/bench_op.py --device "$device" --rounds "$rounds" $quick
+part op_compiled 130 "$py" benchmarks/bench_op.py --device "$device" --compile --rounds "$rounds" $quick
 exit "$status"
