@@ -230,6 +230,19 @@ def test_two_calls_with_the_same_arguments_draw_two_masks(dynamo_reset):
     assert not torch.equal(a == 0, b == 0)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_one_module_applied_twice_draws_two_masks(dynamo_reset, backend):
+    """Two calls of one DropBlock on inputs of one shape: the same arguments, two masks. torch 2.14's CSE keeps
+    ``nondeterministic_seeded`` ops apart; 2.11's only its list of random ops, where the ops list themselves."""
+    from torch._functorch.compile_utils import rand_ops
+
+    m = DropBlock2d(3, 0.8).train()
+    fn = torch.compile(lambda a, b: (m(a), m(b)), backend=backend, fullgraph=True)
+    a, b = fn(torch.ones(64, 8, 12, 12, requires_grad=True), torch.ones(64, 8, 12, 12, requires_grad=True))
+    assert (a == 0).any() and not torch.equal(a == 0, b == 0)
+    assert torch.ops.dropblock_inject.drop_block_mask in rand_ops and torch.ops.dropblock_inject.drop_block in rand_ops
+
+
 # ----------------------------------------------------------------------------------------------------------
 # what the sparse kernel keeps for backward
 

@@ -94,6 +94,23 @@ def _forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, s
     return dense_forward(x, gamma, block, valid, scale)
 
 
+def keep_out_of_cse() -> None:
+    """Lists both ops among AOT autograd's random ops, which its CSE never merges (once; from the fake kernels,
+    which run before any CSE).
+
+    torch 2.14's CSE keeps every op tagged ``nondeterministic_seeded`` apart, but 2.11's looks at that list only,
+    so two calls with the same arguments in one compiled graph (a DropBlock module applied twice to inputs of one
+    shape) drew one mask.
+    """
+    from torch._functorch import compile_utils  # imported by whatever traced the op
+
+    rand_ops = getattr(compile_utils, "rand_ops", None)
+    if isinstance(rand_ops, list):
+        for packet in (torch.ops.dropblock_inject.drop_block, torch.ops.dropblock_inject.drop_block_mask):
+            if packet not in rand_ops:
+                rand_ops.append(packet)
+
+
 # nondeterministic_seeded: AOT autograd's CSE must not merge two calls with the same arguments (two masks)
 @torch.library.custom_op("dropblock_inject::drop_block", mutates_args=(),
                          tags=(torch.Tag.nondeterministic_seeded,))
@@ -117,6 +134,7 @@ def drop_block(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
 @drop_block.register_fake
 def _drop_block_fake(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
                      scale: bool) -> tuple[Tensor, Tensor, Tensor]:
+    keep_out_of_cse()
     mode = kernel_mode(x, block_size, per_channel)
     out = torch.empty_like(x)
     if mode == TRITON:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ._check import _layout_strides
 from ._dense import broadcast_multiplier, dense_keep_mask, multiplier_shape
-from ._library import BROADCAST, SPARSE, TRITON, _clipped_geometry, dense_seed_rate, kernel_mode
+from ._library import BROADCAST, SPARSE, TRITON, _clipped_geometry, dense_seed_rate, keep_out_of_cse, kernel_mode
 from ._sparse import draw_seed, seeded_generator, sparse_keep_mask
 from ._triton import triton_mask
 
@@ -90,6 +90,7 @@ def _drop_block_mask_fake(shape: list[int], stride: list[int], dtype: torch.dtyp
     from . import _hoist  # torch._inductor, imported only once something traces the op
 
     _hoist.install()  # every compile runs this fake kernel first: inductor will move the op up (see _hoist)
+    keep_out_of_cse()
     like = _like(shape, dtype, device)
     mode = kernel_mode(like, block_size, per_channel)
     scale_t = torch.empty((), dtype=torch.float32, device=device)
