@@ -57,11 +57,15 @@ def dense_keep_mask(x: Tensor, gamma: Tensor | float, block: tuple[int, ...], va
         The contiguous ``bool`` mask of x's shape and the fp32 0-d scale, both on x's device.
     """
     keep = _dense_block_counts(x.shape, block, valid, gamma, x.device) == 0
-    if normalize:
-        scale = _normalizer(keep.sum(dtype=torch.float32), keep.numel())
-    else:
-        scale = torch.ones((), dtype=torch.float32, device=x.device)
-    return keep, scale
+    return keep, keep_scale(keep, normalize)
+
+
+def keep_scale(keep: Tensor, normalize: bool) -> Tensor:
+    """The fp32 0-d scale of a keep mask (``bool`` or ``uint8``): ``numel / kept``, 0 when nothing is kept, or
+    1 when not ``normalize``; on the mask's device, with no host sync. The count is exact (an int64 sum)."""
+    if not normalize:
+        return torch.ones((), dtype=torch.float32, device=keep.device)
+    return _normalizer(keep.sum(dtype=torch.int64).to(torch.float32), keep.numel())
 
 
 def dense_forward(x: Tensor, gamma: Tensor | float, block: tuple[int, ...], valid: tuple[int, ...],

@@ -86,8 +86,8 @@ def channels_last_masks(graph: torch.fx.Graph) -> int:
                 or not follows_stride(shape, dtype, torch.device(device), block_size, per_channel)):
             continue  # the mask is laid out by its kernel (Triton, dense, broadcast), not by ``stride``
         keep = val[0]
-        if keep.dtype != torch.bool or tuple(keep.stride()) != tuple(keep.contiguous().stride()):
-            continue  # a broadcast multiplier, or a mask already laid out otherwise
+        if tuple(keep.stride()) != tuple(keep.contiguous().stride()):
+            continue  # a mask already laid out otherwise
         _, c, h, w = shape
         channels_last = [c * h * w, 1, w * c, c]
         node.args = (shape, channels_last, *node.args[2:])

@@ -25,7 +25,7 @@ from ._check import _layout_strides
 from ._dense import broadcast_multiplier, dense_keep_mask, multiplier_shape
 from ._library import BROADCAST, SPARSE, TRITON, _clipped_geometry, dense_seed_rate, keep_out_of_cse, kernel_mode
 from ._sparse import draw_seed, seeded_generator, sparse_keep_mask
-from ._triton import triton_mask
+from ._triton import keep_shape, triton_mask
 
 
 def _like(shape: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -95,8 +95,7 @@ def _drop_block_mask_fake(shape: list[int], stride: list[int], dtype: torch.dtyp
     mode = kernel_mode(like, block_size, per_channel)
     scale_t = torch.empty((), dtype=torch.float32, device=device)
     if mode == TRITON:
-        return torch.empty((shape[0], shape[1] if per_channel else 1, *shape[2:]), dtype=torch.bool,
-                           device=device), scale_t
+        return torch.empty(keep_shape(shape, per_channel), dtype=torch.bool, device=device), scale_t
     if mode == SPARSE:
         return torch.empty_strided(shape, stride, dtype=torch.bool, device=device), scale_t
     if mode == BROADCAST:

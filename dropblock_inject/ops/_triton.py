@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ._check import _geometry
-from ._dense import _normalizer
+from ._dense import keep_scale
 
 try:
     import triton
@@ -189,13 +189,6 @@ def _keep_map(ks: SimpleNamespace, state: Tensor, keep_prob: Tensor | None, mask
     return keep
 
 
-def _scale(keep: Tensor, normalize: bool) -> Tensor:
-    """The fp32 0-d scale of a keep map: ``numel / kept`` (0 when nothing is kept), or 1; on its device."""
-    if not normalize:
-        return torch.ones((), dtype=torch.float32, device=keep.device)
-    return _normalizer(keep.sum(dtype=torch.int64).to(torch.float32), keep.numel())  # no host sync
-
-
 def _launch_apply(ks: SimpleNamespace, x: Tensor, keep: Tensor, scale: Tensor, per_channel: bool) -> Tensor:
     out = torch.empty_like(x)
     _, c, *spatial = x.shape
@@ -206,10 +199,23 @@ def _launch_apply(ks: SimpleNamespace, x: Tensor, keep: Tensor, scale: Tensor, p
     return out
 
 
-def _draw_state(device: torch.device) -> Tensor:
-    """``[philox seed, threshold]``: the seed drawn from torch's generator on ``device``, the threshold set by the
-    seeds kernel."""
-    return torch.randint(2**62, (2,), dtype=torch.int64, device=device)
+def keep_shape(shape: list[int] | tuple[int, ...], per_channel: bool) -> tuple[int, ...]:
+    """The keep map's shape for an input of ``shape``: one plane per channel, or one per sample."""
+    n, c, *spatial = shape
+    return (n, c if per_channel else 1, *spatial)
+
+
+def _draw(ks: SimpleNamespace, shape: tuple[int, ...], keep_prob: Tensor, block_size: int, per_channel: bool,
+          normalize: bool, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor]:
+    """One call's draws: the state (the philox seed, from torch's generator on ``device``, and the threshold
+    the seeds kernel sets), the flat ``uint8`` keep map (None for an empty input) and the scale."""
+    state = torch.randint(2**62, (2,), dtype=torch.int64, device=device)
+    if math.prod(shape) == 0:
+        return state, None, torch.ones((), device=device)
+    planes = keep_shape(shape, per_channel)
+    keep_prob = keep_prob.to(device=device, dtype=torch.float32).reshape(1)
+    keep = _keep_map(ks, state, keep_prob, planes[0] * planes[1], tuple(shape[2:]), block_size)
+    return state, keep, keep_scale(keep, normalize)
 
 
 def triton_mask(shape: list[int], keep_prob: Tensor, block_size: int, per_channel: bool, normalize: bool,
@@ -232,15 +238,11 @@ def triton_mask(shape: list[int], keep_prob: Tensor, block_size: int, per_channe
         ``keep``, a contiguous ``bool`` tensor ``(N, C, *spatial)`` (``(N, 1, *spatial)`` when shared), and
         the fp32 0-d scale, both on ``device``.
     """
-    ks = kernels(interpret)
-    n, c, *spatial = shape
-    mask_shape = (n, c if per_channel else 1, *spatial)
-    state = _draw_state(device)
-    if math.prod(shape) == 0:
-        return torch.ones(mask_shape, dtype=torch.bool, device=device), torch.ones((), device=device)
-    keep_prob = keep_prob.to(device=device, dtype=torch.float32).reshape(1)
-    keep = _keep_map(ks, state, keep_prob, math.prod(mask_shape[:2]), tuple(spatial), block_size)
-    return keep.view(torch.bool).view(mask_shape), _scale(keep, normalize)
+    mask_shape = keep_shape(shape, per_channel)
+    _, keep, scale = _draw(kernels(interpret), tuple(shape), keep_prob, block_size, per_channel, normalize, device)
+    if keep is None:
+        return torch.ones(mask_shape, dtype=torch.bool, device=device), scale
+    return keep.view(torch.bool).view(mask_shape), scale
 
 
 def triton_forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, normalize: bool,
@@ -261,13 +263,9 @@ def triton_forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: b
         needs.
     """
     ks = kernels(interpret)
-    n, c, *spatial = x.shape
-    state = _draw_state(x.device)
-    if x.numel() == 0:
-        return torch.empty_like(x), state, torch.ones((), device=x.device)
-    keep_prob = keep_prob.to(device=x.device, dtype=torch.float32).reshape(1)
-    keep = _keep_map(ks, state, keep_prob, n * (c if per_channel else 1), tuple(spatial), block_size)
-    scale = _scale(keep, normalize)
+    state, keep, scale = _draw(ks, tuple(x.shape), keep_prob, block_size, per_channel, normalize, x.device)
+    if keep is None:
+        return torch.empty_like(x), state, scale
     return _launch_apply(ks, x, keep, scale, per_channel), state, scale
 
 
