@@ -127,6 +127,60 @@ def test_reproducible_under_manual_seed_and_empty_batch():
     assert forward(torch.ones(0, 8, 10, 10), 0.8, 3)[0].shape == (0, 8, 10, 10)
 
 
+def reference_keep(seeds: torch.Tensor, maps) -> torch.Tensor:
+    """The keep map of a seed map by definition: a cell is dropped when a seed lies in the block ending at it
+    (a stride-1 max-pool of the seed map, padded with block - 1 zeros before and the map's rest after)."""
+    (t, h, w), block, (vt, vh, vw) = maps.size, maps.block, maps.valid
+    anchors = seeds.view(maps.anchor_rows, -1).view(maps.planes, vt, vh, -1)
+    assert not anchors[..., vw:].any()  # a row's padding holds no seed
+    padded = torch.zeros(1, maps.planes, *(s + b - 1 for s, b in zip(maps.size, block)))
+    padded[0, :, block[0] - 1:block[0] - 1 + vt, block[1] - 1:block[1] - 1 + vh, block[2] - 1:block[2] - 1 + vw] = \
+        anchors[..., :vw].float()
+    return (torch.nn.functional.max_pool3d(padded, block, stride=1)[0] == 0).view(-1)
+
+
+@pytest.mark.parametrize("spatial, block_size", [
+    ((14, 14), 7), ((10, 20), 5), ((5, 7), 9), ((9, 9), 4), ((7, 7), 7), ((1, 16), 3), ((3, 40), 12),
+    ((16, 17), 17), ((2, 70), 20),  # rows of more than one word, blocks over 8 and 16 columns
+    ((4, 8, 8), 3), ((6, 6, 6), 2), ((3, 5, 9), 9),
+])
+def test_keep_map_is_the_max_pool_of_the_seed_map(spatial, block_size):
+    """Bit for bit, for every geometry the row and mask kernels tile differently: the word-at-a-time max-pool
+    (rows of int64 words, shifted by bytes) is the max-pool of the seeds the philox kernel drew."""
+    ks = _triton.kernels(interpret=True)
+    planes = 48
+    maps = _triton._Maps.of(planes, spatial, block_size)
+    state = torch.tensor([987654321, int(0.04 * 2**32)])  # a dense seed map: blocks overlap and touch
+    seeds = _triton._seed_map(ks, maps, state, None)
+    assert 0 < int(seeds.sum()) < planes * math.prod(maps.valid)
+    keep = _triton._block_mask(ks, maps, seeds)
+    want = reference_keep(seeds, maps)
+    assert not want.all() and want.any()
+    assert torch.equal(keep.bool(), want)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("shape", [(4, 8, 10, 12), (2, 8, 3, 6, 6)])
+def test_every_layout_gives_the_same_output_and_gradient(shape, per_channel):
+    """Contiguous and channels-last tensors are read by their flat index, others through their strides: the
+    same seed must give the same output and gradient, bit for bit, whatever the layout."""
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = torch.randn(shape)
+    g = torch.randn(shape)
+    wide = torch.randn(shape[0], shape[1] * 2, *shape[2:])[:, ::2]  # strided: every other channel
+    wide.copy_(x)
+    outs = []
+    for a, b in ((x, g), (x.to(memory_format=fmt), g.to(memory_format=fmt)), (wide, g), (x, g.to(memory_format=fmt))):
+        torch.manual_seed(11)
+        y, state, scale = forward(a, 0.8, 3, per_channel)
+        grad = _triton.triton_backward(b, state, scale, 3, per_channel, interpret=True)
+        assert y.stride() == torch.empty_like(a).stride() and grad.stride() == torch.empty_like(b).stride()
+        outs.append((y, grad))
+    assert not outs[0][0].ne(0).all()  # something was dropped
+    for y, grad in outs[1:]:
+        assert torch.equal(y, outs[0][0]) and torch.equal(grad, outs[0][1])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter tests above cover the kernel)")
 def test_cuda_op_runs_the_compiled_kernel():
     from dropblock_inject import DropBlock2d
@@ -146,11 +200,12 @@ def test_philox_matches_the_random123_known_answer():
     # Philox-4x32-10 with counter (0, 0, 0, 0) and key (0, 0) gives 0x6627e8d5 first (Random123's kat_vectors).
     # The seeds kernel only says whether that word is below a threshold: bisect the threshold to read it.
     ks = _triton.kernels(interpret=True)
-    seeds = torch.empty(1, dtype=torch.uint8)
+    seeds = torch.empty(8, dtype=torch.uint8)  # one anchor row of one anchor, padded to a word
 
     def below(threshold: int) -> bool:
         state = torch.tensor([0, threshold], dtype=torch.int64)
-        ks.seeds[(1,)](state, state, seeds, 1, 0.0, FORWARD=False, BLOCK=16)
+        ks.seeds[(1, 1)](state, state, seeds, 1, 1, 8, 0.0, FORWARD=False, WIDE=False, BLOCK_R=1, BLOCK_W=8)
+        assert not seeds[1:].any()  # the row's padding holds no seed
         return bool(seeds[0])
 
     lo, hi = 0, 2**32  # the word w satisfies: w < threshold  <=>  threshold > w

@@ -14,7 +14,8 @@ authors' TensorFlow code (``tensorflow/tpu``, ``resnet_model.py``):
 * in eval mode, or when ``keep_prob == 1``, the op is the identity and draws no random numbers.
 
 Layout: ``_check`` (arguments, geometry), ``_sparse`` (the CPU kernel), ``_dense`` (broadcast masks and the
-generic fallback), ``_triton`` (the fused accelerator kernel), ``_library`` (the registered operator
+generic fallback), ``_triton`` (the fused accelerator kernel's launchers; its programs in ``_triton_kernels``, compiled
+ahead of time for a GPU target by ``_triton_aot``), ``_library`` (the registered operator
 ``torch.ops.dropblock_inject.drop_block``, which export and fx see as one node), ``_mask_op`` (the mask op
 compiled graphs call, with the product left to inductor), ``_hoist`` (the inductor pass that moves the mask
 ops up and lays them out as inductor will), ``_functional``

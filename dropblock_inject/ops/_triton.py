@@ -1,156 +1,34 @@
-"""The fused accelerator kernel, in Triton: philox seeds, block mask and count, scaled product.
+"""The fused accelerator kernel's launchers: philox seeds, block mask and count, scaled product.
 
-Three launches, none of which syncs with the host:
+Four launches (the programs are in ``_triton_kernels``), none of which syncs with the host:
 
-1. ``_seeds``: one philox draw per valid anchor (counter = anchor index, key = a seed drawn from torch's
-   generator on the device), a ``uint8`` seed map ``bits < gamma * 2**32`` (exact to 2**-32); ``gamma``
-   is computed in the kernel from the ``keep_prob`` tensor, so a new keep_prob is a new value, not a new
-   kernel (nor a recompile).
-2. ``_mask``: for every cell of the mask, whether a seed of the valid region lies in the block window ending
-   at it (the stride-1 max-pool of the seed map, read from cache), written as a ``uint8`` keep map; the kept
-   cells are counted and the scale ``numel / kept`` (0 when nothing is kept) computed by torch ops on the
-   device (no host sync).
-3. ``_apply``: ``x * keep * scale``, in x's dtype and strides.
+1. seeds: one philox draw per valid anchor (counter = anchor index, key = a seed drawn from torch's generator
+   on the device), a ``uint8`` seed map ``bits < gamma * 2**32`` (exact to 2**-32); ``gamma`` is computed in
+   the kernel from the ``keep_prob`` tensor, so a new keep_prob is a new value, not a new kernel (nor a
+   recompile);
+2. and 3. rows and mask: the stride-1 max-pool of the seed map, separable (along W, then along H and T),
+   written as a ``uint8`` keep map; the kept cells are counted and the scale ``numel / kept`` (0 when nothing
+   is kept) computed by torch ops on the device (no host sync);
+4. apply: ``x * keep * scale``, in x's dtype and strides.
 
 Backward keeps only the philox seed, the threshold and the scale (20 bytes): it redraws the same seed map (philox is
-counter-based), rebuilds the keep map and applies it to the gradient. The seed and keep maps are temporaries
-of one launch sequence, never saved. Compiled graphs run launches 1 and 2 only (:func:`triton_mask`, through
-the mask op, see ``_mask_op``) and leave the product to inductor, which fuses it with its neighbours.
-
-The kernels are plain functions decorated at run time (:func:`kernels`), so a test can build an interpreted
-copy (``TRITON_INTERPRET=1``) that runs them on CPU tensors while the CUDA ones stay compiled. For that they
-call Triton builtins only: ``tl.sum``, ``tl.randint`` and the other library functions are ``@triton.jit``
-functions decorated when ``triton`` is imported, which the interpreter cannot call unless the whole process
-imported Triton under ``TRITON_INTERPRET=1`` ("Cannot call @triton.jit'd outside of the scope of a
-kernel"). So philox is written out, and the count is a torch reduction.
+counter-based), rebuilds the keep map and applies it to the gradient. The seed, row and keep maps are
+temporaries of one launch sequence, never saved. Compiled graphs run launches 1 to 3 only (:func:`triton_mask`,
+through the mask op, see ``_mask_op``) and leave the product to inductor, which fuses it with its neighbours.
 """
 
-import functools
 import math
-import os
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._check import _geometry
 from ._dense import keep_scale
+from ._triton_kernels import AVAILABLE, CHANNELS_LAST, CONTIGUOUS, STRIDED, kernels, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
-    triton = None
-    tl = SimpleNamespace(constexpr=int)  # the kernels' annotations must still evaluate
-
-AVAILABLE = triton is not None
-
-
-def _seeds(state_ptr, keep_prob_ptr, seeds_ptr, n_anchors, factor, FORWARD: tl.constexpr,
-           BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)  # int32: the launcher checks n_anchors < 2**31
-    if FORWARD:  # the seed threshold gamma * 2**32, from the keep_prob tensor; kept in state[1] for backward
-        gamma = (1.0 - tl.load(keep_prob_ptr).to(tl.float32)) * factor
-        threshold = (tl.minimum(tl.maximum(gamma, 0.0), 1.0) * 4294967296.0).to(tl.int64)
-        tl.store(state_ptr + 1, threshold, mask=pid == 0)
-    else:
-        threshold = tl.load(state_ptr + 1)
-    # Philox-4x32-10 (Salmon et al., SC 2011), counter (offs, 0, 0, 0), key = the 64-bit seed; written out
-    # with builtins only, as tl.randint is, so that the interpreter runs it (see the module docstring)
-    seed = tl.load(state_ptr)
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c0 = offs.to(tl.uint32)
-    c1 = tl.full((BLOCK,), 0, tl.uint32)
-    c2 = tl.full((BLOCK,), 0, tl.uint32)
-    c3 = tl.full((BLOCK,), 0, tl.uint32)
-    for _ in range(10):
-        a0 = c0
-        a2 = c2
-        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
-        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
-        c1 = tl.mul(a2, 0xCD9E8D57, sanitize_overflow=False)  # uint32 products and sums wrap, as in tl.randint
-        c3 = tl.mul(a0, 0xD2511F53, sanitize_overflow=False)
-        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
-        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
-    tl.store(seeds_ptr + offs, (c0.to(tl.int64) < threshold).to(tl.uint8), mask=offs < n_anchors)
-
-
-def _mask(seeds_ptr, keep_ptr, n_cells, T, H, W, VT, VH, VW, BT: tl.constexpr, BH: tl.constexpr,
-          BW: tl.constexpr, BLOCK: tl.constexpr):
-    # the block is constexpr: its loops unroll (one kernel per block shape, a handful per model), and Triton 3.6's
-    # interpreter cannot take range() of a runtime scalar under numpy >= 2.4
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < n_cells
-    w = offs % W
-    rest = offs // W
-    h = rest % H
-    rest = rest // H
-    t = rest % T
-    base = (rest // T) * (VT * VH * VW)
-    hits = tl.full((BLOCK,), 0, tl.int32)
-    for dt in range(BT):
-        at = t - dt
-        ok_t = live & (at >= 0) & (at < VT)
-        for dh in range(BH):
-            ah = h - dh
-            ok_h = ok_t & (ah >= 0) & (ah < VH)
-            row = base + (at * VH + ah) * VW
-            for dw in range(BW):
-                aw = w - dw
-                ok = ok_h & (aw >= 0) & (aw < VW)
-                hits += tl.load(seeds_ptr + row + aw, mask=ok, other=0).to(tl.int32)
-    tl.store(keep_ptr + offs, (hits == 0).to(tl.uint8), mask=live)
-
-
-def _apply(x_ptr, out_ptr, keep_ptr, scale_ptr, numel, C, T, H, W,
-           sxn, sxc, sxt, sxh, sxw, son, soc, sot, soh, sow,
-           PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < numel
-    w = offs % W
-    rest = offs // W
-    h = rest % H
-    rest = rest // H
-    t = rest % T
-    rest = rest // T
-    c = rest % C
-    n = rest // C
-    plane = n * C + c if PER_CHANNEL else n
-    keep = tl.load(keep_ptr + ((plane * T + t) * H + h) * W + w, mask=live, other=0)
-    x = tl.load(x_ptr + n * sxn + c * sxc + t * sxt + h * sxh + w * sxw, mask=live, other=0.0)
-    scale = tl.load(scale_ptr)  # fp32
-    y = tl.where(keep != 0, x * scale, 0.0)
-    tl.store(out_ptr + n * son + c * soc + t * sot + h * soh + w * sow, y.to(out_ptr.dtype.element_ty), mask=live)
-
-
-@functools.lru_cache(maxsize=2)
-def kernels(interpret: bool = False) -> SimpleNamespace:
-    """The three kernels, jitted for the device, or for Triton's CPU interpreter when ``interpret``.
-
-    Args:
-        interpret: build them as ``TRITON_INTERPRET=1`` would (they then run on CPU tensors).
-
-    Returns:
-        A namespace with ``seeds``, ``mask``, ``apply`` and the launch ``block`` size.
-
-    Raises:
-        RuntimeError: Triton is not installed.
-    """
-    if not AVAILABLE:
-        raise RuntimeError("the fused DropBlock kernel needs Triton (pip install triton)")
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    try:  # triton.jit picks the interpreter when it decorates, from the environment
-        jitted = {name: triton.jit(fn) for name, fn in (("seeds", _seeds), ("mask", _mask), ("apply", _apply))}
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    # the interpreter runs a program as numpy arrays: fewer, larger programs are much faster there
-    return SimpleNamespace(**jitted, block=16384 if interpret else 1024)
+__all__ = ["AVAILABLE", "kernels", "keep_shape", "triton_backward", "triton_forward", "triton_mask"]
 
 
 def _dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -163,30 +41,88 @@ def _strides5(t: Tensor) -> tuple[int, ...]:
     return (n, c, 0, *rest) if len(rest) == 2 else (n, c, *rest)
 
 
+def _tiles(n_rows: int, width: int, lanes: int, wide: bool) -> tuple[tuple[int, int], dict]:
+    """Grid and tile of a kernel over an ``(n_rows, width)`` map, ``lanes`` per program: whole rows per program
+    where they fit, else a row split over a second grid axis."""
+    block_w = min(triton.next_power_of_2(width), lanes)
+    block_r = lanes // block_w
+    return (triton.cdiv(n_rows, block_r), triton.cdiv(width, block_w)), dict(WIDE=wide, BLOCK_R=block_r,
+                                                                             BLOCK_W=block_w)
+
+
+class _Maps(NamedTuple):
+    """The sizes one keep map is built with: map, clipped block, valid region, row and word counts."""
+
+    planes: int
+    size: tuple[int, int, int]  # (T, H, W), T = 1 for 2-D
+    block: tuple[int, int, int]
+    valid: tuple[int, int, int]
+    factor: float  # gamma's feature-size factor
+    anchor_rows: int  # planes * VT * VH rows of VW anchors, in the seed map and the row map
+    seed_words: int  # a seed map row: VW bytes, padded to whole int64 words
+    row_words: int  # a row map row: W bytes, likewise
+    wide: bool  # some byte index reaches 2**31: 64-bit indices
+
+    @classmethod
+    def of(cls, planes: int, spatial: tuple[int, ...], block_size: int) -> "_Maps":
+        block, valid, factor = _geometry(spatial, block_size)
+        if planes * math.prod(valid) >= 2**31:
+            raise ValueError(f"the fused DropBlock kernel draws one philox counter per seed position and supports "
+                             f"fewer than 2**31 of them, but this input has {planes * math.prod(valid)}")
+        size, valid3 = _dims(spatial), _dims(valid)
+        anchor_rows, row_words = planes * valid3[0] * valid3[1], triton.cdiv(size[2], 8)
+        # the largest byte index of any map, with the 8 cells of a map row's last word
+        wide = max(planes * math.prod(spatial), anchor_rows * row_words * 8) + 8 >= 2**31
+        return cls(planes, size, _dims(block), valid3, factor, anchor_rows, triton.cdiv(valid3[2], 8), row_words,
+                   wide)
+
+
+def _seed_map(ks: SimpleNamespace, maps: _Maps, state: Tensor, keep_prob: Tensor | None) -> Tensor:
+    """Launch 1: the ``uint8`` seed map, ``maps.anchor_rows`` rows of ``seed_words * 8`` bytes (0 past VW).
+
+    With a ``keep_prob`` (forward) the kernel writes the threshold into ``state[1]``; without one (backward) it
+    reads it from there.
+    """
+    pitch = maps.seed_words * 8
+    seeds = torch.empty(maps.anchor_rows * pitch, dtype=torch.uint8, device=state.device)
+    grid, tile = _tiles(maps.anchor_rows, pitch, ks.block, maps.wide)
+    ks.seeds[grid](state, state if keep_prob is None else keep_prob, seeds, maps.anchor_rows, maps.valid[2], pitch,
+                   maps.factor, FORWARD=keep_prob is not None, **tile)
+    return seeds
+
+
+def _block_mask(ks: SimpleNamespace, maps: _Maps, seeds: Tensor) -> Tensor:
+    """Launches 2 and 3: the flat ``uint8`` keep map of a seed map, its stride-1 max-pool by the block, along W
+    (into the row map, ``int64`` words of eight 0/1 bytes), then along H and T."""
+    (t, h, w), (bt, bh, bw), (vt, vh, _) = maps.size, maps.block, maps.valid
+    rows = torch.empty(maps.anchor_rows * maps.row_words, dtype=torch.int64, device=seeds.device)
+    grid, tile = _tiles(maps.anchor_rows, maps.row_words, ks.words, maps.wide)
+    ks.rows[grid](seeds.view(torch.int64), rows, maps.anchor_rows, maps.seed_words, maps.row_words, BW=bw, **tile)
+    keep = torch.empty(maps.planes * t * h * w, dtype=torch.uint8, device=seeds.device)
+    grid, tile = _tiles(maps.planes * t * h, maps.row_words, ks.words, maps.wide)
+    ks.mask[grid](rows, keep, maps.planes * t * h, t, h, w, vt, vh, maps.row_words, BT=bt, BH=bh, **tile)
+    return keep
+
+
 def _keep_map(ks: SimpleNamespace, state: Tensor, keep_prob: Tensor | None, mask_planes: int,
               spatial: tuple[int, ...], block_size: int) -> Tensor:
-    """The ``uint8`` keep map of ``mask_planes`` planes (flat).
+    """The flat ``uint8`` keep map of ``mask_planes`` planes: launches 1 to 3."""
+    maps = _Maps.of(mask_planes, spatial, block_size)
+    return _block_mask(ks, maps, _seed_map(ks, maps, state, keep_prob))
 
-    With a ``keep_prob`` (forward) the seeds kernel writes the threshold into ``state[1]``; without one
-    (backward) it reads it from there.
-    """
-    block, valid, factor = _geometry(spatial, block_size)
-    t, h, w = _dims(spatial)
-    bt, bh, bw = _dims(block)
-    vt, vh, vw = _dims(valid)
-    n_anchors = mask_planes * math.prod(valid)
-    if n_anchors >= 2**31:
-        raise ValueError(f"the fused DropBlock kernel draws one philox counter per seed position and supports "
-                         f"fewer than 2**31 of them, but this input has {n_anchors}")
-    seeds = torch.empty(n_anchors, dtype=torch.uint8, device=state.device)
-    ks.seeds[(triton.cdiv(n_anchors, ks.block),)](state, state if keep_prob is None else keep_prob, seeds,
-                                                   n_anchors, factor, FORWARD=keep_prob is not None,
-                                                   BLOCK=ks.block)
-    n_cells = mask_planes * math.prod(spatial)
-    keep = torch.empty(n_cells, dtype=torch.uint8, device=state.device)
-    ks.mask[(triton.cdiv(n_cells, ks.block),)](seeds, keep, n_cells, t, h, w, vt, vh, vw, BT=bt, BH=bh, BW=bw,
-                                                BLOCK=ks.block)
-    return keep
+
+def _layout(x: Tensor, out: Tensor) -> int:
+    """How the apply kernel reads ``x`` and writes ``out``: by the flat index when both are contiguous, or
+    both channels-last, else through their strides."""
+    if x.stride() == out.stride():
+        if x.is_contiguous():
+            return CONTIGUOUS
+        if x.dim() in (4, 5) and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
+            return CHANNELS_LAST
+    return STRIDED
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _launch_apply(ks: SimpleNamespace, x: Tensor, keep: Tensor, scale: Tensor, per_channel: bool) -> Tensor:
@@ -195,6 +131,7 @@ def _launch_apply(ks: SimpleNamespace, x: Tensor, keep: Tensor, scale: Tensor, p
     t, h, w = _dims(tuple(spatial))
     ks.apply[(triton.cdiv(x.numel(), ks.block),)](x, out, keep, scale, x.numel(), c, t, h, w,
                                                    *_strides5(x), *_strides5(out), PER_CHANNEL=per_channel,
+                                                   LAYOUT=_layout(x, out), WIDE=x.numel() >= 2**31,
                                                    BLOCK=ks.block)
     return out
 
@@ -222,7 +159,7 @@ def triton_mask(shape: list[int], keep_prob: Tensor, block_size: int, per_channe
                 device: torch.device, interpret: bool = False) -> tuple[Tensor, Tensor]:
     """The keep mask and scale :func:`triton_forward` would apply, for a compiled graph to multiply by.
 
-    It draws the same philox seed from torch's generator and runs the same two kernels, so under one
+    It draws the same philox seed from torch's generator and runs the same seeds and mask kernels, so under one
     ``torch.manual_seed`` ``x * keep * scale`` is :func:`triton_forward`'s output.
 
     Args:
