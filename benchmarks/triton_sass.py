@@ -109,7 +109,7 @@ def main() -> None:
     print(f"sm_{args.arch}, {args.dtype}, {layout}, "
           f"block {args.block_size}, per-channel masks; thread-instructions per input element (LDG per element)")
     print("| shape | seeds | rows | mask | apply | forward + backward | floor, fwd + bwd | ours / floor "
-          "| compiled graph's mask (seeds + rows + mask) |")
+          "| compiled graph's mask op (seeds, rows, mask, scale) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for shape in SHAPES:
         numel = torch.Size(shape).numel()

@@ -151,12 +151,30 @@ def test_keep_map_is_the_max_pool_of_the_seed_map(spatial, block_size):
     planes = 48
     maps = _triton._Maps.of(planes, spatial, block_size)
     state = torch.tensor([987654321, int(0.04 * 2**32)])  # a dense seed map: blocks overlap and touch
-    seeds = _triton._seed_map(ks, maps, state, None)
+    seeds = _triton._seed_map(ks, maps, state)
     assert 0 < int(seeds.sum()) < planes * math.prod(maps.valid)
-    keep = _triton._block_mask(ks, maps, seeds)
+    count = torch.zeros(1, dtype=torch.int64)
+    keep = _triton._block_mask(ks, maps, seeds, count)
     want = reference_keep(seeds, maps)
     assert not want.all() and want.any()
     assert torch.equal(keep.bool(), want)
+    assert int(count) == int(want.sum())  # the kept cells, summed per program and added up atomically
+
+
+@pytest.mark.parametrize("numel", [1, 7, 196, 2**24 + 1, 3 * 2**24 + 5, 2**31 + 11, 2**40 + 3])
+def test_scale_kernel_is_the_torch_scale_bit_for_bit(numel):
+    """The scale kernel divides as ``_dense.keep_scale`` does (the CPU paths' and, before, this kernel's scale):
+    counts and sizes past 2**24 round to fp32 on the way, 0 kept gives 0, and no normalisation gives 1."""
+    from dropblock_inject.ops._dense import _normalizer
+
+    ks = _triton.kernels(interpret=True)
+    for kept in {0, 1, 3, numel // 3, numel - 1, numel}:
+        count = torch.tensor([kept], dtype=torch.int64)
+        for normalize in (True, False):
+            scale = torch.empty((), dtype=torch.float32)
+            ks.scale[(1,)](count, scale, float(numel), NORMALIZE=normalize)
+            want = _normalizer(count.to(torch.float32), numel).reshape(()) if normalize else torch.tensor(1.0)
+            assert torch.equal(scale, want), (numel, kept, normalize)
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
@@ -196,6 +214,30 @@ def test_cuda_op_runs_the_compiled_kernel():
     torch.testing.assert_close(x.grad.cpu(), g.cpu() * y)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter tests above cover the kernel)")
+@pytest.mark.parametrize("shape, block_size, per_channel, layout", [
+    ((16, 64, 14, 14), 7, True, torch.contiguous_format), ((8, 32, 7, 7), 7, True, torch.channels_last),
+    ((4, 16, 9, 70), 20, False, torch.contiguous_format), ((2, 8, 4, 12, 12), 3, True, torch.channels_last_3d),
+])
+def test_cuda_kernels_compute_what_the_interpreter_computes(shape, block_size, per_channel, layout):
+    """The compiled kernels on the GPU and the interpreted ones on the CPU, from one philox seed: the same
+    threshold, keep map, scale, output and gradient, bit for bit (fp32), forward and backward."""
+    x = torch.randn(shape).to(memory_format=layout)
+    g = torch.randn(shape).to(memory_format=layout)
+    seed = torch.tensor([1234567890123, 0])
+    results = []
+    for device, interpret in (("cpu", True), ("cuda", False)):
+        ks = _triton.kernels(interpret)
+        state, keep, scale = _triton._draw(ks, tuple(shape), torch.tensor(0.85), block_size, per_channel, True,
+                                           torch.device(device), state=seed.clone().to(device))
+        y = _triton._launch_apply(ks, x.to(device), keep, scale, per_channel)
+        grad = _triton.triton_backward(g.to(device), state, scale, block_size, per_channel, interpret=interpret)
+        results.append([t.cpu() for t in (state, keep, scale, y, grad)])
+    for name, cpu, gpu in zip(("state", "keep map", "scale", "output", "gradient"), *results, strict=True):
+        assert torch.equal(cpu, gpu), name
+    assert not results[0][1].all()  # something was dropped
+
+
 def test_philox_matches_the_random123_known_answer():
     # Philox-4x32-10 with counter (0, 0, 0, 0) and key (0, 0) gives 0x6627e8d5 first (Random123's kat_vectors).
     # The seeds kernel only says whether that word is below a threshold: bisect the threshold to read it.
@@ -204,7 +246,7 @@ def test_philox_matches_the_random123_known_answer():
 
     def below(threshold: int) -> bool:
         state = torch.tensor([0, threshold], dtype=torch.int64)
-        ks.seeds[(1, 1)](state, state, seeds, 1, 1, 8, 0.0, FORWARD=False, WIDE=False, BLOCK_R=1, BLOCK_W=8)
+        ks.seeds[(1, 1)](state, state, state, seeds, 1, 1, 8, 0.0, FORWARD=False, WIDE=False, BLOCK_R=1, BLOCK_W=8)
         assert not seeds[1:].any()  # the row's padding holds no seed
         return bool(seeds[0])
 

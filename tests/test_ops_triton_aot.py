@@ -44,9 +44,10 @@ def distinct(launches):
 def test_every_launch_compiles_for_the_gpu(case, arch):
     shape, dtype, block_size, per_channel, layout = CASES[case]
     launches = _triton_aot.launches(shape, dtype, block_size=block_size, per_channel=per_channel, layout=layout)
-    assert [launch.name for launch in launches] == ["seeds", "rows", "mask", "apply"] * 2  # forward, backward
+    forward, backward = ["seeds", "rows", "mask", "scale", "apply"], ["seeds", "rows", "mask", "apply"]
+    assert [launch.name for launch in launches] == forward + backward
     compiled = _triton_aot.launches(shape, dtype, block_size=block_size, per_channel=per_channel, compiled=True)
-    assert [launch.name for launch in compiled] == ["seeds", "rows", "mask"]  # the mask op: no apply
+    assert [launch.name for launch in compiled] == forward[:-1]  # the mask op: no apply
     for launch in distinct(launches + compiled):
         kernel = _triton_aot.compile_launch(launch, arch)
         assert kernel.asm["cubin"], launch.name
@@ -56,16 +57,16 @@ def test_every_launch_compiles_for_the_gpu(case, arch):
 def test_wide_maps_get_64_bit_indices_and_others_32():
     small = _triton_aot.launches((16, 256, 14, 14))
     wide = _triton_aot.launches(CASES["2**31-cells"][0], torch.bfloat16)
-    assert {launch.kwargs.get("WIDE") for launch in small} == {False}
-    assert {launch.kwargs.get("WIDE") for launch in wide} == {True}
-    _, _, signature, _, _ = _triton_aot.specialize(wide[3])  # apply: the element count itself is 64-bit
+    assert {launch.kwargs["WIDE"] for launch in small if launch.name != "scale"} == {False}
+    assert {launch.kwargs["WIDE"] for launch in wide if launch.name != "scale"} == {True}
+    _, _, signature, _, _ = _triton_aot.specialize(wide[4])  # apply: the element count itself is 64-bit
     assert signature["numel"] == "i64"
 
 
 def test_layouts_choose_the_apply_kernels_path():
     from dropblock_inject.ops import _triton_kernels as k
 
-    paths = {layout: _triton_aot.launches((4, 8, 10, 10), layout=layout)[3].kwargs["LAYOUT"]
+    paths = {layout: _triton_aot.launches((4, 8, 10, 10), layout=layout)[4].kwargs["LAYOUT"]
              for layout in _triton_aot.LAYOUTS}
     assert paths == {"contiguous": k.CONTIGUOUS, "channels_last": k.CHANNELS_LAST, "strided": k.STRIDED}
     with pytest.raises(ValueError, match="layout must be one of"):

@@ -1,19 +1,19 @@
 """The fused accelerator kernel's launchers: philox seeds, block mask and count, scaled product.
 
-Four launches (the programs are in ``_triton_kernels``), none of which syncs with the host:
+Five launches (the programs are in ``_triton_kernels``), none of which syncs with the host:
 
 1. seeds: one philox draw per valid anchor (counter = anchor index, key = a seed drawn from torch's generator
    on the device), a ``uint8`` seed map ``bits < gamma * 2**32`` (exact to 2**-32); ``gamma`` is computed in
    the kernel from the ``keep_prob`` tensor, so a new keep_prob is a new value, not a new kernel (nor a
    recompile);
 2. and 3. rows and mask: the stride-1 max-pool of the seed map, separable (along W, then along H and T),
-   written as a ``uint8`` keep map; the kept cells are counted and the scale ``numel / kept`` (0 when nothing
-   is kept) computed by torch ops on the device (no host sync);
-4. apply: ``x * keep * scale``, in x's dtype and strides.
+   written as a ``uint8`` keep map, its kept cells counted on the device (no host sync);
+4. scale: ``numel / kept`` in fp32 (0 when nothing is kept), the division torch's ``_dense.keep_scale`` does;
+5. apply: ``x * keep * scale``, in x's dtype and strides.
 
 Backward keeps only the philox seed, the threshold and the scale (20 bytes): it redraws the same seed map (philox is
 counter-based), rebuilds the keep map and applies it to the gradient. The seed, row and keep maps are
-temporaries of one launch sequence, never saved. Compiled graphs run launches 1 to 3 only (:func:`triton_mask`,
+temporaries of one launch sequence, never saved. Compiled graphs run launches 1 to 4 only (:func:`triton_mask`,
 through the mask op, see ``_mask_op``) and leave the product to inductor, which fuses it with its neighbours.
 """
 
@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from ._check import _geometry
-from ._dense import keep_scale
 from ._triton_kernels import AVAILABLE, CHANNELS_LAST, CONTIGUOUS, STRIDED, kernels, triton
 
 __all__ = ["AVAILABLE", "kernels", "keep_shape", "triton_backward", "triton_forward", "triton_mask"]
@@ -77,38 +76,43 @@ class _Maps(NamedTuple):
                    wide)
 
 
-def _seed_map(ks: SimpleNamespace, maps: _Maps, state: Tensor, keep_prob: Tensor | None) -> Tensor:
+def _seed_map(ks: SimpleNamespace, maps: _Maps, state: Tensor, keep_prob: Tensor | None = None,
+              count: Tensor | None = None) -> Tensor:
     """Launch 1: the ``uint8`` seed map, ``maps.anchor_rows`` rows of ``seed_words * 8`` bytes (0 past VW).
 
-    With a ``keep_prob`` (forward) the kernel writes the threshold into ``state[1]``; without one (backward) it
-    reads it from there.
+    In forward (a ``keep_prob`` and a ``count``) the kernel writes the threshold into ``state[1]`` and zeroes
+    ``count``; in backward it reads the threshold from ``state[1]``.
     """
     pitch = maps.seed_words * 8
     seeds = torch.empty(maps.anchor_rows * pitch, dtype=torch.uint8, device=state.device)
     grid, tile = _tiles(maps.anchor_rows, pitch, ks.block, maps.wide)
-    ks.seeds[grid](state, state if keep_prob is None else keep_prob, seeds, maps.anchor_rows, maps.valid[2], pitch,
-                   maps.factor, FORWARD=keep_prob is not None, **tile)
+    forward = count is not None
+    ks.seeds[grid](state, keep_prob if forward else state, count if forward else state, seeds, maps.anchor_rows,
+                   maps.valid[2], pitch, maps.factor, FORWARD=forward, **tile)
     return seeds
 
 
-def _block_mask(ks: SimpleNamespace, maps: _Maps, seeds: Tensor) -> Tensor:
+def _block_mask(ks: SimpleNamespace, maps: _Maps, seeds: Tensor, count: Tensor | None = None) -> Tensor:
     """Launches 2 and 3: the flat ``uint8`` keep map of a seed map, its stride-1 max-pool by the block, along W
-    (into the row map, ``int64`` words of eight 0/1 bytes), then along H and T."""
+    (into the row map, ``int64`` words of eight 0/1 bytes), then along H and T; the kept cells are added to
+    ``count`` where one is given."""
     (t, h, w), (bt, bh, bw), (vt, vh, _) = maps.size, maps.block, maps.valid
     rows = torch.empty(maps.anchor_rows * maps.row_words, dtype=torch.int64, device=seeds.device)
     grid, tile = _tiles(maps.anchor_rows, maps.row_words, ks.words, maps.wide)
     ks.rows[grid](seeds.view(torch.int64), rows, maps.anchor_rows, maps.seed_words, maps.row_words, BW=bw, **tile)
     keep = torch.empty(maps.planes * t * h * w, dtype=torch.uint8, device=seeds.device)
     grid, tile = _tiles(maps.planes * t * h, maps.row_words, ks.words, maps.wide)
-    ks.mask[grid](rows, keep, maps.planes * t * h, t, h, w, vt, vh, maps.row_words, BT=bt, BH=bh, **tile)
+    ks.mask[grid](rows, keep, keep if count is None else count, maps.planes * t * h, t, h, w, vt, vh,
+                  maps.row_words, BT=bt, BH=bh, COUNT=count is not None, **tile)
     return keep
 
 
-def _keep_map(ks: SimpleNamespace, state: Tensor, keep_prob: Tensor | None, mask_planes: int,
-              spatial: tuple[int, ...], block_size: int) -> Tensor:
-    """The flat ``uint8`` keep map of ``mask_planes`` planes: launches 1 to 3."""
+def _keep_map(ks: SimpleNamespace, state: Tensor, mask_planes: int, spatial: tuple[int, ...], block_size: int,
+              keep_prob: Tensor | None = None, count: Tensor | None = None) -> Tensor:
+    """The flat ``uint8`` keep map of ``mask_planes`` planes: launches 1 to 3 (counting the kept cells into
+    ``count`` in forward, with ``keep_prob``)."""
     maps = _Maps.of(mask_planes, spatial, block_size)
-    return _block_mask(ks, maps, _seed_map(ks, maps, state, keep_prob))
+    return _block_mask(ks, maps, _seed_map(ks, maps, state, keep_prob, count), count)
 
 
 def _layout(x: Tensor, out: Tensor) -> int:
@@ -143,16 +147,21 @@ def keep_shape(shape: list[int] | tuple[int, ...], per_channel: bool) -> tuple[i
 
 
 def _draw(ks: SimpleNamespace, shape: tuple[int, ...], keep_prob: Tensor, block_size: int, per_channel: bool,
-          normalize: bool, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor]:
-    """One call's draws: the state (the philox seed, from torch's generator on ``device``, and the threshold
-    the seeds kernel sets), the flat ``uint8`` keep map (None for an empty input) and the scale."""
-    state = torch.randint(2**62, (2,), dtype=torch.int64, device=device)
+          normalize: bool, device: torch.device, state: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """One call's draws: the state (the philox seed, from torch's generator on ``device`` unless a ``state`` is
+    given, and the threshold the seeds kernel sets), the flat ``uint8`` keep map (None for an empty input) and
+    the scale."""
+    if state is None:
+        state = torch.randint(2**62, (2,), dtype=torch.int64, device=device)
     if math.prod(shape) == 0:
         return state, None, torch.ones((), device=device)
     planes = keep_shape(shape, per_channel)
     keep_prob = keep_prob.to(device=device, dtype=torch.float32).reshape(1)
-    keep = _keep_map(ks, state, keep_prob, planes[0] * planes[1], tuple(shape[2:]), block_size)
-    return state, keep, keep_scale(keep, normalize)
+    count = torch.empty(1, dtype=torch.int64, device=device)  # zeroed by the seeds kernel
+    keep = _keep_map(ks, state, planes[0] * planes[1], tuple(shape[2:]), block_size, keep_prob, count)
+    scale = torch.empty((), dtype=torch.float32, device=device)
+    ks.scale[(1,)](count, scale, float(keep.numel()), NORMALIZE=normalize)  # as _dense.keep_scale computes it
+    return state, keep, scale
 
 
 def triton_mask(shape: list[int], keep_prob: Tensor, block_size: int, per_channel: bool, normalize: bool,
@@ -225,5 +234,5 @@ def triton_backward(grad: Tensor, state: Tensor, scale: Tensor, block_size: int,
     n, c, *spatial = grad.shape
     if grad.numel() == 0:
         return torch.empty_like(grad)
-    keep = _keep_map(ks, state, None, n * (c if per_channel else 1), tuple(spatial), block_size)
+    keep = _keep_map(ks, state, n * (c if per_channel else 1), tuple(spatial), block_size)
     return _launch_apply(ks, grad, keep, scale, per_channel)

@@ -75,8 +75,8 @@ def launches(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, *, bloc
             backward.
 
     Returns:
-        The launches in order: seeds, rows, mask, then (not ``compiled``) apply, and backward's seeds, rows,
-        mask and apply.
+        The launches in order: seeds, rows, mask, scale, then (not ``compiled``) apply, and backward's seeds,
+        rows, mask and apply.
     """
     log: list[Launch] = []
     real = kernels(interpret=False)
@@ -88,7 +88,7 @@ def launches(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, *, bloc
         x = _input(shape, dtype, layout)
         _triton._launch_apply(ks, x, keep, scale, per_channel)
         n, c, *spatial = shape
-        keep = _triton._keep_map(ks, state, None, n * (c if per_channel else 1), tuple(spatial), block_size)
+        keep = _triton._keep_map(ks, state, n * (c if per_channel else 1), tuple(spatial), block_size)
         _triton._launch_apply(ks, _input(shape, dtype, layout), keep, scale, per_channel)
     return log
 

@@ -1,15 +1,18 @@
 """The fused kernel's Triton programs, as plain functions decorated at run time (:func:`kernels`).
 
-Four programs, launched in order by ``_triton``:
+Five programs, launched in order by ``_triton``:
 
 1. :func:`_seeds`: one philox draw per valid anchor (counter = anchor index, key = a seed drawn from torch's
    generator), written as a ``uint8`` seed map ``bits < gamma * 2**32`` whose rows (one per anchor row, VW
-   anchors) are padded with zeros to whole 8-byte words;
+   anchors) are padded with zeros to whole 8-byte words; in forward it also stores the threshold and zeroes
+   the count of kept cells;
 2. :func:`_rows`: the max-pool along W, a word (eight columns) at a time: the row map's byte ``w`` is 1 where
    a seed of that anchor row lies in the block's width ending at column ``w``;
 3. :func:`_mask`: the max-pool along H and T, a word at a time: the OR of the ``BT * BH`` row-map words above,
-   written byte by byte as the dense ``uint8`` keep map (1 = kept);
-4. :func:`_apply`: ``x * keep * scale`` in x's dtype and strides.
+   written byte by byte as the dense ``uint8`` keep map (1 = kept), and in forward the kept cells counted (a
+   sum per program, one atomic add);
+4. :func:`_scale`: ``numel / kept`` in fp32 (0 when nothing is kept), one program;
+5. :func:`_apply`: ``x * keep * scale`` in x's dtype and strides.
 
 Why it is built this way (what a GPU executes, counted in ``benchmarks/triton_sass.py``): the block's
 max-pool is separable, and every byte of the seed and row maps is 0 or 1, so an ``int64`` word ORs eight
@@ -28,8 +31,9 @@ The programs call Triton builtins only, and no helper of their own: ``tl.sum``, 
 library functions are ``@triton.jit`` functions decorated when ``triton`` is imported, which the interpreter
 cannot call unless the whole process imported Triton under ``TRITON_INTERPRET=1`` ("Cannot call @triton.jit'd
 outside of the scope of a kernel"), and a plain helper runs interpreted but does not compile ("Unsupported
-function referenced", caught by ``tests/test_ops_triton_aot.py``). So philox is written out, and the count of
-kept cells is a torch reduction.
+function referenced", caught by ``tests/test_ops_triton_aot.py``). So philox is written out, and the count
+is ``tl.reduce`` with Triton's own sum combine function, which the interpreter recognises and runs as a numpy
+sum (``tl.sum`` would call the combine; ``tl.reduce`` is a builtin that only names it).
 """
 
 import functools
@@ -47,7 +51,7 @@ AVAILABLE = triton is not None
 STRIDED, CONTIGUOUS, CHANNELS_LAST = 0, 1, 2  # _apply's LAYOUT
 
 
-def _seeds(state_ptr, keep_prob_ptr, seeds_ptr, n_rows, VW, SP, factor, FORWARD: tl.constexpr,
+def _seeds(state_ptr, keep_prob_ptr, count_ptr, seeds_ptr, n_rows, VW, SP, factor, FORWARD: tl.constexpr,
            WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
     # one lane per (anchor row r, byte w < SP of its row in the seed map): a seed at anchor (r, w) where its
     # philox draw (counter = the anchor's index r * VW + w) is below the threshold; 0 in the row's padding
@@ -57,7 +61,9 @@ def _seeds(state_ptr, keep_prob_ptr, seeds_ptr, n_rows, VW, SP, factor, FORWARD:
     if FORWARD:  # the seed threshold gamma * 2**32, from the keep_prob tensor; kept in state[1] for backward
         gamma = (1.0 - tl.load(keep_prob_ptr).to(tl.float32)) * factor
         threshold = (tl.minimum(tl.maximum(gamma, 0.0), 1.0) * 4294967296.0).to(tl.int64)
-        tl.store(state_ptr + 1, threshold, mask=(tl.program_id(0) == 0) & (tl.program_id(1) == 0))
+        first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+        tl.store(state_ptr + 1, threshold, mask=first)
+        tl.store(count_ptr, 0, mask=first)  # the count _mask adds to (launched after this kernel)
     else:
         threshold = tl.load(state_ptr + 1)
     # Philox-4x32-10 (Salmon et al., SC 2011), counter (anchor, 0, 0, 0), key = the 64-bit seed; written out
@@ -105,10 +111,11 @@ def _rows(seeds_ptr, rows_ptr, n_rows, SPW, RPW, BW: tl.constexpr, WIDE: tl.cons
     tl.store(rows_ptr + r * RPW + j, hits, mask=live)
 
 
-def _mask(rows_ptr, keep_ptr, n_rows, T, H, W, VT, VH, RPW, BT: tl.constexpr, BH: tl.constexpr,
-          WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+def _mask(rows_ptr, keep_ptr, count_ptr, n_rows, T, H, W, VT, VH, RPW, BT: tl.constexpr, BH: tl.constexpr,
+          COUNT: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
     # one lane per (row r = (plane, t, h) of the map, word j: columns 8j..8j+7): kept unless a row hit lies
-    # at t - BT < at <= t, h - BH < ah <= h; the row's coordinates are divided out once per row and 8 cells
+    # at t - BT < at <= t, h - BH < ah <= h; the row's coordinates are divided out once per row and 8 cells.
+    # With COUNT, each program adds the cells it kept to count_ptr (one atomic per program).
     pid = tl.program_id(0).to(tl.int64) if WIDE else tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # the tile as in _rows (kernels call no helpers: the
     j = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]  # compiler needs them jitted, the
@@ -130,6 +137,24 @@ def _mask(rows_ptr, keep_ptr, n_rows, T, H, W, VT, VH, RPW, BT: tl.constexpr, BH
     w = j[:, :, None] * 8 + k  # the map is dense, its rows not word-aligned: the words are stored byte by byte
     cells = (keep[:, :, None] >> (k * 8).to(tl.int64)) & 0xFF
     tl.store(keep_ptr + r[:, :, None] * W + w, cells.to(tl.uint8), mask=live[:, :, None] & (w < W))
+    if COUNT:  # a word's kept cells: its bytes below W summed by one multiply into the top byte (at most 8)
+        below = tl.minimum(tl.maximum(W - j * 8, 0), 8)
+        cells_below = tl.where(below >= 8, -1, (tl.full((1, 1), 1, tl.int64) << (8 * tl.minimum(below, 7))) - 1)
+        per_word = tl.where(live & (j < RPW), ((keep & cells_below) * 0x0101010101010101) >> 56, 0)
+        # tl.reduce with the sum's combine function, which the interpreter runs as a numpy sum (not tl.sum)
+        total = tl.reduce(tl.reduce(per_word, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
+        tl.atomic_add(count_ptr, total)
+
+
+def _scale(count_ptr, scale_ptr, numel, NORMALIZE: tl.constexpr):
+    # the fp32 scale numel / kept, an IEEE division (as torch's), 0 when nothing is kept; 1 without NORMALIZE.
+    # numel comes as an fp32 argument: the float nearest to the count of cells, as torch converts it.
+    if NORMALIZE:
+        kept = tl.load(count_ptr).to(tl.float32)
+        scale = tl.where(kept > 0.0, tl.div_rn(tl.full((), numel, tl.float32), tl.maximum(kept, 1.0)), 0.0)
+    else:
+        scale = tl.full((), 1.0, tl.float32)
+    tl.store(scale_ptr, scale)
 
 
 def _apply(x_ptr, out_ptr, keep_ptr, scale_ptr, numel, C, T, H, W,
@@ -178,13 +203,14 @@ def _apply(x_ptr, out_ptr, keep_ptr, scale_ptr, numel, C, T, H, W,
 
 @functools.lru_cache(maxsize=2)
 def kernels(interpret: bool = False) -> SimpleNamespace:
-    """The four programs, jitted for the device, or for Triton's CPU interpreter when ``interpret``.
+    """The five programs, jitted for the device, or for Triton's CPU interpreter when ``interpret``.
 
     Args:
         interpret: build them as ``TRITON_INTERPRET=1`` would (they then run on CPU tensors).
 
     Returns:
-        A namespace with ``seeds``, ``rows``, ``mask``, ``apply`` and the launch ``block`` size.
+        A namespace with ``seeds``, ``rows``, ``mask``, ``scale``, ``apply`` and the lanes of a program:
+        ``block`` (bytes or elements) and ``words`` (eight cells each).
 
     Raises:
         RuntimeError: Triton is not installed.
@@ -194,12 +220,11 @@ def kernels(interpret: bool = False) -> SimpleNamespace:
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:  # triton.jit picks the interpreter when it decorates, from the environment
-        jitted = {fn.__name__[1:]: triton.jit(fn) for fn in (_seeds, _rows, _mask, _apply)}
+        jitted = {fn.__name__[1:]: triton.jit(fn) for fn in (_seeds, _rows, _mask, _scale, _apply)}
     finally:
         if previous is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = previous
     # the interpreter runs a program as numpy arrays: fewer, larger programs are much faster there
-    # (``block`` lanes of one byte or element, ``words`` lanes of eight cells)
     return SimpleNamespace(**jitted, block=16384 if interpret else 1024, words=4096 if interpret else 256)
