@@ -61,8 +61,8 @@ def drop_block_mask(shape: list[int], stride: list[int], dtype: torch.dtype, dev
 
     Returns:
         ``(keep, scale)``, with ``x * keep * scale`` the output, ``scale`` an fp32 0-d tensor. On CUDA with
-        Triton (the fused op's seeds and mask kernels): ``keep`` is a contiguous ``bool`` tensor of x's shape, or
-        ``(N, 1, *spatial)`` when shared. Elsewhere, per-channel masks: ``keep`` is ``bool`` of x's shape (with
+        Triton (the fused op's seeds, rows, mask and scale kernels): ``keep`` is a contiguous ``bool`` tensor of
+        x's shape, or ``(N, 1, *spatial)`` when shared. Elsewhere, per-channel masks: ``keep`` is ``bool`` of x's shape (with
         ``stride`` on CPU, contiguous elsewhere); broadcast masks (shared across channels, or a block covering
         the whole map): ``keep`` is the small scaled multiplier in ``dtype`` and ``scale`` is 1.
     """

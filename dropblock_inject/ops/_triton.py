@@ -168,8 +168,8 @@ def triton_mask(shape: list[int], keep_prob: Tensor, block_size: int, per_channe
                 device: torch.device, interpret: bool = False) -> tuple[Tensor, Tensor]:
     """The keep mask and scale :func:`triton_forward` would apply, for a compiled graph to multiply by.
 
-    It draws the same philox seed from torch's generator and runs the same seeds and mask kernels, so under one
-    ``torch.manual_seed`` ``x * keep * scale`` is :func:`triton_forward`'s output.
+    It draws the same philox seed from torch's generator and runs the same seeds, rows, mask and scale
+    kernels, so under one ``torch.manual_seed`` ``x * keep * scale`` is :func:`triton_forward`'s output.
 
     Args:
         shape: the input's shape ``(N, C, *spatial)``.
