@@ -114,7 +114,7 @@ def _rows(seeds_ptr, rows_ptr, n_rows, SPW, RPW, BW: tl.constexpr, WIDE: tl.cons
 def _mask(rows_ptr, keep_ptr, count_ptr, n_rows, T, H, W, VT, VH, RPW, BT: tl.constexpr, BH: tl.constexpr,
           COUNT: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
     # one lane per (row r = (plane, t, h) of the map, word j: columns 8j..8j+7): kept unless a row hit lies
-    # at t - BT < at <= t, h - BH < ah <= h; the row's coordinates are divided out once per row and 8 cells.
+    # at t - BT < at <= t, h - BH < ah <= h; a lane divides its row's coordinates out once for its 8 cells.
     # With COUNT, each program adds the cells it kept to count_ptr (one atomic per program).
     pid = tl.program_id(0).to(tl.int64) if WIDE else tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # the tile as in _rows (kernels call no helpers: the
@@ -140,7 +140,8 @@ def _mask(rows_ptr, keep_ptr, count_ptr, n_rows, T, H, W, VT, VH, RPW, BT: tl.co
     if COUNT:  # a word's kept cells: its bytes below W summed by one multiply into the top byte (at most 8)
         below = tl.minimum(tl.maximum(W - j * 8, 0), 8)
         cells_below = tl.where(below >= 8, -1, (tl.full((1, 1), 1, tl.int64) << (8 * tl.minimum(below, 7))) - 1)
-        per_word = tl.where(live & (j < RPW), ((keep & cells_below) * 0x0101010101010101) >> 56, 0)
+        summed = tl.mul(keep & cells_below, 0x0101010101010101, sanitize_overflow=False)  # low bytes wrap
+        per_word = tl.where(live & (j < RPW), summed >> 56, 0)
         # tl.reduce with the sum's combine function, which the interpreter runs as a numpy sum (not tl.sum)
         total = tl.reduce(tl.reduce(per_word, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
         tl.atomic_add(count_ptr, total)
