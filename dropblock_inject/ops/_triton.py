@@ -208,7 +208,12 @@ def triton_forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: b
         torch's generator on x's device, and the seed threshold) and the scale (fp32, 0-d): all that backward
         needs.
     """
-    ks = kernels(interpret)
+    return _forward(kernels(interpret), x, keep_prob, block_size, per_channel, normalize)
+
+
+def _forward(ks: SimpleNamespace, x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
+             normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`triton_forward` with the kernels ``ks`` (compiled, interpreted, or ``_triton_aot``'s recorder)."""
     state, keep, scale = _draw(ks, tuple(x.shape), keep_prob, block_size, per_channel, normalize, x.device)
     if keep is None:
         return torch.empty_like(x), state, scale
@@ -230,7 +235,12 @@ def triton_backward(grad: Tensor, state: Tensor, scale: Tensor, block_size: int,
     Returns:
         The input's gradient, laid out as ``torch.empty_like(grad)``.
     """
-    ks = kernels(interpret)
+    return _backward(kernels(interpret), grad, state, scale, block_size, per_channel)
+
+
+def _backward(ks: SimpleNamespace, grad: Tensor, state: Tensor, scale: Tensor, block_size: int,
+              per_channel: bool) -> Tensor:
+    """:func:`triton_backward` with the kernels ``ks``."""
     n, c, *spatial = grad.shape
     if grad.numel() == 0:
         return torch.empty_like(grad)

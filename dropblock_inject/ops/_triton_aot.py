@@ -83,13 +83,11 @@ def launches(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, *, bloc
     ks = SimpleNamespace(**{name: _Recorder(name, value, log) if isinstance(value, triton.runtime.JITFunction)
                             else value for name, value in vars(real).items()})
     keep_prob = torch.tensor(0.9, device=META)
-    state, keep, scale = _triton._draw(ks, tuple(shape), keep_prob, block_size, per_channel, True, META)
-    if not compiled and keep is not None:
-        x = _input(shape, dtype, layout)
-        _triton._launch_apply(ks, x, keep, scale, per_channel)
-        n, c, *spatial = shape
-        keep = _triton._keep_map(ks, state, n * (c if per_channel else 1), tuple(spatial), block_size)
-        _triton._launch_apply(ks, _input(shape, dtype, layout), keep, scale, per_channel)
+    if compiled:  # what triton_mask runs
+        _triton._draw(ks, tuple(shape), keep_prob, block_size, per_channel, True, META)
+    else:  # what triton_forward and triton_backward run
+        _, state, scale = _triton._forward(ks, _input(shape, dtype, layout), keep_prob, block_size, per_channel, True)
+        _triton._backward(ks, _input(shape, dtype, layout), state, scale, block_size, per_channel)
     return log
 
 
