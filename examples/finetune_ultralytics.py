@@ -64,22 +64,26 @@ def write_synthetic_dataset(root: str | Path, *, n_train: int = 8, n_val: int = 
     return data
 
 
-def offline_ultralytics(config_dir: str | Path) -> None:
-    """Keep Ultralytics offline, with its settings in ``config_dir``; call before importing ultralytics.
+def offline_config_dir(config_dir: str | Path) -> Path:
+    """Make ``config_dir`` an Ultralytics settings directory that needs no download; use it as ``YOLO_CONFIG_DIR``.
 
-    Sets ``YOLO_OFFLINE``, ``YOLO_AUTOINSTALL`` and ``YOLO_CONFIG_DIR`` (unless already set) and puts a font
-    named ``Arial.ttf`` (matplotlib's DejaVu Sans) where Ultralytics looks for it: checking a dataset asks for
-    that font and, when it is missing, asks the network for it whether or not anything is plotted.
+    Checking a dataset asks for the font ``Arial.ttf`` in that directory and, when it is missing, asks the network
+    for it whether or not anything is plotted: this puts matplotlib's DejaVu Sans there under that name.
+
+    Args:
+        config_dir: the directory (created if needed).
+
+    Returns:
+        ``config_dir`` as a Path.
     """
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
-    settings = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
-    settings.mkdir(parents=True, exist_ok=True)
-    if not (settings / "Arial.ttf").exists():
-        from matplotlib import font_manager  # an Ultralytics dependency
+    from matplotlib import font_manager  # an Ultralytics dependency
 
-        shutil.copyfile(font_manager.findfont("DejaVu Sans"), settings / "Arial.ttf")
+    config_dir = Path(config_dir)
+    (config_dir / "Ultralytics").mkdir(parents=True, exist_ok=True)
+    font = config_dir / "Ultralytics" / "Arial.ttf"
+    if not font.exists():
+        shutil.copyfile(font_manager.findfont("DejaVu Sans"), font)
+    return config_dir
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -98,7 +102,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dropblock_yolo_"))
     data = args.data
     if data is None:
-        offline_ultralytics(workdir / "config")
+        # before ultralytics is imported: it reads these once (a user's own settings win)
+        os.environ.setdefault("YOLO_OFFLINE", "1")
+        os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+        os.environ.setdefault("YOLO_CONFIG_DIR", str(workdir / "config"))
+        offline_config_dir(os.environ["YOLO_CONFIG_DIR"])
         data = str(write_synthetic_dataset(workdir / "data", imgsz=args.imgsz))
 
     from ultralytics import YOLO
