@@ -147,9 +147,10 @@ class DropBlockCallbacks:
             inject(net, self.recipe, example_input=self._example_input(trainer, net))
         self.scheduler = KeepProbScheduler(net, self._run_length(trainer), target=self.target)
         self._strip_ema(trainer)
-        LOGGER.info(f"DropBlock: {len(self.scheduler.dropblocks)} inserted by recipe {self.recipe.name!r}, "
-                    f"keep_prob {self.scheduler.keep_prob_at(0):.4g} -> {self.scheduler.keep_prob_at(10**12):.4g} "
-                    f"over {self.scheduler.total_steps} iterations")
+        sched = self.scheduler  # the ramp ends by total_steps (its fraction is at most 1)
+        LOGGER.info(f"DropBlock: {len(sched.dropblocks)} inserted by recipe {self.recipe.name!r}, keep_prob "
+                    f"{sched.keep_prob_at(0):.4g} -> {sched.keep_prob_at(sched.total_steps):.4g} over "
+                    f"{sched.total_steps} iterations")
 
     def on_train_epoch_start(self, trainer: BaseTrainer) -> None:
         """Start the epoch's batch count; follow a run length the trainer changed."""
@@ -197,8 +198,8 @@ def add_dropblock(yolo: Model | BaseTrainer, recipe: str | dict | Recipe = "pape
     """Make ``yolo.train(...)`` train with DropBlock, ramped by the trainer's global iteration.
 
     Args:
-        yolo: an Ultralytics model object (``YOLO(...)``, ``RTDETR(...)``, ...) or a trainer; its callbacks
-            get one :class:`DropBlockCallbacks`, used by every later ``train`` call.
+        yolo: an Ultralytics model object (``YOLO(...)``) or trainer; its callbacks get one
+            :class:`DropBlockCallbacks`, used by every later ``train`` call.
         recipe: where to insert DropBlock: a recipe name, path, dict or Recipe (loaded and checked now).
         target: final keep_prob for a DropBlock of drop-rate scale 1; ``None`` keeps the recipe's.
         total_steps: iterations of the ramp's run; ``None``: ``epochs * len(train_loader)`` of the trainer.
