@@ -147,6 +147,17 @@ def test_add_dropblock_rejects_what_it_cannot_drive():
                    for fs in yolo.callbacks.values() for f in fs)  # a failed call registers nothing
 
 
+def test_missing_ultralytics_raises_install_hint(monkeypatch):
+    import importlib
+
+    for name in ("ultralytics", "ultralytics.engine.model", "ultralytics.engine.trainer", "ultralytics.utils",
+                 "ultralytics.utils.torch_utils"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
+    monkeypatch.delitem(sys.modules, "dropblock_inject.integrations.ultralytics")
+    with pytest.raises(ImportError, match=r"pip install dropblock_inject\[ultralytics\]"):
+        importlib.import_module("dropblock_inject.integrations.ultralytics")
+
+
 @pytest.mark.filterwarnings("ignore:cannot trace module")
 def test_callbacks_pickle_with_their_configuration_only():
     """The multi-GPU launch cloudpickles the callbacks: the configuration travels, a past run's model does not."""
