@@ -5,7 +5,7 @@ Ultralytics' settings and HOME in the temporary directory); writes ``WORKDIR/SCE
 because Ultralytics reads its settings directory when it is first imported. Every network connection is refused
 and recorded. Scenarios:
 
-* ``train``: 2 epochs interrupted after the first checkpoint, then resumed from ``last.pt`` with ``resume=True``,
+* ``train``: fine-tuning from a checkpoint for 2 epochs, interrupted after the first checkpoint, then resumed from ``last.pt`` with ``resume=True``,
   then exported to ONNX. Records, per training batch, the global iteration and every DropBlock's keep_prob, what
   forward hooks on the DropBlocks saw, whether the EMA held DropBlocks when checkpoints were written, and the
   number of DropBlocks left in the trainer's model after each run.
@@ -106,14 +106,22 @@ def scenario_train(workdir: Path, data: Path) -> dict:
         yolo.add_callback("on_train_batch_start", on_train_batch_start)
         yolo.add_callback("on_model_save", on_model_save)
 
-    yolo = YOLO("yolov8n.yaml")
+    # fine-tuning from a checkpoint, the usual case: the trainer loads its weights into a model of its own, which
+    # then also becomes yolo.model until training ends
+    pretrained = workdir / "pretrained.pt"
+    YOLO("yolov8n.yaml").save(str(pretrained))
+    yolo = YOLO(str(pretrained))
     dropblock = add_dropblock(yolo, "paper_generic", target=0.5)
     instrument(yolo, dropblock, stop_after_first_save=True)
+    yolo.add_callback("on_train_start", lambda trainer: record.update(
+        yolo_model_is_trainer_model=yolo.model is trainer.model,
+        yolo_model_dropblocks_during=len(dbi.injected_dropblocks(yolo.model))))
     try:
         yolo.train(**_train_args(data, workdir))
     except Interrupt as e:
         record["interrupted"] = str(e)
     record["trainer_dropblocks_after"].append(len(dbi.injected_dropblocks(yolo.trainer.model)))
+    record["yolo_model_dropblocks_after_failure"] = len(dbi.injected_dropblocks(yolo.model))
     last = workdir / "runs" / "train" / "weights" / "last.pt"
 
     yolo = YOLO(str(last))

@@ -22,14 +22,16 @@ from _ultralytics_train import load_example
 pytest.importorskip("cv2")
 
 
+_SETTINGS = tempfile.TemporaryDirectory(prefix="ultralytics_settings_")  # removed when the interpreter exits
+
+
 def _import_ultralytics_offline() -> None:
     """Import Ultralytics with its settings in a temporary directory and offline (it reads both once, on import)."""
     if "ultralytics" in sys.modules:
         return
     names = ("YOLO_CONFIG_DIR", "YOLO_OFFLINE", "YOLO_AUTOINSTALL")
     saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(YOLO_CONFIG_DIR=tempfile.mkdtemp(prefix="ultralytics_settings_"), YOLO_OFFLINE="1",
-                      YOLO_AUTOINSTALL="false")
+    os.environ.update(YOLO_CONFIG_DIR=_SETTINGS.name, YOLO_OFFLINE="1", YOLO_AUTOINSTALL="false")
     try:
         pytest.importorskip("ultralytics")
     finally:
@@ -311,8 +313,11 @@ def test_train_resume_checkpoints_and_export(tmp_path):  # about 30 s on two bus
     for saved in r["saved"]:
         assert not any(m.startswith("dropblock_inject") for m in saved["modules"])
 
-    # stripped after the interrupted run (teardown) and after the finished one (on_train_end)
-    assert r["trainer_dropblocks_after"] == [0, 0] and r["yolo_model_dropblocks"] == 0
+    # fine-tuning trains the model yolo.model points to; stripped after the interrupted run (teardown) and after
+    # the finished one (on_train_end, and yolo.model is then best.pt)
+    assert r["yolo_model_is_trainer_model"] and r["yolo_model_dropblocks_during"] == r["n_dropblocks"]
+    assert r["trainer_dropblocks_after"] == [0, 0] and r["yolo_model_dropblocks_after_failure"] == 0
+    assert r["yolo_model_dropblocks"] == 0
     onnx = pytest.importorskip("onnx")
     onnx.checker.check_model(onnx.load(r["onnx"]))
     _assert_plain_checkpoints(r["weights"], tmp_path)
