@@ -33,7 +33,7 @@ So :func:`add_dropblock` injects nothing itself; it registers callbacks that act
   model, so ``yolo.trainer.model`` exports too, and a run that raised leaves no DropBlock in ``yolo.model``.
 
 Multi-GPU training (``device="0,1"``) runs in subprocesses that Ultralytics launches with
-``torch.distributed.run``; the parent pickles the trainer's callbacks with cloudpickle into the launch state, and
+``torch.distributed.run``; in Ultralytics 8.4 the parent pickles the trainer's callbacks with cloudpickle into the launch state, and
 every worker runs them, so each rank injects its own model and computes the same keep_prob from the iteration.
 See ``docs/ultralytics.md`` for what is and is not covered.
 """
@@ -55,7 +55,7 @@ try:
     from ultralytics.engine.trainer import BaseTrainer
     from ultralytics.utils import LOGGER
     from ultralytics.utils.torch_utils import unwrap_model
-except ImportError as e:  # pragma: no cover - exercised only without ultralytics
+except ImportError as e:
     raise ImportError("dropblock_inject.integrations.ultralytics needs Ultralytics; install it with "
                       f"`pip install dropblock_inject[ultralytics]` (or `pip install ultralytics`) ({e})") from e
 
