@@ -20,6 +20,7 @@ docs/ultralytics.md), unless those variables are already set.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -68,7 +69,8 @@ def offline_config_dir(config_dir: str | Path) -> Path:
     """Make ``config_dir`` an Ultralytics settings directory that needs no download; use it as ``YOLO_CONFIG_DIR``.
 
     Checking a dataset asks for the font ``Arial.ttf`` in that directory and, when it is missing, asks the network
-    for it whether or not anything is plotted: this puts matplotlib's DejaVu Sans there under that name.
+    for it whether or not anything is plotted: this puts the DejaVu Sans that matplotlib (an Ultralytics
+    dependency) ships there under that name, without importing matplotlib (which would write its font cache).
 
     Args:
         config_dir: the directory (created if needed).
@@ -76,13 +78,14 @@ def offline_config_dir(config_dir: str | Path) -> Path:
     Returns:
         ``config_dir`` as a Path.
     """
-    from matplotlib import font_manager  # an Ultralytics dependency
-
     config_dir = Path(config_dir)
     (config_dir / "Ultralytics").mkdir(parents=True, exist_ok=True)
     font = config_dir / "Ultralytics" / "Arial.ttf"
     if not font.exists():
-        shutil.copyfile(font_manager.findfont("DejaVu Sans"), font)
+        matplotlib = importlib.util.find_spec("matplotlib")
+        if matplotlib is None or matplotlib.origin is None:
+            raise ImportError("offline_config_dir copies matplotlib's DejaVu Sans font; install matplotlib")
+        shutil.copyfile(Path(matplotlib.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf", font)
     return config_dir
 
 
