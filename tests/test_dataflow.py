@@ -119,3 +119,27 @@ def test_two_threads_record_two_models_at_once():
         got = results[i]
         assert [(o.name, o.scope, o.inputs) for o in got.ops] == [(o.name, o.scope, o.inputs) for o in alone[i].ops]
         assert [c.path for c in got.calls] == [c.path for c in alone[i].calls]
+
+
+class _Masked(nn.Module):
+    """Makes a padding mask, moves it to the input's device and tests it (as Hugging Face's DETR does), and
+    draws noise on the default device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).view(x.shape[0], 4, -1)  # no empty batch
+        mask = torch.ones(x.shape[0], y.shape[-1], device=x.device).to(y.device)
+        if not mask.all():
+            raise AssertionError("mask")
+        return y * mask[:, None] + 0 * torch.randn(y.shape)
+
+
+def test_meta_forward_reads_small_masks_it_made_and_draws_no_random_number():
+    model, x = _Masked(), torch.randn(1, 3, 8, 8)
+    state = torch.get_rng_state()
+    flow = record(model, x)
+    assert flow.how == "meta"
+    assert torch.equal(torch.get_rng_state(), state)

@@ -210,13 +210,18 @@ class _Recorder(TorchFunctionMode):
 
 
 _aten = torch.ops.aten
-_FOLD = 1 << 16  # ops reading only real tensors of at most this many elements compute for real on meta
+_FOLD = 1 << 16  # an op reading only real tensors computes for real up to this many input elements,
+_FOLD_CHEAP = 1 << 21  # and up to this many when it is no product (a padding mask made in the forward)
 _SHAPE_ONLY = {_aten.native_batch_norm.default, _aten._native_batch_norm_legit_no_training.default}
+_PRODUCTS = {_aten.convolution.default, _aten.mm.default, _aten.bmm.default, _aten.addmm.default,
+             _aten.baddbmm.default, _aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
 class _Meta(TorchDispatchMode):
-    """Runs every op on the meta device: real tensors (parameters, buffers, constants) are viewed as meta
-    tensors of the same shape."""
+    """Runs the forward on the meta device: real tensors (parameters, buffers) are viewed as meta tensors of
+    the same shape, but small constants stay real, so that code reading their values runs (a stride table,
+    a frozen norm's scale, a padding mask the forward made and tests with ``.all()``). Random ops always run
+    on meta: nothing draws from the global generator."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -235,11 +240,24 @@ class _Meta(TorchDispatchMode):
         return value
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        real = [t for t in leaves((args, kwargs)) if t.device.type != "meta"]
-        if real and len(real) == len(leaves((args, kwargs))) and sum(t.numel() for t in real) <= _FOLD:
-            return func(*args, **(kwargs or {}))  # small constants (a stride table, a frozen norm's scale)
+        kwargs = kwargs or {}
+        tensors = leaves((args, kwargs))
+        seeded = torch.Tag.nondeterministic_seeded in func.tags
+        if not tensors and not seeded and "device" in kwargs:  # a factory: real if small
+            shaped = func(*args, **{**kwargs, "device": torch.device("meta")})
+            if not isinstance(shaped, Tensor) or shaped.numel() > _FOLD_CHEAP:
+                return shaped
+            return func(*args, **{**kwargs, "device": torch.device("cpu")}) if kwargs["device"] == torch.device(
+                "meta") else func(*args, **kwargs)
+        if tensors and not seeded and all(t.device.type != "meta" for t in tensors):
+            if sum(t.numel() for t in tensors) <= (_FOLD if func in _PRODUCTS else _FOLD_CHEAP):
+                if func is _aten._to_copy.default and kwargs.get("device") == torch.device("meta"):
+                    kwargs = {**kwargs, "device": tensors[0].device}  # ``mask.to(x.device)``: stays real
+                return func(*args, **kwargs)
         args = tuple(self._map(a) for a in args)
-        kwargs = {k: self._map(v) for k, v in kwargs.items()} if kwargs else {}
+        kwargs = {k: self._map(v) for k, v in kwargs.items()}
+        if seeded or (not tensors and "device" in kwargs):
+            kwargs["device"] = torch.device("meta")
         if func in _SHAPE_ONLY:  # slow Python meta kernels; only the shape matters
             return torch.empty_like(args[0]), args[0].new_empty(0), args[0].new_empty(0)
         return func(*args, **kwargs)
