@@ -7,11 +7,11 @@ resampling, matrix products, softmax, attention, pooling, norms, reshaping...), 
 model's first convolution.
 
 It costs at most one forward: on an empty batch, else on the meta device (no compute), else a real forward
-of the example as given (a detector's post-processing may need real values). It leaves nothing behind: its
-hooks sit on this model's modules only and are removed when it ends, training flags and any attribute the
-forward assigned (a cache of meta tensors) are restored, no random number is drawn, and the interception
-modes are per thread, so two threads can record two models at once. User hooks registered on the model do
-fire; callers that must hide them set them aside first.
+of the example as given (a detector's post-processing may need real values; see :mod:`.metaforward`). It
+leaves nothing behind: its hooks sit on this model's modules only and are removed when it ends, training
+flags and any attribute the forward assigned (a cache of meta tensors) are restored, no random number is
+drawn on meta, and the interception modes are per thread, so two threads can record two models at once.
+User hooks registered on the model do fire; callers that must hide them set them aside first.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
+
+from .metaforward import MetaForward, ModuleState, attempts, leaves
 
 Shape = tuple[int, ...]
 
@@ -144,19 +144,6 @@ class Dataflow:
         return out
 
 
-def leaves(value: Any) -> list[Tensor]:
-    """The tensors in ``value`` (nested lists, tuples, dicts and pytree nodes such as Hugging Face outputs)."""
-    if isinstance(value, Tensor):
-        return [value]
-    if type(value) in (list, tuple):
-        return [t for v in value for t in leaves(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in leaves(v)]
-    if value is None or isinstance(value, (int, float, bool, str, torch.dtype, torch.device)):
-        return []
-    return [t for t in pytree.tree_leaves(value) if isinstance(t, Tensor)]
-
-
 class _Recorder(TorchFunctionMode):
     """Gives every tensor a value id and records each op on tracked tensors; module hooks push the path of
     the module being called."""
@@ -209,89 +196,6 @@ class _Recorder(TorchFunctionMode):
         self.flow.calls.append(ModuleCall(path, ins, outs, start, len(self.flow.ops)))
 
 
-_aten = torch.ops.aten
-_FOLD = 1 << 16  # an op reading only real tensors computes for real up to this many input elements,
-_FOLD_CHEAP = 1 << 21  # and up to this many when it is no product (a padding mask made in the forward)
-_SHAPE_ONLY = {_aten.native_batch_norm.default, _aten._native_batch_norm_legit_no_training.default}
-_PRODUCTS = {_aten.convolution.default, _aten.mm.default, _aten.bmm.default, _aten.addmm.default,
-             _aten.baddbmm.default, _aten._scaled_dot_product_flash_attention_for_cpu.default}
-
-
-class _Meta(TorchDispatchMode):
-    """Runs the forward on the meta device: real tensors (parameters, buffers) are viewed as meta tensors of
-    the same shape, but small constants stay real, so that code reading their values runs (a stride table,
-    a frozen norm's scale, a padding mask the forward made and tests with ``.all()``). Random ops always run
-    on meta: nothing draws from the global generator."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cache: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def _map(self, value: Any) -> Any:
-        if isinstance(value, Tensor):
-            if value.device.type == "meta":
-                return value
-            hit = self.cache.get(id(value))
-            if hit is None or hit[0] is not value:
-                hit = self.cache[id(value)] = (value, value.to("meta"))
-            return hit[1]
-        if type(value) in (list, tuple):
-            return type(value)(self._map(v) for v in value)
-        return value
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        tensors = leaves((args, kwargs))
-        seeded = torch.Tag.nondeterministic_seeded in func.tags
-        if not tensors and not seeded and "device" in kwargs:  # a factory: real if small
-            shaped = func(*args, **{**kwargs, "device": torch.device("meta")})
-            if not isinstance(shaped, Tensor) or shaped.numel() > _FOLD_CHEAP:
-                return shaped
-            return func(*args, **{**kwargs, "device": torch.device("cpu")}) if kwargs["device"] == torch.device(
-                "meta") else func(*args, **kwargs)
-        if tensors and not seeded and all(t.device.type != "meta" for t in tensors):
-            if sum(t.numel() for t in tensors) <= (_FOLD if func in _PRODUCTS else _FOLD_CHEAP):
-                if func is _aten._to_copy.default and kwargs.get("device") == torch.device("meta"):
-                    kwargs = {**kwargs, "device": tensors[0].device}  # ``mask.to(x.device)``: stays real
-                return func(*args, **kwargs)
-        args = tuple(self._map(a) for a in args)
-        kwargs = {k: self._map(v) for k, v in kwargs.items()}
-        if seeded or (not tensors and "device" in kwargs):
-            kwargs["device"] = torch.device("meta")
-        if func in _SHAPE_ONLY:  # slow Python meta kernels; only the shape matters
-            return torch.empty_like(args[0]), args[0].new_empty(0), args[0].new_empty(0)
-        return func(*args, **kwargs)
-
-
-class _State:
-    """Every module's attributes, parameters, buffers, children and training flag, put back by
-    :meth:`restore` (a forward may cache tensors on the module, meta ones included)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
-                      for m in model.modules()]
-
-    def restore(self) -> None:
-        for m, attrs, params, buffers, children in self.saved:
-            for key in [k for k in m.__dict__ if k not in attrs]:
-                del m.__dict__[key]
-            for key, value in attrs.items():
-                if m.__dict__.get(key, attrs) is not value:
-                    m.__dict__[key] = value
-            for mine, theirs in ((m._parameters, params), (m._buffers, buffers), (m._modules, children)):
-                if mine.keys() != theirs.keys() or any(mine[k] is not v for k, v in theirs.items()):
-                    mine.clear()
-                    mine.update(theirs)
-
-
-def _attempts(args: tuple[Any, ...]) -> list[tuple[str, tuple[Any, ...]]]:
-    """The ways to run the forward, cheapest first."""
-    ways = []
-    if args and all(isinstance(a, Tensor) and a.dim() >= 3 and a.shape[0] >= 1 for a in args):
-        ways.append(("empty batch", tuple(a[:0] for a in args)))
-    return [*ways, ("meta", pytree.tree_map_only(Tensor, lambda t: t.to("meta"), args)), ("real", args)]
-
-
 def _run(model: nn.Module, args: tuple[Any, ...], how: str) -> Dataflow:
     names = {id(m): path for path, m in model.named_modules()}
     rec = _Recorder(names)
@@ -305,7 +209,7 @@ def _run(model: nn.Module, args: tuple[Any, ...], how: str) -> Dataflow:
         with torch.no_grad(), rec:
             rec.flow.inputs = tuple(rec.new_value(t, None) for t in leaves(args))
             if how == "meta":
-                with _Meta():
+                with MetaForward():
                     out = model(*args)
             else:
                 out = model(*args)
@@ -346,9 +250,9 @@ def record(model: nn.Module, example_input: Any) -> Dataflow:
         RecordError: no way ran; it names each way's error.
     """
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    state = _State(model)
+    state = ModuleState(model)
     errors = []
-    for how, run_args in _attempts(args):
+    for how, run_args in attempts(args):
         try:
             return _run(model, run_args, how)
         except Exception as e:  # noqa: BLE001 - try the next, more expensive way
