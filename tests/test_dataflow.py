@@ -86,3 +86,26 @@ def test_two_threads_record_two_models_at_once():
         assert [(o.name, o.scope, o.inputs) for o in got.ops] == [(o.name, o.scope, o.inputs) for o in alone[i].ops]
         assert [c.path for c in got.calls] == [c.path for c in alone[i].calls]
 
+
+
+def test_in_place_ops_make_new_values_and_pass_through_ops_none():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = F.relu(self.drop(y), inplace=True)  # eval: dropout hands back y itself
+            w = z * 2
+            w += z
+            return w
+
+    flow = record(Net(), torch.randn(1, 3, 8, 8))
+    conv, drop, relu, mul, add = (next(op for op in flow.ops if op.name == n)
+                                  for n in ("conv2d", "dropout", "relu", "mul", "add_"))  # ``+=``
+    assert drop.outputs == conv.outputs  # the same value: no new producer
+    assert relu.inputs == conv.outputs and relu.outputs != conv.outputs
+    assert add.inputs == mul.outputs + relu.outputs and add.outputs != mul.outputs
+    assert flow.values[add.outputs[0]].producer == add.index and flow.outputs == add.outputs

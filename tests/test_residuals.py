@@ -66,3 +66,17 @@ class _RepVGG(nn.Module):
 def test_reparam_branches_have_no_skip():
     r = _roles(_RepVGG(), torch.zeros(1, 3, 32, 32))
     assert [(a.skip, a.branch_convs) for a in r.residual_adds] == [(None, (1, 1))]
+
+
+def test_monai_vnet_skips_are_the_transition_outputs_and_the_repeated_input():
+    monai = pytest.importorskip("monai")
+    model = monai.networks.nets.VNet(spatial_dims=3, in_channels=1, out_channels=2)
+    r = _roles(model, torch.zeros(1, 1, 32, 32, 32))
+    by_scope = {a.scope: a for a in r.residual_adds}
+    # ``torch.add(out, x.repeat(...))``: the repeated input, no layer, is the skip of the conv branch
+    assert by_scope["in_tr"].skip == 1 and by_scope["in_tr"].branch_convs == (1, 0)
+    # ``ops(down) + down``: the skip is the down-convolution's output, the source of the branch
+    for scope in ("down_tr64", "down_tr128", "down_tr256"):
+        add = by_scope[scope]
+        down = r.flow.calls_of(f"{scope}.act_function1")[0].outputs[0]
+        assert add.skip == 1 and add.operands[1] == down and add.branch_convs[0] >= 2

@@ -111,6 +111,24 @@ def test_a_dilated_side_path_is_no_stride():
     assert r.stride("gate.dilated") == 4 and r.stride("gate") == 4 and r.stride("s8") == 8
 
 
+def test_a_dilated_attention_gate_in_a_zoo_model_is_no_stride():
+    provider = pytest.importorskip("pytorchcv.model_provider")
+    model = provider.get_model("bam_resnet50", pretrained=False)
+    r = _roles(model, torch.zeros(1, 3, 224, 224))  # its final pool is a fixed 7x7
+    assert [r.stride(f"features.stage{i}") for i in range(1, 5)] == [4, 8, 16, 32]
+    gates = [p for p, m in model.named_modules() if ".bam." in p and isinstance(m, nn.Conv2d) and m.dilation[0] > 1]
+    assert gates and sorted({r.stride(p) for p in gates}) == [4, 8, 16]  # measured: the gate traded nothing
+
+
+def test_maps_an_se_gate_scales_are_not_pooled_maps():
+    efficientnet = pytest.importorskip("efficientnet_pytorch")
+    model = efficientnet.EfficientNet.from_name("efficientnet-b0")
+    r = _roles(model, torch.zeros(1, 3, 128, 128))
+    assert r.is_backbone("_blocks.10") and r.is_backbone("_blocks.15") and r.stride("_blocks.15") == 32
+    assert r.not_a_cnn is None and not r.is_backbone("_fc")
+    assert r.pooled & {v for c in r.flow.calls_of("_blocks.15._se_reduce") for v in c.outputs}
+
+
 # -- attention -----------------------------------------------------------------------------------------
 
 def test_yolo11_c2psa_attention_convs_are_attention(yolo):

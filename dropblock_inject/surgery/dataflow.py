@@ -172,7 +172,13 @@ class _Recorder(TorchFunctionMode):
         name = getattr(func, "__name__", "") or str(func)
         ins = self.tracked((args, kwargs))
         index = len(self.flow.ops)
-        outs = tuple(self.new_value(t, index) for t in leaves(out))
+        inplace = (name.endswith("_") and not name.endswith("__") or name.startswith("__i")
+                   or kwargs.get("inplace") is True or any(a is True for a in args[1:]))  # F.relu(x, True)
+        given = {id(t) for t in leaves((args, kwargs))} if not inplace else set()
+        # an op that hands back its input (dropout in eval, ``contiguous()``) makes no new value; an in-place
+        # op (``add_``, ``+=``, ``relu_``) makes a new value of the same tensor
+        outs = tuple(self.ids[t] if id(t) in given and t in self.ids else self.new_value(t, index)
+                     for t in leaves(out))
         if not outs:
             return out
         dilation, kernel = 1, 0

@@ -52,8 +52,10 @@ def _ancestors(flow: Dataflow, v: int) -> set[int]:
 def residual_adds(flow: Dataflow, data: set[int]) -> list[ResidualAdd]:
     """Every addition of two data tensors of one shape that share a source, wherever it runs (chained in a
     loop, after a transition). The operand that *is* the source is the skip (``x + f(x)``); when both
-    were computed from it, the skip is a single-layer projection beside a deeper branch (``conv3(...) +
-    downsample(x)``); two branches of equal depth (``bn(conv3x3(x)) + bn(conv1x1(x))``) have no skip.
+    were computed from it, the skip is the operand with fewer layers in series, if it has at most one: a
+    projection beside a deeper branch (``conv3(...) + downsample(x)``), a parameter-free transform of the
+    source beside a conv branch (MONAI VNet's ``conv(x) + x.repeat(...)``). Two branches of equal depth
+    (``bn(conv3x3(x)) + bn(conv1x1(x))``, re-parameterisable blocks) have no skip.
 
     Args:
         flow: the recorded forward.
@@ -82,7 +84,7 @@ def residual_adds(flow: Dataflow, data: set[int]) -> list[ResidualAdd]:
         depth, dil = zip(*(_branch(flow, source, v, a) for v, a in zip(ins, anc)))
         if source in ins:
             skip: int | None = ins.index(source)
-        elif min(depth) <= 1 < max(depth):
+        elif min(depth) <= 1 and min(depth) < max(depth):
             skip = depth.index(min(depth))
         else:
             skip = None

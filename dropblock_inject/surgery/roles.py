@@ -94,9 +94,17 @@ class Roles:
 
     @cached_property
     def pooled(self) -> set[int]:
-        """Values computed from an adaptively pooled map and not upsampled since (pyramid pooling, SE)."""
-        seeds = {w for op in self.flow.ops if op.kind == "adaptive_pool" for w in op.outputs}
-        return self._descendants(seeds, stop=("resample",))
+        """Adaptively pooled maps (fixed-size bins, not a strided map) and what is computed from them alone,
+        not upsampled since (a pyramid pooling branch, an SE gate; not the map an SE gate scales)."""
+        pooled: set[int] = set()
+        for op in self.flow.ops:
+            ins = [v for v in op.inputs if v in self.data]
+            if op.kind == "adaptive_pool":
+                first = self.flow.values[op.inputs[0]].shape[2:] if op.inputs else None
+                pooled.update(v for v in op.outputs if self.flow.values[v].shape[2:] != first)
+            elif op.kind != "resample" and ins and all(v in pooled for v in ins):
+                pooled.update(op.outputs)
+        return pooled
 
     @cached_property
     def nominal(self) -> list[int | None]:
