@@ -46,8 +46,8 @@ def test_chained_residual_additions_have_their_skip():
 
 def test_torchvision_projection_shortcut_is_the_skip():
     r = _roles(torchvision.models.resnet50(), torch.zeros(1, 3, 64, 64))
-    first = [a for a in r.residual_adds if a.scope == "layer3.0"]
-    assert len(first) == 1 and first[0].branch_convs == (3, 1) and first[0].skip == 1
+    first = r.adds_in("layer3.0")
+    assert len(first) == 1 and first[0].branch_convs == (3, 1) and first[0].skip == 1 and first[0].position == 0
     assert len(r.residual_adds) == 16 and all(a.skip is not None for a in r.residual_adds)
 
 

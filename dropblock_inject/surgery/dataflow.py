@@ -132,8 +132,14 @@ class Dataflow:
     how: str = ""
 
     def calls_of(self, path: str) -> list[ModuleCall]:
-        """The calls of the module at ``path`` (empty if it never ran)."""
-        return [c for c in self.calls if c.path == path]
+        """The calls of the module at ``path``, in the order they ended (empty if it never ran)."""
+        index = self.__dict__.get("_by_path")
+        if index is None or index[0] != len(self.calls):
+            by_path: dict[str, list[ModuleCall]] = {}
+            for c in self.calls:
+                by_path.setdefault(c.path, []).append(c)
+            index = self.__dict__["_by_path"] = (len(self.calls), by_path)
+        return index[1].get(path, [])
 
     def consumers(self) -> list[list[int]]:
         """For each value, the indices of the ops that read it."""

@@ -202,6 +202,12 @@ class Roles:
         seeds = {w for op in self._attention_ops() for w in op.outputs}
         return self._descendants(seeds, stop=("conv",))
 
+    @cached_property
+    def attention_region(self) -> set[int]:
+        """:attr:`attention_results` and the values reshaped from :attr:`attention_inputs` (``v`` viewed
+        back as a map)."""
+        return self.attention_results | self._descendants(self.attention_inputs, only=("reshape",))
+
     # -- module-level facts --------------------------------------------------------------------------
 
     def ran(self, path: str) -> bool:
@@ -228,7 +234,7 @@ class Roles:
         """Whether the module at ``path`` feeds attention, or it or a module it belongs to reads a tensor that
         feeds attention or comes from it (q, k, v projections, a positional conv on v, the output
         projection and its norm)."""
-        region = self.attention_results | self._descendants(self.attention_inputs, only=("reshape",))
+        region = self.attention_region
         parts = path.split(".") if path else []
         for i in range(len(parts), 0, -1):
             p = ".".join(parts[:i])
@@ -236,6 +242,20 @@ class Roles:
                     v in region for c in self.flow.calls_of(p) for v in c.inputs):
                 return True
         return False
+
+    def is_norm(self, path: str) -> bool:
+        """Whether the module at ``path`` is a norm by behaviour (see :attr:`norms`)."""
+        return path in self.norms
+
+    def adds_in(self, scope: str) -> list[ResidualAdd]:
+        """The residual additions the first call of the module at ``scope`` ran itself (not in a submodule),
+        in order; each one's :attr:`~.residuals.ResidualAdd.position` is its index among all the additions
+        (``+``, ``+=``, ``torch.add``, ``Tensor.add``/``add_`` on tensors) that call ran."""
+        calls = self.flow.calls_of(scope)
+        if not calls:
+            return []
+        first = min(calls, key=lambda c: c.start)
+        return [a for a in self.residual_adds if a.scope == scope and first.start <= a.op < first.end]
 
     def stride(self, path: str) -> int | None:
         """The nominal stride (see :attr:`nominal`) of the first map the module at ``path`` returned."""
