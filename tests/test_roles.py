@@ -172,6 +172,25 @@ def test_detr_frozen_norms_are_norms():
     assert frozen and r.norms == frozen
 
 
+def test_rt_detr_frozen_norms_backbone_and_hybrid_encoder():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.RTDetrConfig(
+        backbone_config=transformers.RTDetrResNetConfig(depths=[1, 1, 1, 1],
+                                                        out_features=["stage2", "stage3", "stage4"]),
+        use_pretrained_backbone=False, encoder_layers=1, decoder_layers=1, num_queries=20)
+    model = transformers.RTDetrForObjectDetection(cfg)
+    r = _roles(model, torch.zeros(1, 3, 128, 128))
+    frozen = {p for p, m in model.named_modules() if type(m).__name__ == "RTDetrFrozenBatchNorm2d"}
+    assert frozen and frozen <= r.norms
+    stages = "model.backbone.model.encoder.stages"
+    assert [r.stride(f"{stages}.{i}") for i in (2, 3)] == [16, 32] and r.is_backbone(f"{stages}.3")
+    # the stride-32 projection feeds the encoder's attention; the neck's convs are not backbone, and only
+    # the lateral conv reading the attention's result is attention
+    assert r.in_attention("model.encoder_input_proj.2") and not r.in_attention("model.encoder_input_proj.1")
+    assert not r.is_backbone("model.encoder.fpn_blocks.0") and not r.in_attention("model.encoder.fpn_blocks.0")
+    assert r.in_attention("model.encoder.lateral_convs.0")
+
+
 # -- live ----------------------------------------------------------------------------------------------
 
 def test_pspnet_encoder_stages_it_throws_away_are_not_live():

@@ -231,15 +231,17 @@ class Roles:
         return any(v in self.attention_inputs for v in self._outputs(path))
 
     def in_attention(self, path: str) -> bool:
-        """Whether the module at ``path`` feeds attention, or it or a module it belongs to reads a tensor that
-        feeds attention or comes from it (q, k, v projections, a positional conv on v, the output
-        projection and its norm)."""
+        """Whether the module at ``path`` feeds attention or reads a tensor that feeds attention or comes from
+        it (q, k, v projections, a positional conv on v, the output projection), or belongs to a module that
+        reads only such tensors (the output projection's norm)."""
         region = self.attention_region
         parts = path.split(".") if path else []
         for i in range(len(parts), 0, -1):
             p = ".".join(parts[:i])
-            if (p == path and self.feeds_attention(p)) or any(
-                    v in region for c in self.flow.calls_of(p) for v in c.inputs):
+            ins = [v for c in self.flow.calls_of(p) for v in c.inputs if v in self.data]
+            if p == path and (self.feeds_attention(p) or any(v in region for v in ins)):
+                return True
+            if p != path and ins and all(v in region for v in ins):  # inside an attention projection
                 return True
         return False
 
