@@ -65,3 +65,13 @@ def test_meta_forward_reads_small_masks_it_made_and_draws_no_random_number():
     flow = record(model, x)
     assert flow.how == "meta"
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_grid_sample_on_meta_has_the_grid_s_size():
+    class Sampler(nn.Module):
+        def forward(self, x):
+            grid = x.new_zeros(x.shape[0], 5, 7, 2)
+            return torch.nn.functional.grid_sample(x.view(x.shape[0], 3, 8, -1), grid, align_corners=False)
+
+    flow = record(Sampler(), torch.randn(1, 3, 8, 8))
+    assert flow.how == "meta" and flow.values[flow.outputs[0]].shape == (1, 3, 5, 7)

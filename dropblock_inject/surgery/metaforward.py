@@ -33,6 +33,7 @@ _aten = torch.ops.aten
 _FOLD = 1 << 16  # an op reading only real tensors computes for real up to this many input elements,
 _FOLD_CHEAP = 1 << 21  # and up to this many when it is no product (a padding mask made in the forward)
 _SHAPE_ONLY = {_aten.native_batch_norm.default, _aten._native_batch_norm_legit_no_training.default}
+_GRID_SAMPLERS = {_aten.grid_sampler_2d.default, _aten.grid_sampler_3d.default, _aten.grid_sampler.default}
 _PRODUCTS = {_aten.convolution.default, _aten.mm.default, _aten.bmm.default, _aten.addmm.default,
              _aten.baddbmm.default, _aten._scaled_dot_product_flash_attention_for_cpu.default}
 
@@ -80,6 +81,9 @@ class MetaForward(TorchDispatchMode):
             kwargs["device"] = torch.device("meta")
         if func in _SHAPE_ONLY:  # slow Python meta kernels; only the shape matters
             return torch.empty_like(args[0]), args[0].new_empty(0), args[0].new_empty(0)
+        if func in _GRID_SAMPLERS:  # (N, C, H, W) sampled at a (N, Hg, Wg, 2) grid: (N, C, Hg, Wg)
+            x, grid = args[0], args[1]
+            return x.new_empty((*x.shape[:2], *grid.shape[1:-1]))
         return func(*args, **kwargs)
 
 
