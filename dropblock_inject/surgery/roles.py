@@ -112,7 +112,8 @@ class Roles:
         additions of one (stride, channels) run form a stage, whose dilation is the largest of its branches'
         convolutions (a dilated side path, such as an attention gate, is no branch). A value belongs to the
         stage of the last addition before it when it has that addition's stride and channels, else to the
-        next addition's stage when it has that stride, else to none."""
+        next addition's stage when it has that stride, else to none; values made after the first fusion
+        (necks, decoders, heads) keep their measured stride."""
         end = self.fusions[0] if self.fusions else len(self.flow.ops)
         anchors = [(r.op, self._key(r.op), r.dilation) for r in self.residual_adds
                    if r.skip is not None and self.first_conv <= r.op < end and self._map(self._out(r.op))]
@@ -133,7 +134,7 @@ class Roles:
             while k < len(anchors) and anchors[k][0] <= at:
                 k += 1
             factor = 1
-            if val.stride is not None and len(val.shape) > 1:
+            if val.stride is not None and len(val.shape) > 1 and at < end:
                 if k and anchors[k - 1][1] == (val.stride, val.shape[1]):
                     factor = dil[k - 1]
                 elif k < len(anchors) and anchors[k][1][0] == val.stride:
