@@ -109,3 +109,17 @@ def test_in_place_ops_make_new_values_and_pass_through_ops_none():
     assert relu.inputs == conv.outputs and relu.outputs != conv.outputs
     assert add.inputs == mul.outputs + relu.outputs and add.outputs != mul.outputs
     assert flow.values[add.outputs[0]].producer == add.index and flow.outputs == add.outputs
+
+
+def test_channels_last_tokens_have_no_stride():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 96, 4, 4)
+
+        def forward(self, x):
+            y = self.conv(x)  # (1, 96, 16, 12)
+            return y, y.permute(0, 2, 3, 1)  # (1, 16, 12, 96): channels last
+
+    flow = record(Net(), torch.randn(1, 3, 64, 48))
+    assert [flow.values[v].stride for v in flow.outputs] == [4, None]

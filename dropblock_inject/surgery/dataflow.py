@@ -236,9 +236,13 @@ def _run(model: nn.Module, args: tuple[Any, ...], how: str) -> Dataflow:
 
 
 def _stride(shape: Shape, reference: Shape) -> int | None:
-    if not reference or len(shape) != len(reference) + 2 or shape[-1] <= 0:
+    """The power of two that every spatial side of ``shape`` is ``reference``'s divided by (rounded: unpadded
+    convs and floor-mode pools give e.g. 224 / 13); None for tensors that are no (N, C, *spatial) map at or
+    below the reference's resolution (tokens, channels-last maps, whose sides disagree)."""
+    if not reference or len(shape) != len(reference) + 2 or min(shape[2:]) <= 0:
         return None
-    return 2 ** round(math.log2(reference[-1] / shape[-1]))
+    exps = {round(math.log2(r / s)) for r, s in zip(reference, shape[2:])}
+    return 2 ** exps.pop() if len(exps) == 1 and min(exps) >= 0 else None
 
 
 class RecordError(RuntimeError):
