@@ -75,3 +75,27 @@ def test_grid_sample_on_meta_has_the_grid_s_size():
 
     flow = record(Sampler(), torch.randn(1, 3, 8, 8))
     assert flow.how == "meta" and flow.values[flow.outputs[0]].shape == (1, 3, 5, 7)
+
+
+def test_meta_shapes_are_the_real_forward_s():
+    from dropblock_inject.surgery.dataflow import _run
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, 2, 1)
+            self.norm = nn.LayerNorm(8)
+            self.qkv = nn.Linear(8, 24)
+            self.act = nn.GELU()
+
+        def forward(self, x):
+            t = self.norm(torch.relu(self.conv(x)).flatten(2).transpose(1, 2))
+            q, k, v = self.qkv(t).chunk(3, -1)
+            a = torch.softmax(q @ k.transpose(1, 2), -1, dtype=torch.float64).float() @ v
+            grid = torch.sigmoid(a[..., :2]).reshape(x.shape[0], 4, 4, 2) * 2 - 1
+            return self.act(torch.nn.functional.grid_sample(torch.tanh(x), grid, align_corners=False)), a
+
+    model, x = Block(), torch.randn(2, 3, 8, 8)
+    meta, real = _run(model, (x.to("meta"),), "meta"), _run(model, (x,), "real")
+    assert [v.shape for v in meta.values] == [v.shape for v in real.values]
+    assert [(o.name, o.inputs) for o in meta.ops] == [(o.name, o.inputs) for o in real.ops]

@@ -33,6 +33,8 @@ _aten = torch.ops.aten
 _FOLD = 1 << 16  # an op reading only real tensors computes for real up to this many input elements,
 _FOLD_CHEAP = 1 << 21  # and up to this many when it is no product (a padding mask made in the forward)
 _SHAPE_ONLY = {_aten.native_batch_norm.default, _aten._native_batch_norm_legit_no_training.default}
+_SAME_SHAPE = {_aten.relu.default, _aten.gelu.default, _aten.silu.default, _aten.sigmoid.default,
+               _aten.tanh.default, _aten._safe_softmax.default, _aten._softmax.default, _aten.hardswish.default}
 _GRID_SAMPLERS = {_aten.grid_sampler_2d.default, _aten.grid_sampler_3d.default, _aten.grid_sampler.default}
 _PRODUCTS = {_aten.convolution.default, _aten.mm.default, _aten.bmm.default, _aten.addmm.default,
              _aten.baddbmm.default, _aten._scaled_dot_product_flash_attention_for_cpu.default}
@@ -81,6 +83,15 @@ class MetaForward(TorchDispatchMode):
             kwargs["device"] = torch.device("meta")
         if func in _SHAPE_ONLY:  # slow Python meta kernels; only the shape matters
             return torch.empty_like(args[0]), args[0].new_empty(0), args[0].new_empty(0)
+        if func in _SAME_SHAPE:  # activations and softmax: the input's shape (and dtype, unless given)
+            given = args[2] if len(args) > 2 and isinstance(args[2], torch.dtype) else kwargs.get("dtype")
+            return torch.empty_like(args[0], dtype=given or args[0].dtype)
+        if func is _aten.addmm.default:  # a linear layer: (n, k) @ (k, m) + bias
+            return args[1].new_empty((args[1].shape[0], args[2].shape[1]))
+        if func is _aten.native_layer_norm.default:  # normalised over the trailing dims: (y, mean, rstd)
+            x, axis = args[0], args[0].dim() - len(args[1])
+            stats = (*x.shape[:axis], *([1] * len(args[1])))
+            return torch.empty_like(x), x.new_empty(stats), x.new_empty(stats)
         if func in _GRID_SAMPLERS:  # (N, C, H, W) sampled at a (N, Hg, Wg, 2) grid: (N, C, Hg, Wg)
             x, grid = args[0], args[1]
             return x.new_empty((*x.shape[:2], *grid.shape[1:-1]))
