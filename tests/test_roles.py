@@ -146,6 +146,7 @@ def test_detr_projection_into_the_transformer_is_attention_not_its_resnet():
     r = _roles(model, torch.zeros(1, 3, 128, 128))
     stages = "model.backbone.model.encoder.stages"
     assert r.feeds_attention("model.input_projection") and r.in_attention("model.input_projection")
+    assert not r.is_backbone("model.input_projection")
     assert not any(r.in_attention(f"{stages}.{i}") or r.feeds_attention(f"{stages}.{i}") for i in range(4))
     assert r.is_backbone(f"{stages}.3") and r.stride(f"{stages}.2") == 16
     assert r.not_a_cnn is None

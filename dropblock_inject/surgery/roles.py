@@ -152,12 +152,14 @@ class Roles:
     @cached_property
     def backbone(self) -> set[int]:
         """Values of the backbone: made from the first convolution on, before the first fusion, and not
-        after the last map of the deepest (nominal) stride."""
+        after the last map of the deepest (nominal) stride that is computed from the input, not pooled and
+        feeds no attention (DETR's projection into its transformer and its positional maps are not backbone)."""
         end = self.fusions[0] if self.fusions else len(self.flow.ops)
         best, last = 0, -1
         for val in self.flow.values:
             p = val.producer
-            if p is None or not self.first_conv <= p < end or not self._map(val.id) or val.id in self.pooled:
+            if (p is None or not self.first_conv <= p < end or not self._map(val.id) or val.id in self.pooled
+                    or val.id in self.attention_inputs or val.id not in self.data):
                 continue
             s = self.nominal[val.id] or 0
             if s >= best:
