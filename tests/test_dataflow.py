@@ -123,3 +123,18 @@ def test_channels_last_tokens_have_no_stride():
 
     flow = record(Net(), torch.randn(1, 3, 64, 48))
     assert [flow.values[v].stride for v in flow.outputs] == [4, None]
+
+
+def test_convolutions_record_their_kernel_and_dilation():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dilated = nn.Conv2d(3, 4, 3, padding=2, dilation=2)
+            self.up = nn.ConvTranspose2d(4, 4, 2, 2, output_padding=1, dilation=3)
+
+        def forward(self, x):
+            return self.up(self.dilated(x))
+
+    flow = record(Net(), torch.randn(1, 3, 8, 8))
+    assert [(op.name, op.kernel, op.dilation) for op in flow.ops if op.kind == "conv"] == [
+        ("conv2d", 3, 2), ("conv_transpose2d", 2, 3)]

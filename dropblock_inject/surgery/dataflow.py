@@ -191,7 +191,8 @@ class _Recorder(TorchFunctionMode):
         kind = KIND_OF.get(name, "other")
         if kind == "conv" and len(args) > 1 and isinstance(args[1], Tensor):
             kernel = max(args[1].shape[2:], default=1)
-            d = kwargs.get("dilation", args[5] if len(args) > 5 else 1)
+            at = 7 if name.startswith("conv_transpose") else 5  # (input, weight, bias, stride, padding, ...)
+            d = kwargs.get("dilation", args[at] if len(args) > at else 1)
             dilation = max(d) if isinstance(d, (tuple, list)) else int(d)
         scope = self.stack[-1][0] if self.stack else ""
         self.flow.ops.append(Op(index, name, kind, scope, ins, outs, dilation, kernel))
