@@ -27,7 +27,11 @@ def yolo(monkeypatch):
 # -- backbone vs neck and head -----------------------------------------------------------------------
 
 def test_yolov8n_pan_neck_and_head_are_not_backbone(yolo):
-    r = _roles(yolo("yolov8n.yaml"), torch.zeros(1, 3, 256, 256))
+    model = yolo("yolov8n.yaml").eval()
+    r = _roles(model, torch.zeros(1, 3, 256, 256))
+    assert r.flow.how == "meta"
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 256, 256))  # its head cached no meta anchors
     assert all(r.is_backbone(f"model.{i}") for i in range(10))
     assert not any(r.is_backbone(f"model.{i}") for i in range(10, 23))
     assert [r.stride(f"model.{i}") for i in (5, 6, 7, 8)] == [16, 16, 32, 32]
