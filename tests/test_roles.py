@@ -18,8 +18,9 @@ def _roles(model: nn.Module, x) -> Roles:
 
 
 @pytest.fixture
-def yolo(monkeypatch):
+def yolo(monkeypatch, tmp_path):
     monkeypatch.setenv("YOLO_OFFLINE", "1")
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path))  # its settings file, written at import
     tasks = pytest.importorskip("ultralytics.nn.tasks")
     return lambda cfg: tasks.DetectionModel(cfg, verbose=False)
 
