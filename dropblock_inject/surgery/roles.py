@@ -1,0 +1,305 @@
+"""What each tensor and module of a recorded forward is for, derived from its dataflow (:mod:`.dataflow`).
+
+:class:`Roles` answers, per module path (or value), the questions placement asks:
+
+* **backbone or not** (:meth:`Roles.is_backbone`): the backbone is what runs from the first convolution,
+  before any upsampling or fusion of maps of different strides (an op or a module call reading them: FPN,
+  PAN, BiFPN, U-Net decoders, detection heads) and not after the last map of the deepest stride (DeepLab's
+  ASPP, classifier heads);
+* **attention** (:meth:`Roles.feeds_attention`, :meth:`Roles.in_attention`): a tensor that reaches a
+  product of two data tensors (``q @ k``, ``attn @ v``) or an attention op through reshaping and one-input
+  ops (a norm, a linear projection, adding a positional code) before any convolution; a module whose input
+  is such a tensor or an attention result (a positional conv on ``v``, the output projection);
+* **live** (:meth:`Roles.is_live`): a tensor the model's outputs are computed from;
+* **residual additions** (:attr:`Roles.residual_adds`): see :func:`.residuals.residual_adds`;
+* **stride** (:meth:`Roles.stride`): measured stride times the dilation a backbone stage traded for it;
+* **CNN or not** (:attr:`Roles.not_a_cnn`);
+* **norms by behaviour** (:func:`.normprobe.is_stat_norm`, :attr:`Roles.norms`).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from torch import nn
+
+from .dataflow import Dataflow, Op, Value
+from .normprobe import is_stat_norm
+from .residuals import ResidualAdd, residual_adds
+
+_ELEMENTWISE = {"mul", "mul_", "__mul__", "__rmul__", "sub", "__sub__", "__rsub__", "maximum", "where"}
+_STOPS = ("conv", "pool", "adaptive_pool", "resample", "attention", "matmul", "cat")
+
+
+class Roles:
+    """The facts placement needs, derived from one recorded forward (see the module docstring).
+
+    Args:
+        flow: the record of :func:`.dataflow.record`.
+        model: the recorded model (needed only for :attr:`norms`).
+    """
+
+    def __init__(self, flow: Dataflow, model: nn.Module | None = None) -> None:
+        self.flow = flow
+        self.model = model
+        self.consumers = flow.consumers()
+        self.first_conv = next((op.index for op in flow.ops if op.kind == "conv"), len(flow.ops))
+        self.data = self._descendants(set(flow.inputs))
+        self.residual_adds: list[ResidualAdd] = residual_adds(flow, self.data)
+
+    # -- value-level facts ---------------------------------------------------------------------------
+
+    def _descendants(self, seeds: set[int], stop: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> set[int]:
+        """``seeds`` and the values computed from them, not through ops of the kinds ``stop`` (and only
+        through ops of the kinds ``only``, if given)."""
+        seen, todo = set(seeds), list(seeds)
+        while todo:
+            for i in self.consumers[todo.pop()]:
+                op = self.flow.ops[i]
+                if op.kind in stop or (only and op.kind not in only):
+                    continue
+                for w in op.outputs:
+                    if w not in seen:
+                        seen.add(w)
+                        todo.append(w)
+        return seen
+
+    def _map(self, v: int) -> bool:
+        """A feature map: (N, C, *spatial) with a stride, C > 1 and more than one spatial cell."""
+        val = self.flow.values[v]
+        return val.stride is not None and val.shape[1] > 1 and _cells(val) > 1
+
+    @cached_property
+    def fusions(self) -> list[int]:
+        """Op indices (after the first convolution) where maps are upsampled or maps of different strides
+        are combined; a module call that reads maps of different strides and combines or upsamples maps
+        counts from its first op (a block that is passed its shortcut, as DLA's, combines nothing)."""
+        found = []
+        for op in self.flow.ops[self.first_conv:]:
+            ins = [self.flow.values[v] for v in op.inputs if self._map(v)]
+            outs = [self.flow.values[v] for v in op.outputs if self._map(v)]
+            if op.kind in ("add", "cat") or op.name in _ELEMENTWISE:
+                if len({v.stride for v in ins}) > 1:
+                    found.append(op.index)
+            elif op.kind in ("resample", "conv") and ins and outs and len(outs[0].shape) == len(ins[0].shape) and all(
+                    o > i for o, i in zip(outs[0].shape[2:], ins[0].shape[2:])):
+                found.append(op.index)
+        ops = list(found)
+        for call in self.flow.calls:  # an FPN: its first lateral conv runs before its first upsampling
+            if call.start >= self.first_conv and len({self.flow.values[v].stride for v in call.inputs
+                                                      if self._map(v)}) > 1 and any(
+                    call.start <= i < call.end for i in ops):
+                found.append(call.start)
+        return sorted(set(found))
+
+    @cached_property
+    def pooled(self) -> set[int]:
+        """Adaptively pooled maps (fixed-size bins, not a strided map) and what is computed from them alone,
+        not upsampled since (a pyramid pooling branch, an SE gate; not the map an SE gate scales)."""
+        pooled: set[int] = set()
+        for op in self.flow.ops:
+            ins = [v for v in op.inputs if v in self.data]
+            if op.kind == "adaptive_pool":
+                first = self.flow.values[op.inputs[0]].shape[2:] if op.inputs else None
+                pooled.update(v for v in op.outputs if self.flow.values[v].shape[2:] != first)
+            elif op.kind != "resample" and ins and all(v in pooled for v in ins):
+                pooled.update(op.outputs)
+        return pooled
+
+    @cached_property
+    def nominal(self) -> list[int | None]:
+        """Each value's stride times the dilation its backbone stage traded for stride: the residual
+        additions of one (stride, channels) run form a stage, whose dilation is the largest of its branches'
+        convolutions (a dilated side path, such as an attention gate, is no branch). A value belongs to the
+        stage of the last addition before it when it has that addition's stride and channels, else to the
+        next addition's stage when it has that stride, else to none; values made after the first fusion
+        (necks, decoders, heads) keep their measured stride."""
+        end = self.fusions[0] if self.fusions else len(self.flow.ops)
+        anchors = [(r.op, self._key(r.op), r.dilation) for r in self.residual_adds
+                   if r.skip is not None and self.first_conv <= r.op < end and self._map(self._out(r.op))]
+        stages: list[list[int]] = []  # per anchor: its stage's anchor indices
+        for i, (_, key, _) in enumerate(anchors):
+            if i and anchors[i - 1][1] == key:
+                stages[-1].append(i)
+            else:
+                stages.append([i])
+        dil = [0] * len(anchors)
+        for stage in stages:
+            for i in stage:
+                dil[i] = max(anchors[j][2] for j in stage)
+        out: list[int | None] = []
+        k = 0  # anchors[:k] ran before the current value
+        for val in self.flow.values:
+            at = val.producer if val.producer is not None else -1
+            while k < len(anchors) and anchors[k][0] <= at:
+                k += 1
+            factor = 1
+            if val.stride is not None and len(val.shape) > 1 and at < end:
+                if k and anchors[k - 1][1] == (val.stride, val.shape[1]):
+                    factor = dil[k - 1]
+                elif k < len(anchors) and anchors[k][1][0] == val.stride:
+                    factor = dil[k]
+            out.append(None if val.stride is None else val.stride * factor)
+        return out
+
+    def _out(self, op: int) -> int:
+        return self.flow.ops[op].outputs[0]
+
+    def _key(self, op: int) -> tuple[int | None, int]:
+        val = self.flow.values[self._out(op)]
+        return val.stride, val.shape[1]
+
+    @cached_property
+    def backbone(self) -> set[int]:
+        """Values of the backbone: made from the first convolution on, before the first fusion, and not
+        after the last map of the deepest (nominal) stride that is computed from the input, not pooled and
+        feeds no attention (DETR's projection into its transformer and its positional maps are not backbone)."""
+        end = self.fusions[0] if self.fusions else len(self.flow.ops)
+        best, last = 0, -1
+        for val in self.flow.values:
+            p = val.producer
+            if (p is None or not self.first_conv <= p < end or not self._map(val.id) or val.id in self.pooled
+                    or val.id in self.attention_inputs or val.id not in self.data):
+                continue
+            s = self.nominal[val.id] or 0
+            if s >= best:
+                best, last = s, p
+        return {v.id for v in self.flow.values if v.producer is not None and self.first_conv <= v.producer <= last}
+
+    @cached_property
+    def live(self) -> set[int]:
+        """Values the model's outputs are computed from (the outputs included)."""
+        seen, todo = set(self.flow.outputs), list(self.flow.outputs)
+        while todo:
+            p = self.flow.values[todo.pop()].producer
+            if p is not None:
+                for w in self.flow.ops[p].inputs:
+                    if w not in seen:
+                        seen.add(w)
+                        todo.append(w)
+        return seen
+
+    def _attention_ops(self) -> list[Op]:
+        return [op for op in self.flow.ops if (op.kind == "attention" and any(v in self.data for v in op.inputs))
+                or (op.kind == "matmul" and sum(v in self.data for v in op.inputs) >= 2)]
+
+    @cached_property
+    def attention_inputs(self) -> set[int]:
+        """Values that reach an attention op (or a product of two data tensors) through ops of one data
+        input (reshapes, norms, linear projections, adding a positional code) before any convolution."""
+        seen = {v for op in self._attention_ops() for v in op.inputs if v in self.data}
+        todo = list(seen)
+        while todo:
+            p = self.flow.values[todo.pop()].producer
+            if p is None or self.flow.ops[p].kind in _STOPS:
+                continue
+            ins = [w for w in self.flow.ops[p].inputs if w in self.data]
+            if len(ins) == 1 and ins[0] not in seen:
+                seen.add(ins[0])
+                todo.append(ins[0])
+        return seen
+
+    @cached_property
+    def attention_results(self) -> set[int]:
+        """Values computed from an attention op's result before any convolution."""
+        seeds = {w for op in self._attention_ops() for w in op.outputs}
+        return self._descendants(seeds, stop=("conv",))
+
+    @cached_property
+    def attention_region(self) -> set[int]:
+        """:attr:`attention_results` and the values reshaped from :attr:`attention_inputs` (``v`` viewed
+        back as a map)."""
+        return self.attention_results | self._descendants(self.attention_inputs, only=("reshape",))
+
+    # -- module-level facts --------------------------------------------------------------------------
+
+    def ran(self, path: str) -> bool:
+        """Whether the module at ``path`` was called in the recorded forward."""
+        return bool(self.flow.calls_of(path))
+
+    def _outputs(self, path: str) -> list[int]:
+        return [v for c in self.flow.calls_of(path) for v in c.outputs]
+
+    def is_backbone(self, path: str) -> bool:
+        """Whether every tensor the module at ``path`` returned is a backbone value (False if it never ran)."""
+        outs = self._outputs(path)
+        return bool(outs) and all(v in self.backbone for v in outs)
+
+    def is_live(self, path: str) -> bool:
+        """Whether some tensor the module at ``path`` returned reaches the model's outputs."""
+        return any(v in self.live for v in self._outputs(path))
+
+    def feeds_attention(self, path: str) -> bool:
+        """Whether a tensor the module at ``path`` returned reaches attention (see :attr:`attention_inputs`)."""
+        return any(v in self.attention_inputs for v in self._outputs(path))
+
+    def in_attention(self, path: str) -> bool:
+        """Whether the module at ``path`` feeds attention or reads a tensor that feeds attention or comes from
+        it (q, k, v projections, a positional conv on v, the output projection), or belongs to a module that
+        reads only such tensors (the output projection's norm)."""
+        region = self.attention_region
+        parts = path.split(".") if path else []
+        for i in range(len(parts), 0, -1):
+            p = ".".join(parts[:i])
+            ins = [v for c in self.flow.calls_of(p) for v in c.inputs if v in self.data]
+            if p == path and (self.feeds_attention(p) or any(v in region for v in ins)):
+                return True
+            if p != path and ins and all(v in region for v in ins):  # inside an attention projection
+                return True
+        return False
+
+    def is_norm(self, path: str) -> bool:
+        """Whether the module at ``path`` is a norm by behaviour (see :attr:`norms`)."""
+        return path in self.norms
+
+    def adds_in(self, scope: str) -> list[ResidualAdd]:
+        """The residual additions the first call of the module at ``scope`` ran itself (not in a submodule),
+        in order; each one's :attr:`~.residuals.ResidualAdd.position` is its index among all the additions
+        (``+``, ``+=``, ``torch.add``, ``Tensor.add``/``add_`` on tensors) that call ran."""
+        calls = self.flow.calls_of(scope)
+        if not calls:
+            return []
+        first = min(calls, key=lambda c: c.start)
+        return [a for a in self.residual_adds if a.scope == scope and first.start <= a.op < first.end]
+
+    def stride(self, path: str) -> int | None:
+        """The nominal stride (see :attr:`nominal`) of the first map the module at ``path`` returned."""
+        outs = [v for v in self._outputs(path) if self.flow.values[v].stride is not None]
+        return self.nominal[outs[0]] if outs else None
+
+    @cached_property
+    def not_a_cnn(self) -> str | None:
+        """Why the recipe does not fit, or None: a CNN's backbone has a residual conv stage (an addition to a
+        skip path whose branch has a convolution) at nominal stride 16 or 32."""
+        for r in self.residual_adds:
+            out = self._out(r.op)
+            if (r.skip is not None and out in self.backbone and self.nominal[out] in (16, 32)
+                    and r.branch_convs[1 - r.skip] >= 1 and self._map(out)):
+                return None
+        found = sorted({self.nominal[self._out(r.op)] or 0 for r in self.residual_adds
+                        if r.skip is not None and self._out(r.op) in self.backbone and self._map(self._out(r.op))})
+        return ("its backbone has no residual convolution stage at stride 16 or 32 (residual stages at strides "
+                f"{found or 'none'})")
+
+    @cached_property
+    def norms(self) -> set[str]:
+        """Paths of the modules that normalise per channel with statistics held in buffers (see
+        :func:`.normprobe.is_stat_norm`), among those called on one map and returning a map of its shape."""
+        if self.model is None:
+            raise ValueError("Roles.norms needs the model: pass it to Roles(flow, model)")
+        modules = dict(self.model.named_modules())
+        out = set()
+        for path in dict.fromkeys(c.path for c in self.flow.calls):
+            calls = self.flow.calls_of(path)
+            shapes = {(tuple(self.flow.values[v].shape for v in c.inputs),
+                       tuple(self.flow.values[v].shape for v in c.outputs)) for c in calls}
+            if all(len(i) == 1 and i == o and len(i[0]) >= 3 for i, o in shapes) and is_stat_norm(modules[path]):
+                out.add(path)
+        return out
+
+
+def _cells(val: Value) -> int:
+    n = 1
+    for s in val.shape[2:]:
+        n *= s
+    return n
