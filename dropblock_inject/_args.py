@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["QUOTE_LIMIT", "check_bool", "cut", "check_example_input", "check_model", "check_probability",
-           "check_step", "check_total_steps", "quote"]
+__all__ = ["QUOTE_LIMIT", "check_bool", "check_example_input", "check_model", "check_probability",
+           "check_step", "check_surgery_args", "check_total_steps", "cut", "quote"]
 
 QUOTE_LIMIT = 200
 """Most characters of a value quoted in a message (an ellipsis marks the cut)."""
@@ -99,7 +99,7 @@ def check_model(model: Any, fn_name: str, arg: str = "model") -> nn.Module:
     hint = ""
     if isinstance(model, type) and issubclass(model, nn.Module):
         hint = f"; it is the class {model.__name__}, pass an instance: {model.__name__}(...)"
-    elif isinstance(model, (str, Mapping)):
+    elif isinstance(model, (str, Mapping)) and fn_name in ("inject", "plan"):
         hint = f"; the model comes first: {fn_name}(model, recipe)"
     elif callable(model) and not isinstance(model, nn.Module):
         hint = "; it is a function, pass the module it builds (call it)"
@@ -224,3 +224,16 @@ def check_probability(value: Any, name: str, *, optional: bool = False) -> float
     if not 0.0 <= value <= 1.0:  # exact for ints of any size; rejects NaN
         raise ValueError(f"{name} must be a keep_prob in [0, 1], but got {quote(value)}")
     return float(value)
+
+
+def check_surgery_args(fn_name: str, model: Any, example_input: Any = None) -> None:
+    """The checks ``inject``, ``plan`` and ``strip`` run first: the model, then the example input (the recipe
+    is checked by ``load_recipe``).
+
+    Args:
+        fn_name: the public function called.
+        model: its ``model`` argument.
+        example_input: its ``example_input`` argument (``None`` for ``strip``).
+    """
+    check_model(model, fn_name)
+    check_example_input(example_input, fn_name)
