@@ -2,6 +2,7 @@
 
 import copy
 import time
+import warnings
 
 import pytest
 import torch
@@ -268,3 +269,15 @@ def test_load_recipe_refuses_other_types():
     for value in (None, 5, b"resnet50_paper", ["resnet50_paper"]):
         with pytest.raises(TypeError, match=r"load_recipe\(\): recipe must be"):
             load_recipe(value)
+
+
+@pytest.mark.parametrize("glob", ["layer4.*", "layer4", "layer4.0.conv1"])
+def test_rule_naming_a_torchscript_child_says_so(glob):
+    model = torchvision.models.resnet18()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in recent torch
+        model.layer4 = torch.jit.script(model.layer4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RecipeError, match=r"TorchScript module\(s\) \['layer4'\]"):
+        dbi.inject(model, {"rules": [{"name": "g4", "modules": [glob]}]})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
