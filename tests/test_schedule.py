@@ -417,7 +417,8 @@ def test_bad_state_dict(tiny):
     ({"total_steps": 10**400}, ValueError, r"total_steps must be a positive int of at most 2\*\*63 - 1"),
     ({"total_steps": 2**63}, ValueError, "total_steps"),
     ({"total_steps": 10, "target": 10**500}, ValueError, r"target must be a keep_prob in \[0, 1\]"),
-    ({"total_steps": 10, "target": -(10**4000)}, ValueError, r"target must be a keep_prob in \[0, 1\], but got -<an integer of about 4001 digits>"),
+    ({"total_steps": 10, "target": -(10**4000)}, ValueError,
+     r"target must be a keep_prob in \[0, 1\], but got -<an integer of about 4001 digits>"),
     ({"total_steps": 10, "target": float("nan")}, ValueError, "target"),
     ({"total_steps": None}, TypeError, "total_steps must be an int"),
 ])

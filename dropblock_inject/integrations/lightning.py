@@ -79,9 +79,9 @@ class DropBlockScheduleCallback(*_Bases):  # type: ignore[misc]
 
     Raises:
         TypeError: ``total_steps`` not an int, ``target`` not a number, ``strip_on_fit_end`` not a bool.
-        ValueError: ``total_steps`` or ``target`` out of range; at fit start, when the LightningModule holds no injected DropBlock, or when
-            ``total_steps`` is ``None`` and the trainer cannot tell the number of steps (``max_steps=-1``
-            with an infinite ``max_epochs`` or an iterable dataset of unknown length).
+        ValueError: ``total_steps`` or ``target`` out of range; at fit start, when the LightningModule holds
+            no injected DropBlock, or when ``total_steps`` is ``None`` and the trainer cannot tell the number
+            of steps (``max_steps=-1`` with an infinite ``max_epochs`` or an iterable dataset of unknown length).
     """
 
     def __init__(self, total_steps: int | None = None, target: float | None = None,

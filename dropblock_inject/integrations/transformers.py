@@ -51,8 +51,9 @@ class DropBlockScheduleCallback(TrainerCallback, ExportableState):
 
     Raises:
         TypeError: ``total_steps`` not an int, ``target`` not a number, ``strip_on_train_end`` not a bool.
-        ValueError: ``total_steps`` or ``target`` out of range; when training begins, if the model holds no injected DropBlock, or if the run length
-            is unknown (``state.max_steps <= 0``) and ``total_steps`` is not given.
+        ValueError: ``total_steps`` or ``target`` out of range; when training begins, if the model holds no
+            injected DropBlock, or if the run length is unknown (``state.max_steps <= 0``) and ``total_steps``
+            is not given.
     """
 
     def __init__(self, total_steps: int | None = None, target: float | None = None,

@@ -2,8 +2,9 @@
 
 A recipe is parsed once into an immutable :class:`Recipe`. It may be given as the name of a shipped
 recipe (see :func:`available_recipes`), a path to a YAML file, a ``dict`` or a :class:`Recipe`. YAML is read
-with a safe YAML loader (libyaml's when available) that also refuses duplicate keys, and validated strictly: every problem raises :class:`RecipeError` naming the key
-path and the offending value.
+with a safe loader (libyaml's when available) within the bounds of :mod:`.files` (size, aliases, nesting,
+duplicate keys), and validated strictly: every problem raises :class:`RecipeError` naming the key path and
+the offending value (see ``docs/recipes.md``).
 
 Format::
 
