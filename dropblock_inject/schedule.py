@@ -34,12 +34,12 @@ Pass ``total_steps - 1`` (when above 1) to reach the target on the last step its
 
 from __future__ import annotations
 
-import math
-import operator
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
+from ._args import check_model, check_probability, check_step, check_total_steps, quote
 from .surgery import injected_dropblocks
 from .ops import _DropBlockNd
 from .recipe import ScheduleConfig
@@ -50,41 +50,47 @@ _STATE_VERSION = 1
 
 
 def _check_total_steps(total_steps: object) -> int:
-    if isinstance(total_steps, bool) or isinstance(total_steps, float):
-        raise TypeError(f"total_steps must be an int, but got {total_steps!r} ({type(total_steps).__name__})"
-                        + ("; pass int(total_steps)" if isinstance(total_steps, float) and
-                           math.isfinite(total_steps) else ""))
-    try:
-        value = operator.index(total_steps)  # int, numpy integers, 0-d integer tensors
-    except TypeError:
-        raise TypeError(f"total_steps must be an int, but got {total_steps!r} "
-                        f"({type(total_steps).__name__})") from None
-    if value <= 0:
-        raise ValueError(f"total_steps must be a positive int, but got {value}")
-    return value
+    return check_total_steps(total_steps, "total_steps")
 
 
 def _check_step(step: object) -> int:
-    if isinstance(step, bool):
-        raise TypeError(f"global_step must be an int, but got {step!r}")
-    try:
-        value = operator.index(step)
-    except TypeError:
-        raise TypeError(f"global_step must be an int, but got {step!r} ({type(step).__name__})") from None
-    if value < 0:
-        raise ValueError(f"global_step must be >= 0, but got {value}")
-    return value
+    return check_step(step, "global_step")
 
 
 def _check_target(target: object) -> float | None:
-    if target is None:
-        return None
-    if isinstance(target, bool) or not isinstance(target, (int, float)):
-        raise TypeError(f"target must be a float keep_prob in [0, 1] or None, but got {target!r} "
-                        f"({type(target).__name__})")
-    if not 0.0 <= target <= 1.0:  # also rejects NaN
-        raise ValueError(f"target must be a keep_prob in [0, 1], but got {target}")
-    return float(target)
+    return check_probability(target, "target", optional=True)
+
+
+_STATE_KEYS = ("total_steps", "target", "last_step")
+
+
+def _check_state(state_dict: object, where: str) -> tuple[int, float | None, int]:
+    """``total_steps``, ``target`` and ``last_step`` of a :meth:`KeepProbScheduler.state_dict`, checked.
+
+    Args:
+        state_dict: the value given to ``load_state_dict``.
+        where: the method, for messages.
+
+    Returns:
+        The three values, valid for the constructor.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{where}: state_dict must be the dict that KeepProbScheduler.state_dict() returns, but "
+                        f"got {quote(state_dict)} ({type(state_dict).__name__})")
+    missing = [k for k in _STATE_KEYS if k not in state_dict]
+    unknown = [k for k in state_dict if k not in (*_STATE_KEYS, "version")]
+    if missing or unknown:
+        what = "; ".join(part for part in (f"missing {missing}" if missing else "",
+                                            f"unknown keys {quote(unknown)}" if unknown else "") if part)
+        raise ValueError(f"{where}: state_dict is not a KeepProbScheduler state ({what}); expected the keys "
+                         f"{', '.join(_STATE_KEYS)} and version")
+    version = state_dict.get("version", _STATE_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version != _STATE_VERSION:
+        raise ValueError(f"{where}: state_dict has version {quote(version)}; this dropblock_inject reads version "
+                         f"{_STATE_VERSION}")
+    return (check_total_steps(state_dict["total_steps"], "state_dict['total_steps']"),
+            check_probability(state_dict["target"], "state_dict['target']", optional=True),
+            check_step(state_dict["last_step"], "state_dict['last_step']"))
 
 
 def _clamp(value: float) -> float:
@@ -117,20 +123,22 @@ class KeepProbScheduler:
 
     Raises:
         TypeError: ``total_steps`` is not an int, ``target`` not a number, or ``model`` not a Module.
-        ValueError: ``total_steps <= 0``, ``target`` outside [0, 1], or no injected DropBlock in ``model``.
+        ValueError: ``total_steps`` not in [1, 2**63 - 1], ``target`` outside [0, 1] (a number too large for a
+            float included), or no injected DropBlock in ``model``.
 
     Values are clamped to [0, 1] (which only matters for drop-rate scales above 1).
     """
 
     def __init__(self, model: nn.Module, total_steps: int, *, target: float | None = None) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
+        check_model(model, "KeepProbScheduler")
+        total_steps = _check_total_steps(total_steps)
+        target = _check_target(target)
         self._dropblocks: tuple[_DropBlockNd, ...] = tuple(injected_dropblocks(model))
         if not self._dropblocks:
             raise ValueError(f"{type(model).__name__} has no DropBlock inserted by dropblock_inject; call "
                              f"dropblock_inject.inject(model, recipe) first (or the model was stripped)")
-        self.total_steps = _check_total_steps(total_steps)
-        self.target = _check_target(target)
+        self.total_steps = total_steps
+        self.target = target
         self.last_step: int = 0
         self._precompute()
         self.step(0)
@@ -269,15 +277,11 @@ class KeepProbScheduler:
                 the same model, e.g. before a restart).
 
         Raises:
-            KeyError: a required key is missing.
-            TypeError, ValueError: a stored value is invalid (as for the constructor).
+            TypeError: ``state_dict`` is not a mapping, or a stored value has the wrong type.
+            ValueError: a key is missing or unknown, the version is not this one's, or a stored value is out
+                of range (as for the constructor). Nothing changes on an error.
         """
-        missing = [k for k in ("total_steps", "target", "last_step") if k not in state_dict]
-        if missing:
-            raise KeyError(f"KeepProbScheduler state_dict is missing {missing}; got keys {sorted(state_dict)}")
-        total_steps = _check_total_steps(state_dict["total_steps"])
-        target = _check_target(state_dict["target"])
-        last_step = _check_step(state_dict["last_step"])
+        total_steps, target, last_step = _check_state(state_dict, "KeepProbScheduler.load_state_dict()")
         self.total_steps = total_steps
         self.target = target
         self._precompute()

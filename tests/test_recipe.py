@@ -1,6 +1,8 @@
 """Recipe loading and validation."""
 
 import copy
+import time
+import warnings
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dropblock_inject as dbi
-from dropblock_inject.recipe import Recipe, RecipeError, available_recipes, load_recipe
+from dropblock_inject.recipe import (DropBlockConfig, Recipe, RecipeError, Rule, ScheduleConfig, available_recipes,
+                                     load_recipe)
 
 MINIMAL = {"rules": [{"modules": ["layer4.*"], "after": ["norm"], "shortcut": True}]}
 
@@ -162,3 +165,119 @@ def test_recipe_file_parsed_once_per_version(tmp_path):
     import os
     os.utime(path, ns=(first_ns := path.stat().st_mtime_ns + 10**9, first_ns))
     assert load_recipe(path).dropblock.block_size == 5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bounded, fast, and the same for a Recipe built directly
+
+
+@pytest.mark.parametrize("doc, key", [
+    ({"rules": [{"modules": ["a"]}], "dropblock": {"keep_prob": 10**500}}, "dropblock.keep_prob"),
+    ({"rules": [{"modules": ["a"], "drop_rate_scale": 10**500}]}, "rules[0].drop_rate_scale"),
+    ({"rules": [{"modules": ["a"]}], "schedule": {"start_keep_prob": -10**400}}, "schedule.start_keep_prob"),
+    ({"rules": [{"modules": ["a"], "keep_prob": 10**5000}]}, "rules[0].keep_prob"),
+    ({"rules": [{"modules": ["a"], "block_size": 10**5000}]}, "rules[0].block_size"),
+    ({"rules": [{"modules": ["a"], "stride": [10**400]}]}, "rules[0].stride[0]"),
+])
+def test_numbers_too_large_for_a_float_are_out_of_range(doc, key):
+    with pytest.raises(RecipeError, match=r"digits") as info:
+        load_recipe(doc)
+    assert f"'{key}'" in str(info.value) and len(str(info.value)) < 300
+
+
+def _shared(depth: int, width: int = 9):
+    """A structure of ``width ** depth`` leaves sharing its lists (what YAML aliases build)."""
+    value = ["lol"] * width
+    for _ in range(depth):
+        value = [value] * width
+    return value
+
+
+@pytest.mark.parametrize("doc", [
+    {"rules": [{"modules": ["a"], "after": ["x" * 10_000_000]}]},
+    {"rules": [{"modules": ["a"]}], "description": _shared(9)},
+    {"rules": [{"modules": ["a"]}], "dropblock": {"block_size": _shared(9)}},
+    {"rules": _shared(9)},
+    {"rules": [{"modules": ["a"], "x" * 1_000_000: 1}]},
+    {"rules": [{"modules": ["a"]}], "name": "n" * 1_000_000},
+])
+def test_messages_are_bounded_and_fast(doc):
+    start = time.perf_counter()
+    with pytest.raises(RecipeError) as info:
+        load_recipe(doc)
+    assert time.perf_counter() - start < 0.5
+    assert len(str(info.value)) < 400
+
+
+def test_validation_is_linear_in_the_number_of_rules():
+    def seconds(n: int) -> float:
+        doc = {"rules": [{"name": f"r{i}", "modules": [f"layer{i}.*"], "after": ["norm"], "shortcut": True}
+                         for i in range(n)]}
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            load_recipe(doc)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    t5k, t20k = seconds(5_000), seconds(20_000)
+    assert t20k < 8 * t5k, (t5k, t20k)  # linear: ~4x; quadratic: ~16x
+
+
+_DIRECT = [
+    (dict(rules=[]), {"rules": []}),
+    (dict(rules=[Rule(name="a", modules=("layer4.*",), keep_prob=1.5)]),
+     {"rules": [{"name": "a", "modules": ["layer4.*"], "keep_prob": 1.5}]}),
+    (dict(rules=[Rule(name="a", modules=("layer4.*",)), Rule(name="a", modules=("layer3.*",))]),
+     {"rules": [{"name": "a", "modules": ["layer4.*"]}, {"name": "a", "modules": ["layer3.*"]}]}),
+    (dict(rules=[Rule(name="a", after=(), shortcut=False)]), {"rules": [{"name": "a", "after": []}]}),
+    (dict(rules=[Rule(name="a", after=("bn",))]), {"rules": [{"name": "a", "after": ["bn"]}]}),
+    (dict(rules=[Rule(name="a", block_size=0)]), {"rules": [{"name": "a", "block_size": 0}]}),
+    (dict(rules=[Rule(name="a", keep_prob=0.9, drop_rate_scale=0.5)]),
+     {"rules": [{"name": "a", "keep_prob": 0.9, "drop_rate_scale": 0.5}]}),
+    (dict(rules=[Rule(name="a")], dropblock=DropBlockConfig(keep_prob=2.0)),
+     {"rules": [{"name": "a"}], "dropblock": {"keep_prob": 2.0}}),
+    (dict(rules=[Rule(name="a")], schedule=ScheduleConfig(ramp_fraction=0.0)),
+     {"rules": [{"name": "a"}], "schedule": {"ramp_fraction": 0.0}}),
+    (dict(rules=["layer4.*"]), {"rules": ["layer4.*"]}),
+]
+
+
+@pytest.mark.parametrize("fields, mapping", _DIRECT)
+def test_recipe_built_directly_is_validated_like_a_mapping(fields, mapping):
+    with pytest.raises(RecipeError) as direct:
+        Recipe(name="x", **fields)
+    with pytest.raises(RecipeError) as parsed:
+        load_recipe({"name": "x", **mapping})
+    assert str(direct.value) == str(parsed.value)
+    assert "recipe key '" in str(direct.value)
+
+
+def test_recipe_built_directly_is_normalised():
+    r = Recipe(name="mine", rules=[Rule(name="g4", modules=("layer4.*",), shortcut=True)],
+               dropblock={"keep_prob": 0.8}, schedule={"ramp_fraction": 0.5})
+    assert isinstance(r.rules, tuple) and r.dropblock == DropBlockConfig(keep_prob=0.8)
+    assert r.schedule == ScheduleConfig(ramp_fraction=0.5)
+    assert r == load_recipe({"name": "mine", "dropblock": {"keep_prob": 0.8}, "schedule": {"ramp_fraction": 0.5},
+                             "rules": [{"name": "g4", "modules": ["layer4.*"], "shortcut": True}]})
+    hash(r)
+    with pytest.raises(RecipeError, match="at least one rule"):
+        Recipe(name="empty")
+
+
+def test_load_recipe_refuses_other_types():
+    for value in (None, 5, b"resnet50_paper", ["resnet50_paper"]):
+        with pytest.raises(TypeError, match=r"load_recipe\(\): recipe must be"):
+            load_recipe(value)
+
+
+@pytest.mark.parametrize("glob", ["layer4.*", "layer4", "layer4.0.conv1"])
+def test_rule_naming_a_torchscript_child_says_so(glob):
+    model = torchvision.models.resnet18()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in recent torch
+        model.layer4 = torch.jit.script(model.layer4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RecipeError, match=r"TorchScript module\(s\) \['layer4'\]"):
+        dbi.inject(model, {"rules": [{"name": "g4", "modules": [glob]}]})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -402,8 +402,52 @@ def test_model_without_dropblock():
 
 def test_bad_state_dict(tiny):
     sched = KeepProbScheduler(tiny, total_steps=10)
-    with pytest.raises(KeyError, match="last_step"):
+    with pytest.raises(ValueError, match="last_step"):
         sched.load_state_dict({"total_steps": 10, "target": None})
     with pytest.raises(ValueError, match="total_steps"):
         sched.load_state_dict({"total_steps": 0, "target": None, "last_step": 0})
     assert sched.state_dict()["total_steps"] == 10  # unchanged after a failed load
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument checks: clear errors, numbers of any size, nothing changed on an error
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"total_steps": 10**400}, ValueError, r"total_steps must be a positive int of at most 2\*\*63 - 1"),
+    ({"total_steps": 2**63}, ValueError, "total_steps"),
+    ({"total_steps": 10, "target": 10**500}, ValueError, r"target must be a keep_prob in \[0, 1\]"),
+    ({"total_steps": 10, "target": -(10**4000)}, ValueError,
+     r"target must be a keep_prob in \[0, 1\], but got -<an integer of about 4001 digits>"),
+    ({"total_steps": 10, "target": float("nan")}, ValueError, "target"),
+    ({"total_steps": None}, TypeError, "total_steps must be an int"),
+])
+def test_constructor_numbers_out_of_range(tiny, kwargs, error, match):
+    with pytest.raises(error, match=match) as info:
+        KeepProbScheduler(tiny, **kwargs)
+    assert len(str(info.value)) < 300
+
+
+def test_huge_steps_hold_the_target(tiny):
+    sched = KeepProbScheduler(tiny, total_steps=2**63 - 1)
+    assert sched.keep_prob_at(10**400) == pytest.approx(0.9)
+    assert sched.step(10**400) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("state, error, match", [
+    (None, TypeError, r"load_state_dict\(\): state_dict must be the dict that KeepProbScheduler.state_dict\(\)"),
+    ([("total_steps", 10)], TypeError, "state_dict must be"),
+    ({"total_steps": 10, "target": None}, ValueError, r"missing \['last_step'\]"),
+    ({"total_steps": 10, "target": None, "last_step": 0, "extra": 1}, ValueError, "unknown keys"),
+    ({"version": 99, "total_steps": 10, "target": None, "last_step": 0}, ValueError, "version 99"),
+    ({"total_steps": 10**400, "target": None, "last_step": 0}, ValueError, r"state_dict\['total_steps'\]"),
+    ({"total_steps": 10, "target": "0.9", "last_step": 0}, TypeError, r"state_dict\['target'\]"),
+    ({"total_steps": 10, "target": None, "last_step": -1}, ValueError, r"state_dict\['last_step'\]"),
+])
+def test_load_state_dict_checks_its_argument_first(tiny, state, error, match):
+    sched = KeepProbScheduler(tiny, total_steps=10)
+    sched.step(4)
+    before = (sched.state_dict(), [db.keep_prob for db in sched.dropblocks])
+    with pytest.raises(error, match=match):
+        sched.load_state_dict(state)
+    assert (sched.state_dict(), [db.keep_prob for db in sched.dropblocks]) == before

@@ -27,8 +27,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .._args import check_bool, check_probability, check_total_steps
 from ..surgery import strip
-from ..schedule import KeepProbScheduler, _check_target, _check_total_steps
+from ..schedule import KeepProbScheduler, _check_state
 
 _INSTALL_HINT = ("dropblock_inject.integrations.lightning needs Lightning; install it with "
                  "`pip install dropblock_inject[lightning]` (or `pip install lightning`)")
@@ -56,6 +57,8 @@ _Bases = _callback_bases()
 
 __all__ = ["DropBlockScheduleCallback"]
 
+_NAME = "DropBlockScheduleCallback"
+
 
 class DropBlockScheduleCallback(*_Bases):  # type: ignore[misc]
     """Sets the keep_prob of every injected DropBlock for ``trainer.global_step`` before each training batch.
@@ -75,17 +78,21 @@ class DropBlockScheduleCallback(*_Bases):  # type: ignore[misc]
     global step, even a checkpoint without this state resumes at the right values.
 
     Raises:
-        ValueError: at fit start, when the LightningModule holds no injected DropBlock, or when
-            ``total_steps`` is ``None`` and the trainer cannot tell the number of steps (``max_steps=-1``
-            with an infinite ``max_epochs`` or an iterable dataset of unknown length).
+        TypeError: ``total_steps`` not an int, ``target`` not a number, ``strip_on_fit_end`` not a bool.
+        ValueError: ``total_steps`` or ``target`` out of range; at fit start, when the LightningModule holds
+            no injected DropBlock, or when ``total_steps`` is ``None`` and the trainer cannot tell the number
+            of steps (``max_steps=-1`` with an infinite ``max_epochs`` or an iterable dataset of unknown length).
     """
 
     def __init__(self, total_steps: int | None = None, target: float | None = None,
                  strip_on_fit_end: bool = False) -> None:
+        total_steps = None if total_steps is None else check_total_steps(total_steps, f"{_NAME}: total_steps")
+        target = check_probability(target, f"{_NAME}: target", optional=True)
+        strip_on_fit_end = check_bool(strip_on_fit_end, f"{_NAME}: strip_on_fit_end")
         super().__init__()
-        self.total_steps = None if total_steps is None else _check_total_steps(total_steps)
-        self.target = _check_target(target)
-        self.strip_on_fit_end = bool(strip_on_fit_end)
+        self.total_steps = total_steps
+        self.target = target
+        self.strip_on_fit_end = strip_on_fit_end
         self.scheduler: KeepProbScheduler | None = None
         self._pending_state: dict[str, Any] | None = None
 
@@ -139,9 +146,18 @@ class DropBlockScheduleCallback(*_Bases):  # type: ignore[misc]
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the state saved by :meth:`state_dict`; applied now, or when fitting starts."""
-        if not state_dict:
+        """Restore the state saved by :meth:`state_dict`; applied now, or when fitting starts.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned (``{}`` when it was saved before fitting started).
+
+        Raises:
+            TypeError, ValueError: ``state_dict`` is not such a state (checked now, not when fitting starts).
+        """
+        where = "DropBlockScheduleCallback.load_state_dict()"
+        if isinstance(state_dict, dict) and not state_dict:
             return
+        _check_state(state_dict, where)
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state_dict)
         else:

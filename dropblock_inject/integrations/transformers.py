@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._args import check_bool, check_probability, check_total_steps
 from ..surgery import strip
-from ..schedule import KeepProbScheduler, _check_target, _check_total_steps
+from ..schedule import KeepProbScheduler
 
 try:
     from transformers.trainer_callback import ExportableState, TrainerCallback
@@ -33,6 +34,8 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
                       f"accelerate`) ({e})") from e
 
 __all__ = ["DropBlockScheduleCallback"]
+
+_NAME = "DropBlockScheduleCallback"
 
 
 class DropBlockScheduleCallback(TrainerCallback, ExportableState):
@@ -47,15 +50,17 @@ class DropBlockScheduleCallback(TrainerCallback, ExportableState):
             ready for export.
 
     Raises:
-        ValueError: when training begins, if the model holds no injected DropBlock, or if the run length
-            is unknown (``state.max_steps <= 0``) and ``total_steps`` is not given.
+        TypeError: ``total_steps`` not an int, ``target`` not a number, ``strip_on_train_end`` not a bool.
+        ValueError: ``total_steps`` or ``target`` out of range; when training begins, if the model holds no
+            injected DropBlock, or if the run length is unknown (``state.max_steps <= 0``) and ``total_steps``
+            is not given.
     """
 
     def __init__(self, total_steps: int | None = None, target: float | None = None,
                  strip_on_train_end: bool = False) -> None:
-        self.total_steps = None if total_steps is None else _check_total_steps(total_steps)
-        self.target = _check_target(target)
-        self.strip_on_train_end = bool(strip_on_train_end)
+        self.total_steps = None if total_steps is None else check_total_steps(total_steps, f"{_NAME}: total_steps")
+        self.target = check_probability(target, f"{_NAME}: target", optional=True)
+        self.strip_on_train_end = check_bool(strip_on_train_end, f"{_NAME}: strip_on_train_end")
         self.scheduler: KeepProbScheduler | None = None
 
     def _resolved_total_steps(self, state: Any) -> int:

@@ -2,8 +2,9 @@
 
 A recipe is parsed once into an immutable :class:`Recipe`. It may be given as the name of a shipped
 recipe (see :func:`available_recipes`), a path to a YAML file, a ``dict`` or a :class:`Recipe`. YAML is read
-with ``yaml.safe_load`` and validated strictly: every problem raises :class:`RecipeError` naming the key
-path and the offending value.
+with a safe loader (libyaml's when available) within the bounds of :mod:`.files` (size, aliases, nesting,
+duplicate keys), and validated strictly: every problem raises :class:`RecipeError` naming the key path and
+the offending value (see ``docs/recipes.md``).
 
 Format::
 
@@ -28,15 +29,24 @@ Format::
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
-import yaml
-
+from .._args import quote
+from .files import MAX_BYTES, MAX_DEPTH, MAX_NODES, parse_yaml, read_text
 from .model import NODE_KINDS, DropBlockConfig, Recipe, RecipeError, RecipeLike, Rule, ScheduleConfig
 from .parse import from_dict
 
 __all__ = [
+    "MAX_BYTES",
+    "MAX_DEPTH",
+    "MAX_NODES",
     "NODE_KINDS",
     "DropBlockConfig",
     "Recipe",
@@ -49,6 +59,7 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=1)
 def _recipes_dir() -> Path:
     here = Path(__file__).resolve().parent.parent  # the dropblock_inject package
     for candidate in (here / "recipes", here.parent / "recipes"):  # installed wheel, source checkout
@@ -62,30 +73,33 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in _recipes_dir().glob("*.yaml"))
 
 
-def _load_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RecipeError(f"cannot read recipe file {str(path)!r}: {e}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {e}") from None
-
-
-_PARSED: dict[tuple[str, str, int, int], Recipe] = {}
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}")
+_CACHE_SIZE = 64
+_PARSED: OrderedDict[tuple[bytes, str], Recipe] = OrderedDict()
+_PARSED_LOCK = threading.Lock()
 
 
 def _from_file(path: Path, name: str) -> Recipe:
-    """The recipe in ``path``, parsed once per version of the file (a ``Recipe`` is immutable)."""
+    """The recipe in ``path``, parsed once per content (a ``Recipe`` is immutable): keyed by a hash of the
+    bytes read, so a rewritten file is parsed again whatever its size and time stamps say."""
+    text, data = read_text(path)
+    key = (hashlib.blake2b(data, digest_size=16).digest(), name)
+    with _PARSED_LOCK:
+        recipe = _PARSED.get(key)
+        if recipe is not None:
+            _PARSED.move_to_end(key)
+            return recipe
+    where = f"recipe file {quote(str(path))}"
     try:
-        stat = path.stat()
-    except OSError as e:
-        raise RecipeError(f"cannot read recipe file {str(path)!r}: {e}") from None
-    key = (str(path.resolve()), name, stat.st_mtime_ns, stat.st_size)
-    if key not in _PARSED:
-        _PARSED[key] = from_dict(_load_yaml(path), name)
-    return _PARSED[key]
+        recipe = from_dict(parse_yaml(text, where), name)
+    except RecipeError as e:
+        message = str(e)
+        raise RecipeError(message if message.startswith(where) else f"{where}: {message}") from None
+    with _PARSED_LOCK:
+        _PARSED[key] = recipe
+        if len(_PARSED) > _CACHE_SIZE:
+            _PARSED.popitem(last=False)
+    return recipe
 
 
 def load_recipe(recipe: RecipeLike) -> Recipe:
@@ -99,22 +113,24 @@ def load_recipe(recipe: RecipeLike) -> Recipe:
         The validated, immutable :class:`Recipe`.
 
     Raises:
-        RecipeError: unknown name (the message lists the known ones), unreadable or invalid YAML, unknown
-            keys or bad values (the message names the key path and the value).
+        TypeError: ``recipe`` is none of these.
+        RecipeError: unknown name (the message lists the known ones); a file that is missing, a directory,
+            larger than :data:`MAX_BYTES`, not UTF-8 (or UTF-16/32 with a byte-order mark) or not valid YAML;
+            a duplicate key, aliases expanding to more than :data:`MAX_NODES` values, nesting deeper than
+            :data:`MAX_DEPTH`; unknown keys or bad values (the message names the key path and the value).
     """
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, Mapping):
         return from_dict(recipe, "<dict>")
-    if isinstance(recipe, Path) or (isinstance(recipe, str) and (recipe.endswith((".yaml", ".yml")) or "/" in recipe)):
+    if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and (
+            recipe.endswith((".yaml", ".yml")) or "/" in recipe or os.sep in recipe)):
         path = Path(recipe)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {str(path)!r} does not exist")
         return _from_file(path, path.stem)
     if isinstance(recipe, str):
-        path = _recipes_dir() / f"{recipe}.yaml"
-        if not path.is_file():
-            known = ", ".join(available_recipes())
-            raise RecipeError(f"unknown recipe {recipe!r}; known recipes: {known}")
-        return _from_file(path, recipe)
-    raise RecipeError(f"a recipe must be a name, a path, a dict or a Recipe, got {type(recipe).__name__}")
+        if _NAME.fullmatch(recipe) and (path := _recipes_dir() / f"{recipe}.yaml").is_file():
+            return _from_file(path, recipe)
+        raise RecipeError(f"unknown recipe {quote(recipe)}; known recipes: {', '.join(available_recipes())} "
+                          f"(or give a path to a .yaml file, a dict or a Recipe)")
+    raise TypeError(f"load_recipe(): recipe must be a recipe name, a path to a YAML file, a dict or a Recipe, "
+                    f"but got {quote(recipe)} ({type(recipe).__name__})")

@@ -78,13 +78,35 @@ class Rule:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A parsed, validated recipe. Build one with :func:`load_recipe`."""
+    """A parsed, validated recipe: from :func:`load_recipe`, or built directly.
+
+    Built directly, it is validated on construction exactly as a mapping is (the same checks, the same
+    messages naming the key path), and its fields are normalised: ``dropblock`` and ``schedule`` may be
+    given as mappings, ``rules`` as a list of :class:`Rule` objects or mappings.
+
+    Args:
+        name: shown in plans and errors.
+        description: one line.
+        dropblock: the default DropBlock settings of every rule.
+        schedule: how keep_prob ramps over training.
+        rules: the selectors, at least one.
+
+    Raises:
+        RecipeError: a value that a recipe mapping could not hold either (``rules=()`` included).
+    """
 
     name: str
     description: str = ""
     dropblock: DropBlockConfig = DropBlockConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     rules: tuple[Rule, ...] = ()
+
+    def __post_init__(self) -> None:
+        from .parse import recipe_fields  # parse builds Recipes: imported here, once the module is loaded
+
+        fields = recipe_fields(self.name, self.description, self.dropblock, self.schedule, self.rules)
+        for key, value in fields.items():
+            object.__setattr__(self, key, value)
 
     def keep_prob(self, rule: Rule) -> float:
         """The final keep_prob of points selected by ``rule``."""

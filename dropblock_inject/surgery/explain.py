@@ -78,12 +78,25 @@ def explain(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], paths: 
                     f"{largest} (in {found[largest]!r}); select the deepest stage by path instead, e.g. "
                     f"modules: [{found[largest].rsplit('.', 1)[0] + '.*'!r}]")
     if not paths:
-        return "it selects no module"
+        return _scripted(rule, modules) or "it selects no module"
     if untraceable >= len(paths):
         return f"torch.fx cannot trace the {len(paths)} module(s) it selects (e.g. {paths[0]!r}), see below"
     what = "layer" if "any" in rule.after else f"{'/'.join(rule.after)} node" if rule.after else "branch node"
     return (f"the {len(paths)} module(s) it selects ({paths[:3]}) hold no {what}"
             f"{' or residual shortcut' if rule.shortcut else ''}")
+
+
+def _scripted(rule: Rule, modules: dict[str, nn.Module]) -> str | None:
+    """Why a rule whose globs name modules inside a TorchScript module selects none of them, or None."""
+    if rule.modules is None:
+        return None
+    scripted = [p for p, m in modules.items() if p and isinstance(m, torch.jit.ScriptModule)]
+    named = [q for q in scripted if any(p == q or p.startswith(q + ".") for p in modules if rule.matches_path(p))]
+    if not named:
+        return None
+    outer = [q for q in named if not any(q.startswith(r + ".") for r in named)]
+    return (f"the modules it names are TorchScript, or inside TorchScript module(s) {outer[:3]}, which torch.fx "
+            f"can neither trace nor rewrite; inject into the plain model, then script it")
 
 
 def _input(example_input: Any) -> str:

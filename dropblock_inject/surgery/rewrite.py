@@ -21,6 +21,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from .._args import check_surgery_args
 from ..ops import DropBlock2d, DropBlock3d
 from ..recipe import RecipeLike, ScheduleConfig, load_recipe
 from .analyze import Candidate, Scope
@@ -160,6 +161,7 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
         SurgeryError: the model is already injected, or a selected module cannot be traced. On any error
             the model is left exactly as it was.
     """
+    check_surgery_args("inject", model, example_input)
     wrapper, model = model, unwrap(model)
     recipe = load_recipe(recipe)
     check_not_injected(model)
@@ -247,6 +249,7 @@ def strip(model: nn.Module) -> nn.Module:
         ``model`` itself, made of its original module objects with their current (trained) weights, ready
         for TorchScript, ONNX or torch.export.
     """
+    check_surgery_args("strip", model)
     for _, module in list(injected_modules(unwrap(model))):
         _undo(module)
     return model

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .._args import check_surgery_args
 from ..recipe import Recipe, RecipeError, RecipeLike, Rule, load_recipe
 from .analyze import Candidate, Scope, analyze
 from .forward import check_not_injected
@@ -288,6 +289,7 @@ def plan(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -> 
         RecipeError: a bad recipe, or a rule that selects nothing.
         SurgeryError: a selected module that torch.fx cannot trace.
     """
+    check_surgery_args("plan", model, example_input)
     model = unwrap(model)  # DataParallel, DDP, torch.compile, EMA copies: the network inside
     recipe = load_recipe(recipe)
     check_not_injected(model)
