@@ -1,9 +1,10 @@
-"""Zoo coverage (issue 7): models of torchvision and timm (random weights) through ``check_model``."""
+"""Zoo coverage: models of torchvision, timm and other libraries (random weights) through ``check_model``, which
+runs ``dropblock_inject.check`` and the sweep's own checks."""
 
 import pytest
 import torch
 
-from dropblock_inject import coverage
+from tools import coverage
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
