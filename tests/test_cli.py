@@ -98,9 +98,10 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["plan", "--model", "timm:resnet5O", "--recipe", "resnet50_paper"], "did you mean 'resnet50'"),
+    pytest.param(["plan", "--model", "timm:resnet5O", "--recipe", "resnet50_paper"], "did you mean 'resnet50'",
+                 marks=pytest.mark.slow),  # each case starts a process that imports torch: one is enough by default
     (["plan", *TORCHVISION, "--input", "0x3x224x224"], "must be 4 or 5 positive sizes"),
-    (["demo", "--steps", "0"], "must be a positive integer"),
+    pytest.param(["demo", "--steps", "0"], "must be a positive integer", marks=pytest.mark.slow),
 ])
 def test_user_errors_from_a_real_process(args, message):
     result = _run(*args)
