@@ -122,7 +122,7 @@ def test_check_requires_shortcut_and_branch_points_of_residual_blocks():
     import torchvision
 
     import dropblock_inject as dbi
-    from dropblock_inject.coverage.blocks import missing_points
+    from tools.coverage.blocks import missing_points
     from dropblock_inject.surgery.shapes import ShapeLog
 
     model = torchvision.models.resnet50().eval()
