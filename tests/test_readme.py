@@ -106,3 +106,26 @@ def test_recipes_table_lists_every_shipped_recipe_with_its_description():
 def test_readme_links_the_coverage_report():
     assert "(docs/coverage.md)" in TEXT
     assert (README.parent / "docs" / "coverage.md").is_file()
+
+
+def _collected(*args: str) -> str:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly",
+                             "tests/test_coverage.py", *args], capture_output=True, text=True, cwd=README.parent,
+                            timeout=300)
+    return result.stdout
+
+
+def test_the_readme_test_command_leaves_the_long_set_out_and_pytest_m_slow_runs_it():
+    default, slow = _collected(), _collected("-m", "slow")
+    assert "test_coverage.py::test_torchvision_sample[resnet18]" in default
+    assert "test_zoo_sweep_pass_rates" not in default and "deselected" in default
+    assert "test_zoo_sweep_pass_rates" in slow and "test_torchvision_sample[resnet18]" not in slow
+
+
+def test_the_experiment_says_what_is_reproducible_across_machines():
+    text = (README.parent / "docs" / "experiment.md").read_text(encoding="utf-8")
+    section = text[text.index("**What is reproducible.**"):].split("\n\n", 1)[0]
+    assert "same CPU" in section and "Across machines it does not" in section
