@@ -26,6 +26,9 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
 
 
 BLOCKS = python_blocks(TEXT)
+PICTURES = README.parent / "docs" / "pictures.md"  # the viz snippet moved there from the README
+DOC_BLOCKS = [("README.md", line, code) for line, code in BLOCKS] + \
+    [("docs/pictures.md", line, code) for line, code in python_blocks(PICTURES.read_text(encoding="utf-8"))]
 
 
 MAX_LINES = 250
@@ -81,13 +84,13 @@ def _isolated(tmp_path, monkeypatch, caplog):
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("line, code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
-def test_readme_python_block_runs_as_written(_isolated, line, code):
+@pytest.mark.parametrize("doc, line, code", DOC_BLOCKS, ids=[f"{doc}:{line}" for doc, line, _ in DOC_BLOCKS])
+def test_readme_python_block_runs_as_written(_isolated, doc, line, code):
     for module in re.findall(r"^(?:import|from) (lightning|transformers|matplotlib|onnx)\b", code, flags=re.M):
         pytest.importorskip(module)  # the optional extras; the dev extra has them all
     if "plot_masks" in code:
         pytest.importorskip("skimage")
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})  # noqa: S102
+    exec(compile(code, f"{doc}:{line}", "exec"), {"__name__": "__readme__"})  # noqa: S102
 
 
 def _recipes_table(text: str) -> dict[str, str]:
