@@ -3,14 +3,15 @@
 The stages, in order (a stage that cannot run because an earlier one failed is reported as skipped):
 
 1. *plan*: where the recipe puts DropBlock (warnings become notes);
-2. *inject*: as many DropBlocks as the plan lists; Parameters the same objects; ``state_dict`` keys and
+2. *original model*: its training (seeded) and eval outputs, the references of the identities;
+3. *inject*: as many DropBlocks as the plan lists; Parameters the same objects; ``state_dict`` keys and
    values unchanged;
-3. *eval identity*: eval output bit-identical to the model's before ``inject``;
-4. *keep_prob 1 identity*: training-mode output at keep_prob 1 bit-identical under the same seed;
-5. *training step*: at the recipe's final keep_prob, forward + backward: every DropBlock runs, some drop,
+4. *eval identity*: eval output bit-identical to the model's before ``inject``;
+5. *keep_prob 1 identity*: training-mode output at keep_prob 1 bit-identical under the same seed;
+6. *training step*: at the recipe's final keep_prob, forward + backward: every DropBlock runs, some drop,
    output and gradients are finite;
-6. *strip*: no DropBlock left, module types and ``state_dict`` keys as before, eval output unchanged;
-7. *TorchScript* and *ONNX* export of the stripped model (ONNX when ``onnx`` is installed; the output is
+7. *strip*: no DropBlock left, module types and ``state_dict`` keys as before, eval output unchanged;
+8. *TorchScript* and *ONNX* export of the stripped model (ONNX when ``onnx`` is installed; the output is
    compared in onnxruntime when that is installed too). A model that does not export without DropBlock
    either is reported as skipped, not failed.
 
@@ -87,7 +88,8 @@ def _fix_for(error: Exception) -> str:
     if isinstance(error, SurgeryError):
         return ("the recipe points at code torch.fx cannot trace (the message names it): point the rule at a "
                 "smaller module, or make that module's forward traceable")
-    return "the model failed on the example input: pass example_input= (check --input) that the model accepts"
+    return ("the model failed on the example input: pass an example_input it accepts (check --input), and "
+            "train_input= if its training forward takes more (a detector's targets: from Python only)")
 
 
 def _run(model: nn.Module, args: tuple[Any, ...], seed: int | None = None, grad: bool = False) -> Any:
@@ -280,11 +282,11 @@ def check(model: nn.Module, recipe: Any, example_input: Any = None, *, train_inp
     stages: list[tuple[str, Callable[[], Any]]] = [("plan", lambda: _stage_plan(work, recipe, example, report))]
     state: dict[str, Any] = {}
 
-    def identities() -> None:
+    def references() -> None:
         work.train()  # first: the training forward updates BatchNorm statistics, which eval output reads
         state["train"] = _tensors(_run(work, train_args, seed=0))
         state["eval"] = _tensors(_run(work.eval(), args))
-        _stage_inject(work, recipe, example, report)
+        report.add("original model", "ok", "training and eval outputs recorded, before inject")
 
     def eval_identity() -> None:
         if not _same(_tensors(_run(work.eval(), args)), state["eval"]):
@@ -300,7 +302,8 @@ def check(model: nn.Module, recipe: Any, example_input: Any = None, *, train_inp
                           "a bug: please report it with this model and recipe")
         report.add("keep_prob 1 identity", "ok", "training output at keep_prob 1 bit-identical, same seed")
 
-    stages += [("inject", identities), ("eval identity", eval_identity), ("keep_prob 1 identity", keep_one),
+    stages += [("original model", references), ("inject", lambda: _stage_inject(work, recipe, example, report)),
+               ("eval identity", eval_identity), ("keep_prob 1 identity", keep_one),
                ("training step", lambda: _stage_train(work, train_args, report))]
     for extra_name, func in extra_checks:
         def extra(func: ExtraCheck = func, extra_name: str = extra_name) -> None:

@@ -12,7 +12,7 @@ import dropblock_inject as dbi
 
 check_module = sys.modules["dropblock_inject.check"]  # the attribute dbi.check is the function
 
-STAGES = ["plan", "inject", "eval identity", "keep_prob 1 identity", "training step", "strip", "TorchScript", "ONNX"]
+STAGES = ["plan", "original model", "inject", "eval identity", "keep_prob 1 identity", "training step", "strip", "TorchScript", "ONNX"]
 
 
 def _resnet18() -> torch.nn.Module:
