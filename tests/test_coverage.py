@@ -85,7 +85,7 @@ def test_zoo_sweep_pass_rates(tmp_path):
     assert passed >= 0.90 * checked, failures
     for lib in coverage.FAMILIES:
         passed, checked = rates[lib]
-        assert checked and passed >= 0.95 * checked, failures  # issue 15: each new family at 95%
+        assert checked and passed >= 0.95 * checked, failures  # each further family at 95%
     assert all(r.reason for r in rows if r.status == "fail")
     text = (tmp_path / "coverage.md").read_text()
     assert all(f"| {lib} |" in text for lib in coverage.FAMILIES)
