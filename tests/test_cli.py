@@ -378,3 +378,12 @@ def test_help_answers_in_half_a_second():
     result = subprocess.run([sys.executable, "-m", "dropblock_inject", "--help"], capture_output=True, text=True,
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert result.returncode == 0 and time.perf_counter() - start < 0.5
+
+
+@pytest.mark.xfail(strict=True, reason="the totals line is format_plan's (surgery/select.py), which still writes "
+                                       "'in 1 modules'")
+def test_plan_totals_are_grammatical(capsys, tmp_path):
+    recipe = tmp_path / "one_block.yaml"
+    recipe.write_text("rules:\n  - modules: ['layer4.1']\n    shortcut: true\n")
+    assert main(["plan", "--model", "torchvision:resnet18", "--recipe", str(recipe), "--input", "1x3x64x64"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("3 DropBlocks: 2 branch, 1 shortcut, in 1 module")
