@@ -9,12 +9,14 @@ Public API::
     DropBlock2d, DropBlock3d, drop_block2d, drop_block3d
     load_recipe(name_or_path_or_dict) -> Recipe;  available_recipes() -> list[str]
     RecipeError, SurgeryError
+    check(model, recipe, example_input=None) -> CheckReport
 """
 
 from .surgery import InsertionPoint, SurgeryError, format_plan, inject, injected_dropblocks, plan, strip
 from .ops import DropBlock2d, DropBlock3d, drop_block2d, drop_block3d
 from .recipe import Recipe, RecipeError, available_recipes, load_recipe
 from .schedule import KeepProbScheduler
+from .check import CheckReport, check  # noqa: E402 - after the modules it uses
 
 __all__ = [
     "DropBlock2d",
@@ -25,6 +27,8 @@ __all__ = [
     "RecipeError",
     "SurgeryError",
     "available_recipes",
+    "CheckReport",
+    "check",
     "drop_block2d",
     "drop_block3d",
     "format_plan",

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64, help="side of the upscaled digits (default: 64)")
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--recipe", default="resnet50_paper", help="recipe name, YAML path (default: %(default)s)")
+    parser.add_argument("--recipe", default="resnet_paper", help="recipe name or YAML path (default: %(default)s, the ResNet-18..152 one)")
     parser.add_argument("--block-size", type=int, default=3,
                         help="override the recipe's block size; small images have small maps (0: keep it)")
     parser.add_argument("--target", type=float, default=None, help="final keep_prob (default: the recipe's)")

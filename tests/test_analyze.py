@@ -38,6 +38,6 @@ def test_shortcut_is_the_side_with_fewer_convolutions(name, size, block, shortcu
     points = dbi.plan(model, "paper_generic", example_input=torch.randn(1, 3, size, size))
     assert [p.after for p in points if p.module == block and p.kind == "shortcut"] == [shortcut]
     dbi.inject(model, "paper_generic", example_input=torch.randn(1, 3, size, size))
-    from dropblock_inject.coverage import _nested_dropblocks
+    from tools.coverage import _nested_dropblocks
 
     assert _nested_dropblocks(model) == ""

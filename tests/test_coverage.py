@@ -1,15 +1,17 @@
-"""Zoo coverage (issue 7): models of torchvision and timm (random weights) through ``check_model``."""
+"""Zoo coverage: models of torchvision, timm and other libraries (random weights) through ``check_model``, which
+runs ``dropblock_inject.check`` and the sweep's own checks."""
 
 import pytest
 import torch
 
-from dropblock_inject import coverage
+from tools import coverage
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
-FAST_TV = ["resnet18", "mobilenet_v3_small"]
-FAST_TIMM = ["resnet10t", "regnetx_002", "efficientnet_b0"]
+SLOW = pytest.mark.slow  # by default one model per library; the others, and the big ones, in the long set
+FAST_TV = ["resnet18", pytest.param("mobilenet_v3_small", marks=SLOW)]
+FAST_TIMM = ["resnet10t", pytest.param("regnetx_002", marks=SLOW), pytest.param("efficientnet_b0", marks=SLOW)]
 
 
 @pytest.mark.parametrize("name", FAST_TV)
@@ -18,6 +20,8 @@ def test_torchvision_sample(name):
                                family=coverage._tv_family(name), library="torchvision")
     assert row.status == "ok", row.reason
     assert row.branch > 0
+    if name == "resnet18":  # layer3 + layer4: 4 BasicBlocks, 2 branch points + 1 shortcut each
+        assert (row.branch, row.shortcut) == (8, 4)
 
 
 @pytest.mark.parametrize("name", FAST_TIMM)
@@ -26,12 +30,6 @@ def test_timm_sample(name):
                                family=coverage._timm_family(name), library="timm")
     assert row.status == "ok", row.reason
     assert row.branch > 0
-
-
-def test_resnet18_counts_match_paper_placement():
-    # layer3 + layer4 of a ResNet-18: 4 BasicBlocks, 2 branch points + 1 shortcut each
-    row = coverage.check_model("resnet18", lambda: torchvision.models.resnet18(weights=None))
-    assert (row.status, row.branch, row.shortcut) == ("ok", 8, 4)
 
 
 def test_check_model_reports_failures_without_raising():
@@ -87,18 +85,18 @@ def test_zoo_sweep_pass_rates(tmp_path):
     assert passed >= 0.90 * checked, failures
     for lib in coverage.FAMILIES:
         passed, checked = rates[lib]
-        assert checked and passed >= 0.95 * checked, failures  # issue 15: each new family at 95%
+        assert checked and passed >= 0.95 * checked, failures  # each further family at 95%
     assert all(r.reason for r in rows if r.status == "fail")
     text = (tmp_path / "coverage.md").read_text()
     assert all(f"| {lib} |" in text for lib in coverage.FAMILIES)
 
 
 @pytest.mark.parametrize("library, name, expected", [
-    ("torchvision-detection", "retinanet_resnet50_fpn", (27, 9)),
-    ("torchvision-segmentation", "deeplabv3_resnet50", (27, 9)),
-    ("transformers", "ResNetForImageClassification", (27, 9)),
+    pytest.param("torchvision-detection", "retinanet_resnet50_fpn", (27, 9), marks=SLOW),
+    pytest.param("torchvision-segmentation", "deeplabv3_resnet50", (27, 9), marks=SLOW),
+    pytest.param("transformers", "ResNetForImageClassification", (27, 9), marks=SLOW),
     ("timm-features", "resnet18 (features_only)", (8, 4)),
-    ("smp", "Unet(resnet18)", (8, 4)),
+    pytest.param("smp", "Unet(resnet18)", (8, 4), marks=SLOW),
 ])
 def test_new_families(library, name, expected):
     """One model of each new family through the whole check, with the paper's counts."""
@@ -108,6 +106,7 @@ def test_new_families(library, name, expected):
     assert (row.branch, row.shortcut) == expected
 
 
+@pytest.mark.slow  # a DeepLabV3-ResNet-50 through every check
 def test_check_rejects_points_in_a_head():
     """The check itself catches a DropBlock in a neck or head (here: a rule naming DeepLab's ASPP by path)."""
     from torchvision.models import segmentation
@@ -123,7 +122,7 @@ def test_check_requires_shortcut_and_branch_points_of_residual_blocks():
     import torchvision
 
     import dropblock_inject as dbi
-    from dropblock_inject.coverage.blocks import missing_points
+    from tools.coverage.blocks import missing_points
     from dropblock_inject.surgery.shapes import ShapeLog
 
     model = torchvision.models.resnet50().eval()
@@ -142,6 +141,7 @@ def test_check_requires_shortcut_and_branch_points_of_residual_blocks():
     assert missing_points(model, [p for p in points if p.kind == "branch"], branch_only, log) == ""
 
 
+@pytest.mark.slow  # two sweeps of timm's EfficientNet-B0
 def test_check_requires_the_whole_model_fx_graph_to_hold_every_dropblock(monkeypatch):
     """Where fx traces the plain model, the injected model's training graph must hold every DropBlock: here
     the fx redirection to the installed forward is switched off, so timm EfficientNet's point after bn2 (in

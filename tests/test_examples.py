@@ -124,6 +124,7 @@ def _torchrun() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
+@pytest.mark.slow  # two processes, each importing torch and training
 def test_finetune_plain_example_under_torchrun_ddp():
     """The README's multi-process command, small: 2 CPU processes, DDP over gloo."""
     pytest.importorskip("onnxruntime")
@@ -149,3 +150,14 @@ def test_finetune_lightning_example_strips_and_exports(monkeypatch):
     result = _load_example("finetune_lightning", monkeypatch).main(TINY)
     assert result["max_diff"] < 1e-4 and 0.0 <= result["accuracy"] <= 1.0
     assert result["keep_prob"] < 1.0  # the schedule ran
+
+
+@pytest.mark.parametrize("name, model", [("finetune_plain", "ResNet-18"), ("finetune_lightning", "ResNet-18")])
+def test_examples_use_the_recipe_made_for_their_model(name, model):
+    """The examples fine-tune a torchvision ResNet-18: their default recipe must be the one written for it."""
+    import dropblock_inject as dbi
+
+    source = (EXAMPLES / f"{name}.py").read_text()
+    assert "torchvision.models.resnet18(" in source
+    default = re.search(r'add_argument\("--recipe", default="(\w+)"', source).group(1)
+    assert model in dbi.load_recipe(default).description, default

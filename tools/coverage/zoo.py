@@ -92,7 +92,7 @@ def _is_cnn(name: str, family: str) -> bool:
     return not any(family.startswith(f) or name.startswith(f) for f in NON_CNN_FAMILIES)
 
 
-# ---- dense-prediction and other libraries' families (issue 15) ---------------------------------------------
+# ---- dense-prediction models and other libraries' families ----------------------------------------------------
 
 Entry = tuple[str, str, Callable[[], nn.Module], int]
 TIMM_FEATURES = ["resnet18", "resnet50d", "efficientnet_b0", "convnext_atto", "regnetx_002", "mobilenetv3_small_100",

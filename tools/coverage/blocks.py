@@ -13,13 +13,13 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ..recipe import load_recipe
-from ..surgery.analyze import analyze
-from ..surgery.example import HooksAside
-from ..surgery.kinds import is_container
-from ..surgery.select import InsertionPoint
-from ..surgery.shapes import ShapeLog
-from ..surgery.trace import SurgeryError, trace_scope
+from dropblock_inject.recipe import load_recipe
+from dropblock_inject.surgery.analyze import analyze
+from dropblock_inject.surgery.example import HooksAside
+from dropblock_inject.surgery.kinds import is_container
+from dropblock_inject.surgery.select import InsertionPoint
+from dropblock_inject.surgery.shapes import ShapeLog
+from dropblock_inject.surgery.trace import SurgeryError, trace_scope
 
 
 def _ancestors(path: str) -> list[str]:

@@ -1,10 +1,10 @@
-"""Zoo coverage: run ``paper_generic`` (or any recipe) over the CNNs of torchvision, timm, Hugging Face
+"""Zoo coverage (dev tooling, not in the wheel): run ``paper_generic`` (or any recipe) over the CNNs of torchvision, timm, Hugging Face
 transformers and segmentation_models_pytorch, and report every model's status and reason.
 
 * :mod:`.check` -- one model through plan, inject, eval, train and strip, with the placement checks
   (:mod:`.video` the same for video ResNets);
 * :mod:`.zoo` -- which models, how to build them (random weights) and how big an input they need;
-* :mod:`.report` -- the sweep, the Markdown report and ``python -m dropblock_inject.coverage``.
+* :mod:`.report` -- the sweep, the Markdown report and ``python -m tools.coverage``.
 """
 
 from .check import CoverageRow, _nested_dropblocks, check_model

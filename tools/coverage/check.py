@@ -1,0 +1,197 @@
+"""Zoo coverage: one model (random weights) through :func:`dropblock_inject.check`, plus the zoo's own checks.
+
+``check_model`` builds the model and runs ``dbi.check`` (plan, inject, eval and keep_prob-1 identities, a
+training step that drops, strip; no export), adding while the model is injected:
+
+* *branch and shortcut points*: every residual block of groups 3/4 with branch points has a shortcut point
+  when the recipe asks for shortcuts, and every shortcut point has branch points in its block (:mod:`.blocks`);
+* *nesting*: no DropBlock follows a module call whose module holds DropBlocks of its own (the same map
+  dropped twice);
+* *feature maps*: every DropBlock saw only ``(N, C, H, W)`` maps larger than 1x1, with more than one channel
+  (a single channel is attention logits, not features), at stride 16 or 32 of the input, or at stride 8 inside
+  a residual block whose output stride is 16 (the downsampling first block of group 3), never in a neck or head;
+* *whole-model fx*: where fx traces the plain model whole (``torch.fx.symbolic_trace``, training mode), it
+  traces the injected model too, and its training graph holds one DropBlock call per point.
+
+``python -m tools.coverage [--fast]`` sweeps the zoo and writes ``docs/coverage.md``.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from dropblock_inject.ops import _DropBlockNd
+from dropblock_inject.surgery.shapes import ShapeLog
+from .blocks import missing_points
+
+
+
+
+@dataclass
+class CoverageRow:
+    model: str
+    family: str
+    branch: int = 0
+    shortcut: int = 0
+    inject_s: float = float("nan")
+    status: str = "fail"  # "ok" | "fail" | "skipped: not a CNN"
+    reason: str = ""
+    library: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _nested_dropblocks(model: nn.Module) -> str:
+    """A DropBlock placed right after a module call whose module holds DropBlocks of its own (the same map
+    dropped twice, e.g. after a conv-norm module and inside it); empty if there is none."""
+    forwards = {name: m.forward for name, m in model.named_modules() if hasattr(m.__dict__.get("forward"), "graph")}
+    for outer, fwd in forwards.items():
+        for node in fwd.graph.nodes:
+            if node.op != "call_module" or not isinstance(fwd.called_module(str(node.target)), _DropBlockNd):
+                continue
+            src = node.args[0]
+            if getattr(src, "op", None) != "call_module":
+                continue
+            called = _join(outer, src.target)
+            inner = [s for s in forwards if s == called or s.startswith(called + ".")]
+            if inner:
+                return (f"DropBlock after {outer or '<root>'}:{src.name} follows module {called!r}, which holds "
+                        f"DropBlocks of its own (in {inner[0]!r})")
+    return ""
+
+
+def _fx_traces(model: nn.Module) -> bool:
+    """Whether ``torch.fx.symbolic_trace`` traces the (plain) model whole in training mode."""
+    was = model.training
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.fx.symbolic_trace(model.train())
+    except Exception:  # noqa: BLE001 - control flow on values, shapes, ...: fx cannot, whatever we do
+        return False
+    finally:
+        model.train(was)
+    return True
+
+
+def _join(path: str, target: Any) -> str:
+    return f"{path}.{target}" if path else str(target)
+
+
+def _feature_maps(log: ShapeLog) -> Callable[[nn.Module, Any], str]:
+    """The feature-map check, on the shapes each DropBlock saw in ``dbi.check``'s training step."""
+
+    def run(model: nn.Module, report: Any) -> str:
+        if not report.dropblock_inputs:
+            return "no DropBlock ran in the train forward"
+        for path, shape in report.dropblock_inputs.items():
+            point = model.get_submodule(path).point
+            where = f"{point.module}:{point.after}"
+            if len(shape) != 4:
+                return f"DropBlock at {where} got a non-(N,C,H,W) input {shape}"
+            if shape[2] * shape[3] <= 1:
+                return f"DropBlock at {where} got a 1x1 map {shape}"
+            if shape[1] == 1:
+                return f"DropBlock at {where} got a single-channel map {shape} (attention logits?)"
+            if point.module in log.heads:
+                return f"DropBlock at {where} is in a neck or head of the model"
+            stride = log.nominal_stride((1, *shape[1:]), point.module)
+            if stride in (16, 32):
+                continue
+            out_shape = log.module_output(point.module)
+            out_stride = log.nominal_stride(out_shape, point.module) if out_shape and len(out_shape) == 4 else None
+            if stride == 8 and out_stride == 16:
+                continue
+            return f"DropBlock at {where} ({point.kind}) sees stride {stride} {shape} (its block outputs stride {out_stride})"
+        return ""
+
+    return run
+
+
+def _whole_model_fx(model: nn.Module, report: Any) -> str:
+    import dropblock_inject as dbi
+
+    graph = torch.fx.symbolic_trace(model.train()).graph
+    calls = sum(n.op == "call_function" and "drop_block" in str(n.target) for n in graph.nodes)
+    total = len(dbi.injected_dropblocks(model))
+    return "" if calls == total else f"the training graph of torch.fx.symbolic_trace holds {calls} of the {total} DropBlocks"
+
+
+def check_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "paper_generic", size: int = 64,
+                family: str = "", library: str = "") -> CoverageRow:
+    """Check one model (built by ``ctor``, random weights) with ``dbi.check`` and the zoo's checks; never raises.
+
+    Args:
+        name: the model's name in the report.
+        ctor: builds the model.
+        recipe: the recipe to check.
+        size: the side of the square example input.
+        family: the model family, for the report.
+        library: the library; ``"torchvision-detection"`` models get lists of images and targets.
+
+    Returns:
+        The report row: status ``ok`` or ``fail`` and, for a failure, the stage and reason.
+    """
+    import dropblock_inject as dbi
+
+    row = CoverageRow(name, family, library=library)
+    stage = "build"
+    model = None
+    try:
+        torch.manual_seed(0)
+        model = ctor().eval()
+        detection = library == "torchvision-detection"  # lists of images, and targets for training
+        x: Any = [torch.rand(3, size, size), torch.rand(3, size, size)] if detection else torch.randn(2, 3, size, size)
+        train: Any = None
+        if detection:
+            box = torch.tensor([[4.0, 4.0, size / 2, size / 2]])
+            target = {"boxes": box, "labels": torch.tensor([1]),  # masks and keypoints for Mask/Keypoint R-CNN
+                      "masks": torch.zeros(1, size, size, dtype=torch.uint8).index_fill_(1, torch.arange(4, size // 2), 1),
+                      "keypoints": torch.tensor([[[8.0, 8.0, 1.0]] * 17])}
+            train = (x, [target] * 2)
+        stage = "reference forward"
+        fx_whole = not detection and _fx_traces(model)
+        log = ShapeLog(model, x)  # the network's own strides, for the checks below
+
+        def blocks(injected: nn.Module, report: Any) -> str:
+            return missing_points(model, report.points, recipe, log)  # on the plain model, which check copied
+
+        extra = [("branch and shortcut points", blocks), ("nesting", lambda m, r: _nested_dropblocks(m)),
+                 ("feature maps", _feature_maps(log))]
+        if fx_whole:
+            extra.append(("whole-model fx", _whole_model_fx))
+        stage = "check"
+        report = dbi.check(model, recipe, example_input=x, train_input=train, export=False, extra_checks=extra)
+        row.inject_s = report.inject_seconds
+        row.branch = sum(p.kind == "branch" for p in report.points)
+        row.shortcut = len(report.points) - row.branch
+        failed = report.failures
+        if failed:
+            row.status, row.reason = "fail", f"{failed[0].name}: {failed[0].detail}"[:600]
+        else:
+            row.status = "ok"
+            notes = [n for n in report.notes if "left without DropBlock" in n]
+            row.reason = "; ".join(f"passes, but {n}" for n in notes)[:600]
+    except Exception as e:  # noqa: BLE001 - a sweep reports, it does not stop
+        row.status, row.reason = "fail", f"{stage}: {_first_line(e)}"
+        if "-v" in sys.argv:
+            traceback.print_exc()
+    finally:
+        del model
+        gc.collect()
+    return row
