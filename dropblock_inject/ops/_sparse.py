@@ -15,7 +15,8 @@ import threading
 import torch
 from torch import Tensor
 
-from ._check import _contiguous_strides
+from ._check import _contiguous_strides, _fills_its_memory, fp32_ratio, gamma_of, geometry
+from ._kernel import Kernel
 
 
 def _sample_seeds(n_planes: int, n_anchors: int, gamma: float, device: torch.device,
@@ -143,7 +144,7 @@ def _draw_blocks(shape: tuple[int, ...], gamma: float, block: tuple[int, ...], v
     if normalize:
         numel = math.prod(shape)
         dropped = _count_dropped(plane, offset, n * c, tuple(spatial), block)
-        scale = numel / max(numel - dropped, 1)
+        scale = fp32_ratio(numel, numel - dropped)  # fp32, as every kernel computes it
     return plane, anchor, offset, scale
 
 
@@ -300,3 +301,60 @@ class _SparseDropBlock(torch.autograd.Function):
         stride, block, scale = ctx.meta
         (corner,) = ctx.saved_tensors
         return sparse_backward(grad, corner, stride, block, scale), None, None, None, None, None
+
+
+class SparseKernel(Kernel):
+    """The CPU kernel for per-channel masks (any map: a block covering the whole map drops a whole plane).
+
+    Its state is the seed of a private CPU generator and ``gamma`` (fp64, 2 values), with the number of seeds
+    and the blocks' corners stored behind them in the same memory (see :func:`pack_state`); backward
+    rescatters the blocks from those corners or, if the state reaches it copied, draws the seeds again.
+    """
+
+    name = "sparse"
+
+    def forward(self, x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
+                normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+        block, valid, factor = geometry(tuple(x.shape[2:]), block_size)
+        gamma = gamma_of(float(keep_prob), factor)
+        seed = draw_seed(gamma)
+        out = torch.empty_like(x)
+        corner, scale = sparse_forward(x, gamma, block, valid, normalize, out, seeded_generator(seed))
+        return out, pack_state(seed, gamma, corner), torch.tensor(scale, dtype=torch.float32)
+
+    def backward(self, grad: Tensor, state: Tensor, scale: Tensor, block_size: int, per_channel: bool,
+                 stride: list[int]) -> Tensor:
+        block, valid, _ = geometry(tuple(grad.shape[2:]), block_size)
+        corner = stored_corners(state)
+        if corner is None:  # the state was copied on its way here: draw the same seeds again
+            seed, gamma = state.tolist()
+            corner = redraw_corners(tuple(grad.shape), gamma, valid, tuple(stride), int(seed))
+        return sparse_backward(grad, corner, tuple(stride), block, float(scale))
+
+    def mask(self, like: Tensor, stride: list[int], keep_prob: Tensor, block_size: int, per_channel: bool,
+             normalize: bool) -> tuple[Tensor, Tensor]:
+        block, valid, factor = geometry(tuple(like.shape[2:]), block_size)
+        gamma = gamma_of(float(keep_prob), factor)
+        keep, scale = sparse_keep_mask(tuple(like.shape), tuple(stride), gamma, block, valid, normalize,
+                                       seeded_generator(draw_seed(gamma)))  # as forward draws
+        return keep, torch.tensor(scale, dtype=torch.float32)
+
+    def fake_forward(self, x: Tensor, block_size: int, per_channel: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.empty_like(x), torch.empty((2,), dtype=torch.float64), torch.empty((), dtype=torch.float32)
+
+    def fake_backward(self, grad: Tensor, stride: list[int]) -> Tensor:
+        return grad.new_empty_strided(grad.shape, stride)
+
+    def fake_mask(self, like: Tensor, stride: list[int], block_size: int,
+                  per_channel: bool) -> tuple[Tensor, Tensor]:
+        return (torch.empty_strided(like.shape, stride, dtype=torch.bool),
+                torch.empty((), dtype=torch.float32))
+
+    def eager(self, x: Tensor, keep_prob: float, keep_prob_tensor: Tensor | None, block_size: int,
+              per_channel: bool, normalize: bool, inplace: bool) -> Tensor:
+        block, valid, factor = geometry(tuple(x.shape[2:]), block_size)
+        return _SparseDropBlock.apply(x, gamma_of(keep_prob, factor), block, valid, normalize,
+                                      inplace and _fills_its_memory(x))
+
+
+SPARSE = SparseKernel()

@@ -25,9 +25,8 @@ import torch
 from torch import Tensor
 
 from ._check import _geometry
+from ._kernel import Kernel
 from ._triton_kernels import AVAILABLE, CHANNELS_LAST, CONTIGUOUS, STRIDED, kernels, triton
-
-__all__ = ["AVAILABLE", "kernels", "keep_shape", "triton_backward", "triton_forward", "triton_mask"]
 
 
 def _dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -246,3 +245,34 @@ def _backward(ks: SimpleNamespace, grad: Tensor, state: Tensor, scale: Tensor, b
         return torch.empty_like(grad)
     keep = _keep_map(ks, state, n * (c if per_channel else 1), tuple(spatial), block_size)
     return _launch_apply(ks, grad, keep, scale, per_channel)
+
+
+class TritonKernel(Kernel):
+    """The fused kernel: on CUDA, compiled; on CPU tensors, run by Triton's interpreter. Its state is the philox
+    seed and threshold (int64, 2 values): backward redraws the keep map."""
+
+    name = "triton"
+
+    def forward(self, x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
+                normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return triton_forward(x, keep_prob, block_size, per_channel, normalize, x.device.type == "cpu")
+
+    def backward(self, grad: Tensor, state: Tensor, scale: Tensor, block_size: int, per_channel: bool,
+                 stride: list[int]) -> Tensor:
+        return triton_backward(grad, state, scale, block_size, per_channel, grad.device.type == "cpu")
+
+    def mask(self, like: Tensor, stride: list[int], keep_prob: Tensor, block_size: int, per_channel: bool,
+             normalize: bool) -> tuple[Tensor, Tensor]:
+        return triton_mask(list(like.shape), keep_prob, block_size, per_channel, normalize, like.device,
+                           like.device.type == "cpu")
+
+    def fake_forward(self, x: Tensor, block_size: int, per_channel: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.empty_like(x), x.new_empty((2,), dtype=torch.int64), x.new_empty((), dtype=torch.float32)
+
+    def fake_mask(self, like: Tensor, stride: list[int], block_size: int,
+                  per_channel: bool) -> tuple[Tensor, Tensor]:
+        keep = torch.empty(keep_shape(like.shape, per_channel), dtype=torch.bool, device=like.device)
+        return keep, torch.empty((), dtype=torch.float32, device=like.device)
+
+
+TRITON = TritonKernel()

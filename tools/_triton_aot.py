@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from . import _triton
-from ._triton_kernels import kernels, triton
+from dropblock_inject.ops import _triton
+from dropblock_inject.ops._triton_kernels import kernels, triton
 
 META = torch.device("meta")
 
