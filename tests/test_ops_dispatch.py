@@ -92,16 +92,14 @@ def test_building_the_interpreted_kernels_writes_no_environment_variable():
     assert not written and type(ks.apply).__name__ == "InterpretedFunction"
 
 
-def test_tracing_the_mask_op_leaves_inductors_configuration_alone(monkeypatch):
+def test_tracing_the_mask_op_leaves_inductors_configuration_alone():
     from torch._inductor import config
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    monkeypatch.setattr(config, "post_grad_custom_pre_pass", None)
-    before = config.post_grad_custom_pre_pass
-    with FakeTensorMode():
+    with config.patch(post_grad_custom_pre_pass=None), FakeTensorMode():
         torch.ops.dropblock_inject.drop_block_mask.default([2, 3, 8, 8], [192, 64, 8, 1], torch.float32,
                                                            torch.device("cpu"), torch.tensor(0.9), 3, True, True)
-    assert config.post_grad_custom_pre_pass is before
+        assert config.post_grad_custom_pre_pass is None
 
 
 def test_compiling_installs_the_pass_unless_opted_out(monkeypatch):
@@ -109,15 +107,15 @@ def test_compiling_installs_the_pass_unless_opted_out(monkeypatch):
 
     from dropblock_inject.ops._hoist import _holds_hoist
 
-    monkeypatch.setattr(config, "post_grad_custom_pre_pass", None)
-    monkeypatch.setenv("DROPBLOCK_INJECT_INDUCTOR_PASS", "0")
-    torch._dynamo.reset()
-    torch.compile(DropBlock2d(3, 0.9), backend="aot_eager", fullgraph=True)(torch.ones(2, 3, 8, 8))
-    assert config.post_grad_custom_pre_pass is None
-    monkeypatch.delenv("DROPBLOCK_INJECT_INDUCTOR_PASS")
-    torch._dynamo.reset()
-    torch.compile(DropBlock2d(3, 0.9), backend="aot_eager", fullgraph=True)(torch.ones(2, 3, 8, 8))
-    assert _holds_hoist(config.post_grad_custom_pre_pass)
+    with config.patch(post_grad_custom_pre_pass=None):
+        monkeypatch.setenv("DROPBLOCK_INJECT_INDUCTOR_PASS", "0")
+        torch._dynamo.reset()
+        torch.compile(DropBlock2d(3, 0.9), backend="aot_eager", fullgraph=True)(torch.ones(2, 3, 8, 8))
+        assert config.post_grad_custom_pre_pass is None
+        monkeypatch.delenv("DROPBLOCK_INJECT_INDUCTOR_PASS")
+        torch._dynamo.reset()
+        torch.compile(DropBlock2d(3, 0.9), backend="aot_eager", fullgraph=True)(torch.ones(2, 3, 8, 8))
+        assert _holds_hoist(config.post_grad_custom_pre_pass)
     torch._dynamo.reset()
 
 

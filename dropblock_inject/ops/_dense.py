@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._check import gamma_of, geometry
+from ._check import _fills_its_memory, gamma_of, geometry
 from ._kernel import ApplyKeep, Kernel, apply_keep
 
 
@@ -109,9 +109,7 @@ class DenseKernel(Kernel):
     def eager(self, x: Tensor, keep_prob: float, keep_prob_tensor: Tensor | None, block_size: int,
               per_channel: bool, normalize: bool, inplace: bool) -> Tensor:
         keep, scale = self.mask(x, list(x.stride()), keep_prob, block_size, per_channel, normalize)
-        if inplace:  # autograd saves the mask (small when shared) and the scale
-            return x.masked_fill_(keep.logical_not(), 0.0).mul_(scale)
-        return ApplyKeep.apply(x, keep, scale)
+        return ApplyKeep.apply(x, keep, scale, inplace and _fills_its_memory(x))
 
 
 DENSE = DenseKernel()

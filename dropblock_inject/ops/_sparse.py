@@ -79,6 +79,10 @@ def _fill_blocks(flat: Tensor, corner: Tensor, block: tuple[int, ...], strides: 
     """
     if corner.numel() == 0:
         return
+    length = math.prod(block)
+    if strides == _contiguous_strides(block) and flat.numel() % length == 0 and not bool((corner % length).any()):
+        flat.view(-1, length).index_fill_(0, corner // length, value)  # whole contiguous planes: rows
+        return
     span = sum((b - 1) * s for b, s in zip(block, strides))
     flat.as_strided((flat.numel() - span, *block), (1, *strides)).index_fill_(0, corner, value)
 
@@ -102,6 +106,8 @@ def _count_dropped(plane: Tensor, offset: Tensor, n_planes: int, spatial: tuple[
     seen = torch.zeros(n_planes, dtype=torch.long, device=plane.device)
     seen.index_fill_(0, plane, 1)
     plane_numel = math.prod(spatial)
+    if block == spatial:  # every block is a whole plane
+        return int(seen.sum()) * plane_numel
     slot = seen.cumsum_(0).index_select(0, plane)  # 1, 2, ...: the map's plane 0 stays empty
     numel = (min(plane.numel(), n_planes) + 1) * plane_numel
     small = numel <= _SMALL_MAP
