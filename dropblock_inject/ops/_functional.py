@@ -124,23 +124,13 @@ def drop_block2d(x: Tensor, keep_prob: float | Tensor, block_size: int = 7, *, p
 
 def drop_block3d(x: Tensor, keep_prob: float | Tensor, block_size: int = 7, *, per_channel: bool = True,
                  scale: bool = True, training: bool = True, inplace: bool = False) -> Tensor:
-    """DropBlock on a batch of 3-D feature maps (video or volumes); see :func:`drop_block2d`.
+    """DropBlock on a batch of 3-D feature maps (video or volumes), with cubic blocks; see :func:`drop_block2d`.
 
     Args:
         x (Tensor[N, C, T, H, W]): the input feature maps, any floating point dtype and memory format.
-        keep_prob (float or Tensor): the expected fraction of kept activations, finite, in [0, 1].
-        block_size (int): side of the cubic block, in [1, 2**31), clipped to the map per axis. Default: 7.
-        per_channel (bool): an independent mask for every channel; ``False`` shares one per sample.
-        scale (bool): multiply the kept activations by the fp32 ``numel(mask) / sum(mask)``. Default: ``True``.
-        training (bool): apply the op; ``False`` returns ``x`` unchanged. Default: ``True``.
-        inplace (bool): write the result into ``x`` (on CPU, outside ``torch.compile``); see
-            :func:`drop_block2d`. Default: ``False``.
+        keep_prob, block_size, per_channel, scale, training, inplace: as in :func:`drop_block2d`.
 
     Returns:
         Tensor[N, C, T, H, W]: the input with blocks zeroed, in the input's dtype and memory format.
-
-    Raises:
-        TypeError: an argument of the wrong type.
-        ValueError: keep_prob outside [0, 1], block_size outside [1, 2**31), an input of the wrong rank.
     """
     return _functional(x, keep_prob, block_size, per_channel, scale, training, inplace, 3, "drop_block3d")

@@ -1,11 +1,9 @@
-"""The kernel interface: what every implementation of DropBlock provides, and the one rule they all follow.
+"""The kernel interface, and the one rule every kernel follows: ``out = where(keep, x, 0) * scale``.
 
-A kernel computes ``out = where(keep, x, 0) * scale``: a dropped cell is 0 whatever ``x`` holds there (NaN
-and inf included), a kept cell is ``x * scale`` (a NaN or inf kept stays one); ``scale`` is the fp32
-``numel(keep) / sum(keep)`` (0 when nothing is kept, 1 without normalisation). Backward is the same
-product with the gradient. The implementations: ``_sparse.SPARSE`` (CPU), ``_dense.DENSE`` and
-``_dense.BROADCAST`` (any device), ``_triton.TRITON`` (CUDA, or Triton's interpreter on CPU); ``_dispatch``
-chooses one per call.
+A dropped cell is 0 whatever ``x`` holds there (NaN and inf included), a kept cell is ``x * scale`` (a kept NaN
+or inf stays one); ``scale`` is the fp32 ``numel(keep) / sum(keep)`` (0 when nothing is kept, 1 without
+normalisation). Backward is the same product with the gradient. The kernels: ``_sparse.SPARSE`` (CPU),
+``_dense.DENSE`` (any device), ``_triton.TRITON`` (CUDA, or Triton's interpreter on CPU tensors).
 """
 
 from __future__ import annotations

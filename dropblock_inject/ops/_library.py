@@ -64,20 +64,8 @@ def _drop_block_fake(x: Tensor, keep_prob: Tensor, block_size: int, per_channel:
 @torch.library.custom_op("dropblock_inject::drop_block_backward", mutates_args=())
 def drop_block_backward(grad: Tensor, state: Tensor, scale: Tensor, block_size: int, per_channel: bool,
                         kernel: str, stride: list[int]) -> Tensor:
-    """DropBlock's backward: ``where(keep, grad, 0) * scale``, the mask rebuilt from the forward's ``state``.
-
-    Args:
-        grad: the output's gradient.
-        state: the forward's second output.
-        scale: the forward's third output.
-        block_size: as in forward.
-        per_channel: as in forward.
-        kernel: the name of the kernel that ran forward.
-        stride: the forward output's strides.
-
-    Returns:
-        The input's gradient.
-    """
+    """DropBlock's backward, ``where(keep, grad, 0) * scale``, by ``kernel`` (the one that ran forward) from
+    forward's ``state`` and ``scale``; ``stride`` is forward's output's."""
     return KERNELS[kernel].backward(grad, state, scale, block_size, per_channel, stride)
 
 
@@ -112,22 +100,9 @@ def _like(shape: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
                          tags=(torch.Tag.nondeterministic_seeded,))
 def drop_block_mask(shape: list[int], stride: list[int], dtype: torch.dtype, device: torch.device,
                     keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool) -> tuple[Tensor, Tensor]:
-    """The ``bool`` mask and fp32 scale of DropBlock for an input of ``shape``: ``where(keep, x, 0) * scale`` is
-    DropBlock's output. The mask has the input's shape, or broadcasts to it (see each kernel's ``mask``).
-
-    Args:
-        shape: the input's shape, ``(N, C, H, W)`` or ``(N, C, T, H, W)``.
-        stride: the input's strides (the sparse kernel lays its mask out with them).
-        dtype: the input's dtype.
-        device: the input's device.
-        keep_prob: a one-element tensor, in [0, 1].
-        block_size: the requested block size (clipped to the map).
-        per_channel: a mask per channel, or one per sample.
-        scale: scale by ``numel(mask) / sum(mask)``; otherwise the scale is 1.
-
-    Returns:
-        ``(keep, scale)``.
-    """
+    """``(keep, scale)``, the ``bool`` mask (broadcasting to ``shape``) and the fp32 scale of DropBlock for an
+    input of ``shape``, ``stride``, ``dtype`` and ``device``: ``where(keep, x, 0) * scale`` is DropBlock's output.
+    The other arguments are :func:`drop_block`'s."""
     like = _like(shape, dtype, device)
     return choose(like.device, dtype, len(shape), per_channel).mask(like, stride, keep_prob, block_size,
                                                                    per_channel, scale)
@@ -148,19 +123,8 @@ def follows_stride(shape: list[int], dtype: torch.dtype, device: torch.device, p
 
 
 def masked(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool) -> Tensor:
-    """DropBlock as ``where(keep, x, 0) * scale`` with the mask of :func:`drop_block_mask` (what compiled graphs
-    run; the gradient follows by autograd, which saves the ``bool`` mask).
-
-    Args:
-        x: the input.
-        keep_prob: a one-element tensor, in [0, 1].
-        block_size: the requested block size.
-        per_channel: a mask per channel, or one per sample.
-        scale: scale by ``numel(mask) / sum(mask)``.
-
-    Returns:
-        The output, in x's dtype.
-    """
+    """DropBlock as ``where(keep, x, 0) * scale`` with the mask of :func:`drop_block_mask`, arguments as
+    :func:`drop_block`'s (what compiled graphs run; autograd saves the ``bool`` mask for backward)."""
     keep, factor = drop_block_mask(list(x.shape), list(_layout_strides(x)), x.dtype, x.device, keep_prob,
                                    block_size, per_channel, scale)
     return torch.where(keep, x, 0.0) * factor

@@ -9,12 +9,12 @@ Five launches (the programs are in ``_triton_kernels``), none of which syncs wit
 2. and 3. rows and mask: the stride-1 max-pool of the seed map, separable (along W, then along H and T),
    written as a ``uint8`` keep map, its kept cells counted on the device (no host sync);
 4. scale: ``numel / kept`` in fp32 (0 when nothing is kept), the division torch's ``_dense.keep_scale`` does;
-5. apply: ``x * keep * scale``, in x's dtype and strides.
+5. apply: ``where(keep, x * scale, 0)``, in x's dtype and strides.
 
 Backward keeps only the philox seed, the threshold and the scale (20 bytes): it redraws the same seed map (philox is
 counter-based), rebuilds the keep map and applies it to the gradient. The seed, row and keep maps are
 temporaries of one launch sequence, never saved. Compiled graphs run launches 1 to 4 only (``TritonKernel.mask``,
-through the mask op, see ``_mask_op``) and leave the product to inductor, which fuses it with its neighbours.
+through the mask op, see ``_library``) and leave the product to inductor, which fuses it with its neighbours.
 """
 
 import math

@@ -12,7 +12,7 @@ Five programs, launched in order by ``_triton``:
    written byte by byte as the dense ``uint8`` keep map (1 = kept), and in forward the kept cells counted (a
    sum per program, one atomic add);
 4. :func:`_scale`: ``numel / kept`` in fp32 (0 when nothing is kept), one program;
-5. :func:`_apply`: ``x * keep * scale`` in x's dtype and strides.
+5. :func:`_apply`: ``where(keep, x * scale, 0)`` in x's dtype and strides.
 
 Why it is built this way (what a GPU executes, counted in ``benchmarks/triton_sass.py``): the block's
 max-pool is separable, and every byte of the seed and row maps is 0 or 1, so an ``int64`` word ORs eight
