@@ -26,13 +26,14 @@ def _fresh(monkeypatch):
 
 def test_default_kernels_on_cpu():
     x = torch.ones(2, 3, 8, 8)
-    assert kernel_for(x) == "sparse" and kernel_for(x, per_channel=False) == "dense"
-    assert kernel_for(torch.ones(2, 3, 8, 8, device="meta")) == "dense"
+    assert kernel_for(x, 3) == "sparse" and kernel_for(x, 3, per_channel=False) == "dense"
+    assert kernel_for(x, 8) == "dense"  # the block covers the map: one value per plane
+    assert kernel_for(torch.ones(2, 3, 8, 8, device="meta"), 3) == "dense"
 
 
 @pytest.mark.parametrize("name", ["dense", "sparse"])
 def test_environment_variable_and_api_force_a_kernel(name, monkeypatch):
-    x = torch.ones(2, 3, 8, 8)
+    x = torch.ones(2, 3, 9, 9)
     monkeypatch.setenv("DROPBLOCK_INJECT_KERNEL", name)
     assert kernel_for(x) == name
     set_kernel("dense" if name == "sparse" else "sparse")  # the API wins over the variable
@@ -134,7 +135,7 @@ def test_a_sound_triton_kernel_passes_its_check_silently(triton_forced, per_chan
     x = torch.rand(2, 4, 10, 10) + 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert kernel_for(x, per_channel) == "triton"
+        assert kernel_for(x, per_channel=per_channel) == "triton"
         y = drop_block2d(x, 0.7, 3, per_channel=per_channel)
     assert y.shape == x.shape
 

@@ -14,8 +14,11 @@ from dropblock_inject.ops._check import fp32_ratio
 SHAPE = (4, 6, 12, 12)
 
 
+BLOCK = {"size": 3}  # the block size the paths are built with (a test may change it)
+
+
 def _module(per_channel):
-    return DropBlock2d(3, 0.7, per_channel=per_channel).train()
+    return DropBlock2d(BLOCK["size"], 0.7, per_channel=per_channel).train()
 
 
 def _eager(per_channel):
@@ -24,7 +27,7 @@ def _eager(per_channel):
 
 def _op(per_channel):
     op = torch.ops.dropblock_inject.drop_block.default
-    return lambda x: op(x, torch.tensor(0.7), 3, per_channel, True)[0]
+    return lambda x: op(x, torch.tensor(0.7), BLOCK["size"], per_channel, True)[0]
 
 
 def _fx(per_channel):
@@ -79,6 +82,14 @@ def test_dropped_nan_and_inf_are_zero_and_kept_ones_stay(path, per_channel, monk
     want = torch.where(keep, x * scale, 0.0)
     assert ((got == 0) == (want == 0)).all()  # every dropped cell is 0, NaN and inf included
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("path", ["eager", "dense", "op", "fx", "aot_eager"])
+def test_the_nan_rule_holds_when_the_block_covers_the_map(path, per_channel, monkeypatch):
+    """Blocks covering the whole map drop whole planes (a mask of one value per plane)."""
+    monkeypatch.setitem(BLOCK, "size", 12)
+    test_dropped_nan_and_inf_are_zero_and_kept_ones_stay(path, per_channel, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])

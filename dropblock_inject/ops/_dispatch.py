@@ -1,7 +1,7 @@
 """Which kernel runs a call: :func:`choose`, the only place that decides it, and the way users force one.
 
-By default: the sparse kernel on CPU for per-channel masks, the dense kernel on CPU for shared masks, the
-fused Triton kernel on CUDA (when Triton is installed), the dense kernel anywhere else. The environment
+By default: the sparse kernel on CPU for per-channel masks, the dense kernel on CPU for shared masks and for
+blocks covering the whole map (a mask of one value per plane, applied as one product), the fused Triton kernel on CUDA (when Triton is installed), the dense kernel anywhere else. The environment
 variable ``DROPBLOCK_INJECT_KERNEL`` (``dense``, ``sparse`` or ``triton``) or :func:`set_kernel` forces one
 (:func:`set_kernel` wins). The sparse kernel runs on CPU, per-channel masks only: elsewhere the dense kernel
 runs instead. A forced Triton kernel on CPU tensors runs in Triton's interpreter.
@@ -13,6 +13,7 @@ The Triton kernel is checked before its first use on a device, per dtype, mask v
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import torch
 
@@ -57,22 +58,24 @@ def forced_kernel() -> str | None:
     return _known(env, ENV_VAR) if env else None
 
 
-def choose(device: torch.device, dtype: torch.dtype, ndim: int, per_channel: bool) -> Kernel:
-    """The kernel for an input on ``device`` of ``dtype`` and rank ``ndim`` (the one function that decides).
+def choose(device: torch.device, dtype: torch.dtype, shape: Sequence[int], block_size: int,
+           per_channel: bool) -> Kernel:
+    """The kernel for an input on ``device`` of ``dtype`` and ``shape`` (the one function that decides).
 
     Args:
         device: the input's device.
         dtype: the input's dtype.
-        ndim: the input's rank (4 or 5).
+        shape: the input's shape, ``(N, C, H, W)`` or ``(N, C, T, H, W)``.
+        block_size: the requested block size.
         per_channel: a mask per channel, or one per sample.
 
     Returns:
         The kernel; the Triton kernel only once it passed its check for this device, dtype and variant.
     """
-    name = forced_kernel()
+    name, ndim = forced_kernel(), len(shape)
     if name is None:
         if device.type == "cpu":
-            return SPARSE if per_channel else DENSE
+            return SPARSE if per_channel and max(shape[2:], default=0) > block_size else DENSE
         name = TRITON.name if device.type == "cuda" and AVAILABLE else DENSE.name
     if name == SPARSE.name:
         return SPARSE if device.type == "cpu" and per_channel else DENSE
@@ -83,14 +86,15 @@ def choose(device: torch.device, dtype: torch.dtype, ndim: int, per_channel: boo
     return DENSE
 
 
-def kernel_for(x: torch.Tensor, per_channel: bool = True) -> str:
+def kernel_for(x: torch.Tensor, block_size: int = 7, per_channel: bool = True) -> str:
     """The name of the kernel DropBlock runs for ``x`` (see :func:`choose`).
 
     Args:
         x: an input ``(N, C, H, W)`` or ``(N, C, T, H, W)``.
+        block_size: the requested block size.
         per_channel: a mask per channel, or one per sample.
 
     Returns:
         ``"sparse"``, ``"dense"`` or ``"triton"``.
     """
-    return choose(x.device, x.dtype, x.dim(), per_channel).name
+    return choose(x.device, x.dtype, x.shape, block_size, per_channel).name

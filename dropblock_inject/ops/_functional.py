@@ -72,7 +72,7 @@ def drop_block_nd(x: Tensor, keep_prob: float, keep_prob_tensor: Tensor | None, 
         return masked(x, keep_prob_tensor, block_size, per_channel, scale)
     if keep_prob == 1.0 or x.numel() == 0:
         return x
-    kernel = choose(x.device, x.dtype, x.dim(), per_channel)
+    kernel = choose(x.device, x.dtype, x.shape, block_size, per_channel)
     return kernel.eager(x, keep_prob, keep_prob_tensor, block_size, per_channel, scale, inplace)
 
 

@@ -84,7 +84,7 @@ def channels_last_masks(graph: torch.fx.Graph) -> int:
         shape, stride, dtype, device, _, block_size, per_channel, _ = node.args
         val = node.meta.get("val")
         if (len(shape) != 4 or val is None or not all(isinstance(v, int) for v in (*shape, *stride))
-                or not follows_stride(shape, dtype, torch.device(device), per_channel)):
+                or not follows_stride(shape, dtype, torch.device(device), block_size, per_channel)):
             continue  # the mask is laid out by its kernel (Triton, dense, broadcast), not by ``stride``
         keep = val[0]
         if tuple(keep.stride()) != tuple(keep.contiguous().stride()):

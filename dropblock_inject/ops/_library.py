@@ -51,14 +51,14 @@ def drop_block(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
     Returns:
         The output, laid out as ``torch.empty_like(x)``, the kernel's backward state and the fp32 scale.
     """
-    return choose(x.device, x.dtype, x.dim(), per_channel).forward(x, keep_prob, block_size, per_channel, scale)
+    return choose(x.device, x.dtype, x.shape, block_size, per_channel).forward(x, keep_prob, block_size, per_channel, scale)
 
 
 @drop_block.register_fake
 def _drop_block_fake(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
                      scale: bool) -> tuple[Tensor, Tensor, Tensor]:
     _keep_out_of_cse()
-    return choose(x.device, x.dtype, x.dim(), per_channel).fake_forward(x, block_size, per_channel)
+    return choose(x.device, x.dtype, x.shape, block_size, per_channel).fake_forward(x, block_size, per_channel)
 
 
 @torch.library.custom_op("dropblock_inject::drop_block_backward", mutates_args=())
@@ -79,7 +79,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     x, _, block_size, per_channel, _ = inputs
     out, state, scale_t = output
     ctx.save_for_backward(state, scale_t)
-    kernel = choose(x.device, x.dtype, x.dim(), per_channel).name  # what forward chose for these inputs
+    kernel = choose(x.device, x.dtype, x.shape, block_size, per_channel).name  # what forward chose for these inputs
     ctx.args = (block_size, per_channel, kernel, list(out.stride()))
 
 
@@ -104,7 +104,7 @@ def drop_block_mask(shape: list[int], stride: list[int], dtype: torch.dtype, dev
     input of ``shape``, ``stride``, ``dtype`` and ``device``: ``where(keep, x, 0) * scale`` is DropBlock's output.
     The other arguments are :func:`drop_block`'s."""
     like = _like(shape, dtype, device)
-    return choose(like.device, dtype, len(shape), per_channel).mask(like, stride, keep_prob, block_size,
+    return choose(like.device, dtype, shape, block_size, per_channel).mask(like, stride, keep_prob, block_size,
                                                                    per_channel, scale)
 
 
@@ -114,12 +114,13 @@ def _drop_block_mask_fake(shape: list[int], stride: list[int], dtype: torch.dtyp
                           scale: bool) -> tuple[Tensor, Tensor]:
     _keep_out_of_cse()
     like = _like(shape, dtype, device)
-    return choose(like.device, dtype, len(shape), per_channel).fake_mask(like, stride, block_size, per_channel)
+    return choose(like.device, dtype, shape, block_size, per_channel).fake_mask(like, stride, block_size, per_channel)
 
 
-def follows_stride(shape: list[int], dtype: torch.dtype, device: torch.device, per_channel: bool) -> bool:
+def follows_stride(shape: list[int], dtype: torch.dtype, device: torch.device, block_size: int,
+                   per_channel: bool) -> bool:
     """Whether the mask op lays its mask out with the ``stride`` argument (the sparse kernel does)."""
-    return choose(torch.device(device), dtype, len(shape), per_channel).name == "sparse"
+    return choose(torch.device(device), dtype, shape, block_size, per_channel).name == "sparse"
 
 
 def masked(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool) -> Tensor:
