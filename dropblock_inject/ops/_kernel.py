@@ -70,9 +70,8 @@ def apply_keep(x: Tensor, keep: Tensor, scale: Tensor, out: Tensor | None = None
     computed at least in fp32, rounded once to x's dtype).
 
     On CPU, where ``torch.where`` is several times slower than a product, it multiplies (one pass with a small
-    fp32 multiplier, two with a full mask), then zeroes the dropped cells a NaN or inf input left NaN: whole
-    planes by rows where the mask holds one value per plane, else only if the result holds a NaN or inf (a
-    sum tells).
+    fp32 multiplier, two with a full mask), then, only if the result holds a NaN or inf (a sum tells, at a
+    fifth of the product's cost), zeroes the dropped cells that a NaN or inf input left NaN.
     """
     out = torch.empty_like(x) if out is None else out
     if x.device.type != "cpu":
@@ -82,9 +81,7 @@ def apply_keep(x: Tensor, keep: Tensor, scale: Tensor, out: Tensor | None = None
         torch.mul(x, keep * scale, out=out)
     else:
         torch.mul(x, keep, out=out).mul_(scale)
-    if keep.shape[2:].numel() == 1 and out.is_contiguous() and out.numel() > 0:  # one value per plane
-        out.view(keep.numel(), -1).index_fill_(0, keep.logical_not().flatten().nonzero().flatten(), 0.0)
-    elif not bool(out.sum().isfinite()):
+    if not bool(out.sum().isfinite()):
         out.masked_fill_(keep.logical_not(), 0.0)
     return out
 
