@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dropblock_inject import DropBlock2d, DropBlock3d, drop_block2d, drop_block3d
-from dropblock_inject import ops
 from dropblock_inject.ops._dense import DENSE
 from dropblock_inject.ops._functional import _call_op
 from dropblock_inject.ops._sparse import SPARSE, _SMALL_MAP, _contiguous_strides, _count_dropped, _grid
