@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._check import _fills_its_memory, gamma_of, geometry
+from ._check import _fills_its_memory, fp32_ratio, gamma_of, geometry
 from ._kernel import ApplyKeep, Kernel, apply_keep
 
 
@@ -49,6 +49,8 @@ def keep_scale(keep: Tensor, normalize: bool) -> Tensor:
     1 when not ``normalize``; on the mask's device, with no host sync. The count is exact (an int64 sum)."""
     if not normalize:
         return torch.ones((), dtype=torch.float32, device=keep.device)
+    if keep.device.type == "cpu":  # no sync to avoid: Python scalars are several times cheaper than tensor ops
+        return torch.tensor(fp32_ratio(keep.numel(), int(keep.sum())), dtype=torch.float32)
     return _normalizer(keep.sum(dtype=torch.int64).to(torch.float32), keep.numel())
 
 

@@ -8,6 +8,8 @@ normalisation). Backward is the same product with the gradient. The kernels: ``_
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -81,7 +83,7 @@ def apply_keep(x: Tensor, keep: Tensor, scale: Tensor, out: Tensor | None = None
         torch.mul(x, keep * scale, out=out)
     else:
         torch.mul(x, keep, out=out).mul_(scale)
-    if not bool(out.sum().isfinite()):
+    if not math.isfinite(out.sum().item()):
         out.masked_fill_(keep.logical_not(), 0.0)
     return out
 
