@@ -243,6 +243,30 @@ def print_goals(summary: list[tuple[tuple[int, ...], dict[str, tuple[float, floa
             print(f"| {tuple(shape)} | {goal} | {value:.2f} | {'yes' if met else '**no**'} |")
 
 
+def first_call_check_cost(device: torch.device) -> None:
+    """Prints what the Triton kernel's first-call check costs per dtype, rank and mask variant: the first
+    check (Triton compiling the programs for the probe's shapes) and a second one (programs cached)."""
+    from dropblock_inject.ops import _selfcheck
+    from dropblock_inject.ops._dispatch import KERNELS
+
+    kernel = KERNELS["triton"]
+    print(f"\nfirst-call check of the {kernel.name} kernel on {device} (ms; the second with the programs cached)")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for ndim in (4, 5):
+            for per_channel in (True, False):
+                times = []
+                for _ in range(2):
+                    _selfcheck._results.clear()
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    passed = _selfcheck.passes(kernel, device, dtype, ndim, per_channel)
+                    _sync(device)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                variant = "per-channel" if per_channel else "shared"
+                print(f"  {str(dtype):15s} {ndim}-D {variant:11s}: first {times[0]:8.1f}  cached {times[1]:7.1f}  "
+                      f"{'passed' if passed else 'FAILED (the dense kernel would run)'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
@@ -251,6 +275,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compile every candidate (inductor)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--first-call", action="store_true",
+                        help="only time the Triton kernel's first-call check (CPU: under Triton's interpreter)")
     parser.add_argument("--shapes", nargs="+", type=int, metavar="INDEX", default=None,
                         help=f"indices into {SHAPES} (default: all)")
     args = parser.parse_args()
@@ -262,6 +288,9 @@ def main() -> None:
         parser.error(f"--device must be cpu or cuda, but got {args.device!r}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.first_call:
+        first_call_check_cost(device)
+        return
     rounds = args.rounds if args.rounds is not None else (5 if args.quick else 40)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]

@@ -1,7 +1,7 @@
 """What the fused CUDA kernel costs per element, read from its machine code: no GPU needed.
 
 No GPU may be at hand, and a timing needs one. What can be counted without one is the work: every launch the
-op makes for an input (recorded by ``dropblock_inject.ops._triton_aot`` on meta tensors) is compiled for a
+op makes for an input (recorded by ``tools/_triton_aot.py`` on meta tensors) is compiled for a
 GPU target with the ``ptxas`` Triton ships, disassembled with its ``cuobjdump``, and its SASS instructions
 counted. The kernels' loops are unrolled (``tl.static_range``), so a program's instruction count is what each
 thread executes (up to the branches of a 64-bit division, counted both ways), and
@@ -26,9 +26,13 @@ import collections
 import os
 import re
 import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # _triton_aot: dev tooling
 
 SHAPES = [(16, 256, 14, 14), (16, 1024, 14, 14), (16, 512, 7, 7), (16, 2048, 7, 7)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,7 +84,7 @@ def count(launch, arch: int, numel: int) -> tuple[float, float]:
         RuntimeError: the program has a loop (a branch back), so its instruction count is not what a thread
             executes.
     """
-    from dropblock_inject.ops._triton_aot import compile_launch
+    from _triton_aot import compile_launch
 
     kernel = compile_launch(launch, arch)
     code = sass(kernel)
@@ -101,7 +105,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=7)
     args = parser.parse_args()
 
-    from dropblock_inject.ops._triton_aot import Launch, launches
+    from _triton_aot import Launch, launches
 
     dtype = DTYPES[args.dtype]
     layout = "channels_last" if args.channels_last else "contiguous"

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dropblock_inject import DropBlock2d, DropBlock3d, drop_block2d, drop_block3d
-from dropblock_inject import ops
+from dropblock_inject.ops._dense import DENSE
 from dropblock_inject.ops._functional import _call_op
+from dropblock_inject.ops._sparse import SPARSE, _SMALL_MAP, _contiguous_strides, _count_dropped, _grid
 
 from _dropblock_stats import (TOL, assert_scaled_mask, assert_whole_blocks, clipped, drop_fraction,
                               expected_drop_fraction, stat_shape)
@@ -28,20 +29,24 @@ from _dropblock_stats import (TOL, assert_scaled_mask, assert_whole_blocks, clip
 # ``dense`` says; both are checked), and the registered op ``torch.ops.dropblock_inject.drop_block`` as
 # compile, export and fx call it (its CPU kernel: the sparse one drawing from a reseeded generator, whose
 # backward draws the seeds again; and the broadcast mask).
+def _eager(kernel, x, kp, bs, per_channel, scale):
+    return x if kp == 1.0 else kernel.eager(x, kp, None, bs, per_channel, scale, False)
+
+
 def sparse(x, kp, bs, scale=True):
-    return ops._drop_block(x, kp, bs, True, scale, dense=False)
+    return _eager(SPARSE, x, kp, bs, True, scale)
 
 
 def dense(x, kp, bs, scale=True):
-    return ops._drop_block(x, kp, bs, True, scale, dense=True)
+    return _eager(DENSE, x, kp, bs, True, scale)
 
 
 def shared(x, kp, bs, scale=True):
-    return ops._drop_block(x, kp, bs, False, scale, dense=False)
+    return _eager(DENSE, x, kp, bs, False, scale)
 
 
 def shared_dense(x, kp, bs, scale=True):
-    return ops._drop_block(x, kp, bs, False, scale, dense=True)
+    return _eager(DENSE, x, kp, bs, False, scale)
 
 
 def op(x, kp, bs, scale=True):
@@ -172,20 +177,20 @@ def test_nothing_dropped_is_exactly_the_input(path):
 
 @pytest.mark.parametrize("n_planes, spatial, block, seeds, large_map", [
     (64, (10, 10), (7, 7), 40, False),        # a few planes: a small byte map, counted by count_nonzero
-    (4096, (14, 14), (3, 3), 3000, True),     # thousands of seeded planes: a map above ops._SMALL_MAP
+    (4096, (14, 14), (3, 3), 3000, True),     # thousands of seeded planes: a map above _SMALL_MAP
     (16, (4, 6, 6), (2, 3, 3), 30, False),    # 3-D blocks
 ])
 def test_count_dropped_matches_a_cell_by_cell_count(n_planes, spatial, block, seeds, large_map):
-    assert ((min(seeds, n_planes) + 1) * math.prod(spatial) > ops._SMALL_MAP) == large_map  # the map it sizes
+    assert ((min(seeds, n_planes) + 1) * math.prod(spatial) > _SMALL_MAP) == large_map  # the map it sizes
     valid = tuple(s - b + 1 for s, b in zip(spatial, block))
     plane = torch.randint(n_planes, (seeds,))
     anchor = torch.randint(math.prod(valid), (seeds,))
-    offset = ops._grid(valid, ops._contiguous_strides(spatial), torch.device("cpu")).index_select(0, anchor)
+    offset = _grid(valid, _contiguous_strides(spatial), torch.device("cpu")).index_select(0, anchor)
     covered = torch.zeros(n_planes, *spatial, dtype=torch.bool)
     for p, a in zip(plane.tolist(), anchor.tolist()):
         corner = torch.unravel_index(torch.tensor(a), valid)
         covered[(p, *(slice(int(i), int(i) + b) for i, b in zip(corner, block)))] = True
-    assert ops._count_dropped(plane, offset, n_planes, spatial, block) == int(covered.sum())
+    assert _count_dropped(plane, offset, n_planes, spatial, block) == int(covered.sum())
 
 
 def test_scale_false_keeps_values():
@@ -743,7 +748,7 @@ def _check_invariants(shape, block, keep, dtype, per_channel, dense_path, channe
     x = torch.ones(shape, dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    y = ops._drop_block(x, keep, block, per_channel, True, dense=dense_path)
+    y = _eager(DENSE if dense_path or not per_channel else SPARSE, x, keep, block, per_channel, True)
     assert y.shape == x.shape and y.dtype == dtype
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)

@@ -27,7 +27,7 @@ CELLS = 2**18
 
 
 def forward(x: torch.Tensor, kp: float, bs: int, per_channel: bool = True, scale: bool = True):
-    return _triton.triton_forward(x, torch.tensor(kp), bs, per_channel, scale, interpret=True)
+    return _triton.TRITON.forward(x, torch.tensor(kp), bs, per_channel, scale)
 
 
 def fraction(kp: float, bs: int, spatial: tuple[int, ...], per_channel: bool = True, draws: int = 2) -> float:
@@ -100,7 +100,7 @@ def test_backward_rebuilds_the_mask_from_the_seed():
     y, state, scale = forward(x, 0.9, 7)
     assert state.numel() == 2 and state.dtype == torch.int64 and scale.numel() == 1  # 20 bytes, no mask
     g = torch.randn_like(x)
-    grad = _triton.triton_backward(g, state, scale, 7, True, interpret=True)
+    grad = _triton.TRITON.backward(g, state, scale, 7, True, [])
     torch.testing.assert_close(grad, g * y, rtol=0, atol=0)
     # the seed threshold gamma * 2**32 lives in the state: a keep_prob changed before backward cannot matter
     assert int(state[1]) / 2**32 == pytest.approx(seed_rate(0.9, (14, 14), 7), rel=1e-6)
@@ -191,7 +191,7 @@ def test_every_layout_gives_the_same_output_and_gradient(shape, per_channel):
     for a, b in ((x, g), (x.to(memory_format=fmt), g.to(memory_format=fmt)), (wide, g), (x, g.to(memory_format=fmt))):
         torch.manual_seed(11)
         y, state, scale = forward(a, 0.8, 3, per_channel)
-        grad = _triton.triton_backward(b, state, scale, 3, per_channel, interpret=True)
+        grad = _triton.TRITON.backward(b, state, scale, 3, per_channel, [])
         assert y.stride() == torch.empty_like(a).stride() and grad.stride() == torch.empty_like(b).stride()
         outs.append((y, grad))
     assert not outs[0][0].ne(0).all()  # something was dropped
@@ -231,7 +231,7 @@ def test_cuda_kernels_compute_what_the_interpreter_computes(shape, block_size, p
         state, keep, scale = _triton._draw(ks, tuple(shape), torch.tensor(0.85), block_size, per_channel, True,
                                            torch.device(device), state=seed.clone().to(device))
         y = _triton._launch_apply(ks, x.to(device), keep, scale, per_channel)
-        grad = _triton.triton_backward(g.to(device), state, scale, block_size, per_channel, interpret=interpret)
+        grad = _triton.TRITON.backward(g.to(device), state, scale, block_size, per_channel, [])
         results.append([t.cpu() for t in (state, keep, scale, y, grad)])
     for name, cpu, gpu in zip(("state", "keep map", "scale", "output", "gradient"), *results, strict=True):
         assert torch.equal(cpu, gpu), name
@@ -258,7 +258,7 @@ def test_philox_matches_the_random123_known_answer():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# triton_mask: what compiled CUDA graphs run (the mask op's CUDA kernel), the product left to inductor
+# the mask alone: what compiled CUDA graphs run (the mask op's CUDA kernel), the product left to inductor
 
 
 @pytest.mark.parametrize("shape, per_channel, scale, channels_last, dtype", [
@@ -276,8 +276,7 @@ def test_mask_times_input_is_the_fused_kernels_output(shape, per_channel, scale,
     torch.manual_seed(3)
     fused, _, fused_scale = forward(x, 0.8, 3, per_channel, scale)
     torch.manual_seed(3)  # the same philox seed from torch's generator: the same seeds and mask
-    keep, factor = _triton.triton_mask(list(shape), torch.tensor(0.8), 3, per_channel, scale, x.device,
-                                       interpret=True)
+    keep, factor = _triton.TRITON.mask(x, [], torch.tensor(0.8), 3, per_channel, scale)
     assert keep.dtype == torch.bool and keep.is_contiguous()
     assert keep.shape == (shape[0], shape[1] if per_channel else 1, *shape[2:])
     assert factor.shape == () and factor.dtype == torch.float32 and torch.equal(factor, fused_scale)
@@ -291,6 +290,5 @@ def test_mask_times_input_is_the_fused_kernels_output(shape, per_channel, scale,
 
 
 def test_mask_of_an_empty_batch():
-    keep, factor = _triton.triton_mask([0, 8, 10, 10], torch.tensor(0.8), 3, True, True, torch.device("cpu"),
-                                       interpret=True)
+    keep, factor = _triton.TRITON.mask(torch.empty(0, 8, 10, 10), [], torch.tensor(0.8), 3, True, True)
     assert keep.shape == (0, 8, 10, 10) and keep.dtype == torch.bool and factor.shape == ()

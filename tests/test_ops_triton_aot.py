@@ -4,18 +4,22 @@ and sm_80 machine code (with the ``ptxas`` Triton ships), no GPU needed.
 The interpreter tests (``test_ops_triton.py``) run the kernels' arithmetic, but the interpreter is Python: it
 runs code the compiler rejects. Calling a plain helper function from a kernel, for one, passes every
 interpreter test and fails on a GPU ("Unsupported function referenced"). Here the launchers run on meta
-tensors with a recorder in place of the kernels (``ops._triton_aot``), so each launch is compiled with the
+tensors with a recorder in place of the kernels (``tools/_triton_aot.py``), so each launch is compiled with the
 arguments, and the 32/64-bit and constant specialisations, that Triton's launcher would give it.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # dev tooling, not in the wheel
 
-from dropblock_inject.ops import _triton_aot  # noqa: E402
+import _triton_aot  # noqa: E402
 
 CASES = {  # id: (shape, dtype, block_size, per_channel, layout)
     "resnet-group3": ((16, 256, 14, 14), torch.float32, 7, True, "contiguous"),

@@ -1,4 +1,4 @@
-"""DropBlock, the op: functional forms, ``nn.Module`` wrappers and the registered torch operator.
+"""DropBlock, the op: functional forms, ``nn.Module`` wrappers, and the choice of kernel.
 
 Implements DropBlock from `"DropBlock: A regularization method for convolutional networks"
 <https://arxiv.org/abs/1810.12890>`_ (Ghiasi, Lin & Le, NeurIPS 2018) with the semantics of the
@@ -9,25 +9,20 @@ authors' TensorFlow code (``tensorflow/tpu``, ``resnet_model.py``):
   (by default) per channel, at the rate
   ``gamma = (1 - keep_prob) / prod(block) * prod(size) / prod(size - block + 1)``;
 * every seed zeroes the block whose top-left corner it is;
-* the output is ``x * mask * numel(mask) / sum(mask)``, the ratio computed in fp32 and safe when the
-  whole mask is dropped (the output is then all zeros);
+* the output is ``where(keep, x, 0) * numel(keep) / sum(keep)``: a dropped cell is 0 whatever the input holds
+  (NaN and inf included), the ratio is computed in fp32 and is 0 when the whole mask is dropped;
 * in eval mode, or when ``keep_prob == 1``, the op is the identity and draws no random numbers.
 
-Layout: ``_check`` (arguments, geometry), ``_sparse`` (the CPU kernel), ``_dense`` (broadcast masks and the
-generic fallback), ``_triton`` (the fused accelerator kernel's launchers; its programs in ``_triton_kernels``, compiled
-ahead of time for a GPU target by ``_triton_aot``), ``_library`` (the registered operator
-``torch.ops.dropblock_inject.drop_block``, which export and fx see as one node), ``_mask_op`` (the mask op
-compiled graphs call, with the product left to inductor), ``_hoist`` (the inductor pass that moves the mask
-ops up and lays them out as inductor will), ``_functional``
-and ``_modules`` (the public API). Eager CPU calls the sparse kernel directly, without operator dispatch.
+Layout: ``_check`` (arguments, geometry, ``gamma``), ``_kernel`` (the kernel interface), one module per kernel
+(``_sparse``: CPU; ``_dense``: any device; ``_triton``, with its programs in ``_triton_kernels``: CUDA),
+``_dispatch`` (which kernel runs a call, and forcing one) and ``_selfcheck`` (the first-call check of the
+Triton kernel), ``_library`` (the registered operators), ``_hoist`` (the inductor pass for compiled graphs),
+``_functional`` and ``_modules`` (the public API).
 """
 
-from ._check import (_check_block_size, _check_input, _check_keep_prob, _contiguous_strides, _fills_its_memory,
-                     _geometry, seed_rate)
-from ._dense import _ApplyKeepMask, _dense_block_counts, _normalizer
-from ._functional import _drop_block, drop_block2d, drop_block3d
-from ._library import drop_block, drop_block_backward, kernel_mode
-from ._modules import DropBlock2d, DropBlock3d, _DropBlockNd
-from ._sparse import _LANES, _SMALL_MAP, _count_dropped, _fill_blocks, _flat, _grid, _sample_seeds, _SparseDropBlock
+from ._check import seed_rate
+from ._dispatch import kernel_for, set_kernel
+from ._functional import drop_block2d, drop_block3d
+from ._modules import DropBlock2d, DropBlock3d, _DropBlockNd  # noqa: F401  (the modules' base, for the package)
 
-__all__ = ["DropBlock2d", "DropBlock3d", "drop_block2d", "drop_block3d"]
+__all__ = ["DropBlock2d", "DropBlock3d", "drop_block2d", "drop_block3d", "kernel_for", "seed_rate", "set_kernel"]

@@ -4,28 +4,44 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 
+def _brief(value: object) -> str:
+    """``repr(value)`` cut to 60 characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_block_size(block_size: object) -> int:
+    """``block_size`` as an int in ``[1, 2**31)`` (the largest any kernel and traced graph can carry)."""
     if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"block_size must be an int, but got {block_size!r} ({type(block_size).__name__})")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, but got {block_size}")
-    return block_size
+        raise TypeError(f"block_size must be an int, but got {_brief(block_size)} ({type(block_size).__name__})")
+    if not 1 <= block_size < 2**31:
+        raise ValueError(f"block_size must be in [1, 2**31), but got {_brief(block_size)}")
+    return int(block_size)
 
 
 def _check_keep_prob(keep_prob: object) -> float:
+    """``keep_prob`` as a float in ``[0, 1]`` (a one-element tensor is read)."""
     if isinstance(keep_prob, Tensor) and keep_prob.numel() == 1:
         keep_prob = keep_prob.item()
     if isinstance(keep_prob, bool) or not isinstance(keep_prob, (int, float)):
-        raise TypeError(f"keep_prob must be a float, but got {keep_prob!r} ({type(keep_prob).__name__})")
-    if not 0.0 <= keep_prob <= 1.0:  # also rejects NaN
-        raise ValueError(f"keep_prob has to be between 0 and 1, but got {keep_prob}")
+        raise TypeError(f"keep_prob must be a float, but got {_brief(keep_prob)} ({type(keep_prob).__name__})")
+    if not 0.0 <= keep_prob <= 1.0:  # also rejects NaN and inf
+        raise ValueError(f"keep_prob must be a finite number in [0, 1], but got {_brief(keep_prob)}")
     return float(keep_prob)
+
+
+def _check_flag(name: str, value: object) -> bool:
+    """``value`` as a bool; anything else (a string such as ``"false"``, an int) is a ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, but got {_brief(value)} ({type(value).__name__})")
+    return value
 
 
 def _check_input(x: Tensor, spatial_dims: int, name: str) -> None:
@@ -48,6 +64,14 @@ def _geometry(spatial: tuple[int, ...], block_size: int) -> tuple[tuple[int, ...
     return block, valid, factor
 
 
+def gamma_of(keep_prob: float | Tensor, factor: float) -> float | Tensor:
+    """``gamma = (1 - keep_prob) * factor``, ``factor`` the geometry's (see :func:`_geometry`): a float for a
+    float ``keep_prob``, an fp32 0-d tensor on keep_prob's device for a tensor one (no host sync)."""
+    if isinstance(keep_prob, Tensor):
+        return (1.0 - keep_prob.to(torch.float32).reshape(())) * factor
+    return (1.0 - keep_prob) * factor
+
+
 def seed_rate(keep_prob: float, spatial: Sequence[int], block_size: int) -> float:
     """The per-position seed probability ``gamma`` of DropBlock on a map of size ``spatial``.
 
@@ -59,8 +83,26 @@ def seed_rate(keep_prob: float, spatial: Sequence[int], block_size: int) -> floa
     Returns:
         ``gamma = (1 - keep_prob) / prod(block) * prod(spatial) / prod(spatial - block + 1)``.
     """
-    _, _, factor = _geometry(tuple(spatial), block_size)
-    return (1.0 - keep_prob) * factor
+    return gamma_of(keep_prob, geometry(tuple(spatial), block_size)[2])
+
+
+def geometry(spatial: tuple, block_size: int) -> tuple[tuple, tuple, float]:
+    """:func:`_geometry`, also for symbolic sizes (traced with dynamic shapes, not hashable)."""
+    if all(isinstance(s, int) for s in spatial):
+        return _geometry(tuple(spatial), block_size)
+    return _geometry.__wrapped__(tuple(spatial), block_size)
+
+
+def fp32_ratio(numel: int, kept: int) -> float:
+    """``numel / kept`` rounded as an fp32 division of fp32 operands (what the tensor kernels compute), 0 when
+    nothing is kept; a double division of two fp32 values rounded once to fp32 is the correctly rounded one."""
+    if kept <= 0:
+        return 0.0
+    return _fp32(_fp32(numel) / _fp32(kept))
+
+
+def _fp32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 @functools.lru_cache(maxsize=512)

@@ -1,10 +1,9 @@
-"""The dense kernels: block counts by running sums, the generic per-channel mask and broadcast masks.
+"""The dense kernel: a Bernoulli seed map grown into blocks by running sums, applied as a ``bool`` mask.
 
-The per-channel dense kernel is the fallback for devices with no fused kernel (and CUDA without Triton): a
-Bernoulli seed map grown into blocks, applied with a ``bool`` mask that backward keeps. Masks broadcast over
-the input (shared across channels with ``per_channel=False``, or one value per channel when the block covers
-the whole map) are small: they are built on every device as the scaled multiplier itself, and backward keeps
-only that small multiplier.
+It runs on any device: the fallback where there is no fused kernel (CUDA without Triton, or a Triton kernel
+that failed its first-call check), and the kernel of masks shared across channels on CPU. The mask has the
+input's shape, or a smaller one broadcast over it (one plane per sample with ``per_channel=False``, one value
+per plane when the block covers the whole map); backward keeps the mask and the scale.
 """
 
 from __future__ import annotations
@@ -13,6 +12,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from ._check import _fills_its_memory, fp32_ratio, gamma_of, geometry
+from ._kernel import ApplyKeep, Kernel, apply_keep
 
 
 def _dense_block_counts(mask_shape: Sequence[int], block: tuple[int, ...], valid: tuple[int, ...],
@@ -42,100 +44,74 @@ def _normalizer(kept: Tensor, numel: int) -> Tensor:
     return torch.where(kept > 0, torch.full_like(kept, numel).div_(kept.clamp_min(1.0)), 0.0)
 
 
-def dense_keep_mask(x: Tensor, gamma: Tensor | float, block: tuple[int, ...], valid: tuple[int, ...],
-                    normalize: bool) -> tuple[Tensor, Tensor]:
-    """A per-channel ``bool`` keep mask built densely (no host sync), and its scale.
-
-    Args:
-        x: the input ``(N, C, *spatial)`` (only its shape and device are read).
-        gamma: the seed rate, a float or a 0-d tensor on x's device.
-        block: the clipped block.
-        valid: the valid seed region.
-        normalize: scale by ``numel / kept``; otherwise the scale is 1.
-
-    Returns:
-        The contiguous ``bool`` mask of x's shape and the fp32 0-d scale, both on x's device.
-    """
-    keep = _dense_block_counts(x.shape, block, valid, gamma, x.device) == 0
-    return keep, keep_scale(keep, normalize)
-
-
 def keep_scale(keep: Tensor, normalize: bool) -> Tensor:
     """The fp32 0-d scale of a keep mask (``bool`` or ``uint8``): ``numel / kept``, 0 when nothing is kept, or
     1 when not ``normalize``; on the mask's device, with no host sync. The count is exact (an int64 sum)."""
     if not normalize:
         return torch.ones((), dtype=torch.float32, device=keep.device)
+    if keep.device.type == "cpu":  # no sync to avoid: Python scalars are several times cheaper than tensor ops
+        return torch.tensor(fp32_ratio(keep.numel(), int(keep.sum())), dtype=torch.float32)
     return _normalizer(keep.sum(dtype=torch.int64).to(torch.float32), keep.numel())
 
 
-def dense_forward(x: Tensor, gamma: Tensor | float, block: tuple[int, ...], valid: tuple[int, ...],
-                  normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``x * keep * scale`` with the mask of :func:`dense_keep_mask`.
-
-    Returns:
-        The output (laid out as ``torch.empty_like(x)``), the ``bool`` keep mask and the fp32 0-d scale.
-    """
-    keep, scale = dense_keep_mask(x, gamma, block, valid, normalize)
-    return apply_keep_mask(x, keep, scale), keep, scale
+def dense_keep_mask(shape: Sequence[int], gamma: Tensor | float, block: tuple[int, ...], valid: tuple[int, ...],
+                    device: torch.device) -> Tensor:
+    """A ``bool`` keep mask of ``shape`` (contiguous): Bernoulli(``gamma``) seeds grown into blocks, or, when
+    every block covers the whole map (``valid`` all 1), one draw per plane of size 1."""
+    if all(v == 1 for v in valid):
+        return torch.rand((*shape[:2], *valid), device=device) >= gamma
+    return _dense_block_counts(shape, block, valid, gamma, device) == 0
 
 
-def apply_keep_mask(x: Tensor, keep: Tensor, scale: Tensor) -> Tensor:
-    """``x * keep * scale`` written into ``torch.empty_like(x)`` (so its layout is known in advance)."""
-    out = torch.empty_like(x)
-    torch.mul(x, keep, out=out)
-    return out.mul_(scale.to(x.dtype))
-
-
-def multiplier_shape(x: Tensor, valid: tuple[int, ...], per_channel: bool) -> tuple[int, ...]:
-    """The shape of :func:`broadcast_multiplier`'s result: ``(N, C or 1, *spatial)``, or ``(N, C or 1, 1...)``
-    when every block covers the whole map."""
+def mask_shape(shape: Sequence[int], valid: Sequence[int], per_channel: bool) -> tuple[int, ...]:
+    """The keep mask's shape: ``(N, C or 1, *spatial)``, with 1s for the map when the block covers it."""
     whole = all(v == 1 for v in valid)
-    return (x.shape[0], x.shape[1] if per_channel else 1, *(valid if whole else x.shape[2:]))
+    return (shape[0], shape[1] if per_channel else 1, *(valid if whole else shape[2:]))
 
 
-def broadcast_multiplier(x: Tensor, gamma: Tensor | float, block: tuple[int, ...], valid: tuple[int, ...],
-                         per_channel: bool, normalize: bool) -> Tensor:
-    """The scaled multiplier of a mask broadcast over ``x``, in x's dtype.
+class DenseKernel(Kernel):
+    """The dense kernel: a ``bool`` mask of :func:`mask_shape`, broadcast over the input."""
 
-    One mask per sample (``per_channel=False``), or one value per channel when every block covers the whole
-    map. ``numel(mask) / sum(mask)`` over the small mask equals the ratio over the broadcast one.
+    name = "dense"
 
-    Args:
-        x: the input ``(N, C, *spatial)``.
-        gamma: the seed rate, a float or a 0-d tensor on x's device.
-        block: the clipped block.
-        valid: the valid seed region.
-        per_channel: one mask per channel (only in the whole-map case) or one per sample.
-        normalize: scale by ``numel / kept``.
+    def mask(self, like: Tensor, stride: list[int], keep_prob: Tensor | float, block_size: int,
+             per_channel: bool, normalize: bool) -> tuple[Tensor, Tensor]:
+        block, valid, factor = geometry(tuple(like.shape[2:]), block_size)
+        shape = mask_shape(like.shape, valid, per_channel)
+        if isinstance(keep_prob, Tensor) and like.device.type == "cpu":
+            keep_prob = float(keep_prob)  # bernoulli_(float) is much faster there, and there is no sync to avoid
+        elif isinstance(keep_prob, Tensor):
+            keep_prob = keep_prob.to(like.device)
+        if isinstance(keep_prob, float) and keep_prob >= 1.0:  # nothing to drop: no random numbers drawn
+            return (torch.ones(shape, dtype=torch.bool, device=like.device),
+                    torch.ones((), dtype=torch.float32, device=like.device))
+        keep = dense_keep_mask((*shape[:2], *like.shape[2:]), gamma_of(keep_prob, factor), block, valid,
+                               like.device)
+        return keep, keep_scale(keep, normalize)
 
-    Returns:
-        ``(N, C or 1, *spatial or 1s)``: 0 where dropped, the scale where kept.
-    """
-    if isinstance(gamma, float) and gamma <= 0.0:  # keep_prob 1: nothing to drop, no random numbers drawn
-        return torch.ones(multiplier_shape(x, valid, per_channel), dtype=x.dtype, device=x.device)
-    mask_shape = (x.shape[0], x.shape[1] if per_channel else 1, *x.shape[2:])
-    if valid == (1,) * len(valid):
-        multiplier = torch.rand((*mask_shape[:2], *valid), device=x.device).ge_(gamma)
-    else:
-        multiplier = _dense_block_counts(mask_shape, block, valid, gamma, x.device).eq_(0)
-    if normalize:
-        if isinstance(gamma, Tensor) or x.device.type != "cpu":  # on a device: no host sync
-            multiplier.mul_(_normalizer(multiplier.sum(), multiplier.numel()))
-        else:  # eager CPU: a Python scalar is several times cheaper than the tensor arithmetic
-            kept = multiplier.sum().item()
-            multiplier.mul_(multiplier.numel() / kept if kept else 0.0)
-    return multiplier.to(x.dtype)
+    def forward(self, x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
+                normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+        keep, scale = self.mask(x, list(x.stride()), keep_prob, block_size, per_channel, normalize)
+        return apply_keep(x, keep, scale), keep, scale
+
+    def backward(self, grad: Tensor, state: Tensor, scale: Tensor, block_size: int, per_channel: bool,
+                 stride: list[int]) -> Tensor:
+        return apply_keep(grad, state, scale)
+
+    def fake_mask(self, like: Tensor, stride: list[int], block_size: int,
+                  per_channel: bool) -> tuple[Tensor, Tensor]:
+        _, valid, _ = geometry(tuple(like.shape[2:]), block_size)
+        keep = torch.empty(mask_shape(like.shape, valid, per_channel), dtype=torch.bool, device=like.device)
+        return keep, torch.empty((), dtype=torch.float32, device=like.device)
+
+    def fake_forward(self, x: Tensor, block_size: int, per_channel: bool) -> tuple[Tensor, Tensor, Tensor]:
+        keep, scale = self.fake_mask(x, list(x.stride()), block_size, per_channel)
+        return torch.empty_like(x), keep, scale
+
+    def eager(self, x: Tensor, keep_prob: float, keep_prob_tensor: Tensor | None, block_size: int,
+              per_channel: bool, normalize: bool, inplace: bool) -> Tensor:
+        keep, scale = self.mask(x, list(x.stride()), keep_prob, block_size, per_channel, normalize)
+        return ApplyKeep.apply(x, keep, scale, inplace and _fills_its_memory(x))
 
 
-class _ApplyKeepMask(torch.autograd.Function):
-    """``x * keep * scale`` for a ``bool`` mask of x's shape; saves the mask, not a float copy."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, keep: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(keep, scale)
-        return apply_keep_mask(x, keep, scale)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        keep, scale = ctx.saved_tensors
-        return apply_keep_mask(grad, keep, scale), None, None
+DENSE = DenseKernel()

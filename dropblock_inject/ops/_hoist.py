@@ -8,8 +8,9 @@ Moved up next to its inputs (the graph's inputs, in practice), it splits nothing
 order, so they draw from torch's generator in the order the eager model does.
 
 The pass is added to ``torch._inductor.config.post_grad_custom_pre_pass`` (after any pass already set
-there, chained into one pass) the first time a mask op is traced. It leaves graphs without the op as they
-are, and it has a ``uuid``, so inductor's FX graph cache keeps working.
+there, chained into one pass) by ``_functional`` when dynamo first traces a DropBlock, at compile time
+(``DROPBLOCK_INJECT_INDUCTOR_PASS=0`` opts out). It leaves graphs without the op as they are, and it has a
+``uuid``, so inductor's FX graph cache keeps working.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch._inductor import config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.graph import GraphLowering
 
-from ._mask_op import follows_stride
+from ._library import follows_stride
 
 
 def hoist_mask_ops(graph: torch.fx.Graph) -> int:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from ._check import _check_block_size, _check_input, _check_keep_prob
-from ._functional import _call_op, _drop_block
+from ._check import _check_block_size, _check_flag, _check_input, _check_keep_prob
+from ._functional import drop_block_nd
 
 
 class _DropBlockNd(nn.Module):
@@ -29,9 +30,9 @@ class _DropBlockNd(nn.Module):
                  scale: bool = True, inplace: bool = False) -> None:
         super().__init__()
         self.block_size = _check_block_size(block_size)
-        self.per_channel = bool(per_channel)
-        self.scale = bool(scale)
-        self.inplace = bool(inplace)
+        self.per_channel = _check_flag("per_channel", per_channel)
+        self.scale = _check_flag("scale", scale)
+        self.inplace = _check_flag("inplace", inplace)
         keep_prob = _check_keep_prob(keep_prob)
         self._keep_prob = keep_prob
         self.keep_prob_tensor = torch.tensor(keep_prob, dtype=torch.float32)
@@ -84,18 +85,26 @@ class _DropBlockNd(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        if isinstance(x, torch.fx.Proxy):  # fx: one node of the registered op, reading the tensor
-            return _call_op(x, self.keep_prob_tensor, self.block_size, self.per_channel, self.scale)
-        _check_input(x, self._spatial_dims, type(self).__name__)
-        if torch.compiler.is_compiling():
-            # read the tensor, not the Python float, so a new keep_prob does not trigger a recompile
-            return _call_op(x, self.keep_prob_tensor, self.block_size, self.per_channel, self.scale)
-        if self._keep_prob == 1.0 or x.numel() == 0:
-            return x
-        if x.device.type == "cpu":  # eager CPU: the kernel itself, no dispatch (and in place when asked)
-            return _drop_block(x, self._keep_prob, self.block_size, self.per_channel, self.scale, dense=False,
-                               inplace=self.inplace)
-        return _call_op(x, self.keep_prob_tensor, self.block_size, self.per_channel, self.scale)
+        keep_prob = 0.0  # traced: the graph reads the tensor, never the float (a new value does not recompile)
+        if not isinstance(x, torch.fx.Proxy):
+            _check_input(x, self._spatial_dims, type(self).__name__)
+            if not torch.compiler.is_compiling():
+                keep_prob = self._keep_prob
+                if keep_prob < 1.0 and not self.__dict__.get("_warned"):
+                    self._warn_whole_map(tuple(x.shape[2:]))
+        return drop_block_nd(x, keep_prob, self.keep_prob_tensor, self.block_size, self.per_channel, self.scale,
+                             self.inplace)
+
+    def _warn_whole_map(self, spatial: tuple[int, ...]) -> None:
+        """Warns once (eager only) when the block covers the whole map: every block then drops whole planes."""
+        if not spatial or min(spatial) == 0 or max(spatial) > self.block_size:
+            return
+        self.__dict__["_warned"] = True
+        size = "x".join(map(str, spatial))
+        hint = (f"use block_size <= {max(spatial) - 1} at this resolution" if max(spatial) > 1
+                else "no block size drops less at this resolution")
+        warnings.warn(f"{type(self).__name__}: block_size {self.block_size} covers the whole {size} map: every "
+                      f"block drops whole channels; {hint}", UserWarning, stacklevel=3)
 
     def extra_repr(self) -> str:
         return (f"block_size={self.block_size}, keep_prob={self._keep_prob}, per_channel={self.per_channel}, "

@@ -15,7 +15,8 @@ import threading
 import torch
 from torch import Tensor
 
-from ._check import _contiguous_strides
+from ._check import _contiguous_strides, _fills_its_memory, fp32_ratio, gamma_of, geometry
+from ._kernel import Kernel
 
 
 def _sample_seeds(n_planes: int, n_anchors: int, gamma: float, device: torch.device,
@@ -78,6 +79,10 @@ def _fill_blocks(flat: Tensor, corner: Tensor, block: tuple[int, ...], strides: 
     """
     if corner.numel() == 0:
         return
+    length = math.prod(block)
+    if strides == _contiguous_strides(block) and flat.numel() % length == 0 and not bool((corner % length).any()):
+        flat.view(-1, length).index_fill_(0, corner // length, value)  # whole contiguous planes: rows
+        return
     span = sum((b - 1) * s for b, s in zip(block, strides))
     flat.as_strided((flat.numel() - span, *block), (1, *strides)).index_fill_(0, corner, value)
 
@@ -101,6 +106,8 @@ def _count_dropped(plane: Tensor, offset: Tensor, n_planes: int, spatial: tuple[
     seen = torch.zeros(n_planes, dtype=torch.long, device=plane.device)
     seen.index_fill_(0, plane, 1)
     plane_numel = math.prod(spatial)
+    if block == spatial:  # every block is a whole plane
+        return int(seen.sum()) * plane_numel
     slot = seen.cumsum_(0).index_select(0, plane)  # 1, 2, ...: the map's plane 0 stays empty
     numel = (min(plane.numel(), n_planes) + 1) * plane_numel
     small = numel <= _SMALL_MAP
@@ -143,13 +150,13 @@ def _draw_blocks(shape: tuple[int, ...], gamma: float, block: tuple[int, ...], v
     if normalize:
         numel = math.prod(shape)
         dropped = _count_dropped(plane, offset, n * c, tuple(spatial), block)
-        scale = numel / max(numel - dropped, 1)
+        scale = fp32_ratio(numel, numel - dropped)  # fp32, as every kernel computes it
     return plane, anchor, offset, scale
 
 
 def sparse_forward(x: Tensor, gamma: float, block: tuple[int, ...], valid: tuple[int, ...], normalize: bool,
                    out: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, float]:
-    """Writes ``x * mask * scale`` into ``out`` (``x`` itself, or a dense tensor of x's shape).
+    """Writes ``where(mask, x, 0) * scale`` into ``out`` (``x`` itself, or a dense tensor of x's shape).
 
     Args:
         x: the input ``(N, C, *spatial)``.
@@ -174,83 +181,12 @@ def sparse_forward(x: Tensor, gamma: float, block: tuple[int, ...], valid: tuple
     return corner, scale
 
 
-def sparse_keep_mask(shape: tuple[int, ...], stride: tuple[int, ...], gamma: float, block: tuple[int, ...],
-                     valid: tuple[int, ...], normalize: bool,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, float]:
-    """The mask :func:`sparse_forward` applies, as a CPU ``bool`` tensor of ``shape`` and ``stride``.
-
-    The same draws as :func:`sparse_forward` from the same generator state, so the same blocks.
-
-    Args:
-        shape: the input's shape ``(N, C, *spatial)``.
-        stride: the mask's strides (non-overlapping and dense, e.g. the input's).
-        gamma: the seed rate.
-        block: the clipped block.
-        valid: the valid seed region.
-        normalize: compute the scale ``numel / kept``; otherwise it is 1.
-        generator: where the seeds are drawn from (default: torch's global generator).
-
-    Returns:
-        The keep mask (``False`` in the dropped blocks) and the scale.
-    """
-    device = torch.device("cpu")
-    plane, anchor, offset, scale = _draw_blocks(shape, gamma, block, valid, normalize, device, generator)
-    keep = torch.empty_strided(shape, stride, dtype=torch.bool).fill_(True)
-    corner = _corners(plane, anchor, shape, valid, stride, offset)
-    _fill_blocks(_flat(keep), corner, block, stride[2:], False)
-    return keep, scale
-
-
 def redraw_corners(shape: tuple[int, ...], gamma: float, valid: tuple[int, ...], stride: tuple[int, ...],
                    seed: int) -> Tensor:
     """The corners :func:`sparse_forward` drew from ``seeded_generator(seed)``, for an output of ``stride``."""
     plane, anchor = _sample_seeds(shape[0] * shape[1], math.prod(valid), gamma, torch.device("cpu"),
                                   seeded_generator(seed))
     return _corners(plane, anchor, shape, valid, stride)
-
-
-def pack_state(seed: int, gamma: float, corner: Tensor) -> Tensor:
-    """The registered op's backward state: ``[seed, gamma]`` in fp64, the corners stored behind it in memory.
-
-    A compiled graph needs outputs whose size follows from the input's shape, so the state shows 2 values
-    (as before the corners were kept: graphs compiled and cached then still fit); behind them in the same
-    int64 storage lie the number of corners ``k`` and the corners, where :func:`stored_corners` reads them,
-    so backward need not draw the seeds again.
-
-    Args:
-        seed: the seed of the private generator the corners were drawn from.
-        gamma: the seed rate.
-        corner: the blocks' corners (int64), as :func:`sparse_forward` returned them.
-
-    Returns:
-        A 2-element fp64 view at the start of an int64 buffer ``[seed, gamma, k, *corners]``.
-    """
-    k = corner.numel()
-    buf = torch.empty(3 + k, dtype=torch.int64)
-    buf[3:] = corner
-    buf[:3] = torch.tensor([seed, gamma, 0], dtype=torch.float64).view(torch.int64)
-    buf[2] = k
-    return buf[:2].view(torch.float64)
-
-
-def stored_corners(state: Tensor) -> Tensor | None:
-    """The corners :func:`pack_state` put behind ``state``, or ``None`` where ``state`` no longer holds them.
-
-    A state copied on its way to backward (e.g. by a ``saved_tensors_hooks`` pack hook) is only its 2 values:
-    then ``None``, and the caller redraws the corners from the seed.
-
-    Args:
-        state: the op's backward state.
-
-    Returns:
-        The corners (int64, a view of ``state``'s storage), or ``None``.
-    """
-    storage = state.untyped_storage()
-    if state.storage_offset() != 0 or storage.nbytes() < 24:
-        return None
-    buf = torch.empty(0, dtype=torch.int64).set_(storage)
-    k = int(buf[2])
-    return buf[3:] if storage.nbytes() == (3 + k) * 8 else None
 
 
 def sparse_backward(grad: Tensor, corner: Tensor, stride: tuple[int, ...], block: tuple[int, ...],
@@ -277,7 +213,7 @@ def sparse_backward(grad: Tensor, corner: Tensor, stride: tuple[int, ...], block
 
 
 class _SparseDropBlock(torch.autograd.Function):
-    """The eager CPU fast path: ``x * mask * scale`` with a per-channel mask; backward keeps only the seeds."""
+    """The eager CPU fast path: ``where(mask, x, 0) * scale`` with a per-channel mask; backward keeps only the seeds."""
 
     @staticmethod
     def forward(ctx, x: Tensor, gamma: float, block: tuple[int, ...], valid: tuple[int, ...],  # type: ignore[override]
@@ -300,3 +236,72 @@ class _SparseDropBlock(torch.autograd.Function):
         stride, block, scale = ctx.meta
         (corner,) = ctx.saved_tensors
         return sparse_backward(grad, corner, stride, block, scale), None, None, None, None, None
+
+
+class SparseKernel(Kernel):
+    """The CPU kernel for per-channel masks (any map: a block covering the whole map drops a whole plane).
+
+    Forward's state shows 2 fp64 values, the seed of a private CPU generator and ``gamma``, so that its size
+    follows from the input's shape, as a traced graph needs; behind them in the same int64 storage lie the
+    number of seeds and the blocks' corners, ``[seed, gamma, k, *corners]``. Backward rescatters the blocks from
+    those corners or, if the state reaches it copied (by a ``saved_tensors_hooks`` pack hook, say: 2 values
+    only), draws the same seeds again from the seed.
+    """
+
+    name = "sparse"
+
+    def forward(self, x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
+                normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+        block, valid, factor = geometry(tuple(x.shape[2:]), block_size)
+        gamma = gamma_of(float(keep_prob), factor)
+        seed = draw_seed(gamma)
+        out = torch.empty_like(x)
+        corner, scale = sparse_forward(x, gamma, block, valid, normalize, out, seeded_generator(seed))
+        state = torch.empty(3 + corner.numel(), dtype=torch.int64)
+        state[3:] = corner
+        state[:3] = torch.tensor([seed, gamma, 0], dtype=torch.float64).view(torch.int64)
+        state[2] = corner.numel()
+        return out, state[:2].view(torch.float64), torch.tensor(scale, dtype=torch.float32)
+
+    def backward(self, grad: Tensor, state: Tensor, scale: Tensor, block_size: int, per_channel: bool,
+                 stride: list[int]) -> Tensor:
+        block, valid, _ = geometry(tuple(grad.shape[2:]), block_size)
+        storage, corner = state.untyped_storage(), None
+        if state.storage_offset() == 0 and storage.nbytes() >= 24:
+            buf = torch.empty(0, dtype=torch.int64).set_(storage)
+            corner = buf[3:] if storage.nbytes() == (3 + int(buf[2])) * 8 else None
+        if corner is None:  # the state was copied on its way here: draw the same seeds again
+            seed, gamma = state.tolist()
+            corner = redraw_corners(tuple(grad.shape), gamma, valid, tuple(stride), int(seed))
+        return sparse_backward(grad, corner, tuple(stride), block, float(scale))
+
+    def mask(self, like: Tensor, stride: list[int], keep_prob: Tensor, block_size: int, per_channel: bool,
+             normalize: bool) -> tuple[Tensor, Tensor]:
+        """The mask forward applies (the same draws), a CPU ``bool`` tensor laid out with ``stride``."""
+        shape, stride = tuple(like.shape), tuple(stride)
+        block, valid, factor = geometry(shape[2:], block_size)
+        gamma = gamma_of(float(keep_prob), factor)
+        plane, anchor, offset, scale = _draw_blocks(shape, gamma, block, valid, normalize, torch.device("cpu"),
+                                                    seeded_generator(draw_seed(gamma)))
+        keep = torch.empty_strided(shape, stride, dtype=torch.bool).fill_(True)
+        _fill_blocks(_flat(keep), _corners(plane, anchor, shape, valid, stride, offset), block, stride[2:], False)
+        return keep, torch.tensor(scale, dtype=torch.float32)
+
+    def fake_forward(self, x: Tensor, block_size: int, per_channel: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.empty_like(x), torch.empty((2,), dtype=torch.float64), torch.empty((), dtype=torch.float32)
+
+    def fake_backward(self, grad: Tensor, stride: list[int]) -> Tensor:
+        return grad.new_empty_strided(grad.shape, stride)
+
+    def fake_mask(self, like: Tensor, stride: list[int], block_size: int,
+                  per_channel: bool) -> tuple[Tensor, Tensor]:
+        return torch.empty_strided(like.shape, stride, dtype=torch.bool), torch.empty((), dtype=torch.float32)
+
+    def eager(self, x: Tensor, keep_prob: float, keep_prob_tensor: Tensor | None, block_size: int,
+              per_channel: bool, normalize: bool, inplace: bool) -> Tensor:
+        block, valid, factor = geometry(tuple(x.shape[2:]), block_size)
+        return _SparseDropBlock.apply(x, gamma_of(keep_prob, factor), block, valid, normalize,
+                                      inplace and _fills_its_memory(x))
+
+
+SPARSE = SparseKernel()

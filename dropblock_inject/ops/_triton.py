@@ -9,12 +9,12 @@ Five launches (the programs are in ``_triton_kernels``), none of which syncs wit
 2. and 3. rows and mask: the stride-1 max-pool of the seed map, separable (along W, then along H and T),
    written as a ``uint8`` keep map, its kept cells counted on the device (no host sync);
 4. scale: ``numel / kept`` in fp32 (0 when nothing is kept), the division torch's ``_dense.keep_scale`` does;
-5. apply: ``x * keep * scale``, in x's dtype and strides.
+5. apply: ``where(keep, x * scale, 0)``, in x's dtype and strides.
 
 Backward keeps only the philox seed, the threshold and the scale (20 bytes): it redraws the same seed map (philox is
 counter-based), rebuilds the keep map and applies it to the gradient. The seed, row and keep maps are
-temporaries of one launch sequence, never saved. Compiled graphs run launches 1 to 4 only (:func:`triton_mask`,
-through the mask op, see ``_mask_op``) and leave the product to inductor, which fuses it with its neighbours.
+temporaries of one launch sequence, never saved. Compiled graphs run launches 1 to 4 only (``TritonKernel.mask``,
+through the mask op, see ``_library``) and leave the product to inductor, which fuses it with its neighbours.
 """
 
 import math
@@ -25,9 +25,8 @@ import torch
 from torch import Tensor
 
 from ._check import _geometry
+from ._kernel import Kernel
 from ._triton_kernels import AVAILABLE, CHANNELS_LAST, CONTIGUOUS, STRIDED, kernels, triton
-
-__all__ = ["AVAILABLE", "kernels", "keep_shape", "triton_backward", "triton_forward", "triton_mask"]
 
 
 def _dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -164,85 +163,60 @@ def _draw(ks: SimpleNamespace, shape: tuple[int, ...], keep_prob: Tensor, block_
     return state, keep, scale
 
 
-def triton_mask(shape: list[int], keep_prob: Tensor, block_size: int, per_channel: bool, normalize: bool,
-                device: torch.device, interpret: bool = False) -> tuple[Tensor, Tensor]:
-    """The keep mask and scale :func:`triton_forward` would apply, for a compiled graph to multiply by.
-
-    It draws the same philox seed from torch's generator and runs the same seeds, rows, mask and scale
-    kernels, so under one ``torch.manual_seed`` ``x * keep * scale`` is :func:`triton_forward`'s output.
-
-    Args:
-        shape: the input's shape ``(N, C, *spatial)``.
-        keep_prob: a one-element tensor.
-        block_size: the requested block size.
-        per_channel: a mask per channel, or one per sample.
-        normalize: scale by ``numel / kept``; otherwise the scale is 1.
-        device: the input's device (CPU when ``interpret``).
-        interpret: run Triton's interpreter.
-
-    Returns:
-        ``keep``, a contiguous ``bool`` tensor ``(N, C, *spatial)`` (``(N, 1, *spatial)`` when shared), and
-        the fp32 0-d scale, both on ``device``.
-    """
-    mask_shape = keep_shape(shape, per_channel)
-    _, keep, scale = _draw(kernels(interpret), tuple(shape), keep_prob, block_size, per_channel, normalize, device)
-    if keep is None:
-        return torch.ones(mask_shape, dtype=torch.bool, device=device), scale
-    return keep.view(torch.bool).view(mask_shape), scale
-
-
-def triton_forward(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, normalize: bool,
-                   interpret: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """DropBlock forward with the fused kernels.
-
-    Args:
-        x: the input ``(N, C, *spatial)`` on the kernels' device (CPU tensors when ``interpret``).
-        keep_prob: a one-element tensor.
-        block_size: the requested block size.
-        per_channel: a mask per channel, or one per sample.
-        normalize: scale by ``numel(mask) / kept``.
-        interpret: run Triton's interpreter.
-
-    Returns:
-        The output (laid out as ``torch.empty_like(x)``), the state (int64: the philox seed, drawn from
-        torch's generator on x's device, and the seed threshold) and the scale (fp32, 0-d): all that backward
-        needs.
-    """
-    return _forward(kernels(interpret), x, keep_prob, block_size, per_channel, normalize)
-
-
 def _forward(ks: SimpleNamespace, x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
              normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`triton_forward` with the kernels ``ks`` (compiled, interpreted, or ``_triton_aot``'s recorder)."""
+    """Forward with the kernels ``ks`` (compiled, interpreted, or ``tools/_triton_aot.py``'s recorder): the
+    output, the state (the philox seed and threshold) and the scale."""
     state, keep, scale = _draw(ks, tuple(x.shape), keep_prob, block_size, per_channel, normalize, x.device)
     if keep is None:
         return torch.empty_like(x), state, scale
     return _launch_apply(ks, x, keep, scale, per_channel), state, scale
 
 
-def triton_backward(grad: Tensor, state: Tensor, scale: Tensor, block_size: int, per_channel: bool,
-                    interpret: bool = False) -> Tensor:
-    """``grad * keep * scale``, the keep map redrawn from the forward's philox seed and threshold.
-
-    Args:
-        grad: the output's gradient.
-        state: the forward's state (philox seed and threshold).
-        scale: the forward's scale.
-        block_size: the requested block size.
-        per_channel: as in forward.
-        interpret: run Triton's interpreter.
-
-    Returns:
-        The input's gradient, laid out as ``torch.empty_like(grad)``.
-    """
-    return _backward(kernels(interpret), grad, state, scale, block_size, per_channel)
-
-
 def _backward(ks: SimpleNamespace, grad: Tensor, state: Tensor, scale: Tensor, block_size: int,
               per_channel: bool) -> Tensor:
-    """:func:`triton_backward` with the kernels ``ks``."""
+    """Backward with the kernels ``ks``: the keep map redrawn from the forward's philox seed and threshold."""
     n, c, *spatial = grad.shape
     if grad.numel() == 0:
         return torch.empty_like(grad)
     keep = _keep_map(ks, state, n * (c if per_channel else 1), tuple(spatial), block_size)
     return _launch_apply(ks, grad, keep, scale, per_channel)
+
+
+class TritonKernel(Kernel):
+    """The fused kernel: on CUDA, compiled; on CPU tensors, run by Triton's interpreter. Forward's state is the
+    philox seed (drawn from torch's generator on the input's device) and the threshold (int64, 2 values):
+    backward redraws the keep map from them."""
+
+    name = "triton"
+
+    def forward(self, x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
+                normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return _forward(kernels(x.device.type == "cpu"), x, keep_prob, block_size, per_channel, normalize)
+
+    def backward(self, grad: Tensor, state: Tensor, scale: Tensor, block_size: int, per_channel: bool,
+                 stride: list[int]) -> Tensor:
+        return _backward(kernels(grad.device.type == "cpu"), grad, state, scale, block_size, per_channel)
+
+    def mask(self, like: Tensor, stride: list[int], keep_prob: Tensor, block_size: int, per_channel: bool,
+             normalize: bool) -> tuple[Tensor, Tensor]:
+        """Launches 1 to 4 of forward, from the same philox seed drawn the same way (so under one
+        ``torch.manual_seed`` the product is forward's output): a contiguous ``bool`` keep map ``(N, C or 1,
+        *spatial)`` and the scale."""
+        shape, device = tuple(like.shape), like.device
+        _, keep, scale = _draw(kernels(device.type == "cpu"), shape, keep_prob, block_size, per_channel,
+                               normalize, device)
+        if keep is None:
+            return torch.ones(keep_shape(shape, per_channel), dtype=torch.bool, device=device), scale
+        return keep.view(torch.bool).view(keep_shape(shape, per_channel)), scale
+
+    def fake_forward(self, x: Tensor, block_size: int, per_channel: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.empty_like(x), x.new_empty((2,), dtype=torch.int64), x.new_empty((), dtype=torch.float32)
+
+    def fake_mask(self, like: Tensor, stride: list[int], block_size: int,
+                  per_channel: bool) -> tuple[Tensor, Tensor]:
+        keep = torch.empty(keep_shape(like.shape, per_channel), dtype=torch.bool, device=like.device)
+        return keep, torch.empty((), dtype=torch.float32, device=like.device)
+
+
+TRITON = TritonKernel()

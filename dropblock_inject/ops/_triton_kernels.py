@@ -12,7 +12,7 @@ Five programs, launched in order by ``_triton``:
    written byte by byte as the dense ``uint8`` keep map (1 = kept), and in forward the kept cells counted (a
    sum per program, one atomic add);
 4. :func:`_scale`: ``numel / kept`` in fp32 (0 when nothing is kept), one program;
-5. :func:`_apply`: ``x * keep * scale`` in x's dtype and strides.
+5. :func:`_apply`: ``where(keep, x * scale, 0)`` in x's dtype and strides.
 
 Why it is built this way (what a GPU executes, counted in ``benchmarks/triton_sass.py``): the block's
 max-pool is separable, and every byte of the seed and row maps is 0 or 1, so an ``int64`` word ORs eight
@@ -37,7 +37,6 @@ sum (``tl.sum`` would call the combine; ``tl.reduce`` is a builtin that only nam
 """
 
 import functools
-import os
 from types import SimpleNamespace
 
 try:
@@ -218,14 +217,10 @@ def kernels(interpret: bool = False) -> SimpleNamespace:
     """
     if not AVAILABLE:
         raise RuntimeError("the fused DropBlock kernel needs Triton (pip install triton)")
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    try:  # triton.jit picks the interpreter when it decorates, from the environment
-        jitted = {fn.__name__[1:]: triton.jit(fn) for fn in (_seeds, _rows, _mask, _scale, _apply)}
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+    if interpret:  # what triton.jit builds under TRITON_INTERPRET=1, without reading (or writing) the environment
+        from triton.runtime.interpreter import InterpretedFunction as jit
+    else:
+        from triton.runtime.jit import JITFunction as jit
+    jitted = {fn.__name__[1:]: jit(fn) for fn in (_seeds, _rows, _mask, _scale, _apply)}
     # the interpreter runs a program as numpy arrays: fewer, larger programs are much faster there
     return SimpleNamespace(**jitted, block=16384 if interpret else 1024, words=4096 if interpret else 256)

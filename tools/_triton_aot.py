@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from . import _triton
-from ._triton_kernels import kernels, triton
+from dropblock_inject.ops import _triton
+from dropblock_inject.ops._triton_kernels import kernels, triton
 
 META = torch.device("meta")
 
@@ -83,9 +83,9 @@ def launches(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, *, bloc
     ks = SimpleNamespace(**{name: _Recorder(name, value, log) if isinstance(value, triton.runtime.JITFunction)
                             else value for name, value in vars(real).items()})
     keep_prob = torch.tensor(0.9, device=META)
-    if compiled:  # what triton_mask runs
+    if compiled:  # what the mask op runs
         _triton._draw(ks, tuple(shape), keep_prob, block_size, per_channel, True, META)
-    else:  # what triton_forward and triton_backward run
+    else:  # what forward and backward run
         _, state, scale = _triton._forward(ks, _input(shape, dtype, layout), keep_prob, block_size, per_channel, True)
         _triton._backward(ks, _input(shape, dtype, layout), state, scale, block_size, per_channel)
     return log
