@@ -20,9 +20,11 @@ One ``inject`` call goes down these stages, each a module that imports only the 
 * :mod:`.rewrite` -- DropBlock modules built, the injected forwards installed (``inject``); ``strip``.
 """
 
-from .forward import injected_dropblocks
+from .points import InsertionPoint, injected_dropblocks
+from .registry import register
 from .rewrite import inject, strip
-from .select import InsertionPoint, format_plan, plan
-from .trace import SurgeryError
+from .select import format_plan, plan
+from ..errors import SurgeryError
 
-__all__ = ["InsertionPoint", "SurgeryError", "format_plan", "inject", "injected_dropblocks", "plan", "strip"]
+__all__ = ["InsertionPoint", "SurgeryError", "format_plan", "inject", "injected_dropblocks", "plan", "register",
+           "strip"]

@@ -21,7 +21,6 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ..ops import DropBlock2d, DropBlock3d
 from ..recipe import RecipeLike, ScheduleConfig, load_recipe
 from .analyze import Candidate, Scope
 from .calls import Param
@@ -29,10 +28,12 @@ from .checkpointing import calls_checkpoint, combinations, variant_flags
 from .forward import InjectedForward, RefuseScripting, check_not_injected, injected_modules
 from .kinds import is_container
 from .roottrace import TraceInstalledForward
-from .select import InsertionPoint, build_plan
+from .points import InsertionPoint, is_dropblock_container, new_dropblock
+from .select import build_plan
 from .sequentials import HOLDER, delegate
 from .sites import Site, insert
-from .trace import SurgeryError, trace_variant
+from ..errors import SurgeryError
+from .trace import trace_variant
 from .wrappers import unwrap
 
 _CONTAINER = "dropblocks"
@@ -88,20 +89,17 @@ class _Install:
     variants: dict[tuple[bool, ...], Any]
     inplace: tuple[tuple[str, str], ...]
     holder: nn.Module | None  # the module holding its DropBlocks, when it is not ``module`` (see .sequentials)
+    container: str  # the name of the DropBlocks' ModuleDict on ``holder`` (or ``module``)
 
 
 def _dropblocks(points: list[tuple[Candidate, InsertionPoint]], scope: Scope, schedule: ScheduleConfig
                 ) -> tuple[nn.ModuleDict, list[Site]]:
     """The scope's DropBlock modules by key, and where each is called."""
     container = nn.ModuleDict()
-    cls = DropBlock3d if scope.spatial_dims == 3 else DropBlock2d
     sites = []
     for c, point in points:
         key = f"{point.kind}_{point.after}" if point.kind == "shortcut" else point.after
-        db = cls(point.block_size, point.keep_prob, per_channel=point.per_channel)
-        db.point = point  # type: ignore[assignment]
-        db.schedule = schedule  # type: ignore[assignment]
-        container[key] = db
+        container[key] = new_dropblock(point, schedule, scope.spatial_dims)
         sites.append(Site(key, c.node.name, c.add.name if c.kind == "shortcut" else None))  # type: ignore[union-attr]
     return container, sites
 
@@ -128,7 +126,7 @@ def _rewrite(scope: Scope, points: list[tuple[Candidate, InsertionPoint]], sched
             graph, writable = insert(d.graph, d.sites, f"{HOLDER}.{name}", d.module)
             inplace = _inplace(graph, {s.key: s.source for s in d.sites}, writable, name,
                                {s.key: container[s.key] for s in d.sites})
-            installs.append(_Install(d.module, d.name, graph, None, None, (), {}, inplace, scope.module))
+            installs.append(_Install(d.module, d.name, graph, None, None, (), {}, inplace, scope.module, name))
         return container, installs
     graph, writable = insert(scope.graph, sites, name, scope.module)
     flag_names = variant_flags(scope.module)
@@ -137,7 +135,7 @@ def _rewrite(scope: Scope, points: list[tuple[Candidate, InsertionPoint]], sched
         writable &= also
     inplace = _inplace(graph, {s.key: s.source for s in sites}, writable, name, container)
     return container, [_Install(scope.module, scope.path, graph, scope.params, scope.out_spec,
-                                flag_names if variants else (), variants, inplace, None)]
+                                flag_names if variants else (), variants, inplace, None, name)]
 
 
 def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -> nn.Module:
@@ -176,65 +174,59 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
                 f"forward runs every child it holds (in eval too), so it cannot hold them; put its layers in a "
                 f"module of your own (an nn.Module whose forward calls them), or select blocks below it")
         rewrites.append((scope.module, name, *_rewrite(scope, points, recipe.schedule, name)))
-    done: list[nn.Module] = []
+    added: list[tuple[nn.Module, str]] = []  # containers added, to take back on failure
+    installed: list[nn.Module] = []
     try:
         for owner, name, container, installs in rewrites:
             owner.add_module(name, container)
-            done.append(owner)
+            added.append((owner, name))
             for i in installs:
                 _install(i, container)
-                done.append(i.module)
+                installed.append(i.module)
     except Exception:
-        for module in done:
+        for module in installed:
             _undo(module)
+        for owner, name in added:
+            if name in owner._modules:
+                delattr(owner, name)
         raise
     return wrapper
 
 
 def _install(i: _Install, container: nn.ModuleDict) -> None:
+    """Install the record on ``i.module``: the :class:`~.forward.InjectedForward` as its ``forward``, and the
+    two guards derived from it (refusing TorchScript; making a root fx trace trace the installed forward), which
+    the record lists so that :func:`strip` removes exactly them."""
     module = i.module
-    fwd = InjectedForward(module, i.graph, module.__dict__.get("forward"), f"{type(module).__name__} {i.path}",
-                          i.params, i.out_spec, i.flags, i.variants, i.inplace, i.holder)
-    module.forward = fwd  # type: ignore[method-assign]
-    module.__dict__["__prepare_scriptable__"] = RefuseScripting(fwd.name,
-                                                                module.__dict__.get("__prepare_scriptable__"))
+    name = f"{type(module).__name__} {i.path}"
     keys = {str(n.target).rpartition(".")[2] for n in i.graph.find_nodes(op="call_module")}
     runs = [db for key, db in container.items() if key in keys]
     points = tuple(f"{'shortcut of' if db.point.kind == 'shortcut' else 'after'} {db.point.after}" for db in runs)
-    module.__dict__["_get_name"] = TraceInstalledForward(module, i.path or "<root>", points,
-                                                         module.__dict__.get("_get_name"))
-
-
-def _remove_guard(module: nn.Module, name: str, guard_type: type) -> None:
-    """Delete the instance attribute ``name`` if inject stored a ``guard_type`` there, putting back what it
-    shadowed (models injected before a guard existed have none)."""
-    guard = module.__dict__.get(name)
-    if isinstance(guard, guard_type):
-        del module.__dict__[name]
-        if guard.original is not None:
-            module.__dict__[name] = guard.original
+    guards = {"__prepare_scriptable__": RefuseScripting(name, module.__dict__.get("__prepare_scriptable__")),
+              "_get_name": TraceInstalledForward(module, i.path or "<root>", points, module.__dict__.get("_get_name"))}
+    fwd = InjectedForward(module, i.graph, module.__dict__.get("forward"), name, i.params, i.out_spec, i.flags,
+                          i.variants, i.inplace, i.holder, i.container, guards)
+    module.forward = fwd  # type: ignore[method-assign]
+    module.__dict__.update(guards)
 
 
 def _undo(module: nn.Module) -> None:
-    """Remove what inject put on ``module``: its injected forward and guards, and the DropBlock containers
-    on it and on the module holding its DropBlocks."""
-    holders = [module]
-    if isinstance(module.__dict__.get("forward"), InjectedForward):
-        _remove_guard(module, "_get_name", TraceInstalledForward)
-        _remove_guard(module, "__prepare_scriptable__", RefuseScripting)
-        fwd = module.__dict__.pop("forward")
-        if fwd.original is not None:
-            module.forward = fwd.original  # type: ignore[method-assign]
-        if getattr(fwd, "holder", None) is not None:
-            holders.append(fwd.holder)
-    for holder in holders:
-        _remove_containers(holder)
-
-
-def _remove_containers(module: nn.Module) -> None:
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.ModuleDict) and child and all(hasattr(c, "point") for c in child.values()):
-            delattr(module, name)
+    """Remove what inject put on ``module``, as its record lists it: the guards (putting back what they
+    shadowed), the injected forward, and the DropBlock container it names, on it or on its holder."""
+    record = module.__dict__.get("forward")
+    if not isinstance(record, InjectedForward):
+        return
+    for attr, guard in record.guards.items():
+        if module.__dict__.get(attr) is guard:
+            del module.__dict__[attr]
+            if guard.original is not None:
+                module.__dict__[attr] = guard.original
+    del module.__dict__["forward"]
+    if record.original is not None:
+        module.forward = record.original  # type: ignore[method-assign]
+    owner = module if record.holder is None else record.holder
+    if is_dropblock_container(owner._modules.get(record.container)):  # type: ignore[arg-type]
+        delattr(owner, record.container)
 
 
 def strip(model: nn.Module) -> nn.Module:

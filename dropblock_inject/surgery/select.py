@@ -17,45 +17,19 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..recipe import Recipe, RecipeError, RecipeLike, Rule, load_recipe
 from .analyze import Candidate, Scope, analyze
 from .forward import check_not_injected
-from .example import HooksAside
 from .explain import explain, not_a_cnn
+from .points import InsertionPoint
 from .kinds import CONV_TYPES, inside_layer, module_kind, owner, usable_scopes
-from .shapes import ShapeLog, call_log
+from .shapes import ShapeLog, call_log, default_input
 from .calls import wants_call
-from .trace import SurgeryError, trace_scope
+from ..errors import SurgeryError
+from .trace import TRACING, trace_scope
 from .wrappers import unwrap
-
-
-@dataclass(frozen=True)
-class InsertionPoint:
-    """Where one DropBlock goes.
-
-    Attributes:
-        module: path of the traced scope (e.g. ``"layer3.0"``).
-        after: the fx node after which DropBlock is inserted (for a shortcut, the addition's shortcut
-            operand, e.g. ``"x"`` for an identity shortcut or ``"downsample_1"`` for a projection).
-        kind: ``"branch"`` or ``"shortcut"``.
-        block_size: DropBlock's block size.
-        shape: feature shape at that point for the example input, ``None`` when it was not computed.
-        keep_prob: final keep_prob of this point (the schedule's target).
-        drop_rate_scale: this point's drop rate relative to the recipe's.
-        per_channel: independent masks per channel.
-        rule: name of the recipe rule that selected it.
-    """
-
-    module: str
-    after: str
-    kind: str
-    block_size: int
-    shape: tuple[int, ...] | None
-    keep_prob: float
-    drop_rate_scale: float = 1.0
-    per_channel: bool = True
-    rule: str = ""
 
 
 def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: ShapeLog | None,
@@ -164,12 +138,25 @@ def _needs_shapes(recipe: Recipe) -> bool:
 def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes: bool) -> Plan:
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    _check_not_lazy(model)
     not_a_cnn(model, recipe)
-    shapes = None
-    if with_shapes or _needs_shapes(recipe):  # (sets the user's hooks aside itself)
-        shapes = ShapeLog(model, torch.randn(1, 3, 224, 224) if example_input is None else example_input)
-    with HooksAside(model):  # tracing calls modules too: user hooks must not fire
+    with TRACING:
+        shapes = None
+        if with_shapes or _needs_shapes(recipe):  # (runs the forward without the user's hooks)
+            shapes = ShapeLog(model, default_input() if example_input is None else example_input)
         return _build_plan(model, recipe, example_input, shapes)
+
+
+def _check_not_lazy(model: nn.Module) -> None:
+    """SurgeryError if a lazy module (``LazyConv2d``) has not been initialised: tracing and the example forward
+    would initialise it (changing its class and parameters), and inject leaves lazy modules as they are."""
+    lazy = [p or "<root>" for p, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise SurgeryError(f"{len(lazy)} lazy module(s) of {type(model).__name__} are not initialised yet (e.g. "
+                           f"{lazy[0]!r}, {type(model.get_submodule('' if lazy[0] == '<root>' else lazy[0])).__name__});"
+                           f" run one forward pass of the model (model(example)) so that they take their shapes, "
+                           f"then inject")
 
 
 def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: ShapeLog | None) -> Plan:

@@ -25,7 +25,8 @@ from torch import nn
 from .analyze import Scope
 from .checkpointing import combinations, variant_flags, wraps_checkpointing
 from .sites import Site
-from .trace import SurgeryError, is_plain_sequential, trace_scope, trace_variant
+from ..errors import SurgeryError
+from .trace import is_plain_sequential, trace_scope, trace_variant
 
 HOLDER = "forward.holder"  # how a Sequential's graph reaches the module holding its DropBlocks
 
