@@ -189,6 +189,18 @@ def _own_classes():
             if isinstance(n, ast.ClassDef)}
 
 
+def _private(name: str) -> bool:
+    """A private name of torch's (``_BatchNorm``, ``_dynamo``); ``_pytree`` is allowed: torch has no public
+    pytree module, and it is how torch itself flattens outputs."""
+    return name.startswith("_") and not name.startswith("__") and name != "_pytree"
+
+
+def _root(node: ast.AST) -> str:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else ""
+
+
 def _violations(path: Path, own: set[str]) -> list[str]:
     tree = ast.parse(path.read_text())
     docstrings = {id(n.body[0].value) for n in ast.walk(tree)
@@ -196,15 +208,16 @@ def _violations(path: Path, own: set[str]) -> list[str]:
                   and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch" \
-                and node.attr.startswith("_"):
-            found.append(f"torch.{node.attr}")
+        if isinstance(node, ast.Attribute) and _private(node.attr) and _root(node) in ("torch", "nn", "F", "fx"):
+            found.append(f"{_root(node)}...{node.attr}")
         if isinstance(node, ast.Attribute) and node.attr.startswith("_global_"):
             found.append(node.attr)
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
             for name in names:
-                if name.split(".")[0] in _LIBRARIES or re.match(r"torch\._", name) or name == "torch.nn.modules.module":
+                parts = name.split(".")
+                if parts[0] in _LIBRARIES or (parts[0] == "torch" and any(map(_private, parts))) or \
+                        name == "torch.nn.modules.module":
                     found.append(f"import {name}")
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             if node.value.split(".")[0] in _LIBRARIES and "." in node.value or (

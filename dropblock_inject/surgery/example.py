@@ -18,10 +18,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .registry import CALL_IMPL_SLOT, global_hooks_present
+from .registry import CALL_IMPL_SLOT, dispatch_mode_base, global_hooks_present
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
@@ -104,7 +103,7 @@ _aten = torch.ops.aten
 _SHAPE_PRESERVING = {_aten.native_batch_norm.default, _aten._native_batch_norm_legit_no_training.default}
 
 
-class MetaMode(TorchDispatchMode):
+class MetaMode(dispatch_mode_base()):  # type: ignore[misc]
     """Runs every op on the meta device (shapes only, no compute): real tensors (parameters, buffers,
     constants made in the forward) are viewed as meta tensors of the same shape."""
 

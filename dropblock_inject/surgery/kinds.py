@@ -20,12 +20,12 @@ import torch.fx as fx
 from torch import nn
 
 from ..ops import _DropBlockNd
-from .registry import is_registered_class
+from .registry import CONV_BASE, NORM_BASES, is_registered_class
 from .trace import Tracer
 
 CONV_TYPES = (nn.Conv2d, nn.Conv3d)
 CONV_FUNCTIONS: set[Any] = {torch.conv2d, torch.conv3d, nn.functional.conv2d, nn.functional.conv3d}
-_NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+_NORM_TYPES: tuple[type, ...] = (*NORM_BASES, nn.GroupNorm)
 _ACT_TYPES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish,
               nn.PReLU)
 ACT_FUNCTIONS: set[Any] = {torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, nn.functional.silu,
@@ -55,7 +55,7 @@ def owner(path: str, model: nn.Module) -> str:
 def is_layer(m: nn.Module) -> bool:
     """A module that computes a new map from its input (a conv, norm or linear layer, a conv-norm unit, or
     anything holding parameters of its own): what a prediction is the last of."""
-    return bool(m._parameters) or isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or module_kind(m) in (
+    return bool(m._parameters) or isinstance(m, (nn.Linear, CONV_BASE)) or module_kind(m) in (
         "conv", "norm", "unit")
 
 

@@ -207,6 +207,19 @@ def wrapper_types() -> tuple[type, ...]:
 
 # --- torch internals the surgery reads (private attributes of torch, read only) ----------------------------
 
+# torch's private base classes of its norms and convolutions: every BatchNorm (1d/2d/3d, SyncBatchNorm, lazy)
+# and InstanceNorm variant, every ConvNd, without listing each
+NORM_BASES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+CONV_BASE: type = nn.modules.conv._ConvNd
+
+
+def dispatch_mode_base() -> type:
+    """torch's base class of a dispatch mode (``torch.utils._python_dispatch``: no public path), which the
+    example forward's meta mode derives from."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
 def global_hooks_present(*names: str) -> bool:
     """Whether the process holds global module hooks (``register_module_forward_hook`` and the like) of the
     given kinds (``forward``, ``forward_pre``, ``backward``): torch keeps them in private dicts of
