@@ -66,15 +66,31 @@ class _Namespace:
         return getattr(self._module, name)
 
 
+_MATH_STAND_INS: dict[int, Any] = {id(f): recording(f) for f in _MATH}
+_MATH_SPACE = _Namespace(math, {f.__name__: _MATH_STAND_INS[id(f)] for f in _MATH})
+# the stand-ins last built, by the ids of the functions they stand in for (which they keep alive, so an id is
+# never reused while it is a key); one entry: a new set of functions replaces it. A race builds it twice.
+_cache: dict[tuple[int, ...], dict[int, Any]] = {}
+
+
 def _stand_ins() -> dict[int, Any]:
-    """id of a global value -> what the traced forward sees instead."""
-    found: dict[int, Any] = {id(f): recording(f) for f in (*leaf_functions(), *_MATH)}
-    cp = _Namespace(CHECKPOINT_MODULE, {name: recording(getattr(CHECKPOINT_MODULE, name))
-                                        for name in CHECKPOINT_NAMES if hasattr(CHECKPOINT_MODULE, name)})
+    """id of a global value -> what the traced forward sees instead (built once per set of functions: a
+    library imported later, a function registered, torch's checkpoint wrapped, make a new set)."""
+    leaves = leaf_functions()
+    reached = tuple(getattr(CHECKPOINT_MODULE, name, None) for name in CHECKPOINT_NAMES)
+    key = tuple(map(id, (*leaves, *reached)))
+    found = _cache.get(key)
+    if found is not None:
+        return found
+    found = {**_MATH_STAND_INS, **{id(f): recording(f) for f in leaves}}
+    cp = _Namespace(CHECKPOINT_MODULE, {name: recording(f) for name, f in zip(CHECKPOINT_NAMES, reached)
+                                        if f is not None})
     found[id(CHECKPOINT_MODULE)] = cp
     found[id(torch.utils)] = utils = _Namespace(torch.utils, {"checkpoint": cp})
     found[id(torch)] = _Namespace(torch, {"utils": utils})
-    found[id(math)] = _Namespace(math, {f.__name__: found[id(f)] for f in _MATH})
+    found[id(math)] = _MATH_SPACE
+    _cache.clear()
+    _cache[key] = found
     return found
 
 
