@@ -23,7 +23,8 @@ One ``inject`` call goes down these stages, each a module that imports only the 
 from .points import InsertionPoint, injected_dropblocks
 from .registry import register
 from .rewrite import inject, strip
-from .select import format_plan, plan
+from .blueprint import plan
+from .select import format_plan
 from ..errors import SurgeryError
 
 __all__ = ["InsertionPoint", "SurgeryError", "format_plan", "inject", "injected_dropblocks", "plan", "register",

@@ -1,4 +1,4 @@
-"""Stage 5, selection: recipe rules -> scopes -> insertion points (``plan``, ``format_plan``).
+"""Selection: recipe rules -> scopes -> insertion points (``format_plan`` prints them).
 
 Each rule picks *scopes* (the smallest modules whose own forward calls the chosen layers: the owners of
 conv/norm/act leaves, never a container), by module-path glob, class name or output stride; each scope is
@@ -19,9 +19,8 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from ..recipe import Recipe, RecipeError, RecipeLike, Rule, load_recipe
+from ..recipe import Recipe, RecipeError, Rule
 from .analyze import Candidate, Scope, analyze
-from .forward import check_not_injected
 from .explain import explain, not_a_cnn
 from .points import InsertionPoint
 from .kinds import CONV_TYPES, inside_layer, module_kind, owner, usable_scopes
@@ -29,7 +28,6 @@ from .shapes import ShapeLog, call_log, default_input
 from .calls import wants_call
 from ..errors import SurgeryError
 from .trace import TRACING, trace_scope
-from .wrappers import unwrap
 
 
 def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: ShapeLog | None,
@@ -126,7 +124,10 @@ def _shape(shape: tuple[int, ...] | None) -> str:
 
 
 @dataclass
-class Plan:
+class Selection:
+    """What the rules select: the traced and analysed scopes by path, and the chosen points of those that get
+    any (module order; candidates with their points, in graph order)."""
+
     scopes: dict[str, Scope]
     points: dict[str, list[tuple[Candidate, InsertionPoint]]]
 
@@ -135,7 +136,7 @@ def _needs_shapes(recipe: Recipe) -> bool:
     return any(r.stride is not None for r in recipe.rules)
 
 
-def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes: bool) -> Plan:
+def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes: bool) -> Selection:
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
     _check_not_lazy(model)
@@ -159,7 +160,7 @@ def _check_not_lazy(model: nn.Module) -> None:
                            f"then inject")
 
 
-def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: ShapeLog | None) -> Plan:
+def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: ShapeLog | None) -> Selection:
     modules = dict(model.named_modules())
     scopes: dict[str, Scope] = {}
     untraceable: dict[str, SurgeryError] = {}
@@ -197,7 +198,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
                     if path in wrappers:
                         continue  # tried for its residual addition only
                     warnings.warn(f"{e}; rule {rule.name!r} selects by output stride, so this module is left "
-                                  f"without DropBlock", stacklevel=3)
+                                  f"without DropBlock", stacklevel=5)
                     continue
                 scopes[path] = analyze(path, modules[path], traced, shapes)
             for c in _select(scopes[path], rule, shapes, why):
@@ -229,11 +230,11 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
     if small:
         warnings.warn(f"{len(small)} insertion points of recipe {recipe.name!r} were dropped because their maps are "
                       f"1x1 at this input size (e.g. {small[0]}); a larger example_input (such as 1x3x224x224) "
-                      f"gives the full plan", stacklevel=3)
+                      f"gives the full plan", stacklevel=5)
     order = {name: i for i, name in enumerate(modules)}
     points = {p: sorted(chosen[p].values(), key=lambda cp: _node_order(scopes[p].graph, cp[0]))
               for p in sorted(chosen, key=order.__getitem__)}
-    return Plan(scopes, points)
+    return Selection(scopes, points)
 
 
 def _diagnose_layers(rule: Rule, modules: dict[str, nn.Module], focus: dict[str, set[str]], shapes: ShapeLog | None,
@@ -258,28 +259,6 @@ def _diagnose_layers(rule: Rule, modules: dict[str, nn.Module], focus: dict[str,
 def _node_order(graph: fx.Graph, c: Candidate) -> int:
     target = c.add if c.kind == "shortcut" else c.node
     return next(i for i, n in enumerate(graph.nodes) if n is target)
-
-
-def plan(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -> list[InsertionPoint]:
-    """List where ``recipe`` would insert DropBlock in ``model``, changing nothing.
-
-    Args:
-        model: the network.
-        recipe: a recipe name, path, dict or :class:`~dropblock_inject.recipe.Recipe`.
-        example_input: input used to compute feature shapes and strides (default ``1x3x224x224``).
-
-    Returns:
-        The insertion points, in module order then graph order. ``format_plan`` prints them as a table.
-
-    Raises:
-        RecipeError: a bad recipe, or a rule that selects nothing.
-        SurgeryError: a selected module that torch.fx cannot trace.
-    """
-    model = unwrap(model)  # DataParallel, DDP, torch.compile, EMA copies: the network inside
-    recipe = load_recipe(recipe)
-    check_not_injected(model)
-    built = build_plan(model, recipe, example_input, with_shapes=True)
-    return [p for pts in built.points.values() for _, p in pts]
 
 
 def format_plan(points: Sequence[InsertionPoint]) -> str:

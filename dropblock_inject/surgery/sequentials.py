@@ -31,14 +31,14 @@ from .trace import is_plain_sequential, trace_scope, trace_variant
 HOLDER = "forward.holder"  # how a Sequential's graph reaches the module holding its DropBlocks
 
 
-@dataclass
+@dataclass(frozen=True)
 class Delegated:
     """The sites of one plain Sequential child of the top module, as nodes of that Sequential's own graph."""
 
     name: str  # the child's name in the top module
     module: nn.Module
     graph: fx.Graph  # its own traced graph, without DropBlocks
-    sites: list[Site]
+    sites: tuple[Site, ...]
 
 
 def _called_whole(scope: Scope, names: frozenset[str]) -> bool:
@@ -112,5 +112,5 @@ def delegate(scope: Scope, sites: list[Site]) -> list[Delegated] | None:
             if len(matches) != 1:
                 return None
             mapped.append(Site(site.key, matches[0].name, None))
-        found.append(Delegated(head, child, graph, mapped))
+        found.append(Delegated(head, child, graph, tuple(mapped)))
     return found
