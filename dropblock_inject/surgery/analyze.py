@@ -1,4 +1,4 @@
-"""Stage 4, analysis: the residual additions of one traced scope and its DropBlock candidates.
+"""Analysis: the residual additions of one traced scope and its DropBlock candidates.
 
 A residual addition is an add whose two operands both derive from the scope's input and one of which
 holds a layer; its *shortcut* is the side with fewer convolutions (counting those inside leaf modules),

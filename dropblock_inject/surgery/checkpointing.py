@@ -1,4 +1,4 @@
-"""Stage 0c, checkpointing: the gradient-checkpointing flags a scope's code reads, decided at run time.
+"""Checkpointing: the gradient-checkpointing flags a scope's code reads, decided at run time.
 
 timm modules read ``self.grad_checkpointing`` in their forward (``checkpoint_seq(self.blocks, x)``), Hugging
 Face encoders ``self.gradient_checkpointing``; fx would bake the value the flag had at trace time into the graph.

@@ -1,4 +1,4 @@
-"""Stage 2, node kinds: what a module or an fx node is, as placement sees it.
+"""Node kinds: what a module or an fx node is, as placement sees it.
 
 ``conv`` (``nn.Conv2d``/``nn.Conv3d``), ``norm`` (BatchNorm, GroupNorm, InstanceNorm and the timm/torchvision
 variants named below), ``act`` (activation modules and functions; other libraries' norms and activations are named in

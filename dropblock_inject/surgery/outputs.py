@@ -1,4 +1,4 @@
-"""Stage 0b, outputs: a module's structured output as a flat list of leaves, and back with its exact type.
+"""Outputs: a module's structured output as a flat list of leaves, and back with its exact type.
 
 fx records a module's output as the argument of its graph's ``output`` node and would turn an ``OrderedDict``
 subclass (Hugging Face's ``ModelOutput``) into a plain ``dict``; the tracer (:mod:`.trace`) makes the graph

@@ -1,4 +1,4 @@
-"""Stage 7, Sequentials: the top module's points inside its plain ``nn.Sequential`` children, run by those
+"""Sequentials: the top module's points inside its plain ``nn.Sequential`` children, run by those
 children's own forwards, so that the top module need not be rewritten.
 
 fx traces the *class* forward of the module it is given (``Tracer.trace`` calls ``type(root).forward``), so a

@@ -1,4 +1,4 @@
-"""Stage 3, shapes: one example forward recording every module call's output shape, the arguments of each
+"""Shapes: one example forward recording every module call's output shape, the arguments of each
 module's first call, and where each map comes from.
 
 Strides (``stride: [16, 32]`` rules) are measured on the network's own maps, relative to the input of its

@@ -1,4 +1,4 @@
-"""Stage 6, sites: DropBlock calls inserted into a copy of a traced graph.
+"""Sites: DropBlock calls inserted into a copy of a traced graph.
 
 A *site* is one DropBlock call: after a node (a branch point), or between a node and the residual addition
 it feeds (a shortcut point). :func:`insert` also says which of them may work in place: those whose input is a

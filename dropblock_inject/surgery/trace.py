@@ -1,4 +1,4 @@
-"""Stage 1, tracing: the training-mode fx graph of one module (a *scope*), specialised to how it is called.
+"""Tracing: the training-mode fx graph of one module (a *scope*), specialised to how it is called.
 
 Only one module's own forward is traced: every child is a leaf (it stays a ``call_module`` node that runs the
 child's own code, reading its own ``training`` flag), except plain ``nn.Sequential`` containers, which are

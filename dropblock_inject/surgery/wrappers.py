@@ -1,4 +1,4 @@
-"""Stage 0, wrappers: the network inside the modules people hold their models in.
+"""Wrappers: the network inside the modules people hold their models in.
 
 ``nn.DataParallel`` and ``DistributedDataParallel`` keep the network as ``.module``, ``torch.compile`` as
 ``._orig_mod`` (an ``OptimizedModule``), timm's ``ModelEma*`` and ``torch.optim.swa_utils.AveragedModel`` as
