@@ -16,7 +16,7 @@ from torch import nn
 from ..recipe import load_recipe
 from ..surgery.analyze import analyze
 from ..surgery.kinds import is_container
-from ..surgery.select import InsertionPoint
+from ..surgery.points import InsertionPoint
 from ..surgery.shapes import ShapeLog
 from ..errors import SurgeryError
 from ..surgery.trace import trace_scope
