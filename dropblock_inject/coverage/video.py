@@ -38,7 +38,7 @@ def check_video_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "v
         dbs = dbi.injected_dropblocks(model)
         row.branch = sum(db.point.kind == "branch" for db in dbs)
         row.shortcut = len(dbs) - row.branch
-        if not dbs or not all(type(db) is DropBlock3d for db in dbs):
+        if not dbs or not all(isinstance(db, DropBlock3d) for db in dbs):
             raise _CheckFailed(f"inserted modules are not all DropBlock3d: {sorted({type(d).__name__ for d in dbs})}")
         stage = "eval parity"
         with torch.no_grad():
