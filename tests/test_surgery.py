@@ -96,5 +96,6 @@ def test_strip_leaves_a_user_module_with_a_point_attribute_alone():
     assert isinstance(model[1].extras, torch.nn.ModuleDict) and "a" in model[1].extras
     assert list(model.state_dict()) == keys
     assert not dbi.injected_dropblocks(model)
-    assert all(isinstance(db, dbi.DropBlock2d) and type(db).__name__ == "InjectedDropBlock2d"
-               for db in dbi.injected_dropblocks(dbi.inject(model, {"rules": [{"modules": ["1"], "after": ["norm"]}]})))
+    dbs = dbi.injected_dropblocks(dbi.inject(model, {"rules": [{"name": "r", "modules": ["1"], "after": ["norm"]}]}))
+    assert [(type(db).__name__, db.point.after, db.rule) for db in dbs] == [("InjectedDropBlock2d", "bn", "r")]
+    assert all(isinstance(db, dbi.DropBlock2d) for db in dbs)

@@ -52,6 +52,11 @@ class InjectedDropBlock:
     point: InsertionPoint
     schedule: ScheduleConfig
 
+    @property
+    def rule(self) -> str:
+        """The name of the recipe rule that selected this DropBlock's point."""
+        return self.point.rule
+
 
 class InjectedDropBlock2d(DropBlock2d, InjectedDropBlock):
     """A :class:`~dropblock_inject.DropBlock2d` inserted by inject at ``point``, ramped by ``schedule``."""

@@ -130,8 +130,9 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
 
     Raises:
         RecipeError: a bad recipe, or a rule that selects nothing.
-        SurgeryError: the model is already injected, or a selected module cannot be traced. On any error
-            the model is left exactly as it was.
+        SurgeryError: the model is already injected, a selected module cannot be traced, or a lazy module
+            (``LazyConv2d``) is not initialised yet (run one forward pass first: inject never initialises
+            it). On any error the model is left exactly as it was.
     """
     install(make_plan(unwrap(model), recipe, example_input, with_shapes=example_input is not None))
     return model
