@@ -155,8 +155,10 @@ def make_plan(model: nn.Module, recipe: RecipeLike, example_input: Any = None, *
     recipe = load_recipe(recipe)
     check_not_injected(model)
     built = build_plan(model, recipe, example_input, with_shapes=with_shapes)
-    return Plan(tuple(_scope_plan(built.scopes[path], points) for path, points in built.points.items()),
-                recipe.schedule)
+    scopes = []
+    for path, points in built.points.items():  # (a loop, not a generator: warnings name the user's line)
+        scopes.append(_scope_plan(built.scopes[path], points))
+    return Plan(tuple(scopes), recipe.schedule)
 
 
 def plan(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -> list[InsertionPoint]:

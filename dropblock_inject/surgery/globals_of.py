@@ -94,18 +94,25 @@ def _stand_ins() -> dict[int, Any]:
     return found
 
 
-def own_globals(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` bound to a copy of its globals with the stand-ins (``fn`` itself when it is not a plain function
-    or needs none: a decorated forward keeps its globals).
+def _rebind(fn: types.FunctionType, space: dict[str, Any]) -> types.FunctionType:
+    own = types.FunctionType(fn.__code__, space, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    own.__qualname__ = fn.__qualname__
+    own.__annotations__ = fn.__annotations__
+    own.__module__ = fn.__module__
+    return own
 
-    Args:
-        fn: the forward a trace is about to run (``type(scope).forward``).
 
-    Returns:
-        A function with the same code, defaults and closure, whose globals are this trace's own.
-    """
-    if not isinstance(fn, types.FunctionType) or hasattr(fn, "__wrapped__"):
-        return fn
+def _plain(fn: Any) -> bool:
+    return isinstance(fn, types.FunctionType) and not hasattr(fn, "__wrapped__")
+
+
+def own_space(fn: Callable[..., Any]) -> dict[str, Any] | None:
+    """A copy of the globals of ``fn`` (a plain function) with the stand-ins, in which the module's own plain
+    functions are rebound to the copy too (a helper of the forward calling a checkpoint function); None when
+    ``fn`` is not a plain function or its globals need no stand-in."""
+    if not _plain(fn):
+        return None
     stand_ins = _stand_ins()
     space = fn.__globals__
     changed: dict[str, Any] = {}
@@ -118,10 +125,41 @@ def own_globals(fn: Callable[..., Any]) -> Callable[..., Any]:
         if new is not None:
             changed[name] = new
     if not changed:
-        return fn
-    own = types.FunctionType(fn.__code__, {**space, **changed}, fn.__name__, fn.__defaults__, fn.__closure__)
-    own.__kwdefaults__ = fn.__kwdefaults__
-    own.__qualname__ = fn.__qualname__
-    own.__annotations__ = fn.__annotations__
-    own.__module__ = fn.__module__
+        return None
+    own = {**space, **changed}
+    for name, value in space.items():
+        if name not in changed and _plain(value) and value.__globals__ is space:
+            own[name] = _rebind(value, own)
     return own
+
+
+def own_globals(fn: Callable[..., Any], space: dict[str, Any] | None = None) -> Callable[..., Any]:
+    """``fn`` bound to ``space`` (default: :func:`own_space` of ``fn``); ``fn`` itself when it needs none (a
+    decorated forward keeps its globals).
+
+    Args:
+        fn: the forward a trace is about to run (``type(scope).forward``).
+        space: the globals to bind it to.
+
+    Returns:
+        A function with the same code, defaults and closure, whose globals are this trace's own.
+    """
+    space = own_space(fn) if space is None else space
+    return fn if space is None or not _plain(fn) else _rebind(fn, space)
+
+
+def own_methods(module: Any, fn: Callable[..., Any], space: dict[str, Any]) -> dict[str, Any]:
+    """The methods of ``module``'s class defined next to ``fn`` (its forward), bound to ``module`` with the
+    globals ``space`` (``self.forward_features(x)`` calling ``checkpoint_seq``): set as instance attributes for
+    one trace, which undoes them."""
+    found: dict[str, Any] = {}
+    seen: set[str] = set()
+    for cls in type(module).__mro__:
+        for name, value in vars(cls).items():
+            if name in seen:
+                continue
+            seen.add(name)
+            if name != "forward" and _plain(value) and value.__globals__ is fn.__globals__ \
+                    and name not in module.__dict__:
+                found[name] = types.MethodType(_rebind(value, space), module)
+    return found

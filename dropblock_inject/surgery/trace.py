@@ -26,7 +26,7 @@ from torch import nn
 from .calls import Call, Param, specialise
 from .checkpointing import flags, flags_set
 from ..errors import SurgeryError
-from .globals_of import own_globals
+from .globals_of import own_globals, own_methods, own_space
 from .outputs import Structure, flatten_output
 
 
@@ -84,8 +84,8 @@ class Tracer(fx.Tracer):
         self.out_structure: Structure | None = None
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        """fx's trace, one at a time in this process (see :data:`TRACING`)."""
-        with TRACING:
+        """fx's trace, one at a time in this process (see :data:`TRACING`), leaving nothing on ``root``."""
+        with TRACING, _state_kept(root) if isinstance(root, nn.Module) else contextlib.nullcontext():
             return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -102,7 +102,10 @@ class Tracer(fx.Tracer):
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
                              concrete_args: Any = None) -> tuple[Any, list[Any]]:
-        fn = own_globals(root_fn)
+        space = own_space(root_fn)
+        fn = own_globals(root_fn, space)
+        if space is not None and is_module:  # its methods next to the forward see the same globals
+            self.root.__dict__.update(own_methods(self.root, root_fn, space))  # (undone by _state_kept)
 
         @functools.wraps(root_fn)  # fx reads the signature through __wrapped__
         def flat_output(*args: Any, **kwargs: Any) -> Any:
@@ -146,7 +149,7 @@ def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
     was_training = scope.training
     scope.training = True  # only the scope's own flag can be baked: children are leaves
     try:
-        with warnings.catch_warnings(), flags_set(scope, *checkpointing), _state_kept(scope):
+        with warnings.catch_warnings(), flags_set(scope, *checkpointing):
             warnings.simplefilter("ignore")  # fx warns about constants it cannot guard; the layout checks them
             tracer = Tracer(leaves=leaves)
             graph = tracer.trace(scope, concrete_args=concrete or None)
