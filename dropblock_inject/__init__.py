@@ -8,13 +8,15 @@ Public API::
     KeepProbScheduler(model, total_steps, *, target=None)
     DropBlock2d, DropBlock3d, drop_block2d, drop_block3d
     load_recipe(name_or_path_or_dict) -> Recipe;  available_recipes() -> list[str]
+    register(kind, target, *, reason)  -- teach the surgery another library's norm, activation, function...
     RecipeError, SurgeryError
     check(model, recipe, example_input=None) -> CheckReport
 """
 
-from .surgery import InsertionPoint, SurgeryError, format_plan, inject, injected_dropblocks, plan, strip
+from .errors import RecipeError, SurgeryError
+from .surgery import InsertionPoint, format_plan, inject, injected_dropblocks, plan, register, strip
 from .ops import DropBlock2d, DropBlock3d, drop_block2d, drop_block3d
-from .recipe import Recipe, RecipeError, available_recipes, load_recipe
+from .recipe import Recipe, available_recipes, load_recipe
 from .schedule import KeepProbScheduler
 from .check import CheckReport, check  # noqa: E402 - after the modules it uses
 
@@ -36,6 +38,7 @@ __all__ = [
     "injected_dropblocks",
     "load_recipe",
     "plan",
+    "register",
     "strip",
 ]
 __version__ = "0.1.0"

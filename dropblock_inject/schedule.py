@@ -41,7 +41,7 @@ from torch import nn
 
 from ._args import check_model, check_probability, check_step, check_total_steps, quote
 from .surgery import injected_dropblocks
-from .ops import _DropBlockNd
+from .surgery.points import InjectedDropBlock
 from .recipe import ScheduleConfig
 
 __all__ = ["KeepProbScheduler"]
@@ -133,7 +133,7 @@ class KeepProbScheduler:
         check_model(model, "KeepProbScheduler")
         total_steps = _check_total_steps(total_steps)
         target = _check_target(target)
-        self._dropblocks: tuple[_DropBlockNd, ...] = tuple(injected_dropblocks(model))
+        self._dropblocks: tuple[InjectedDropBlock, ...] = tuple(injected_dropblocks(model))
         if not self._dropblocks:
             raise ValueError(f"{type(model).__name__} has no DropBlock inserted by dropblock_inject; call "
                              f"dropblock_inject.inject(model, recipe) first (or the model was stripped)")
@@ -149,8 +149,8 @@ class KeepProbScheduler:
         """Per-DropBlock floats: ramp length in steps, start value, distance to the target, target."""
         ramps, starts, deltas, targets = [], [], [], []
         for db in self._dropblocks:
-            point = db.point  # type: ignore[attr-defined]
-            sched: ScheduleConfig = getattr(db, "schedule", None) or ScheduleConfig()
+            point = db.point
+            sched: ScheduleConfig = db.schedule
             scale = float(point.drop_rate_scale)
             start = _clamp(1.0 - (1.0 - sched.start_keep_prob) * scale)
             if self.target is None:
@@ -168,14 +168,14 @@ class KeepProbScheduler:
 
         # the headline: a DropBlock of drop-rate scale 1 under the first DropBlock's schedule
         first = self._dropblocks[0]
-        sched = getattr(first, "schedule", None) or ScheduleConfig()
+        sched = first.schedule
         self._headline_ramp = sched.ramp_fraction * self.total_steps
         self._headline_start = float(sched.start_keep_prob)
         self._headline_target = self.target if self.target is not None else self._recipe_target()
 
     def _recipe_target(self) -> float:
         """The recipe's keep_prob (drop-rate scale 1), recovered from the DropBlocks' points."""
-        points = [db.point for db in self._dropblocks]  # type: ignore[attr-defined]
+        points = [db.point for db in self._dropblocks]
         for p in points:
             if p.drop_rate_scale == 1.0:
                 return float(p.keep_prob)
@@ -193,7 +193,7 @@ class KeepProbScheduler:
     # ------------------------------------------------------------------------------------------------------
 
     @property
-    def dropblocks(self) -> tuple[_DropBlockNd, ...]:
+    def dropblocks(self) -> tuple[InjectedDropBlock, ...]:
         """The DropBlock modules this scheduler drives, in module order."""
         return self._dropblocks
 

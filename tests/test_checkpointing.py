@@ -201,3 +201,32 @@ def test_a_checkpoint_variant_leaves_later_fx_traces_working(monkeypatch):
     dbi.inject(model, {"rules": [{"modules": ["1"], "after": ["norm"]}]})
     gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
     assert [n.op for n in gm.graph.nodes].count("call_module") == 2
+
+
+class _ThroughAMethod(torch.nn.Module):
+    """timm's pattern: ``forward`` calls ``self.forward_features``, which checkpoints by the global name."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1))
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.grad_checkpointing = False
+
+    def forward_features(self, x):
+        return checkpoint(self.conv, x, use_reentrant=False) if self.grad_checkpointing else self.conv(x)
+
+    def forward(self, x):
+        return x + self.bn(self.forward_features(x))
+
+
+def test_checkpoint_called_from_a_method_of_the_scope_stays_one_call(recwarn):
+    """A method next to the forward sees the trace's own globals too (bound for that trace only)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), _ThroughAMethod()).train()
+    dbi.inject(model, {"rules": [{"modules": ["1"], "after": ["norm"], "keep_prob": 0.5}]})
+    assert "forward_features" not in model[1].__dict__
+    assert not [w for w in recwarn if "dropblock_inject" in str(w.message)]
+    conv_calls = []
+    model[1].conv[0].register_forward_hook(lambda *a: conv_calls.append(1))
+    model[1].grad_checkpointing = True
+    _step(model)
+    assert len(conv_calls) == 2  # checkpointed: recomputed in backward

@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import dropblock_inject as dbi
-from dropblock_inject.surgery import rewrite
+from dropblock_inject.surgery import blueprint
 from dropblock_inject.surgery.forward import InjectedForward
 
 
@@ -26,7 +26,7 @@ def _build(name: str) -> nn.Module:
 def _root_rewritten(model: nn.Module, recipe: str, monkeypatch: pytest.MonkeyPatch) -> nn.Module:
     """``model`` injected as before this stage existed: every point in the top module's own graph."""
     with monkeypatch.context() as m:
-        m.setattr(rewrite, "delegate", lambda scope, sites: None)
+        m.setattr(blueprint, "delegate", lambda scope, sites: None)
         return dbi.inject(model, recipe)
 
 

@@ -3,8 +3,6 @@
 import ast
 import copy
 import io
-import pickletools
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,10 +14,10 @@ from dropblock_inject import surgery
 
 # the stages in data-flow order (``wrappers`` finds the network inside DataParallel, compile, EMA); ``forward`` (the runtime of an injected module) sits right after ``trace``,
 # the only stage it needs, so that ``select`` can ask whether a model is already injected
-STAGES = ["wrappers", "outputs", "checkpointing", "calls", "trace", "roottrace", "forward", "kinds", "example", "shapes", "analyze",
-          "explain", "select", "sites", "sequentials", "rewrite"]
+STAGES = ["registry", "wrappers", "outputs", "globals_of", "checkpointing", "calls", "points", "trace", "roottrace", "forward", "kinds", "example", "shapes",
+          "metaforward", "dataflow", "residuals", "normprobe", "roles", "analyze",
+          "explain", "select", "sites", "sequentials", "blueprint", "rewrite"]
 PACKAGE = Path(surgery.__file__).parent
-OLD_PICKLE = Path(__file__).parent / "data" / "injected_smallresnet_v0_1.pt"
 
 
 def test_every_module_is_a_stage():
@@ -41,64 +39,64 @@ def test_public_api_unchanged():
         assert getattr(dbi, name) is getattr(surgery, name)
 
 
-def _pickled_globals(data: bytes) -> set[tuple[str, str]]:
-    """The (module, name) pairs a ``torch.save`` archive's pickle refers to."""
-    with zipfile.ZipFile(io.BytesIO(data)) as z:
-        pickle = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
-    strings, found = [], set()
-    for op, arg, _ in pickletools.genops(pickle):
-        if op.name == "GLOBAL":  # protocol 2, torch.save's default
-            found.add(tuple(arg.split(" ", 1)))
-        elif op.name in ("SHORT_BINUNICODE", "BINUNICODE"):
-            strings.append(arg)
-        elif op.name == "STACK_GLOBAL":
-            found.add((strings[-2], strings[-1]))
-    return found
-
-
-def test_model_pickled_by_version_0_1_loads_trains_and_strips():
-    """``torch.save`` of a whole injected model made before the split (its classes named
-    ``dropblock_inject.graph.*``) still loads, evaluates bit for bit, trains with its DropBlocks and strips."""
-    assert ("dropblock_inject.graph", "_InjectedForward") in _pickled_globals(OLD_PICKLE.read_bytes())  # a real old pickle
-    saved = torch.load(OLD_PICKLE, weights_only=False)
-    model, x = saved["model"], saved["input"]
-    assert isinstance(model, SmallResNet)
-    assert len(dbi.injected_dropblocks(model)) == saved["dropblocks"] == 12
+def test_whole_model_pickle_loads_trains_and_strips():
+    """``torch.save`` of a whole injected model (same version: the state_dict is the portable format) loads,
+    evaluates bit for bit, trains with its DropBlocks, refuses a second inject and strips."""
+    model = SmallResNet()
+    dbi.inject(model, "resnet_paper")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    x = torch.randn(2, 3, 64, 64)
+    assert len(dbi.injected_dropblocks(loaded)) == len(dbi.injected_dropblocks(model)) == 12
     with torch.no_grad():
-        out = model.eval()(x)
-        assert torch.equal(out, dbi.strip(copy.deepcopy(model)).eval()(x))  # the original code, bit for bit
-        torch.testing.assert_close(out, saved["eval_output"], rtol=1e-5, atol=1e-6)  # kernels vary per machine
-    model.train()
+        assert torch.equal(loaded.eval()(x), dbi.strip(copy.deepcopy(model)).eval()(x))
+    dbi.KeepProbScheduler(loaded, total_steps=1).step(1)
     dropped = []
     hooks = [db.register_forward_hook(lambda m, args, out: dropped.append(bool((out == 0).any())))
-             for db in dbi.injected_dropblocks(model)]
-    model(x).sum().backward()
+             for db in dbi.injected_dropblocks(loaded)]
+    loaded.train()(x).sum().backward()
     for h in hooks:
         h.remove()
-    assert len(dropped) == 12 and any(dropped)  # keep_prob 0.8 was saved with them
+    assert len(dropped) == 12 and any(dropped)
     with pytest.raises(dbi.SurgeryError, match="already injected"):
-        dbi.inject(model, "resnet_paper")
-    buf = io.BytesIO()
-    torch.save(model, buf)  # it saves again, under today's names
-    assert ("dropblock_inject.graph", "_InjectedForward") not in _pickled_globals(buf.getvalue())
-    again = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
-    assert len(dbi.injected_dropblocks(again)) == 12
+        dbi.inject(loaded, "resnet_paper")
+    dbi.strip(loaded)
+    assert not dbi.injected_dropblocks(loaded) and "forward" not in loaded.layer3[0].__dict__
+
+
+class _Pointed(torch.nn.Module):
+    """A user module with an attribute named ``point`` (as inserted DropBlocks once had)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+        self.point = (0, 0)
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class _BlockWithPointed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.extras = torch.nn.ModuleDict({"a": _Pointed()})
+
+    def forward(self, x):
+        return x + self.extras["a"](self.bn(self.conv(x)))
+
+
+def test_strip_leaves_a_user_module_with_a_point_attribute_alone():
+    """strip removes what the injection record names, and nothing recognised by an attribute name."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), _BlockWithPointed())
+    keys = list(model.state_dict())
+    dbi.inject(model, {"rules": [{"modules": ["1"], "after": ["norm"]}]})
     dbi.strip(model)
-    assert not dbi.injected_dropblocks(model) and "forward" not in model.layer3[0].__dict__
-
-
-def test_model_pickled_by_version_0_1_gets_the_per_call_in_place_check():
-    """0.1 set each DropBlock's in-place flag once, at inject; loaded today, a DropBlock on a BatchNorm output
-    that a user hook observes must not write into it (the check each call makes on models injected today)."""
-    model = torch.load(OLD_PICKLE, weights_only=False)["model"].train()
-    bn, block = model.layer3[0].bn1, model.layer3[0].dropblocks.bn1
-    assert block.inplace  # as pickled
-    seen = []
-    hook = bn.register_forward_hook(lambda m, args, out: seen.append(out))
-    torch.manual_seed(0)
-    model(torch.randn(2, 3, 64, 64))
-    hook.remove()
-    assert not block.inplace and not (seen[0] == 0).any()  # the hook's tensor kept its values
-    model(torch.randn(2, 3, 64, 64))
-    assert block.inplace  # unobserved again: in place again
-
+    assert isinstance(model[1].extras, torch.nn.ModuleDict) and "a" in model[1].extras
+    assert list(model.state_dict()) == keys
+    assert not dbi.injected_dropblocks(model)
+    dbs = dbi.injected_dropblocks(dbi.inject(model, {"rules": [{"name": "r", "modules": ["1"], "after": ["norm"]}]}))
+    assert [(type(db).__name__, db.point.after, db.rule) for db in dbs] == [("InjectedDropBlock2d", "bn", "r")]
+    assert all(isinstance(db, dbi.DropBlock2d) for db in dbs)

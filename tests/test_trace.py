@@ -3,6 +3,8 @@
 import copy
 import warnings
 
+import sys
+
 import pytest
 import torch
 import torchvision
@@ -154,34 +156,35 @@ def test_augmented_assignment_stays_in_place(keep_prob):
     assert "+=" in block.forward.graph.python_code("self").src
 
 
-class _MathCheck(nn.Module):
-    """Records, while traced, whether ``math.sqrt`` is the real function (fx's default tracer patches every
-    ``math`` function for the duration of a trace)."""
-
-    def __init__(self, use_proxy: bool) -> None:
-        super().__init__()
-        self.conv, self.use_proxy, self.patched = nn.Conv2d(3, 4, 3, padding=1), use_proxy, None
-
-    def forward(self, x):
-        import math
-        self.patched = math.sqrt is not _REAL_SQRT
-        y = self.conv(x)
-        return y * math.sqrt(y.shape[1]) if self.use_proxy else y * math.sqrt(4)
-
-
 import math as _math  # noqa: E402
 
 _REAL_SQRT = _math.sqrt
+_SEEN: list[bool] = []
 
 
-def test_scope_traced_without_patching_math():
-    """Patching all of ``math`` was a third of each scope's trace: a forward that does not call it on a Proxy
-    is traced without the patch."""
+class _MathCheck(nn.Module):
+    """Records, while traced, whether the ``math`` module's ``sqrt`` is the real function (fx's default tracer
+    patches every ``math`` function, process-wide, for the duration of a trace)."""
+
+    def __init__(self, use_proxy: bool) -> None:
+        super().__init__()
+        self.conv, self.use_proxy = nn.Conv2d(3, 4, 3, padding=1), use_proxy
+
+    def forward(self, x):
+        _SEEN.append(sys.modules["math"].sqrt is _REAL_SQRT)
+        y = self.conv(x)
+        return y * _math.sqrt(y.shape[1]) if self.use_proxy else y * _math.sqrt(4)
+
+
+@pytest.mark.parametrize("use_proxy", [False, True])
+def test_scope_traced_without_patching_math(use_proxy):
+    """Tracing never patches the ``math`` module (process state another thread would see): the forward's own
+    globals are stood in for, in a copy the trace owns."""
     from dropblock_inject.surgery.trace import trace_scope
 
-    m = _MathCheck(use_proxy=False)
-    trace_scope(m, "")
-    assert m.patched is False
+    _SEEN.clear()
+    trace_scope(_MathCheck(use_proxy=use_proxy), "")
+    assert _SEEN == [True]
 
 
 def test_math_on_a_proxy_still_traced():

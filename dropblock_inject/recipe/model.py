@@ -11,8 +11,7 @@ from typing import Any, Mapping, Union
 NODE_KINDS = ("conv", "norm", "act", "unit", "any")
 
 
-class RecipeError(ValueError):
-    """Anything wrong with a recipe: its name, its YAML, its keys and values, or a rule that selects nothing."""
+from ..errors import RecipeError  # noqa: E402 - one definition, dropblock_inject.errors
 
 
 @dataclass(frozen=True)

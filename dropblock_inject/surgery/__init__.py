@@ -1,28 +1,38 @@
 """FX surgery: find insertion points (``plan``), insert DropBlock (``inject``) and remove it (``strip``).
 
-One ``inject`` call goes down these stages, each a module that imports only the ones before it:
+Two phases with one immutable object between them. The *plan phase* probes the model, traces the scopes,
+analyses and selects, and returns a frozen :class:`~.blueprint.Plan`; the *install phase* builds and installs
+from it, never tracing again. The modules, in the order one ``inject`` runs them (each imports only the
+ones before it):
 
+* :mod:`.registry` -- every class, function and quirk of another library the surgery knows, with its reason;
 * :mod:`.wrappers` -- the network inside DataParallel, DDP, ``torch.compile`` or an EMA copy;
 * :mod:`.outputs` -- a scope's structured output flattened for fx and rebuilt with its exact type;
+* :mod:`.globals_of` -- the globals a traced forward sees: a copy owned by the trace, never a patch;
 * :mod:`.checkpointing` -- gradient-checkpointing flags a scope reads, decided per call;
 * :mod:`.calls` -- how a scope is called, and how its traced graph takes those arguments;
+* :mod:`.points` -- ``InsertionPoint`` and the DropBlock classes inject inserts;
 * :mod:`.trace` -- the training-mode fx graph of one module (a *scope*), specialised to how it is called;
 * :mod:`.roottrace` -- an fx trace of a rewritten module as the root traces its installed forward;
-* :mod:`.forward` -- the runtime of an injected module (the callable installed as its ``forward``);
+* :mod:`.forward` -- the runtime of an injected module, which is also its injection record;
 * :mod:`.kinds` -- what a module or node is: conv, norm, act, conv-norm unit, residual add, gate;
-* :mod:`.example` -- the example forward run cheaply (empty batch, meta device) with user hooks set aside;
+* :mod:`.example` -- the example forward run cheaply (empty batch, meta device), without the user's hooks;
 * :mod:`.shapes` -- what that forward records: output shapes (strides) and call patterns;
 * :mod:`.analyze` -- residual additions, shortcut and branch candidates of one traced scope;
 * :mod:`.explain` -- why a rule selects nothing, whether a model is a CNN, points never allowed;
-* :mod:`.select` -- recipe rules -> scopes -> insertion points (``plan``, ``format_plan``);
+* :mod:`.select` -- recipe rules -> scopes -> insertion points; ``format_plan``;
 * :mod:`.sites` -- DropBlock calls inserted into a copy of a traced graph;
 * :mod:`.sequentials` -- the top module's points handed to the plain Sequentials it calls, when all lie there;
-* :mod:`.rewrite` -- DropBlock modules built, the injected forwards installed (``inject``); ``strip``.
+* :mod:`.blueprint` -- the end of the plan phase: the immutable plan (``plan`` returns its points);
+* :mod:`.rewrite` -- the install phase (``inject``), and ``strip``.
 """
 
-from .forward import injected_dropblocks
+from .points import InsertionPoint, injected_dropblocks
+from .registry import register
 from .rewrite import inject, strip
-from .select import InsertionPoint, format_plan, plan
-from .trace import SurgeryError
+from .blueprint import plan
+from .select import format_plan
+from ..errors import SurgeryError
 
-__all__ = ["InsertionPoint", "SurgeryError", "format_plan", "inject", "injected_dropblocks", "plan", "strip"]
+__all__ = ["InsertionPoint", "SurgeryError", "format_plan", "inject", "injected_dropblocks", "plan", "register",
+           "strip"]

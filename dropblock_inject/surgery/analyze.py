@@ -1,4 +1,4 @@
-"""Stage 4, analysis: the residual additions of one traced scope and its DropBlock candidates.
+"""Analysis: the residual additions of one traced scope and its DropBlock candidates.
 
 A residual addition is an add whose two operands both derive from the scope's input and one of which
 holds a layer; its *shortcut* is the side with fewer convolutions (counting those inside leaf modules),
@@ -15,6 +15,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from .registry import extra_levels
 from .kinds import add_operands, conv_count, is_gate, node_kinds, unit_kinds
 from .shapes import ShapeLog
 from .calls import Param
@@ -142,16 +143,9 @@ def _extra_levels(path: str, nodes: list[fx.Node], index: dict[fx.Node, int], an
             if ancestors[n] & level_bits}
 
 
-# Extractors whose extra levels structure cannot tell from a body stage: (module, class) -> the ``ModuleList``
-# holding the levels, and how many of its first entries are the body. torchvision's SSD300 VGG extractor puts
-# VGG's conv5/fc6/fc7 in ``extra[0]``; ``extra[1]``, SSD's first extra level, is computed from fc7 (stride 16)
-# exactly as SSDlite's stride-32 MobileNetV3 stage is from its stride-16 level.
-_KNOWN_EXTRA = {("torchvision.models.detection.ssd", "SSDFeatureExtractorVGG"): ("extra", 1)}
-
-
 def _known_extra_levels(scope: nn.Module, nodes: list[fx.Node]) -> dict[fx.Node, str]:
-    """The nodes of ``scope`` on the extra levels :data:`_KNOWN_EXTRA` names for its class (none for others)."""
-    known = _KNOWN_EXTRA.get((type(scope).__module__, type(scope).__qualname__))
+    """The nodes of ``scope`` on the extra levels the registry names for its class (none for others)."""
+    known = extra_levels(scope)
     if known is None:
         return {}
     container, body = known

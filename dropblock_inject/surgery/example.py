@@ -2,34 +2,29 @@
 
 * :func:`attempts` -- the ways to run it, cheapest first: an empty batch, the meta device
   (:class:`MetaMode`), a real forward;
-* :class:`Snapshot` -- the user's forward hooks (per module and global) set aside while it runs, and every
-  attribute, parameter, buffer and child a forward assigned undone afterwards;
+* :class:`Snapshot` -- the model's forward run without the user's hooks (per module and global: by calling
+  each module through a function of its own, never by clearing a registry), and every attribute, parameter,
+  buffer and child a forward assigned undone afterwards;
 * :class:`Flow` -- which layer last produced each tensor (to find predictions) and which maps are
   adaptively pooled.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
+
+from .registry import CALL_IMPL_SLOT, dispatch_mode_base, global_hooks_present
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
 _KEY = "dropblock_inject"  # our hooks' key in the hook dicts (never an int, so never a user's hook id)
-# hooks set aside by an enclosing HooksAside: module -> its hook dicts; a stack of the global ones
-_ASIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_ASIDE_GLOBAL: list[dict[str, dict[Any, Any]]] = []
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_hooks_with_kwargs", "_global_forward_hooks_always_called",
-                 "_global_forward_pre_hooks")
 
 
 def leaves(value: Any) -> list[Tensor]:
@@ -108,7 +103,7 @@ _aten = torch.ops.aten
 _SHAPE_PRESERVING = {_aten.native_batch_norm.default, _aten._native_batch_norm_legit_no_training.default}
 
 
-class MetaMode(TorchDispatchMode):
+class MetaMode(dispatch_mode_base()):  # type: ignore[misc]
     """Runs every op on the meta device (shapes only, no compute): real tensors (parameters, buffers,
     constants made in the forward) are viewed as meta tensors of the same shape."""
 
@@ -141,26 +136,6 @@ class MetaMode(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-class HooksAside:
-    """A context in which no user forward hook (per module or global) fires: tracing and the example forward
-    call modules, and a logging hook must not record a phantom step. Restored on exit, also after an error."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> HooksAside:
-        self.snapshot = Snapshot(self.model)
-        _ASIDE.update(self.snapshot.own)
-        _ASIDE_GLOBAL.append(self.snapshot.own_globals)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for m in self.snapshot.own:
-            _ASIDE.pop(m, None)
-        _ASIDE_GLOBAL.pop()
-        self.snapshot.restore_hooks()
-
-
 def attempts(args: tuple[Any, ...], hooked: bool) -> list[tuple[str, tuple[Any, ...], bool]]:
     """The ways to run the example forward, cheapest first: an empty batch (a batch of tensors whose first
     dimension is sliced to 0), the meta device, a real forward."""
@@ -176,45 +151,45 @@ def attempts(args: tuple[Any, ...], hooked: bool) -> list[tuple[str, tuple[Any, 
 
 
 class Snapshot:
-    """Every module's attributes (and the user's forward hooks, per module and global) before the example
-    forward: :meth:`restore` undoes whatever the forward assigned (a cache, a meta tensor), and
-    :meth:`restore_hooks` puts the hooks back."""
+    """Every module's attributes (and the user's forward hooks) before the example forward: :meth:`restore`
+    undoes whatever the forward assigned (a cache, a meta tensor, our call functions), and
+    :meth:`restore_hooks` puts the module's hook dicts back. Nothing outside the model is touched: the
+    process's global hooks are read, never cleared; a forward run without hooks skips them per module
+    (:meth:`install`)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = [m for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
         self.attrs = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
                       for m in self.modules]
-        self.globals = {name: dict(getattr(_module, name)) for name in _GLOBAL_HOOKS}
-        # the hooks as the user left them, also when an enclosing HooksAside has already set them aside
-        self.own = {m: _ASIDE.get(m) or {key: m.__dict__[key] for key in _HOOK_DICTS} for m in self.modules}
-        self.own_globals = _ASIDE_GLOBAL[-1] if _ASIDE_GLOBAL else self.globals
-        for name in _GLOBAL_HOOKS:
-            getattr(_module, name).clear()
-        for m, attrs, *_ in self.attrs:
-            for key in _HOOK_DICTS:
-                m.__dict__[key] = OrderedDict()
+        self.own = {m: {key: m.__dict__[key] for key in _HOOK_DICTS} for m in self.modules}
 
     @property
     def hooked(self) -> bool:
         """Whether the model or the process holds forward hooks of its own (some models need theirs, e.g.
         Hugging Face's output recorders)."""
-        return any(any(d) for d in self.own_globals.values()) or any(
+        return global_hooks_present("forward", "forward_pre") or any(
             any(h[key] for key in _HOOK_DICTS) for h in self.own.values())
 
     def install(self, m: nn.Module, pre: Any, post: Any, keep: bool) -> None:
-        """Our recording hooks on ``m``: alone, or around the module's own ones (``keep``)."""
-        own = self.own.get(m) if keep else None
+        """Our recording hooks on ``m``: around the module's own ones and the process's global ones
+        (``keep``), or alone: ``m`` is then called through a function of its own (see
+        :data:`.registry.CALL_IMPL_SLOT`) that runs ``pre``, its forward and ``post``, and no other hook."""
         d = m.__dict__
-        d["_forward_pre_hooks"] = OrderedDict([(_KEY, pre), *(own["_forward_pre_hooks"].items() if own else ())])
-        d["_forward_pre_hooks_with_kwargs"] = {_KEY: True, **(own["_forward_pre_hooks_with_kwargs"] if own else {})}
-        d["_forward_hooks"] = OrderedDict([*(own["_forward_hooks"].items() if own else ()), (_KEY, post)])
-        if own:
-            d["_forward_hooks_with_kwargs"] = dict(own["_forward_hooks_with_kwargs"])
-            d["_forward_hooks_always_called"] = dict(own["_forward_hooks_always_called"])
+        if not keep:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                pre(m, args, kwargs)
+                out = m.forward(*args, **kwargs)
+                post(m, args, out)
+                return out
 
-    def keep_globals(self) -> None:
-        for name, saved in self.own_globals.items():
-            getattr(_module, name).update(saved)
+            d[CALL_IMPL_SLOT] = call
+            return
+        own = self.own[m]
+        d["_forward_pre_hooks"] = OrderedDict([(_KEY, pre), *own["_forward_pre_hooks"].items()])
+        d["_forward_pre_hooks_with_kwargs"] = {_KEY: True, **own["_forward_pre_hooks_with_kwargs"]}
+        d["_forward_hooks"] = OrderedDict([*own["_forward_hooks"].items(), (_KEY, post)])
+        d["_forward_hooks_with_kwargs"] = dict(own["_forward_hooks_with_kwargs"])
+        d["_forward_hooks_always_called"] = dict(own["_forward_hooks_always_called"])
 
     def restore(self) -> None:
         for m, attrs, params, buffers, children in self.attrs:
@@ -232,7 +207,3 @@ class Snapshot:
         for m, attrs, *_ in self.attrs:
             for key in _HOOK_DICTS:
                 m.__dict__[key] = attrs[key]
-        for name, saved in self.globals.items():
-            getattr(_module, name).clear()
-            getattr(_module, name).update(saved)
-

@@ -1,4 +1,4 @@
-"""Stage 5, explanations: why a rule selects nothing, and whether a model is a CNN at all.
+"""Explanations: why a rule selects nothing, and whether a model is a CNN at all.
 
 Used by :mod:`.select` when a rule or a recipe matches no insertion point: module paths or classes that do
 not exist (with the closest ones that do), maps too small for the stride asked for, a model with no

@@ -21,33 +21,24 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules import module as _module
 
-from ..ops import _DropBlockNd
 from .checkpointing import hf_checkpointing_on, wraps_checkpointing
 from .outputs import unflatten_output
 from .calls import EMPTY, Param
-from .roottrace import RefuseRootTrace  # noqa: F401 - the name models pickled before it moved refer to
-from .trace import SurgeryError
+from ..errors import SurgeryError
+from .registry import compile_forward, global_hooks_present
 
 
-def _compile_graph(graph: fx.Graph, name: str) -> Callable[..., Any]:
-    """The graph's forward as a function of the module. A torch function fx autowrapped (the checkpoint call)
-    would make the code register ``fx.wrap("torch.utils.checkpoint.checkpoint")``, a dotted name that no
-    namespace holds: every later fx trace in the process would fail on it (KeyError), so it is not asked for."""
-    for node in graph.nodes:
-        if node.meta.get("is_wrapped") and getattr(node.target, "__module__", "").partition(".")[0] == "torch":
-            del node.meta["is_wrapped"]
+def _compile_graph(graph: fx.Graph) -> Callable[..., Any]:
+    """The graph's forward as a function of the module (fx's code, compiled by torch's own helper). No node is
+    marked for ``fx.wrap``, which would register its function in fx's process-wide list."""
     code = graph.python_code(root_module="self")
-    namespace = dict(code.globals)
-    exec(compile(code.src, f"<dropblock_inject: {name}>", "exec"), namespace)  # noqa: S102 - fx codegen
-    return namespace["forward"]
+    return compile_forward(code.src, dict(code.globals))
 
 
 def _observed(m: nn.Module) -> bool:
     """Whether a forward or backward hook (the module's own or a global one) can see ``m``'s output."""
-    return bool(m._forward_hooks or m._backward_hooks or getattr(_module, "_global_forward_hooks", None)
-                or getattr(_module, "_global_backward_hooks", None))
+    return bool(m._forward_hooks or m._backward_hooks) or global_hooks_present("forward", "backward")
 
 
 class InjectedForward:
@@ -67,7 +58,8 @@ class InjectedForward:
     def __init__(self, module: nn.Module, graph: fx.Graph, original: Callable[..., Any] | None,
                  name: str, params: tuple[Param, ...] | None = None, out_spec: Any = None,
                  flags: tuple[str, ...] = (), variants: dict[tuple[bool, ...], fx.Graph | str] | None = None,
-                 inplace: tuple[tuple[str, str], ...] | None = None, holder: nn.Module | None = None) -> None:
+                 inplace: tuple[tuple[str, str], ...] = (), holder: nn.Module | None = None,
+                 container: str = "", guards: dict[str, Any] | None = None) -> None:
         self.module = module
         self.holder = holder  # the module whose container holds the DropBlocks, when it is not ``module``
         self.graph = graph
@@ -77,9 +69,11 @@ class InjectedForward:
         self.out_spec = out_spec
         self.flags = flags
         self.variants = variants or {}
-        self.inplace = inplace  # None: pickled by 0.1, which kept no list (found from the graph on the first call)
-        self._fn = _compile_graph(graph, name)
-        self._variant_fns = {k: _compile_graph(g, f"{name} {k}") if isinstance(g, fx.Graph) else g
+        self.inplace = inplace
+        self.container = container  # the name of the DropBlocks' ModuleDict on ``holder`` (or ``module``)
+        self.guards = guards or {}  # instance attribute -> the guard inject stored there (see .rewrite)
+        self._fn = _compile_graph(graph)
+        self._variant_fns = {k: _compile_graph(g) if isinstance(g, fx.Graph) else g
                              for k, g in self.variants.items()}
         self._checkpoints_itself = wraps_checkpointing(module)
         self._producers: list[tuple[nn.Module, nn.Module]] | None = None  # resolved on the first call
@@ -109,8 +103,6 @@ class InjectedForward:
                               f"call runs its original forward, without DropBlock", stacklevel=2)
                 return self._original(*args, **kwargs)
             args, kwargs = tuple(flat), {}
-        if self.inplace is None:
-            self.inplace = self._pickled_inplace()
         if self.inplace and not torch.compiler.is_compiling():  # compiled DropBlocks never write in place
             self._allow_inplace()
         if self._checkpoints_itself and hf_checkpointing_on(self.module):
@@ -139,22 +131,6 @@ class InjectedForward:
             allowed = not _observed(producer)
             if db.inplace is not allowed:
                 db.inplace = allowed
-
-    def _pickled_inplace(self) -> tuple[tuple[str, str], ...]:
-        """For a forward pickled by 0.1, whose DropBlocks carry the in-place flag it set once: those working in
-        place, each with the module producing its input, so they get the per-call hook check too (one whose
-        input no module produces is set to allocate)."""
-        found = []
-        for node in self.graph.find_nodes(op="call_module"):
-            db = self.module.get_submodule(str(node.target))
-            if not isinstance(db, _DropBlockNd) or not db.inplace:
-                continue
-            source = node.args[0]
-            if isinstance(source, fx.Node) and source.op == "call_module":
-                found.append((str(node.target), str(source.target)))
-            else:
-                db.inplace = False
-        return tuple(found)
 
     def _flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
         """The graph's placeholder values for this call, or None if it does not match the traced pattern."""
@@ -192,13 +168,14 @@ class InjectedForward:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (InjectedForward, (self.module, self.graph, self.original, self.name, self.params, self.out_spec,
-                                  self.flags, self.variants, self.inplace, self.holder))
+                                  self.flags, self.variants, self.inplace, self.holder, self.container,
+                                  self.guards))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> InjectedForward:
         return InjectedForward(copy.deepcopy(self.module, memo), copy.deepcopy(self.graph, memo),
                                 copy.deepcopy(self.original, memo), self.name, self.params, self.out_spec,
                                 self.flags, copy.deepcopy(self.variants, memo), self.inplace,
-                                copy.deepcopy(self.holder, memo))
+                                copy.deepcopy(self.holder, memo), self.container, copy.deepcopy(self.guards, memo))
 
 
 class RefuseScripting:
@@ -225,9 +202,3 @@ def check_not_injected(model: nn.Module) -> None:
     for name, _ in injected_modules(model):
         raise SurgeryError(f"the model is already injected (module {name or '<root>'!r} was rewritten); "
                            f"call dropblock_inject.strip(model) first")
-
-
-def injected_dropblocks(model: nn.Module) -> list[_DropBlockNd]:
-    """The DropBlock modules that ``inject`` inserted into ``model``, in module order."""
-    return [m for _, m in model.named_modules() if isinstance(m, _DropBlockNd) and hasattr(m, "point")]
-

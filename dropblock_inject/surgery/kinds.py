@@ -1,11 +1,12 @@
-"""Stage 2, node kinds: what a module or an fx node is, as placement sees it.
+"""Node kinds: what a module or an fx node is, as placement sees it.
 
 ``conv`` (``nn.Conv2d``/``nn.Conv3d``), ``norm`` (BatchNorm, GroupNorm, InstanceNorm and the timm/torchvision
-variants named below), ``act`` (activation modules and functions), ``unit`` (a module whose traced forward is
+variants named below), ``act`` (activation modules and functions; other libraries' norms and activations are named in
+:mod:`.registry`), ``unit`` (a module whose traced forward is
 the chain ``act(norm(conv(x)))``, such as timm's ``ConvNormAct``), residual additions (``+``, ``+=``,
 ``torch.add``, ``Tensor.add``/``add_``), functional convolutions (``F.conv2d``/``F.conv3d``) and *gates* (softmax, sigmoid, matrix products: what reaches the
-output only through one is attention, not a feature map). Class tables are matched by type and, for
-classes of other libraries, by name, so no optional dependency is imported.
+output only through one is attention, not a feature map). torch's classes are matched by type, other
+libraries' by the registry, so no optional dependency is imported.
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ import torch.fx as fx
 from torch import nn
 
 from ..ops import _DropBlockNd
+from .registry import CONV_BASE, NORM_BASES, is_registered_class
 from .trace import Tracer
 
 CONV_TYPES = (nn.Conv2d, nn.Conv3d)
 CONV_FUNCTIONS: set[Any] = {torch.conv2d, torch.conv3d, nn.functional.conv2d, nn.functional.conv3d}
-_NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
-_NORM_NAMES = {"FrozenBatchNorm2d", "LayerNorm2d", "LayerNorm3d", "BatchNormAct2d", "GroupNormAct", "FrozenBatchNormAct2d"}
+_NORM_TYPES: tuple[type, ...] = (*NORM_BASES, nn.GroupNorm)
 _ACT_TYPES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish,
               nn.PReLU)
-_ACT_NAMES = {"Swish", "HardSwish", "Mish", "GELU", "HardMish", "QuickGELU", "GELUTanh"}
 ACT_FUNCTIONS: set[Any] = {torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, nn.functional.silu,
                            nn.functional.gelu, nn.functional.hardswish, nn.functional.leaky_relu,
                            nn.functional.elu, nn.functional.mish}
@@ -55,7 +55,7 @@ def owner(path: str, model: nn.Module) -> str:
 def is_layer(m: nn.Module) -> bool:
     """A module that computes a new map from its input (a conv, norm or linear layer, a conv-norm unit, or
     anything holding parameters of its own): what a prediction is the last of."""
-    return bool(m._parameters) or isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or module_kind(m) in (
+    return bool(m._parameters) or isinstance(m, (nn.Linear, CONV_BASE)) or module_kind(m) in (
         "conv", "norm", "unit")
 
 
@@ -64,9 +64,9 @@ def module_kind(m: nn.Module) -> str | None:
         return None  # a leaf: never traced, never hooked
     if isinstance(m, CONV_TYPES):
         return "conv"
-    if isinstance(m, _NORM_TYPES) or type(m).__name__ in _NORM_NAMES:
+    if isinstance(m, _NORM_TYPES) or is_registered_class(m, "norm"):
         return "norm"
-    if isinstance(m, _ACT_TYPES) or type(m).__name__ in _ACT_NAMES:
+    if isinstance(m, _ACT_TYPES) or is_registered_class(m, "act"):
         return "act"
     if (isinstance(m, (nn.ModuleDict, nn.ModuleList)) and type(m).forward is not nn.Module.forward and len(m) > 1
             and all(isinstance(c, CONV_TYPES) for c in m.children())):
@@ -101,7 +101,7 @@ def _chain_unit_graph(m: nn.Module) -> bool:
     if "forward" in m.__dict__:
         return False  # an instance-level forward (e.g. one injected earlier) is not what fx would trace
     try:
-        graph = Tracer(autowrap_modules=()).trace(m)  # (no math functions to wrap in a unit: faster)
+        graph = Tracer().trace(m)
     except Exception:  # noqa: BLE001 - untraceable: not a unit
         return False
     prev: fx.Node | None = None
@@ -177,7 +177,6 @@ _GATE_FUNCTIONS: set[Any] = {torch.softmax, nn.functional.softmax, torch.sigmoid
                              nn.functional.hardsigmoid, torch.matmul, operator.matmul, torch.bmm, torch.einsum}
 _GATE_METHODS = {"softmax", "sigmoid", "sigmoid_", "matmul", "bmm"}
 _GATE_MODULES = (nn.Softmax, nn.Softmax2d, nn.Sigmoid, nn.Hardsigmoid)
-_GATE_NAMES = {"Sigmoid", "HardSigmoid", "HardSigmoidMe", "RadixSoftmax"}  # timm
 
 
 def is_gate(node: fx.Node, scope: nn.Module) -> bool:
@@ -189,7 +188,7 @@ def is_gate(node: fx.Node, scope: nn.Module) -> bool:
         return node.target in _GATE_METHODS
     if node.op == "call_module":
         m = scope.get_submodule(str(node.target))
-        return isinstance(m, _GATE_MODULES) or type(m).__name__ in _GATE_NAMES
+        return isinstance(m, _GATE_MODULES) or is_registered_class(m, "gate")
     return False
 
 

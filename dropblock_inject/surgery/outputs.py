@@ -1,4 +1,4 @@
-"""Stage 0b, outputs: a module's structured output as a flat list of leaves, and back with its exact type.
+"""Outputs: a module's structured output as a flat list of leaves, and back with its exact type.
 
 fx records a module's output as the argument of its graph's ``output`` node and would turn an ``OrderedDict``
 subclass (Hugging Face's ``ModelOutput``) into a plain ``dict``; the tracer (:mod:`.trace`) makes the graph
@@ -58,7 +58,7 @@ def unflatten_output(leaves: Any, structure: Any) -> Any:
     """The inverse of :func:`flatten_output`: ``structure`` rebuilt from the graph's flat outputs."""
     if structure is None:
         return leaves
-    if isinstance(structure, pytree.TreeSpec):  # models injected by version 0.1
+    if isinstance(structure, pytree.TreeSpec):  # fx's own spec (a forward taking a list: see .trace)
         return pytree.tree_unflatten(leaves, structure)
     return _rebuild(iter(leaves), structure)
 

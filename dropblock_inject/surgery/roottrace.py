@@ -3,8 +3,7 @@
 ``torch.fx.Tracer.trace`` traces ``type(root).forward``, the class's forward, of the module it is given, not
 the instance ``forward`` inject installed: a rewritten module traced as the root would lose its own DropBlocks
 from the training graph. :class:`TraceInstalledForward`, stored as the module's ``_get_name``, hands that trace
-the installed forward instead. Used by :mod:`.rewrite` (installing it) and :mod:`.forward` (the name pickles
-refer to); depends on :mod:`.trace` only.
+the installed forward instead. Used by :mod:`.rewrite` (installing it); depends on :mod:`.trace` only.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import nn
 
-from .trace import SurgeryError
+from ..errors import SurgeryError
 from .trace import concrete_args as concrete_args_of  # (``concrete_args`` is fx's parameter name)
 
 
@@ -79,9 +78,6 @@ class TraceInstalledForward:
                 f"this training-mode graph{why}. Trace in eval mode (the eval graph is the original code, exact) or "
                 f"after dropblock_inject.strip(model), or inject into the fx module itself "
                 f"(dbi.inject(create_feature_extractor(plain_model, ...), recipe))")
-
-
-RefuseRootTrace = TraceInstalledForward  # the name models pickled before the redirection refer to
 
 
 def _trace_installed(tracer: fx.Tracer, module: nn.Module) -> None:

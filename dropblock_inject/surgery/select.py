@@ -1,4 +1,4 @@
-"""Stage 5, selection: recipe rules -> scopes -> insertion points (``plan``, ``format_plan``).
+"""Selection: recipe rules -> scopes -> insertion points (``format_plan`` prints them).
 
 Each rule picks *scopes* (the smallest modules whose own forward calls the chosen layers: the owners of
 conv/norm/act leaves, never a container), by module-path glob, class name or output stride; each scope is
@@ -17,46 +17,17 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
-from .._args import check_surgery_args
-from ..recipe import Recipe, RecipeError, RecipeLike, Rule, load_recipe
+from ..recipe import Recipe, RecipeError, Rule
 from .analyze import Candidate, Scope, analyze
-from .forward import check_not_injected
-from .example import HooksAside
 from .explain import explain, not_a_cnn
+from .points import InsertionPoint
 from .kinds import CONV_TYPES, inside_layer, module_kind, owner, usable_scopes
-from .shapes import ShapeLog, call_log
+from .shapes import ShapeLog, call_log, default_input
 from .calls import wants_call
-from .trace import SurgeryError, trace_scope
-from .wrappers import unwrap
-
-
-@dataclass(frozen=True)
-class InsertionPoint:
-    """Where one DropBlock goes.
-
-    Attributes:
-        module: path of the traced scope (e.g. ``"layer3.0"``).
-        after: the fx node after which DropBlock is inserted (for a shortcut, the addition's shortcut
-            operand, e.g. ``"x"`` for an identity shortcut or ``"downsample_1"`` for a projection).
-        kind: ``"branch"`` or ``"shortcut"``.
-        block_size: DropBlock's block size.
-        shape: feature shape at that point for the example input, ``None`` when it was not computed.
-        keep_prob: final keep_prob of this point (the schedule's target).
-        drop_rate_scale: this point's drop rate relative to the recipe's.
-        per_channel: independent masks per channel.
-        rule: name of the recipe rule that selected it.
-    """
-
-    module: str
-    after: str
-    kind: str
-    block_size: int
-    shape: tuple[int, ...] | None
-    keep_prob: float
-    drop_rate_scale: float = 1.0
-    per_channel: bool = True
-    rule: str = ""
+from ..errors import SurgeryError
+from .trace import TRACING, trace_scope
 
 
 def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: ShapeLog | None,
@@ -153,7 +124,10 @@ def _shape(shape: tuple[int, ...] | None) -> str:
 
 
 @dataclass
-class Plan:
+class Selection:
+    """What the rules select: the traced and analysed scopes by path, and the chosen points of those that get
+    any (module order; candidates with their points, in graph order)."""
+
     scopes: dict[str, Scope]
     points: dict[str, list[tuple[Candidate, InsertionPoint]]]
 
@@ -162,18 +136,31 @@ def _needs_shapes(recipe: Recipe) -> bool:
     return any(r.stride is not None for r in recipe.rules)
 
 
-def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes: bool) -> Plan:
+def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes: bool) -> Selection:
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    _check_not_lazy(model)
     not_a_cnn(model, recipe)
-    shapes = None
-    if with_shapes or _needs_shapes(recipe):  # (sets the user's hooks aside itself)
-        shapes = ShapeLog(model, torch.randn(1, 3, 224, 224) if example_input is None else example_input)
-    with HooksAside(model):  # tracing calls modules too: user hooks must not fire
+    with TRACING:
+        shapes = None
+        if with_shapes or _needs_shapes(recipe):  # (runs the forward without the user's hooks)
+            shapes = ShapeLog(model, default_input() if example_input is None else example_input)
         return _build_plan(model, recipe, example_input, shapes)
 
 
-def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: ShapeLog | None) -> Plan:
+def _check_not_lazy(model: nn.Module) -> None:
+    """SurgeryError if a lazy module (``LazyConv2d``) has not been initialised: tracing and the example forward
+    would initialise it (changing its class and parameters), and inject leaves lazy modules as they are."""
+    lazy = [p or "<root>" for p, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise SurgeryError(f"{len(lazy)} lazy module(s) of {type(model).__name__} are not initialised yet (e.g. "
+                           f"{lazy[0]!r}, {type(model.get_submodule('' if lazy[0] == '<root>' else lazy[0])).__name__});"
+                           f" run one forward pass of the model (model(example)) so that they take their shapes, "
+                           f"then inject")
+
+
+def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: ShapeLog | None) -> Selection:
     modules = dict(model.named_modules())
     scopes: dict[str, Scope] = {}
     untraceable: dict[str, SurgeryError] = {}
@@ -211,7 +198,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
                     if path in wrappers:
                         continue  # tried for its residual addition only
                     warnings.warn(f"{e}; rule {rule.name!r} selects by output stride, so this module is left "
-                                  f"without DropBlock", stacklevel=3)
+                                  f"without DropBlock", stacklevel=5)
                     continue
                 scopes[path] = analyze(path, modules[path], traced, shapes)
             for c in _select(scopes[path], rule, shapes, why):
@@ -243,11 +230,11 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
     if small:
         warnings.warn(f"{len(small)} insertion points of recipe {recipe.name!r} were dropped because their maps are "
                       f"1x1 at this input size (e.g. {small[0]}); a larger example_input (such as 1x3x224x224) "
-                      f"gives the full plan", stacklevel=3)
+                      f"gives the full plan", stacklevel=5)
     order = {name: i for i, name in enumerate(modules)}
     points = {p: sorted(chosen[p].values(), key=lambda cp: _node_order(scopes[p].graph, cp[0]))
               for p in sorted(chosen, key=order.__getitem__)}
-    return Plan(scopes, points)
+    return Selection(scopes, points)
 
 
 def _diagnose_layers(rule: Rule, modules: dict[str, nn.Module], focus: dict[str, set[str]], shapes: ShapeLog | None,
@@ -272,29 +259,6 @@ def _diagnose_layers(rule: Rule, modules: dict[str, nn.Module], focus: dict[str,
 def _node_order(graph: fx.Graph, c: Candidate) -> int:
     target = c.add if c.kind == "shortcut" else c.node
     return next(i for i, n in enumerate(graph.nodes) if n is target)
-
-
-def plan(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -> list[InsertionPoint]:
-    """List where ``recipe`` would insert DropBlock in ``model``, changing nothing.
-
-    Args:
-        model: the network.
-        recipe: a recipe name, path, dict or :class:`~dropblock_inject.recipe.Recipe`.
-        example_input: input used to compute feature shapes and strides (default ``1x3x224x224``).
-
-    Returns:
-        The insertion points, in module order then graph order. ``format_plan`` prints them as a table.
-
-    Raises:
-        RecipeError: a bad recipe, or a rule that selects nothing.
-        SurgeryError: a selected module that torch.fx cannot trace.
-    """
-    check_surgery_args("plan", model, example_input)
-    model = unwrap(model)  # DataParallel, DDP, torch.compile, EMA copies: the network inside
-    recipe = load_recipe(recipe)
-    check_not_injected(model)
-    built = build_plan(model, recipe, example_input, with_shapes=True)
-    return [p for pts in built.points.values() for _, p in pts]
 
 
 def format_plan(points: Sequence[InsertionPoint]) -> str:

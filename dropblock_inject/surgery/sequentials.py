@@ -1,4 +1,4 @@
-"""Stage 7, Sequentials: the top module's points inside its plain ``nn.Sequential`` children, run by those
+"""Sequentials: the top module's points inside its plain ``nn.Sequential`` children, run by those
 children's own forwards, so that the top module need not be rewritten.
 
 fx traces the *class* forward of the module it is given (``Tracer.trace`` calls ``type(root).forward``), so a
@@ -25,19 +25,20 @@ from torch import nn
 from .analyze import Scope
 from .checkpointing import combinations, variant_flags, wraps_checkpointing
 from .sites import Site
-from .trace import SurgeryError, is_plain_sequential, trace_scope, trace_variant
+from ..errors import SurgeryError
+from .trace import is_plain_sequential, trace_scope, trace_variant
 
 HOLDER = "forward.holder"  # how a Sequential's graph reaches the module holding its DropBlocks
 
 
-@dataclass
+@dataclass(frozen=True)
 class Delegated:
     """The sites of one plain Sequential child of the top module, as nodes of that Sequential's own graph."""
 
     name: str  # the child's name in the top module
     module: nn.Module
     graph: fx.Graph  # its own traced graph, without DropBlocks
-    sites: list[Site]
+    sites: tuple[Site, ...]
 
 
 def _called_whole(scope: Scope, names: frozenset[str]) -> bool:
@@ -111,5 +112,5 @@ def delegate(scope: Scope, sites: list[Site]) -> list[Delegated] | None:
             if len(matches) != 1:
                 return None
             mapped.append(Site(site.key, matches[0].name, None))
-        found.append(Delegated(head, child, graph, mapped))
+        found.append(Delegated(head, child, graph, tuple(mapped)))
     return found

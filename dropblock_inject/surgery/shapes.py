@@ -1,4 +1,4 @@
-"""Stage 3, shapes: one example forward recording every module call's output shape, the arguments of each
+"""Shapes: one example forward recording every module call's output shape, the arguments of each
 module's first call, and where each map comes from.
 
 Strides (``stride: [16, 32]`` rules) are measured on the network's own maps, relative to the input of its
@@ -28,9 +28,15 @@ from torch import Tensor, nn
 from .example import Flow, MetaMode, Snapshot, attempts, leaves
 from .kinds import ACT_FUNCTIONS, ACT_METHODS, CONV_TYPES, add_operands, is_container, is_layer, module_kind, owner
 from .calls import Call, describe
-from .trace import SurgeryError
+from ..errors import SurgeryError
 
 Shape = tuple[int, ...]
+
+
+def default_input() -> Tensor:
+    """The default example input, ``1x3x224x224``, drawn from a generator of its own (seed 0): the same values
+    every time, and no draw from torch's global random state."""
+    return torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 
 
 def _pow2(d: int) -> bool:
@@ -124,8 +130,6 @@ class ShapeLog:
         for m in self.modules.values():
             if not isinstance(m, torch.jit.ScriptModule):  # a leaf that is never hooked
                 snapshot.install(m, self._pre_hook, post, keep)
-        if keep:
-            snapshot.keep_globals()
         if how == "meta":
             args = pytree.tree_map_only(Tensor, lambda t: t.to("meta"), args)
         flow.tag_inputs(args)
@@ -281,7 +285,7 @@ def call_log(model: nn.Module, example_input: Any) -> ShapeLog | None:
     """The calls of one example forward (default ``1x3x224x224``), or None if the model does not take it:
     scopes are then traced with their parameters' defaults."""
     try:
-        return ShapeLog(model, torch.randn(1, 3, 224, 224) if example_input is None else example_input)
+        return ShapeLog(model, default_input() if example_input is None else example_input)
     except SurgeryError:
         if example_input is not None:
             raise

@@ -1,4 +1,4 @@
-"""Stage 6, sites: DropBlock calls inserted into a copy of a traced graph.
+"""Sites: DropBlock calls inserted into a copy of a traced graph.
 
 A *site* is one DropBlock call: after a node (a branch point), or between a node and the residual addition
 it feeds (a shortcut point). :func:`insert` also says which of them may work in place: those whose input is a
@@ -37,7 +37,20 @@ class Site:
     add: str | None
 
 
-def insert(src: fx.Graph, sites: list[Site], container: str, scope: nn.Module,
+def missing(graph: fx.Graph, sites: tuple[Site, ...] | list[Site], like: fx.Graph) -> str | None:
+    """The first node the ``sites`` name that ``graph`` lacks, or holds with another op or target than
+    ``like`` (its main graph) does; None when :func:`insert` can put every site into ``graph``."""
+    nodes = {n.name: n for n in graph.nodes}
+    reference = {n.name: n for n in like.nodes}
+    for site in sites:
+        for name in (site.source, site.add):
+            if name is not None and (name not in nodes or (nodes[name].op, nodes[name].target) != (
+                    reference[name].op, reference[name].target)):
+                return name
+    return None
+
+
+def insert(src: fx.Graph, sites: tuple[Site, ...] | list[Site], container: str, scope: nn.Module,
            like: fx.Graph | None = None) -> tuple[fx.Graph, set[str]]:
     """A copy of ``src`` with the DropBlock calls of ``sites``, and the keys of those that may work in place.
 

@@ -1,4 +1,4 @@
-"""Stage 1, tracing: the training-mode fx graph of one module (a *scope*), specialised to how it is called.
+"""Tracing: the training-mode fx graph of one module (a *scope*), specialised to how it is called.
 
 Only one module's own forward is traced: every child is a leaf (it stays a ``call_module`` node that runs the
 child's own code, reading its own ``training`` flag), except plain ``nn.Sequential`` containers, which are
@@ -12,23 +12,22 @@ forward. Blocks of the same class, call and state share one traced graph within 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
-import sys
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch.fx as fx
 from torch import nn
 
 from .calls import Call, Param, specialise
-from .checkpointing import checkpoint_functions, flags, flags_set, no_inline_checkpoint
+from .checkpointing import flags, flags_set
+from ..errors import SurgeryError
+from .globals_of import own_globals, own_methods, own_space
 from .outputs import Structure, flatten_output
-
-
-class SurgeryError(RuntimeError):
-    """A model that cannot be rewritten as asked: an untraceable target, or a model already injected."""
 
 
 def is_plain_sequential(m: nn.Module) -> bool:
@@ -62,31 +61,55 @@ for _name in _INPLACE_OPERATORS:
     setattr(_Proxy, f"__{_name}__", _inplace(_name))
 
 
+TRACING = threading.RLock()
+"""Held while the surgery traces or runs an example forward. fx's ``Tracer.trace`` replaces
+``nn.Module.__call__`` for the whole process while it runs: a model called by another thread of ours meanwhile
+(its example forward, its own trace) would be recorded into the wrong graph. Our plans take turns."""
+
+
 class Tracer(fx.Tracer):
     """Traces one module's own forward; children are leaves, except plain Sequential containers.
 
     A structured output (a NamedTuple, a ``ModelOutput``, a dataclass) is returned by the graph as a flat list
     of its leaves; ``out_structure`` rebuilds it with its exact type (fx itself would turn an OrderedDict
-    subclass into a plain dict).
+    subclass into a plain dict). Nothing outside the traced module changes: the functions recorded as one
+    call (checkpointing, padding helpers, ``math``: see :mod:`.registry`) are found in a copy of the forward's
+    globals that this trace owns (:func:`.globals_of.own_globals`), not patched into their modules, and the
+    plain Sequentials traced through run their code without the hooks ``Module.__call__`` would fire.
     """
 
-    out_structure: Structure | None = None
-
-    def __init__(self, *args: Any, leaves: frozenset[str] = frozenset(), **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
+        super().__init__(autowrap_modules=(), autowrap_functions=())
         self.leaves = leaves  # plain Sequentials kept as leaves too (by qualified name)
+        self.out_structure: Structure | None = None
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """fx's trace, one at a time in this process (see :data:`TRACING`), leaving nothing on ``root``."""
+        with TRACING, _state_kept(root) if isinstance(root, nn.Module) else contextlib.nullcontext():
+            return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return not is_plain_sequential(m) or module_qualified_name in self.leaves
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        if not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = m.forward  # its own code, without the (user's, global) hooks of ``Module.__call__``
+        return super().call_module(m, forward, args, kwargs)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
                              concrete_args: Any = None) -> tuple[Any, list[Any]]:
+        space = own_space(root_fn)
+        fn = own_globals(root_fn, space)
+        if space is not None and is_module:  # its methods next to the forward see the same globals
+            self.root.__dict__.update(own_methods(self.root, root_fn, space))  # (undone by _state_kept)
+
         @functools.wraps(root_fn)  # fx reads the signature through __wrapped__
         def flat_output(*args: Any, **kwargs: Any) -> Any:
-            leaves, self.out_structure = flatten_output(root_fn(*args, **kwargs))
+            leaves, self.out_structure = flatten_output(fn(*args, **kwargs))
             return leaves if self.out_structure is not None else leaves[0]
 
         return super().create_args_for_root(flat_output, is_module, concrete_args)
@@ -100,17 +123,24 @@ class Traced:
     input_shapes: list[tuple[int, ...] | None]  # one per placeholder, from the example forward
 
 
-# helpers that compute padding from a map's size in Python (``int`` of shapes, ``max``): called on a Proxy
-# they fail, so fx records them as one call (module, function name), if that library is loaded
-_PADDING_HELPERS = (("transformers.models.mobilenet_v1.modeling_mobilenet_v1", "apply_tf_padding"),
-                    ("transformers.models.mobilenet_v2.modeling_mobilenet_v2", "apply_tf_padding"),
-                    ("timm.layers.padding", "pad_same"))
-
-
-def _leaf_functions() -> tuple[Callable[..., Any], ...]:
-    """The functions fx records as single calls: checkpointing's and the loaded padding helpers."""
-    found = [getattr(sys.modules[mod], name, None) for mod, name in _PADDING_HELPERS if mod in sys.modules]
-    return (*checkpoint_functions(), *(f for f in found if callable(f)))
+@contextlib.contextmanager
+def _state_kept(scope: nn.Module) -> Iterator[None]:
+    """While tracing: whatever the forward assigns to the scope (``self.last = x`` keeps an fx Proxy), its
+    parameters, buffers and children, undone afterwards."""
+    saved = dict(scope.__dict__)
+    inner = [(d, dict(d)) for d in (scope._parameters, scope._buffers, scope._modules)]
+    try:
+        yield
+    finally:
+        for key in [k for k in scope.__dict__ if k not in saved]:
+            del scope.__dict__[key]
+        for key, value in saved.items():
+            if scope.__dict__.get(key, saved) is not value:
+                scope.__dict__[key] = value
+        for d, before in inner:
+            if d.keys() != before.keys() or any(d[k] is not v for k, v in before.items()):
+                d.clear()
+                d.update(before)
 
 
 def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
@@ -119,14 +149,10 @@ def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
     was_training = scope.training
     scope.training = True  # only the scope's own flag can be baked: children are leaves
     try:
-        with warnings.catch_warnings(), flags_set(scope, *checkpointing), no_inline_checkpoint():
+        with warnings.catch_warnings(), flags_set(scope, *checkpointing):
             warnings.simplefilter("ignore")  # fx warns about constants it cannot guard; the layout checks them
-            try:  # without fx's patching of every ``math`` function: a third of the tracing time
-                tracer = Tracer(autowrap_modules=(), autowrap_functions=_leaf_functions(), leaves=leaves)
-                graph = tracer.trace(scope, concrete_args=concrete or None)
-            except Exception:  # noqa: BLE001 - e.g. ``math.sqrt(proxy)``: fx's default tracer wraps it
-                tracer = Tracer(autowrap_functions=_leaf_functions(), leaves=leaves)
-                graph = tracer.trace(scope, concrete_args=concrete or None)
+            tracer = Tracer(leaves=leaves)
+            graph = tracer.trace(scope, concrete_args=concrete or None)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
                            f"{type(e).__name__}: {e}") from e

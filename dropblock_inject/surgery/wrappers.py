@@ -1,11 +1,12 @@
-"""Stage 0, wrappers: the network inside the modules people hold their models in.
+"""Wrappers: the network inside the modules people hold their models in.
 
 ``nn.DataParallel`` and ``DistributedDataParallel`` keep the network as ``.module``, ``torch.compile`` as
 ``._orig_mod`` (an ``OptimizedModule``), timm's ``ModelEma*`` and ``torch.optim.swa_utils.AveragedModel`` as
 ``.module``. Module paths in a recipe (``layer3.*``) are paths of the network, so ``plan``, ``inject`` and
 ``strip`` apply to the module inside; the wrapper itself is never changed. An ``OptimizedModule`` calls the
 network's ``forward`` at run time, so an injected network inside one runs its DropBlocks (compile the model
-after ``inject``, or call ``torch._dynamo.reset()``, so that dynamo traces the new code).
+after ``inject``, or reset dynamo's cache, so that dynamo traces the new code). The wrapper classes are
+listed in :mod:`.registry`.
 """
 
 from __future__ import annotations
@@ -13,25 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 
-def _wrapper_types() -> tuple[type, ...]:
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-    from torch.optim.swa_utils import AveragedModel
-
-    types: list[type] = [DataParallel, DistributedDataParallel, AveragedModel]
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except ImportError:  # a torch without dynamo
-        pass
-    else:
-        types.append(OptimizedModule)
-    return tuple(types)
-
-
-_EMA_NAMES = ("ModelEma", "ModelEmaV2", "ModelEmaV3")  # timm.utils.model_ema, without importing timm
-
-
-def _is_timm_ema(m: nn.Module) -> bool:
-    return type(m).__name__ in _EMA_NAMES and type(m).__module__.startswith("timm.")
+from .registry import is_registered_class, wrapper_types
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -43,9 +26,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     Returns:
         The innermost wrapped module; ``model`` itself when it is not a wrapper.
     """
-    types = _wrapper_types()
+    types = wrapper_types()
     while True:
-        if not (isinstance(model, types) or _is_timm_ema(model)):
+        if not (isinstance(model, types) or is_registered_class(model, "wrapper")):
             return model
         children = model.__dict__["_modules"]
         inner = children.get("_orig_mod", children.get("module"))

@@ -13,13 +13,13 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from dropblock_inject.errors import SurgeryError
 from dropblock_inject.recipe import load_recipe
 from dropblock_inject.surgery.analyze import analyze
-from dropblock_inject.surgery.example import HooksAside
 from dropblock_inject.surgery.kinds import is_container
-from dropblock_inject.surgery.select import InsertionPoint
+from dropblock_inject.surgery.points import InsertionPoint
 from dropblock_inject.surgery.shapes import ShapeLog
-from dropblock_inject.surgery.trace import SurgeryError, trace_scope
+from dropblock_inject.surgery.trace import trace_scope
 
 
 def _ancestors(path: str) -> list[str]:
@@ -62,19 +62,18 @@ def missing_points(model: nn.Module, points: Sequence[InsertionPoint], recipe: A
     if not wants_shortcut:
         return ""
     seen: set[str] = set()
-    with HooksAside(model):
-        for start in sorted(branch):
-            for path in _ancestors(start):
-                if path in seen or path not in modules:
-                    continue
-                seen.add(path)
-                m = modules[path]
-                if is_container(m) or path in log.heads:
-                    continue
-                stride = log.nominal_stride(log.module_output(path), path)
-                if stride not in (16, 32) or path in shortcut:
-                    continue
-                if _has_residual_point(path, m, log):
-                    return (f"residual block {path!r} ({type(m).__name__}) has branch points but no shortcut "
-                            f"point, though the recipe asks for shortcuts")
+    for start in sorted(branch):  # (tracing fires no hook: nothing to set aside)
+        for path in _ancestors(start):
+            if path in seen or path not in modules:
+                continue
+            seen.add(path)
+            m = modules[path]
+            if is_container(m) or path in log.heads:
+                continue
+            stride = log.nominal_stride(log.module_output(path), path)
+            if stride not in (16, 32) or path in shortcut:
+                continue
+            if _has_residual_point(path, m, log):
+                return (f"residual block {path!r} ({type(m).__name__}) has branch points but no shortcut "
+                        f"point, though the recipe asks for shortcuts")
     return ""

@@ -14,8 +14,10 @@ from .check import CoverageRow, _first_line
 def _all_3d(model: nn.Module, report: Any) -> str:
     import dropblock_inject as dbi
 
-    kinds = {type(db).__name__ for db in dbi.injected_dropblocks(model)}
-    return "" if kinds == {"DropBlock3d"} else f"inserted modules are not all DropBlock3d: {sorted(kinds)}"
+    dbs = dbi.injected_dropblocks(model)
+    if dbs and all(isinstance(db, dbi.DropBlock3d) for db in dbs):
+        return ""
+    return f"inserted modules are not all DropBlock3d: {sorted({type(db).__name__ for db in dbs})}"
 
 
 def check_video_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "video_r3d",
