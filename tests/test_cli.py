@@ -380,8 +380,6 @@ def test_help_answers_in_half_a_second():
     assert result.returncode == 0 and time.perf_counter() - start < 0.5
 
 
-@pytest.mark.xfail(strict=True, reason="the totals line is format_plan's (surgery/select.py), which still writes "
-                                       "'in 1 modules'")
 def test_plan_totals_are_grammatical(capsys, tmp_path):
     recipe = tmp_path / "one_block.yaml"
     recipe.write_text("rules:\n  - modules: ['layer4.1']\n    shortcut: true\n")

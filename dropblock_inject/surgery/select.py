@@ -270,7 +270,8 @@ def format_plan(points: Sequence[InsertionPoint]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     branch = sum(p.kind == "branch" for p in points)
+    modules = len({p.module for p in points})
     lines.append(f"{len(points)} DropBlock{'' if len(points) == 1 else 's'}: {branch} branch, {len(points) - branch} shortcut, "
-                 f"in {len({p.module for p in points})} modules")
+                 f"in {modules} module{'' if modules == 1 else 's'}")
     return "\n".join(lines)
 
