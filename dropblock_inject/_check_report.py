@@ -1,4 +1,4 @@
-"""The report :func:`~dropblock_inject.check.check` returns: one stage per check, a verdict, what to do."""
+"""The report :func:`~dropblock_inject.check` returns: one stage per check, a verdict, what to do."""
 
 from __future__ import annotations
 

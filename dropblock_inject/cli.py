@@ -72,7 +72,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .check import check
+    from ._check import check
 
     recipe = _recipe(args.recipe)
     model = build_model(args.model)
