@@ -29,6 +29,7 @@ def test_a_block_covering_the_map_warns_once_naming_a_size_that_fits():
 
 @pytest.mark.parametrize("build, shape", [
     (lambda: DropBlock2d(7, 0.9), (2, 3, 8, 4)),   # fits along one axis: blocks at several places
+    (lambda: DropBlock2d(7, 0.9), (2, 3, 7, 7)),   # the paper's own group 4 at 224 px: a block the map's size
     (lambda: DropBlock2d(7, 1.0), (2, 3, 4, 4)),   # keep_prob 1: nothing is dropped
     (lambda: DropBlock2d(7, 0.9).eval(), (2, 3, 4, 4)),
 ])

@@ -96,8 +96,10 @@ class _DropBlockNd(nn.Module):
                              self.inplace)
 
     def _warn_whole_map(self, spatial: tuple[int, ...]) -> None:
-        """Warns once (eager only) when the block covers the whole map: every block then drops whole planes."""
-        if not spatial or min(spatial) == 0 or max(spatial) > self.block_size:
+        """Warns once (eager only) when the block, clipped to a smaller map, covers all of it: every block then
+        drops whole planes. A map exactly the block's size (the paper's 7x7 group 4 at 224 px) is the paper's own
+        design, not a small input, and does not warn."""
+        if not spatial or min(spatial) == 0 or max(spatial) > self.block_size or min(spatial) == self.block_size:
             return
         self.__dict__["_warned"] = True
         size = "x".join(map(str, spatial))
