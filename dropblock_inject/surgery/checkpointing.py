@@ -17,6 +17,7 @@ forward does what that wrapper does.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import types
 import weakref
@@ -63,8 +64,9 @@ def remember(scope: nn.Module, names: tuple[str, ...]) -> None:
 
 def _bool(scope: nn.Module, name: str) -> bool | None:
     """The boolean ``scope.name`` (instance or class attribute, no property run), None if it is no bool."""
-    value = scope.__dict__.get(name, None)
-    if value is None:
+    if name in scope.__dict__:
+        value = scope.__dict__[name]
+    else:
         value = next((vars(c)[name] for c in type(scope).__mro__ if name in vars(c)), None)
     return value if isinstance(value, bool) else None
 
@@ -76,8 +78,22 @@ def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
             yield from _codes(const)
 
 
-def _reaches_checkpoint(value: Any) -> bool:
-    return value is CHECKPOINT_MODULE or checkpoint_call(value) is not None
+def _reaches_checkpoint(value: Any, fns: tuple[Any, ...]) -> bool:
+    """Whether ``value`` is the checkpoint module, one of the checkpoint functions ``fns`` or a partial of one."""
+    while isinstance(value, functools.partial):
+        value = value.func
+    return value is CHECKPOINT_MODULE or any(value is f for f in fns)
+
+
+def _method(cls: type, name: str) -> types.FunctionType | None:
+    """The plain function ``cls.name`` of a class of the model (not of ``nn.Module``), if there is one."""
+    for c in cls.__mro__:
+        if c is nn.Module:
+            return None
+        if name in vars(c):
+            found = vars(c)[name]
+            return found if isinstance(found, types.FunctionType) else None
+    return None
 
 
 def candidates(scope: nn.Module) -> tuple[str, ...]:
@@ -97,9 +113,8 @@ def candidates(scope: nn.Module) -> tuple[str, ...]:
     forward = getattr(forward, "__wrapped__", forward)
     if not isinstance(forward, types.FunctionType):
         return ()
-    methods = {n: v for c in reversed(type(scope).__mro__) for n, v in vars(c).items()
-               if isinstance(v, types.FunctionType)}
     read: dict[str, None] = {}
+    fns = checkpoint_functions()
     reaches = False
     todo, seen = [forward], {forward}
     while todo:
@@ -108,9 +123,9 @@ def candidates(scope: nn.Module) -> tuple[str, ...]:
             for name in code.co_names:
                 read.setdefault(name, None)
                 found = fn.__globals__.get(name)
-                reaches = reaches or name in CHECKPOINT_NAMES or _reaches_checkpoint(found) \
-                    or _reaches_checkpoint(scope.__dict__.get(name))
-                for nxt in (methods.get(name), found):
+                reaches = reaches or name in CHECKPOINT_NAMES or _reaches_checkpoint(found, fns) \
+                    or _reaches_checkpoint(scope.__dict__.get(name), fns)
+                for nxt in (_method(type(scope), name), found):
                     if isinstance(nxt, types.FunctionType) and nxt not in seen and nxt.__module__ == fn.__module__:
                         seen.add(nxt)
                         todo.append(nxt)
