@@ -340,3 +340,33 @@ def test_any_flag_that_decides_a_checkpoint_call_is_decided_per_call(flag, when)
             want = plain(X)
             torch.manual_seed(3)
             assert torch.equal(twin(X), want), (on, train)
+
+
+def _densenet(memory_efficient):
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16,
+                                       num_classes=4, memory_efficient=memory_efficient).train()
+
+
+@pytest.mark.filterwarnings("ignore:dropblock_inject")  # its checkpointed closure runs without DropBlock
+@pytest.mark.parametrize("at_inject", [True, False])
+def test_torchvision_densenet_memory_efficient(at_inject):
+    """torchvision's DenseNet checkpoints each dense layer's bottleneck under ``memory_efficient`` (a closure,
+    when an input requires grad): with it on at inject the layers get the points they get with it off, and the
+    injected model checkpoints as the original does, whichever way it is toggled."""
+    original = _densenet(True)
+    expected = _step(original)
+    assert expected == 8
+    model = _densenet(at_inject)
+    off = dbi.plan(_densenet(False), "paper_generic", example_input=X[:1])
+    dbi.inject(model, "paper_generic", example_input=X[:1])
+    assert sorted((d.point.module, d.point.after) for d in dbi.injected_dropblocks(model)) == \
+        sorted((p.module, p.after) for p in off)
+    assert sum(p.module.endswith("denselayer1") for p in off) >= 2
+    for on in (True, False, True):
+        for m in model.modules():
+            if hasattr(m, "memory_efficient"):
+                m.memory_efficient = on
+        assert _step(model) == (expected if on else 0), on
