@@ -370,3 +370,25 @@ def test_torchvision_densenet_memory_efficient(at_inject):
             if hasattr(m, "memory_efficient"):
                 m.memory_efficient = on
         assert _step(model) == (expected if on else 0), on
+
+
+def test_only_forwards_that_can_reach_a_checkpoint_function_have_candidate_flags():
+    """The flags are looked for (two more traces per boolean attribute) only where a forward, its closures or
+    the methods it calls can reach a checkpoint function; there, every boolean attribute it reads is a
+    candidate, whatever its name, and a trace decides."""
+    from dropblock_inject.surgery.checkpointing import candidates
+
+    class NoCheckpoint(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 8, 1)
+            self.use_checkpoint = False  # named like a flag, but nothing here checkpoints
+
+        def forward(self, x):
+            return self.conv(x) if self.use_checkpoint else x + self.conv(x)
+
+    assert candidates(NoCheckpoint()) == ()
+    assert candidates(_UseCheckpoint()) == ("use_checkpoint",)
+    assert candidates(_WithCp()) == ("with_cp",)  # through the closure's module attribute
+    assert candidates(_OwnName()) == ("recompute_convs", "scale_residual")  # through the instance attribute
+    assert candidates(_densenet(False).features.denseblock1.denselayer1) == ("memory_efficient",)
