@@ -230,3 +230,165 @@ def test_checkpoint_called_from_a_method_of_the_scope_stays_one_call(recwarn):
     model[1].grad_checkpointing = True
     _step(model)
     assert len(conv_calls) == 2  # checkpointed: recomputed in backward
+
+
+class _UseCheckpoint(torch.nn.Module):
+    """Swin's and many repositories' pattern: ``use_checkpoint`` decides whether the convolutions are
+    checkpointed (called through the module attribute)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1))
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.use_checkpoint = False
+
+    def forward(self, x):
+        if self.use_checkpoint:
+            y = torch.utils.checkpoint.checkpoint(self.conv, x, use_reentrant=False)
+        else:
+            y = self.conv(x)
+        return x + self.bn(y)
+
+
+class _WithCp(torch.nn.Module):
+    """mmcv's pattern: a closure over the whole block, checkpointed when ``with_cp`` is on and the input
+    requires grad (fx can trace neither: while it is on, the injected block runs its original code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.with_cp = False
+
+    def forward(self, x):
+        def _inner_forward(x):
+            return x + self.bn(self.conv(x))
+
+        if self.with_cp and x.requires_grad:
+            return torch.utils.checkpoint.checkpoint(_inner_forward, x, use_reentrant=False)
+        return _inner_forward(x)
+
+
+class _OwnName(torch.nn.Module):
+    """A user's own flag name, the checkpoint function held as an instance attribute, and a boolean attribute
+    the forward reads that is no flag (``scale_residual``: its value stays baked into the graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.recompute_convs = False
+        self.scale_residual = True
+        self.checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+    def forward(self, x):
+        y = self.checkpoint_fn(self.conv, x) if self.recompute_convs else self.conv(x)
+        y = self.bn(y)
+        return x + (0.5 * y if self.scale_residual else y)
+
+
+FLAGGED = {"use_checkpoint": _UseCheckpoint, "with_cp": _WithCp, "recompute_convs": _OwnName}
+
+
+def _flagged(block, on):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), block(), block(), torch.nn.Conv2d(8, 4, 1)).train()
+    _set(model, on)
+    return model
+
+
+def _set(model, on):
+    for m in model:
+        for name in FLAGGED:
+            if hasattr(m, name):
+                setattr(m, name, on)
+
+
+_FLAG_RULE = {"rules": [{"modules": ["1", "2"], "after": ["norm"]}]}
+
+
+@pytest.mark.filterwarnings("ignore:dropblock_inject")  # with_cp: its checkpointed closure runs without DropBlock
+@pytest.mark.parametrize("when", ["on at inject", "on after inject"])
+@pytest.mark.parametrize("flag", FLAGGED)
+def test_any_flag_that_decides_a_checkpoint_call_is_decided_per_call(flag, when):
+    """A block checkpointing under a boolean attribute of any name gets the points it gets with the flag off,
+    whatever the flag is at inject, and then checkpoints exactly when the original does (flag toggled after
+    inject included), with the original's outputs (eval; train at keep_prob 1 under one seed)."""
+    original = _flagged(FLAGGED[flag], True)
+    expected = _step(original)
+    assert expected == 2
+    _set(original, False)
+    assert _step(original) == 0
+    model = _flagged(FLAGGED[flag], when == "on at inject")
+    off = dbi.plan(_flagged(FLAGGED[flag], False), _FLAG_RULE)
+    dbi.inject(model, _FLAG_RULE)
+    injected = [(d.point.module, d.point.after) for d in dbi.injected_dropblocks(model)]
+    assert injected == [(p.module, p.after) for p in off]
+    assert len(off) == 2
+    twin, plain = copy.deepcopy(model), _flagged(FLAGGED[flag], False)  # same weights, statistics untouched
+    for on in (False, True, False, True):
+        _set(model, on)
+        assert _step(model) == (expected if on else 0), on
+    set_keep(twin, 1.0)
+    for on in (False, True):
+        _set(twin, on)
+        _set(plain, on)
+        for train in (True, False):
+            twin.train(train)
+            plain.train(train)
+            torch.manual_seed(3)
+            want = plain(X)
+            torch.manual_seed(3)
+            assert torch.equal(twin(X), want), (on, train)
+
+
+def _densenet(memory_efficient):
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16,
+                                       num_classes=4, memory_efficient=memory_efficient).train()
+
+
+@pytest.mark.filterwarnings("ignore:dropblock_inject")  # its checkpointed closure runs without DropBlock
+@pytest.mark.parametrize("at_inject", [True, False])
+def test_torchvision_densenet_memory_efficient(at_inject):
+    """torchvision's DenseNet checkpoints each dense layer's bottleneck under ``memory_efficient`` (a closure,
+    when an input requires grad): with it on at inject the layers get the points they get with it off, and the
+    injected model checkpoints as the original does, whichever way it is toggled."""
+    original = _densenet(True)
+    expected = _step(original)
+    assert expected == 8
+    model = _densenet(at_inject)
+    off = dbi.plan(_densenet(False), "paper_generic", example_input=X[:1])
+    dbi.inject(model, "paper_generic", example_input=X[:1])
+    assert sorted((d.point.module, d.point.after) for d in dbi.injected_dropblocks(model)) == \
+        sorted((p.module, p.after) for p in off)
+    assert sum(p.module.endswith("denselayer1") for p in off) >= 2
+    for on in (True, False, True):
+        for m in model.modules():
+            if hasattr(m, "memory_efficient"):
+                m.memory_efficient = on
+        assert _step(model) == (expected if on else 0), on
+
+
+def test_only_forwards_that_can_reach_a_checkpoint_function_have_candidate_flags():
+    """The flags are looked for (two more traces per boolean attribute) only where a forward, its closures or
+    the methods it calls can reach a checkpoint function; there, every boolean attribute it reads is a
+    candidate, whatever its name, and a trace decides."""
+    from dropblock_inject.surgery.checkpointing import candidates
+
+    class NoCheckpoint(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 8, 1)
+            self.use_checkpoint = False  # named like a flag, but nothing here checkpoints
+
+        def forward(self, x):
+            return self.conv(x) if self.use_checkpoint else x + self.conv(x)
+
+    assert candidates(NoCheckpoint()) == ()
+    assert candidates(_UseCheckpoint()) == ("use_checkpoint",)
+    assert candidates(_WithCp()) == ("with_cp",)  # through the closure's module attribute
+    assert candidates(_OwnName()) == ("recompute_convs", "scale_residual")  # through the instance attribute
+    assert candidates(_densenet(False).features.denseblock1.denselayer1) == ("memory_efficient",)

@@ -8,7 +8,7 @@ import pytest
 import timm.utils
 import torch
 import torch.distributed as dist
-from _models import SmallResNet, X, counts, same_state, set_keep
+from _models import SmallResNet, X, counts, same_state, set_keep, state_copy
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -98,3 +98,28 @@ def test_unwrap_leaves_plain_models_and_sees_through_nesting():
     assert unwrap(nn.DataParallel(torch.compile(nn.DataParallel(model)))) is model
     seq = nn.Sequential(model)  # a container is not a wrapper: its paths are "0.layer3..."
     assert unwrap(seq) is seq
+
+
+@pytest.fixture
+def yolo(monkeypatch, tmp_path):
+    """Ultralytics' model object, built offline from a YAML with random weights."""
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path))  # its settings file, written at import
+    ultralytics = pytest.importorskip("ultralytics")
+    return ultralytics.YOLO("yolov8n.yaml")
+
+
+@pytest.mark.parametrize("call", ["plan", "inject", "strip"])
+def test_ultralytics_model_object_is_refused_with_what_to_pass(yolo, call):
+    """``YOLO(...)`` holds its network as ``.model`` but ``YOLO.train`` builds a new one, so DropBlock put into
+    ``yolo.model`` would not be trained: plan, inject and strip refuse it, naming ``add_dropblock`` for
+    training and ``.model`` for the network, before running anything and leaving it untouched."""
+    before = state_copy(yolo.model)
+    args = (yolo,) if call == "strip" else (yolo, "paper_generic")
+    with pytest.raises(dbi.SurgeryError, match=r"YOLO is a model object .* not be trained.*integrations\.ultralytics"
+                                               r"\.add_dropblock\(yolo, recipe\).*pass its \.model \(DetectionModel\)"):
+        getattr(dbi, call)(*args)
+    assert not dbi.injected_dropblocks(yolo.model)
+    assert same_state(yolo.model, before) and type(yolo.model).forward is yolo.model.forward.__func__
+    points = dbi.plan(yolo.model, "paper_generic", example_input=torch.zeros(1, 3, 64, 64))  # what to pass works
+    assert points and all(p.module.startswith("model.") for p in points)

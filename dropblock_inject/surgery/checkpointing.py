@@ -1,10 +1,15 @@
 """Checkpointing: the gradient-checkpointing flags a scope's code reads, decided at run time.
 
 timm modules read ``self.grad_checkpointing`` in their forward (``checkpoint_seq(self.blocks, x)``), Hugging
-Face encoders ``self.gradient_checkpointing``; fx would bake the value the flag had at trace time into the graph.
-So the main graph of a scope is traced with every flag off (:mod:`.trace`), one more graph per other value of
-the flags, in which the checkpoint call stays one node (its modules ``get_attr`` nodes), and the injected
-forward (:mod:`.forward`) picks the graph by the flags' current values. Hugging Face's
+Face encoders ``self.gradient_checkpointing``, other code any boolean attribute of its own (``use_checkpoint``,
+mmcv's ``with_cp``); fx would bake the value the flag had at trace time into the graph. Those other flags are
+found from what the forward does, not from their names: :func:`candidates` lists the boolean attributes read by
+a forward whose code can reach a checkpoint function, and :func:`.trace.trace_scope` keeps those whose value
+decides whether a checkpoint call is traced (:func:`remember`). So the main graph of a scope is traced with
+every flag off (:mod:`.trace`), one more graph per other value of the flags, in which the checkpoint call stays
+one node (its modules ``get_attr`` nodes), and the injected forward (:mod:`.forward`) picks the graph by the
+flags' current values; while a flag whose graph fx cannot trace is on (a checkpointed closure), it runs the
+original forward. Hugging Face's
 ``GradientCheckpointingLayer`` decides in a class-level wrapper around the layer's own forward: the injected
 forward does what that wrapper does.
 """
@@ -12,17 +17,23 @@ forward does what that wrapper does.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
-from typing import Iterator
+import types
+import weakref
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .globals_of import checkpoint_call, recording
-from .registry import checkpoint_functions, is_checkpointing_layer
+from .registry import CHECKPOINT_MODULE, CHECKPOINT_NAMES, checkpoint_functions, is_checkpointing_layer
 
 FLAGS = ("grad_checkpointing", "gradient_checkpointing")  # timm, Hugging Face
+# the flags found in each module's code by its last trace (see :func:`remember`): a plan's later stages
+# (variants, delegation) ask :func:`flags` for the same names; weak, so nothing outlives the module
+_FOUND: "weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]]" = weakref.WeakKeyDictionary()
 
 
 def wraps_checkpointing(scope: nn.Module) -> bool:
@@ -31,9 +42,96 @@ def wraps_checkpointing(scope: nn.Module) -> bool:
     return is_checkpointing_layer(scope)
 
 
-def flags(scope: nn.Module) -> tuple[str, ...]:
-    """The checkpointing flags of ``scope`` (boolean attributes named as timm and Hugging Face name them)."""
+def known_flags(scope: nn.Module) -> tuple[str, ...]:
+    """The boolean attributes of ``scope`` named as timm and Hugging Face name their checkpointing flags."""
     return tuple(n for n in FLAGS if isinstance(getattr(scope, n, None), bool))
+
+
+def flags(scope: nn.Module) -> tuple[str, ...]:
+    """The checkpointing flags of ``scope``: those timm and Hugging Face name, then those its last trace found
+    deciding whether its forward calls a checkpoint function."""
+    known = known_flags(scope)
+    return (*known, *(n for n in _FOUND.get(scope, ()) if n not in known and _bool(scope, n) is not None))
+
+
+def remember(scope: nn.Module, names: tuple[str, ...]) -> None:
+    """Record the flags a trace of ``scope`` found in its code (an empty tuple forgets them)."""
+    if names:
+        _FOUND[scope] = names
+    else:
+        _FOUND.pop(scope, None)
+
+
+def _bool(scope: nn.Module, name: str) -> bool | None:
+    """The boolean ``scope.name`` (instance or class attribute, no property run), None if it is no bool."""
+    if name in scope.__dict__:
+        value = scope.__dict__[name]
+    else:
+        value = next((vars(c)[name] for c in type(scope).__mro__ if name in vars(c)), None)
+    return value if isinstance(value, bool) else None
+
+
+def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for const in code.co_consts:  # closures and comprehensions (mmcv's ``_inner_forward``)
+        if isinstance(const, types.CodeType):
+            yield from _codes(const)
+
+
+def _reaches_checkpoint(value: Any, fns: tuple[Any, ...]) -> bool:
+    """Whether ``value`` is the checkpoint module, one of the checkpoint functions ``fns`` or a partial of one."""
+    while isinstance(value, functools.partial):
+        value = value.func
+    return value is CHECKPOINT_MODULE or any(value is f for f in fns)
+
+
+def _method(cls: type, name: str) -> types.FunctionType | None:
+    """The plain function ``cls.name`` of a class of the model (not of ``nn.Module``), if there is one."""
+    for c in cls.__mro__:
+        if c is nn.Module:
+            return None
+        if name in vars(c):
+            found = vars(c)[name]
+            return found if isinstance(found, types.FunctionType) else None
+    return None
+
+
+def candidates(scope: nn.Module) -> tuple[str, ...]:
+    """The boolean attributes of ``scope`` (but ``training`` and the named flags) that its forward reads, when
+    that forward can reach a checkpoint function: through its globals (a checkpoint function or a partial of
+    one, ``torch.utils.checkpoint``), an attribute named as one of its functions, an instance attribute holding
+    one, or the methods of its class and plain functions of its module it calls. Whether each decides the
+    checkpoint call is for a trace to tell (see :func:`.trace.trace_scope`).
+
+    Args:
+        scope: the module about to be traced.
+
+    Returns:
+        The attribute names, in the order the code first reads them; empty when no checkpoint is reachable.
+    """
+    forward = type(scope).forward
+    forward = getattr(forward, "__wrapped__", forward)
+    if not isinstance(forward, types.FunctionType):
+        return ()
+    read: dict[str, None] = {}
+    fns = checkpoint_functions()
+    reaches = False
+    todo, seen = [forward], {forward}
+    while todo:
+        fn = todo.pop()
+        for code in _codes(fn.__code__):
+            for name in code.co_names:
+                read.setdefault(name, None)
+                found = fn.__globals__.get(name)
+                reaches = reaches or name in CHECKPOINT_NAMES or _reaches_checkpoint(found, fns) \
+                    or _reaches_checkpoint(scope.__dict__.get(name), fns)
+                for nxt in (_method(type(scope), name), found):
+                    if isinstance(nxt, types.FunctionType) and nxt not in seen and nxt.__module__ == fn.__module__:
+                        seen.add(nxt)
+                        todo.append(nxt)
+    if not reaches:
+        return ()
+    return tuple(n for n in read if n != "training" and n not in FLAGS and _bool(scope, n) is not None)
 
 
 def variant_flags(scope: nn.Module) -> tuple[str, ...]:

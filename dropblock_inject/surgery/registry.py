@@ -89,6 +89,25 @@ _HF_CHECKPOINTING_LAYER = ("transformers.modeling_layers", "GradientCheckpointin
 # fc7 (stride 16) exactly as SSDlite's stride-32 MobileNetV3 stage is from its stride-16 level.
 _EXTRA_LEVELS = {("torchvision.models.detection.ssd", "SSDFeatureExtractorVGG"): ("extra", 1)}
 
+# Model objects that hold a network without being the one their training trains: Ultralytics' ``Model``
+# (``YOLO(...)``, ``RTDETR(...)``, ``YOLOWorld(...)``) is an nn.Module keeping the network as ``.model``, but
+# its forward runs a predictor and ``Model.train`` builds a NEW network from the YAML or checkpoint (loading
+# ``.model``'s weights): DropBlocks injected into ``.model`` would not be trained. (module, class) -> the
+# attribute holding the network, and the call that trains with DropBlock instead.
+_OWNERS = {("ultralytics.engine.model", "Model"):
+           ("model", "dropblock_inject.integrations.ultralytics.add_dropblock(yolo, recipe) before yolo.train(...)")}
+
+
+def network_owner(m: object) -> tuple[str, str] | None:
+    """For a model object :data:`_OWNERS` names (its library loaded; nothing is imported): the attribute that
+    holds its network and how to train it with DropBlock; None for anything else."""
+    for (module, name), found in _OWNERS.items():
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(m, cls):
+            return found
+    return None
+
+
 _lock = threading.Lock()
 _user: list[Entry] = []
 _user_objects: dict[str, list[Any]] = {kind: [] for kind in KINDS}

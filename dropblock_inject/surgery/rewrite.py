@@ -133,7 +133,10 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
         RecipeError: a bad recipe, or a rule that selects nothing.
         SurgeryError: the model is already injected, a selected module cannot be traced, or a lazy module
             (``LazyConv2d``) is not initialised yet (run one forward pass first: inject never initialises
-            it). On any error the model is left exactly as it was.
+            it), or ``model`` is Ultralytics' ``YOLO(...)`` object, whose ``train`` builds a new network: call
+            ``dropblock_inject.integrations.ultralytics.add_dropblock(yolo, recipe)`` to train with DropBlock,
+            or pass ``yolo.model`` for a training loop of your own. On any error the model is left exactly as
+            it was.
     """
     check_surgery_args("inject", model, example_input)
     install(make_plan(unwrap(model), recipe, example_input, with_shapes=example_input is not None))

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from .calls import Call, Param, specialise
-from .checkpointing import flags, flags_set
+from .checkpointing import calls_checkpoint, candidates, flags_set, known_flags, remember
 from ..errors import SurgeryError
 from .globals_of import own_globals, own_methods, own_space
 from .outputs import Structure, flatten_output
@@ -198,15 +198,17 @@ def _state_key(scope: nn.Module, concrete: dict[str, Any], names: tuple[str, ...
 
 
 def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
-                cache: dict[Any, tuple[fx.Graph, Any]] | None = None) -> Traced:
-    """The training-mode graph of ``scope``, with its checkpointing flags off.
+                cache: dict[Any, tuple[fx.Graph, Any, tuple[str, ...]]] | None = None) -> Traced:
+    """The training-mode graph of ``scope``, with its checkpointing flags off: those timm and Hugging Face name,
+    and any boolean attribute found deciding whether the forward calls a checkpoint function
+    (:func:`_found_flags`; remembered for :func:`.checkpointing.flags`).
 
     Args:
         scope: the module whose own forward is traced.
         path: its path, for error messages.
         call: how the example forward called it (None: with its parameters' defaults).
         cache: graphs traced earlier in the same plan, by :func:`_state_key`: a scope of the same class, call
-            and state (ResNet's identical blocks) shares its graph, which nothing downstream changes.
+            and state (ResNet's identical blocks) shares its graph and flags, which nothing downstream changes.
 
     Returns:
         The graph, its parameter layout, output structure and placeholder shapes.
@@ -215,11 +217,14 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
         SurgeryError: naming ``path``, if fx cannot trace it.
     """
     concrete, params, shapes = specialise(scope, call)
-    names = flags(scope)
-    key = _state_key(scope, concrete, names) if cache is not None else None
+    known = known_flags(scope)
+    key = _state_key(scope, concrete, known) if cache is not None else None
     if key is not None and key in cache:  # type: ignore[operator]
-        graph, structure = cache[key]  # type: ignore[index]
+        graph, structure, found = cache[key]  # type: ignore[index]
+        remember(scope, found)
         return Traced(graph, params, structure, shapes)
+    found = _found_flags(scope, path, concrete, known)
+    names = (*known, *found)
     try:
         graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
     except SurgeryError:
@@ -237,9 +242,31 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
     if params is not None and placeholders != len(shapes):
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
                            f"{placeholders} placeholders for the arguments {[p.describe() for p in params]}")
-    if key is not None and _state_key(scope, concrete, names) == key:  # (unless tracing changed the module)
-        cache[key] = (graph, structure)  # type: ignore[index]
+    remember(scope, found)
+    if key is not None and _state_key(scope, concrete, known) == key:  # (unless tracing changed the module)
+        cache[key] = (graph, structure, found)  # type: ignore[index]
     return Traced(graph, params, structure, shapes)
+
+
+def _found_flags(scope: nn.Module, path: str, concrete: dict[str, Any], known: tuple[str, ...]) -> tuple[str, ...]:
+    """The boolean attributes among :func:`.checkpointing.candidates` that decide whether the forward calls a
+    checkpoint function, whatever their names: traced off (False), the forward calls none; traced on (True),
+    it calls one or fx cannot trace it (mmcv's ``if self.with_cp and x.requires_grad:``, a checkpointed
+    closure: the injected forward then runs the original code while it is on). Two traces per candidate, and
+    only forwards that can reach a checkpoint function have candidates."""
+    found: list[str] = []
+    for name in candidates(scope):
+        names = (*known, *found, name)
+        graphs = []
+        for value in (False, True):
+            try:
+                graphs.append(_trace(scope, path, concrete, (names, (False,) * (len(names) - 1) + (value,)))[0])
+            except SurgeryError:
+                graphs.append(None)
+        off, on = graphs
+        if off is not None and not calls_checkpoint(off) and (on is None or calls_checkpoint(on)):
+            found.append(name)
+    return tuple(found)
 
 
 def trace_variant(scope: nn.Module, path: str, params: tuple[Param, ...] | None, names: tuple[str, ...],
