@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import KeepProbScheduler, format_plan, inject, plan, strip
+from . import KeepProbScheduler, format_plan, inject, load_recipe, plan, strip
 
-__all__ = ["run_demo", "missing_onnx_packages"]
+__all__ = ["block_size_for", "run_demo", "missing_onnx_packages"]
 
 RECIPE = "resnet50_paper"
 DEV_EXTRA = 'pip install -e ".[dev]"'
@@ -66,6 +66,22 @@ def _onnx_parity(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
     return (onnx_out - ref).abs().max().item()
 
 
+def block_size_for(size: int) -> tuple[dict, int]:
+    """``resnet50_paper`` with its block size scaled to ``size``-px images: the paper's block 7 covers group 4's
+    7x7 maps at 224 px; at 96 px those maps are 3x3 and block 3 does the same.
+
+    Args:
+        size: the images' side in pixels.
+
+    Returns:
+        The recipe as a dict, and its block size.
+    """
+    recipe = load_recipe(RECIPE).to_dict()
+    block = max(1, min(7, -(-size // 32)))  # group 4's map side (stride 32), at most the paper's 7
+    recipe["dropblock"]["block_size"] = block
+    return recipe, block
+
+
 def run_demo(args: argparse.Namespace) -> None:
     """ResNet-50 + resnet50_paper: plan, inject, a few scheduled training steps, strip, ONNX export and parity.
 
@@ -79,16 +95,18 @@ def run_demo(args: argparse.Namespace) -> None:
     import torchvision
 
     torch.manual_seed(0)
-    _say("building torchvision resnet50 (random weights, 10 classes) ...")
-    model = torchvision.models.resnet50(weights=None, num_classes=10)
-    _say(f"planning {RECIPE} (nothing changes yet) ...\n")
-    print(format_plan(plan(model, RECIPE)))
-    _say(f"\ninjecting {RECIPE} ...")
-    start = time.perf_counter()
-    inject(model, RECIPE)
-    _say(f"injected in {time.perf_counter() - start:.3f} s")
     steps, batch, size = args.steps, args.batch, args.size
     images, labels = _synthetic_data(batch * steps, size)
+    _say("building torchvision resnet50 (random weights, 10 classes) ...")
+    model = torchvision.models.resnet50(weights=None, num_classes=10)
+    recipe, block = block_size_for(size)
+    _say(f"planning {RECIPE} at {size} px with block_size {block}, the paper's 7 at 224 px scaled to the input "
+         f"(nothing changes yet) ...\n")
+    print(format_plan(plan(model, recipe, example_input=images[:1])))
+    _say(f"\ninjecting {RECIPE} ...")
+    start = time.perf_counter()
+    inject(model, recipe, example_input=images[:1])
+    _say(f"injected in {time.perf_counter() - start:.3f} s")
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     sched = KeepProbScheduler(model, total_steps=steps)
     model.train()
