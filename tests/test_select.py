@@ -85,7 +85,7 @@ def test_se_maps_never_selected():
 
 def test_format_plan_singular():
     points = dbi.plan(torchvision.models.resnet18(), {"rules": [{"modules": ["layer4.1"], "after": [], "shortcut": True}]})
-    assert dbi.format_plan(points).splitlines()[-1] == "1 DropBlock: 0 branch, 1 shortcut, in 1 modules"
+    assert dbi.format_plan(points).splitlines()[-1] == "1 DropBlock: 0 branch, 1 shortcut, in 1 module"
 
 
 def test_vision_transformer_is_not_a_cnn():

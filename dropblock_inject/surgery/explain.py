@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..recipe import Recipe, RecipeError, Rule
 from .kinds import CONV_TYPES
 from .shapes import ShapeLog
+from .roles import Roles
 
 
 def not_a_cnn(model: nn.Module, recipe: Recipe) -> None:
@@ -32,6 +33,19 @@ def not_a_cnn(model: nn.Module, recipe: Recipe) -> None:
                           f"{len(convs)} convolution{'' if len(convs) == 1 else 's'}"
                           f"{f' ({convs[0]!r}, a patch embedding?)' if convs else ''} and no convolutional stage "
                           f"for DropBlock; name modules by path (modules: [...]) to place it anyway")
+
+
+def not_a_residual_cnn(model: nn.Module, recipe: Recipe, roles: Roles) -> None:
+    """RecipeError if a recipe selecting by stride only meets a model that computes attention and whose
+    backbone has no residual conv stage at stride 16 or 32 (a transformer with a conv stem or decoder, as
+    the recorded dataflow shows): stride rules would give it a stray DropBlock. Plain CNNs without residual
+    additions (VGG, DenseNet) compute no attention and still get their stages."""
+    if any(r.modules is not None or r.types is not None or r.stride is None for r in recipe.rules):
+        return
+    if roles.not_a_cnn is not None and roles.attention_inputs:
+        raise RecipeError(f"recipe {recipe.name!r}: {type(model).__name__} is not a CNN the recipe fits: "
+                          f"{roles.not_a_cnn}, and it computes attention; DropBlock belongs in a CNN backbone's "
+                          f"residual stages: name modules by path (modules: [...]) to place it anyway")
 
 
 def _literal(glob: str) -> str:
