@@ -217,3 +217,15 @@ def test_plan_lists_exactly_what_inject_installs():
     dbi.inject(model, recipe)
     installed = [(d.point.module, d.point.after, d.point.kind) for d in dbi.injected_dropblocks(model)]
     assert planned and sorted(installed) == sorted(planned)
+
+
+# -- real stride ------------------------------------------------------------------------------------------
+
+def test_a_dilated_attention_gate_is_no_stride_16_or_32_stage():
+    """pytorchcv's BAM-ResNet50 computes a spatial attention gate with dilated convs after stages 1-3: at
+    strides 4 and 8 they are no stride-16/32 maps, whatever their dilation."""
+    model_provider = pytest.importorskip("pytorchcv.model_provider")
+    model = model_provider.get_model("bam_resnet50", pretrained=False)
+    points = _plan(model, x=torch.zeros(1, 3, 224, 224))  # (its classifier pools a fixed 7x7)
+    assert points and all(p.shape[-1] <= 224 // 16 for p in points)
+    assert not [p for p in points if p.module.split(".")[1] in ("stage1", "stage2")]
