@@ -53,9 +53,11 @@ def _literal(glob: str) -> str:
 
 
 def explain(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], paths: list[str],
-            why: dict[str, list[str]], shapes: ShapeLog | None, example_input: Any, untraceable: int = 0) -> str:
+            why: dict[str, list[str]], shapes: ShapeLog | None, example_input: Any, untraceable: int = 0,
+            roles: Roles | None = None) -> str:
     """Why ``rule`` selected no insertion point, in one sentence the user can act on (``untraceable``: how
-    many of the selected modules torch.fx could not trace)."""
+    many of the selected modules torch.fx could not trace; ``roles``: the dataflow's facts, so that the
+    deepest stage named is one whose maps reach the model's outputs)."""
     if rule.modules is not None and not any(rule.matches_path(p) for p in modules if p):
         names = [p for p in modules if p]
         close = [c for g in rule.modules for c in difflib.get_close_matches(_literal(g), names, n=3, cutoff=0.5)]
@@ -78,6 +80,8 @@ def explain(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], paths: 
         for p, calls in shapes.calls.items():
             shape = calls[0] if calls else None
             s = shapes.nominal_stride(shape, p) if shape and shape[1] > 1 and p not in shapes.heads else None
+            if roles is not None and roles.ran(p) and not roles.is_live(p):
+                s = None  # a stage the model computes and throws away (smp's encoders beyond their depth)
             if s is not None and shape is not None and len(shape) >= 4:
                 found.setdefault(s, p)
         if not found:

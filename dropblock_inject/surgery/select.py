@@ -245,7 +245,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
         small += why.get("a 1x1 map", []) if rule.stride is not None else []
         if count == 0:
             named_layers = _diagnose_layers(rule, modules, focus, shapes, calls, why, roles)
-            reasons.append(explain(model, rule, modules, paths, why, shapes, example_input, len(skipped))
+            reasons.append(explain(model, rule, modules, paths, why, shapes, example_input, len(skipped), roles)
                            if why or not named_layers else named_layers)
         if count == 0 and not rule.optional:
             raise RecipeError(f"rule {rule.name!r} of recipe {recipe.name!r} matches no insertion point in "
