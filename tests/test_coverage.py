@@ -155,3 +155,42 @@ def test_check_requires_the_whole_model_fx_graph_to_hold_every_dropblock(monkeyp
     monkeypatch.setattr(roottrace, "_trace_installed", lambda tracer, module: None)
     row = coverage.check_model("efficientnet_b0", ctor, library="timm")
     assert row.status == "fail" and "holds 39 of the 40 DropBlocks" in row.reason, row.reason
+
+
+class _DeadBranch(torch.nn.Module):
+    """A conv whose output the forward computes and throws away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        self.b(x)
+        return self.a(x)
+
+
+def test_placement_check_finds_points_before_a_norm_and_on_dead_maps():
+    """The sweep's dataflow check flags a point between a conv and its norm (a frozen-norm class no registry
+    names: HF DETR) and one on a map that never reaches the outputs; the plan's own points pass it."""
+    transformers = pytest.importorskip("transformers")
+    from dropblock_inject.surgery.points import InsertionPoint
+    from tools.coverage.placement import misplaced
+
+    import dropblock_inject as dbi
+
+    cfg = transformers.DetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
+        backbone_config=transformers.ResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256],
+                                                  embedding_size=16, layer_type="bottleneck",
+                                                  out_features=["stage4"]),
+        d_model=32, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        num_queries=5, encoder_layers=1, decoder_layers=1)
+    model = transformers.DetrForObjectDetection(cfg)
+    x = torch.zeros(1, 3, 128, 128)
+    assert misplaced(model, dbi.plan(model, "paper_generic", example_input=x), x) == ""
+    conv = InsertionPoint("model.backbone.model.encoder.stages.2.layers.0.layer.1", "convolution", "branch", 7,
+                          None, 0.9)
+    assert "before a norm" in misplaced(model, [conv], x)
+    dead = InsertionPoint("", "b", "branch", 3, None, 0.9)
+    assert "dead map" in misplaced(_DeadBranch(), [dead], torch.zeros(1, 3, 16, 16))

@@ -14,8 +14,8 @@ from dropblock_inject import surgery
 
 # the stages in data-flow order (``wrappers`` finds the network inside DataParallel, compile, EMA); ``forward`` (the runtime of an injected module) sits right after ``trace``,
 # the only stage it needs, so that ``select`` can ask whether a model is already injected
-STAGES = ["registry", "wrappers", "outputs", "globals_of", "checkpointing", "calls", "points", "trace", "roottrace", "forward", "kinds", "example", "shapes",
-          "metaforward", "dataflow", "residuals", "normprobe", "roles", "analyze",
+STAGES = ["registry", "wrappers", "outputs", "globals_of", "checkpointing", "calls", "points", "trace", "roottrace", "forward", "kinds", "example",
+          "metaforward", "dataflow", "residuals", "normprobe", "roles", "shapes", "analyze",
           "explain", "select", "sites", "sequentials", "blueprint", "rewrite"]
 PACKAGE = Path(surgery.__file__).parent
 

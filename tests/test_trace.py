@@ -76,9 +76,9 @@ def test_list_of_tensors_argument():
     ref = model(x)
     recipe = {"rules": [{"modules": ["blocks.*"], "after": ["norm"], "shortcut": True}]}
     points = dbi.plan(model, recipe, example_input=torch.randn(1, 3, 16, 16))
-    # the addition of the two branches reads as a residual one (either side could be the shortcut)
+    # the addition of two conv branches of one depth has no shortcut: each branch gets its branch point
     assert [(p.module, p.after, p.kind, p.shape) for p in points][:2] == [
-        ("blocks.0", "branches_0_1", "branch", (1, 8, 16, 16)), ("blocks.0", "branches_1_1", "shortcut", (1, 8, 16, 16))]
+        ("blocks.0", "branches_0_1", "branch", (1, 8, 16, 16)), ("blocks.0", "branches_1_1", "branch", (1, 8, 16, 16))]
     dbi.inject(model, recipe)  # no example input: the call pattern comes from one default forward
     assert len(dbi.injected_dropblocks(model)) == 4
     assert torch.equal(model(x), ref)

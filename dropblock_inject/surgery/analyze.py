@@ -16,8 +16,10 @@ import torch.fx as fx
 from torch import nn
 
 from .registry import extra_levels
-from .kinds import add_operands, conv_count, is_gate, node_kinds, unit_kinds
+from .kinds import add_operands, conv_count, is_add, is_gate, node_kinds, unit_kinds
 from .shapes import ShapeLog
+from .roles import Roles
+from .residuals import ResidualAdd
 from .calls import Param
 from .trace import Traced
 
@@ -30,6 +32,7 @@ class Candidate:
     add: fx.Node | None = None  # the residual addition, for shortcuts
     shape: tuple[int, ...] | None = None
     banned: str = ""  # why no DropBlock may go here (a prediction, a pooled map), whatever the recipe
+    module: str | None = None  # the path of the module the node calls (None: a function, or the shortcut)
 
 
 @dataclass
@@ -45,7 +48,24 @@ class Scope:
     out_spec: Any = None
 
 
-def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None) -> Scope:
+DEAD = "a map that never reaches the model's outputs"
+ATTENTION = "a tensor that feeds attention or comes from it (q, k, v, a positional code, a projection)"
+
+
+def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None, roles: Roles | None = None
+            ) -> Scope:
+    """The residual additions and DropBlock candidates of one traced scope.
+
+    Args:
+        path: the scope's module path; scope: the module; traced: its graph.
+        shapes: the example forward's shapes (node shapes, predictions, pooled maps), if it ran.
+        roles: the example forward's dataflow facts, if recorded: a module that normalises per channel with
+            running or frozen statistics counts as a norm whatever its class, and a module output that never
+            reaches the model's outputs or feeds attention is banned.
+
+    Returns:
+        The analysed :class:`Scope`.
+    """
     graph = traced.graph
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
@@ -55,16 +75,28 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
         for p in n.all_input_nodes:
             bits |= ancestors[p] | (1 << index[p])
         ancestors[n] = bits
+    full = {n: f"{path}.{n.target}" if path else str(n.target) for n in nodes if n.op == "call_module"}
     kinds = {n: node_kinds(n, scope) for n in nodes}
+    if roles is not None:  # norms by behaviour (a frozen BatchNorm class no registry names)
+        kinds.update({n: frozenset({"norm"}) for n, p in full.items() if not kinds[n] and roles.is_norm(p)})
     placeholders = sum(1 << index[n] for n in nodes if n.op == "placeholder")
     convs = {n: conv_count(n, scope) for n in nodes}
     heavy = sum(1 << index[n] for n in nodes if kinds[n] & {"conv", "unit", "norm"} or convs[n])
     conv_bits = [(1 << index[n], convs[n]) for n in nodes if convs[n]]
     node_shapes, banned = shapes.node_shapes(path, graph, traced.input_shapes) if shapes else ({}, {})
+    if roles is not None:
+        if roles.ran(path) and not roles.is_live(path):  # the whole scope's output is thrown away
+            banned.update({n.name: DEAD for n in nodes if n.op != "output"})
+        for n, p in full.items():
+            if n.name not in banned and roles.ran(p):
+                reason = DEAD if not roles.is_live(p) else ATTENTION if roles.in_attention(p) else ""
+                if reason:
+                    banned[n.name] = reason
 
     candidates: list[Candidate] = []
     on_shortcut = 0
     residual = False
+    flow_adds = _dataflow_adds(path, nodes, roles)
     for n in nodes:
         operands = add_operands(n)
         if operands is None:
@@ -72,6 +104,13 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
         a, b = operands
         own = {x: ancestors[x] | (1 << index[x]) for x in (a, b)}
         excl = {a: own[a] & ~own[b], b: own[b] & ~own[a]}
+        found = flow_adds.get(n) if flow_adds is not None else None
+        own_ban = ""
+        if found is not None and set(roles.flow.ops[found.op].outputs) & roles.attention_region:  # type: ignore
+            own_ban = ATTENTION  # an attention result plus its positional code
+        if found is not None and found.skip is None and found.branch_convs[0] == found.branch_convs[1]:
+            residual = True
+            continue  # the sum of two conv branches of one depth (a re-parameterisable block): no shortcut
         if not own[a] & placeholders or not own[b] & placeholders:
             continue  # not a residual: one operand does not derive from the scope's input
         # the shortcut is the side with fewer convolutions (counting those inside leaf modules such as
@@ -80,16 +119,19 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
                                                          bin(excl[x] & heavy).count("1"), bin(excl[x]).count("1")))
         if not excl[branch] & heavy:
             continue  # neither side holds a layer: not a residual connection
-        # the shortcut must start at the scope's input: its exclusive path is fed only by placeholders
+        # the shortcut must start at the scope's input: its exclusive path is fed only by placeholders; or,
+        # as the dataflow shows, be the very source of the branch (``x = x + blk(x)`` chained in a loop)
         starts = [m for m in nodes if excl[shortcut] >> index[m] & 1] or [shortcut]
         feeders = {p for m in starts for p in m.all_input_nodes if not excl[shortcut] >> index[p] & 1}
         if shortcut.op != "placeholder" and not all(p.op == "placeholder" for p in feeders):
-            continue
+            if found is None or found.skip is None or not _is_source(roles, found):  # type: ignore[arg-type]
+                continue
+            shortcut, branch = (a, b) if found.skip == 0 else (b, a)
         residual = True
         on_shortcut |= excl[shortcut]
         shape = node_shapes.get(branch.name) or node_shapes.get(n.name)
         candidates.append(Candidate(shortcut, "shortcut", frozenset(), add=n, shape=shape,
-                                    banned=banned.get(shortcut.name, "")))
+                                    banned=banned.get(shortcut.name, "") or own_ban))
     # nodes whose value reaches the output as a feature map, not only as attention logits or a gate
     # (through a softmax, sigmoid or matrix product: global-context / spatial attention convolutions)
     features: set[fx.Node] = set()
@@ -102,7 +144,7 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
             continue  # a SelectiveKernel-like step counts only on a residual branch, not a whole block elsewhere
         if kinds[n] and not (on_shortcut >> index[n] & 1) and n in features:
             candidates.append(Candidate(n, "branch", unit_kinds(n, kinds), shape=node_shapes.get(n.name),
-                                        banned=banned.get(n.name, "") or extra.get(n, "")))
+                                        banned=banned.get(n.name, "") or extra.get(n, ""), module=full.get(n)))
     output = next(n for n in reversed(nodes) if n.op == "output")
     out_arg = output.args[0]
     out_shape = node_shapes.get(out_arg.name) if isinstance(out_arg, fx.Node) else None
@@ -111,6 +153,45 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
     conv3d = any(isinstance(m, (nn.Conv3d, nn.BatchNorm3d)) for m in scope.modules())
     return Scope(path, scope, graph, candidates, residual, out_shape, 3 if conv3d else 2, traced.params,
                  traced.out_spec)
+
+
+def _is_source(roles: Roles, add: ResidualAdd) -> bool:
+    """Whether the addition's skip operand is what its other operand was computed from (``x + f(x)``)."""
+    skip, other = add.operands[add.skip], add.operands[1 - add.skip]  # type: ignore[index, operator]
+    seen, todo = {other}, [other]
+    while todo:
+        p = roles.flow.values[todo.pop()].producer
+        for w in roles.flow.ops[p].inputs if p is not None else ():
+            if w == skip:
+                return True
+            if w not in seen:
+                seen.add(w)
+                todo.append(w)
+    return False
+
+
+_SCALAR_METHODS = {"size", "dim", "numel", "__len__"}
+
+
+def _dataflow_adds(path: str, nodes: list[fx.Node], roles: Roles | None) -> dict[fx.Node, ResidualAdd] | None:
+    """The scope's residual additions found by the recorded dataflow (chained ones included: each addition
+    of a branch to a skip path, wherever the skip comes from), by graph node; None when the graph's tensor
+    additions do not line up one to one with the recorded ones (then the graph alone decides)."""
+    if roles is None or not roles.ran(path):
+        return None
+    scalar: set[fx.Node] = set()  # shape arithmetic: x.size(), x.shape[2] + 1
+    for n in nodes:
+        if (n.op == "call_method" and n.target in _SCALAR_METHODS) or (
+                n.op == "call_function" and getattr(n.target, "__name__", "") == "getattr"
+                and n.args[1:2] == ("shape",)) or (
+                n.op == "call_function" and n.all_input_nodes and all(p in scalar for p in n.all_input_nodes)):
+            scalar.add(n)
+    tensor_adds = [n for n in nodes if is_add(n) and n not in scalar]
+    first = min(roles.flow.calls_of(path), key=lambda c: c.start)
+    recorded = [op for op in roles.flow.ops[first.start:first.end] if op.kind == "add" and op.scope == path]
+    if len(recorded) != len(tensor_adds):
+        return None
+    return {tensor_adds[a.position]: a for a in roles.adds_in(path)}
 
 
 def _extra_levels(path: str, nodes: list[fx.Node], index: dict[fx.Node, int], ancestors: dict[fx.Node, int],

@@ -144,7 +144,9 @@ def make_plan(model: nn.Module, recipe: RecipeLike, example_input: Any = None, *
         model: the network (already unwrapped).
         recipe: a recipe name, path, dict or Recipe.
         example_input: the example forward's input (default ``1x3x224x224`` where shapes are needed).
-        with_shapes: run the example forward even when no rule selects by stride (feature shapes).
+        with_shapes: the example forward must run (its failure an error) even when no rule selects by
+            stride; otherwise it is tried, and a model that does not take the default input is planned
+            without its facts.
 
     Returns:
         The immutable :class:`Plan`.
@@ -179,4 +181,5 @@ def plan(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -> 
         SurgeryError: a selected module that torch.fx cannot trace.
     """
     check_surgery_args("plan", model, example_input)
-    return make_plan(unwrap(model), recipe, example_input, with_shapes=True).points
+    # the same plan phase as ``inject``'s: it refuses exactly what inject refuses
+    return make_plan(unwrap(model), recipe, example_input, with_shapes=example_input is not None).points

@@ -160,6 +160,7 @@ class _Recorder(TorchFunctionMode):
         self.flow = Dataflow()
         self.names = names
         self.stack: list[tuple[str, tuple[int, ...], int]] = []
+        self.ref_channels = 0
 
     def new_value(self, t: Tensor, producer: int | None) -> int:
         vid = len(self.flow.values)
@@ -198,6 +199,7 @@ class _Recorder(TorchFunctionMode):
         self.flow.ops.append(Op(index, name, kind, scope, ins, outs, dilation, kernel))
         if kind == "conv" and not self.flow.reference and args and isinstance(args[0], Tensor):
             self.flow.reference = tuple(args[0].shape[2:])
+            self.ref_channels = args[0].shape[1] if args[0].dim() > 1 else 0
         return out
 
     def pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -226,14 +228,54 @@ def _run(model: nn.Module, args: tuple[Any, ...], how: str) -> Dataflow:
                     out = model(*args)
             else:
                 out = model(*args)
-            rec.flow.outputs = tuple(rec.ids[t] for t in leaves(out) if t in rec.ids)
     finally:
         for h in handles:
             h.remove()
+    return _finish(rec, out, how)
+
+
+class Recording:
+    """:func:`record`'s machinery for a forward that another pass runs (the surgery's example forward,
+    :class:`.shapes.ShapeLog`, which calls each module without the user's hooks): enter :attr:`mode` around
+    the forward, call :meth:`pre_hook` / :meth:`post_hook` around each module call, then :meth:`finish`.
+
+    Args:
+        model: the network whose modules the calls are named after.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.mode = _Recorder({id(m): path for path, m in model.named_modules()})
+        self.pre_hook, self.post_hook = self.mode.pre_hook, self.mode.post_hook
+
+    def inputs(self, args: Any) -> None:
+        """Registers the model's input tensors (call inside :attr:`mode`, before the forward)."""
+        self.mode.flow.inputs = tuple(self.mode.new_value(t, None) for t in leaves(args))
+
+    def finish(self, out: Any, how: str) -> Dataflow:
+        """The recorded :class:`Dataflow`, ``out`` being what the forward returned."""
+        return _finish(self.mode, out, how)
+
+
+def _finish(rec: _Recorder, out: Any, how: str) -> Dataflow:
     flow = rec.flow
+    flow.outputs = tuple(rec.ids[t] for t in leaves(out) if t in rec.ids)
     flow.how = how
+    flow.reference = _unfolded(flow, rec.ref_channels)
     flow.values = [Value(v.id, v.shape, v.producer, _stride(v.shape, flow.reference)) for v in flow.values]
     return flow
+
+
+def _unfolded(flow: Dataflow, channels: int) -> Shape:
+    """The first convolution's input size, or the model input's when a space-to-depth stem (TResNet's, a
+    ``PixelUnshuffle``) folded f x f pixels into channels before it: strides count from the image."""
+    ref = flow.reference
+    first = flow.values[flow.inputs[0]].shape if flow.inputs else ()
+    if len(ref) != 2 or len(first) not in (3, 4) or not first[-3]:
+        return ref
+    f = math.isqrt(channels // first[-3]) if channels % first[-3] == 0 else 1
+    if f > 1 and f * f * first[-3] == channels and tuple(first[-2:]) == tuple(r * f for r in ref):
+        return tuple(r * f for r in ref)
+    return ref
 
 
 def _stride(shape: Shape, reference: Shape) -> int | None:

@@ -1,7 +1,7 @@
 """The example forward's machinery (used by :mod:`.shapes`): how it runs cheaply and leaves no trace.
 
 * :func:`attempts` -- the ways to run it, cheapest first: an empty batch, the meta device
-  (:class:`MetaMode`), a real forward;
+  (:class:`.metaforward.MetaForward`, which :mod:`.shapes` enters), a real forward;
 * :class:`Snapshot` -- the model's forward run without the user's hooks (per module and global: by calling
   each module through a function of its own, never by clearing a registry), and every attribute, parameter,
   buffer and child a forward assigned undone afterwards;
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .registry import CALL_IMPL_SLOT, dispatch_mode_base, global_hooks_present
+from .registry import CALL_IMPL_SLOT, global_hooks_present
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
@@ -97,43 +97,6 @@ class Flow(TorchFunctionMode):
 
     def layers_of(self, out: Any) -> set[str]:
         return set().union(*(self.info.get(t, ((), False))[0] for t in leaves(out)))
-
-
-_aten = torch.ops.aten
-_SHAPE_PRESERVING = {_aten.native_batch_norm.default, _aten._native_batch_norm_legit_no_training.default}
-
-
-class MetaMode(dispatch_mode_base()):  # type: ignore[misc]
-    """Runs every op on the meta device (shapes only, no compute): real tensors (parameters, buffers,
-    constants made in the forward) are viewed as meta tensors of the same shape."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cache: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def _meta(self, t: Tensor) -> Tensor:
-        if t.device.type == "meta":
-            return t
-        hit = self.cache.get(id(t))
-        if hit is None or hit[0] is not t:
-            hit = self.cache[id(t)] = (t, t.to("meta"))
-        return hit[1]
-
-    def _map(self, value: Any) -> Any:
-        if isinstance(value, Tensor):
-            return self._meta(value)
-        if type(value) in (list, tuple):
-            return type(value)(self._map(v) for v in value)
-        return value
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        # aten arguments are tensors, lists of tensors and scalars: no generic pytree walk needed
-        args = tuple(self._map(a) for a in args)
-        kwargs = {k: self._map(v) for k, v in kwargs.items()} if kwargs else {}
-        if func in _SHAPE_PRESERVING:  # their meta kernels are slow Python decompositions; only shapes matter
-            x = args[0]
-            return torch.empty_like(x), x.new_empty(0), x.new_empty(0)
-        return func(*args, **kwargs)
 
 
 def attempts(args: tuple[Any, ...], hooked: bool) -> list[tuple[str, tuple[Any, ...], bool]]:

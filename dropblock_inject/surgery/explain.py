@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..recipe import Recipe, RecipeError, Rule
 from .kinds import CONV_TYPES
 from .shapes import ShapeLog
+from .roles import Roles
 
 
 def not_a_cnn(model: nn.Module, recipe: Recipe) -> None:
@@ -34,14 +35,29 @@ def not_a_cnn(model: nn.Module, recipe: Recipe) -> None:
                           f"for DropBlock; name modules by path (modules: [...]) to place it anyway")
 
 
+def not_a_residual_cnn(model: nn.Module, recipe: Recipe, roles: Roles) -> None:
+    """RecipeError if a recipe selecting by stride only meets a model that computes attention and whose
+    backbone has no residual conv stage at stride 16 or 32 (a transformer with a conv stem or decoder, as
+    the recorded dataflow shows): stride rules would give it a stray DropBlock. Plain CNNs without residual
+    additions (VGG, DenseNet) compute no attention and still get their stages."""
+    if any(r.modules is not None or r.types is not None or r.stride is None for r in recipe.rules):
+        return
+    if roles.not_a_cnn is not None and roles.attention_inputs:
+        raise RecipeError(f"recipe {recipe.name!r}: {type(model).__name__} is not a CNN the recipe fits: "
+                          f"{roles.not_a_cnn}, and it computes attention; DropBlock belongs in a CNN backbone's "
+                          f"residual stages: name modules by path (modules: [...]) to place it anyway")
+
+
 def _literal(glob: str) -> str:
     return re.split(r"[*?]", glob)[0].rstrip(".")
 
 
 def explain(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], paths: list[str],
-            why: dict[str, list[str]], shapes: ShapeLog | None, example_input: Any, untraceable: int = 0) -> str:
+            why: dict[str, list[str]], shapes: ShapeLog | None, example_input: Any, untraceable: int = 0,
+            roles: Roles | None = None) -> str:
     """Why ``rule`` selected no insertion point, in one sentence the user can act on (``untraceable``: how
-    many of the selected modules torch.fx could not trace)."""
+    many of the selected modules torch.fx could not trace; ``roles``: the dataflow's facts, so that the
+    deepest stage named is one whose maps reach the model's outputs)."""
     if rule.modules is not None and not any(rule.matches_path(p) for p in modules if p):
         names = [p for p in modules if p]
         close = [c for g in rule.modules for c in difflib.get_close_matches(_literal(g), names, n=3, cutoff=0.5)]
@@ -64,6 +80,8 @@ def explain(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], paths: 
         for p, calls in shapes.calls.items():
             shape = calls[0] if calls else None
             s = shapes.nominal_stride(shape, p) if shape and shape[1] > 1 and p not in shapes.heads else None
+            if roles is not None and roles.ran(p) and not roles.is_live(p):
+                s = None  # a stage the model computes and throws away (smp's encoders beyond their depth)
             if s is not None and shape is not None and len(shape) >= 4:
                 found.setdefault(s, p)
         if not found:

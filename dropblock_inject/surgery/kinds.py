@@ -161,10 +161,14 @@ def node_kinds(node: fx.Node, scope: nn.Module) -> frozenset[str]:
     return frozenset()
 
 
-def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+def is_add(node: fx.Node) -> bool:
+    """Whether ``node`` is an addition (``+``, ``+=``, ``torch.add``, ``Tensor.add`` / ``add_``)."""
+    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
         node.op == "call_method" and node.target in _ADD_METHODS)
-    if not is_add or len(node.args) < 2:
+
+
+def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    if not is_add(node) or len(node.args) < 2:
         return None
     a, b = node.args[0], node.args[1]
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or "get_attr" in (a.op, b.op) or a is b:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from .registry import dispatch_mode_base
 
 
 def leaves(value: Any) -> list[Tensor]:
@@ -40,7 +41,7 @@ _PRODUCTS = {_aten.convolution.default, _aten.mm.default, _aten.bmm.default, _at
              _aten.baddbmm.default, _aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
-class MetaForward(TorchDispatchMode):
+class MetaForward(dispatch_mode_base()):  # type: ignore[misc]
     """Runs the forward on the meta device: real tensors (parameters, buffers) are viewed as meta tensors of
     the same shape, but small constants stay real, so that code reading their values runs (a stride table,
     a frozen norm's scale, a padding mask the forward made and tests with ``.all()``). Random ops always run

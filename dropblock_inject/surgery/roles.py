@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
+import torch
 from torch import nn
 
 from .dataflow import Dataflow, Op, Value
@@ -64,10 +65,10 @@ class Roles:
                         todo.append(w)
         return seen
 
-    def _map(self, v: int) -> bool:
-        """A feature map: (N, C, *spatial) with a stride, C > 1 and more than one spatial cell."""
+    def _map(self, v: int, cells: int = 2) -> bool:
+        """A feature map: (N, C, *spatial) with a stride, C > 1 and at least ``cells`` spatial cells."""
         val = self.flow.values[v]
-        return val.stride is not None and val.shape[1] > 1 and _cells(val) > 1
+        return val.stride is not None and val.shape[1] > 1 and _cells(val) >= cells
 
     @cached_property
     def fusions(self) -> list[int]:
@@ -225,9 +226,21 @@ class Roles:
         outs = self._outputs(path)
         return bool(outs) and all(v in self.backbone for v in outs)
 
+    def is_one_cell(self, path: str) -> bool:
+        """Whether the module at ``path`` returned maps of one spatial cell only (an input too small for the
+        deepest stages: no backbone map, see :attr:`backbone`, is that small)."""
+        outs = [self.flow.values[v] for v in self._outputs(path)]
+        return bool(outs) and all(v.stride is not None and _cells(v) == 1 for v in outs)
+
     def is_live(self, path: str) -> bool:
-        """Whether some tensor the module at ``path`` returned reaches the model's outputs."""
-        return any(v in self.live for v in self._outputs(path))
+        """Whether some tensor the module at ``path`` returned reaches the model's outputs (True when that
+        cannot be known: the model holds a TorchScript module, whose ops the record does not see)."""
+        return self.opaque or any(v in self.live for v in self._outputs(path))
+
+    @cached_property
+    def opaque(self) -> bool:
+        """Whether the model holds a ScriptModule: its calls run unrecorded, so what reads a map is unknown."""
+        return self.model is not None and any(isinstance(m, torch.jit.ScriptModule) for m in self.model.modules())
 
     def feeds_attention(self, path: str) -> bool:
         """Whether a tensor the module at ``path`` returned reaches attention (see :attr:`attention_inputs`)."""

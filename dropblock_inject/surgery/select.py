@@ -21,17 +21,18 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..recipe import Recipe, RecipeError, Rule
 from .analyze import Candidate, Scope, analyze
-from .explain import explain, not_a_cnn
+from .explain import explain, not_a_cnn, not_a_residual_cnn
 from .points import InsertionPoint
 from .kinds import CONV_TYPES, inside_layer, module_kind, owner, usable_scopes
 from .shapes import ShapeLog, call_log, default_input
+from .roles import Roles
 from .calls import wants_call
 from ..errors import SurgeryError
 from .trace import TRACING, trace_scope
 
 
 def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: ShapeLog | None,
-                 wrappers: set[str], focus: dict[str, set[str]]) -> list[str]:
+                 wrappers: set[str], focus: dict[str, set[str]], roles: Roles | None = None) -> list[str]:
     """The scopes ``rule`` selects; residual wrappers tried for their addition only are added to ``wrappers``,
     and the owners of layers the globs name themselves to ``focus`` (owner -> layer paths): no point goes
     there, but an error can say why (a prediction, a pooled map) or name the module to write instead."""
@@ -65,7 +66,14 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
         for path, leaves in owners.items():
             if path not in usable:
                 continue
-            if rule.stride is not None and shapes is not None:
+            if rule.stride is not None and roles is not None:
+                # the backbone's live feature maps at the rule's stride, none feeding attention
+                block = _block_stride(roles, path)
+                if not any(roles.ran(p) and _backbone(roles, shapes, p) and roles.is_live(p)
+                           and not roles.in_attention(p) and (roles.stride(p) if block is None else block) in rule.stride
+                           for p in [*leaves, path]):
+                    continue
+            elif rule.stride is not None and shapes is not None:
                 if path in shapes.heads:
                     continue
                 strides = {shapes.nominal_stride(shapes.module_output(p), path) for p in [*leaves, path]
@@ -79,12 +87,33 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
     return chosen
 
 
+def _block_stride(roles: Roles, path: str) -> int | None:
+    """The stride of the residual block the module at ``path`` is or belongs to (the nearest enclosing module
+    whose own forward adds a branch to a skip path): its convs count as that block's group, as torchvision's
+    ``layer4.0.conv1`` does at stride 16, also where each conv-norm pair is a module (Hugging Face's ResNet)."""
+    parts = path.split(".") if path else []
+    for i in range(len(parts), 0, -1):
+        p = ".".join(parts[:i])
+        if roles.ran(p) and any(a.skip is not None for a in roles.adds_in(p)):
+            return roles.stride(p)
+    return None
+
+
+def _backbone(roles: Roles, shapes: ShapeLog | None, path: str) -> bool:
+    """Whether the module at ``path`` computes backbone maps; one of 1x1 maps (an input too small for the
+    deepest stages) counts unless it runs after the backbone's deepest map, so that the plan can say why."""
+    return roles.is_backbone(path) or (roles.is_one_cell(path) and shapes is not None and path not in shapes.heads)
+
+
 def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, list[str]],
-            focus: set[str] | None = None) -> list[Candidate]:
+            focus: set[str] | None = None, roles: Roles | None = None) -> list[Candidate]:
     """The candidates of ``scope`` that ``rule`` asks for; those it asks for but that may never get a
-    DropBlock are counted in ``why`` (reason -> points)."""
+    DropBlock are counted in ``why`` (reason -> points). With the dataflow's ``roles``, a stride rule keeps
+    backbone maps only and takes each module's stride from it."""
     wanted = set(rule.after)
-    out_stride = shapes.nominal_stride(scope.output_shape, scope.path) if shapes else None
+    own = roles is not None and roles.ran(scope.path)
+    out_stride = roles.stride(scope.path) if own else shapes.nominal_stride(scope.output_shape, scope.path) \
+        if shapes else None
     selected = []
     for c in scope.candidates:
         if c.kind == "shortcut":
@@ -98,11 +127,18 @@ def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, li
         if c.shape is not None and len(c.shape) != scope.spatial_dims + 2:
             continue  # not a feature map (e.g. a channels-last tensor or tokens)
         if rule.stride is not None:
-            if shapes is not None and shapes.in_head(c.node, scope.path):
+            at = c.module if c.module is not None and roles is not None and roles.ran(c.module) else \
+                scope.path if own and scope.path else None
+            if at is not None:  # roles: a module of the backbone, else the (non-root) scope
+                if not _backbone(roles, shapes, at):  # type: ignore[arg-type]
+                    continue
+            elif shapes is not None and shapes.in_head(c.node, scope.path):
                 continue
-            stride = shapes.nominal_stride(c.shape, scope.path) if shapes else None
+            stride = roles.stride(c.module) if c.module is not None and at == c.module else \
+                shapes.nominal_stride(c.shape, scope.path) if shapes else None  # type: ignore[union-attr]
             in_stage = scope.residual and out_stride in rule.stride
-            if not (stride in rule.stride or in_stage):
+            block = _block_stride(roles, scope.path) if own else None  # type: ignore[arg-type]
+            if not (stride in rule.stride or in_stage) if block is None else block not in rule.stride:
                 continue
         reason = c.banned
         if not reason and c.shape is not None:
@@ -142,10 +178,18 @@ def build_plan(model: nn.Module, recipe: Recipe, example_input: Any, with_shapes
     _check_not_lazy(model)
     not_a_cnn(model, recipe)
     with TRACING:
-        shapes = None
-        if with_shapes or _needs_shapes(recipe):  # (runs the forward without the user's hooks)
-            shapes = ShapeLog(model, default_input() if example_input is None else example_input)
-        return _build_plan(model, recipe, example_input, shapes)
+        shapes = roles = None
+        # one example forward (without the user's hooks) records the shapes and the dataflow, which placement
+        # is decided from; plan and inject run it alike. Only a stride rule or a given input requires it.
+        try:
+            shapes = ShapeLog(model, default_input() if example_input is None else example_input, dataflow=True)
+        except SurgeryError:
+            if with_shapes or _needs_shapes(recipe):
+                raise
+        if shapes is not None and shapes.flow is not None and not shapes.partial:
+            roles = Roles(shapes.flow, model)
+            not_a_residual_cnn(model, recipe, roles)
+        return _build_plan(model, recipe, example_input, shapes, roles)
 
 
 def _check_not_lazy(model: nn.Module) -> None:
@@ -160,7 +204,8 @@ def _check_not_lazy(model: nn.Module) -> None:
                            f"then inject")
 
 
-def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: ShapeLog | None) -> Selection:
+def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: ShapeLog | None,
+                roles: Roles | None = None) -> Selection:
     modules = dict(model.named_modules())
     scopes: dict[str, Scope] = {}
     untraceable: dict[str, SurgeryError] = {}
@@ -177,7 +222,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
         skipped: list[str] = []
         why: dict[str, list[str]] = {}
         focus: dict[str, set[str]] = {}
-        paths = _rule_scopes(model, rule, modules, shapes, wrappers, focus)
+        paths = _rule_scopes(model, rule, modules, shapes, wrappers, focus, roles)
         for path in paths:
             if path in untraceable:
                 if named:
@@ -200,8 +245,8 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
                     warnings.warn(f"{e}; rule {rule.name!r} selects by output stride, so this module is left "
                                   f"without DropBlock", stacklevel=5)
                     continue
-                scopes[path] = analyze(path, modules[path], traced, shapes)
-            for c in _select(scopes[path], rule, shapes, why):
+                scopes[path] = analyze(path, modules[path], traced, shapes, roles)
+            for c in _select(scopes[path], rule, shapes, why, roles=roles):
                 point = InsertionPoint(
                     module=path, after=c.node.name, kind=c.kind,
                     block_size=rule.block_size or recipe.dropblock.block_size, shape=c.shape,
@@ -214,8 +259,8 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
         total += count
         small += why.get("a 1x1 map", []) if rule.stride is not None else []
         if count == 0:
-            named_layers = _diagnose_layers(rule, modules, focus, shapes, calls, why)
-            reasons.append(explain(model, rule, modules, paths, why, shapes, example_input, len(skipped))
+            named_layers = _diagnose_layers(rule, modules, focus, shapes, calls, why, roles)
+            reasons.append(explain(model, rule, modules, paths, why, shapes, example_input, len(skipped), roles)
                            if why or not named_layers else named_layers)
         if count == 0 and not rule.optional:
             raise RecipeError(f"rule {rule.name!r} of recipe {recipe.name!r} matches no insertion point in "
@@ -231,24 +276,45 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
         warnings.warn(f"{len(small)} insertion points of recipe {recipe.name!r} were dropped because their maps are "
                       f"1x1 at this input size (e.g. {small[0]}); a larger example_input (such as 1x3x224x224) "
                       f"gives the full plan", stacklevel=5)
+    _no_series(chosen, scopes)
     order = {name: i for i, name in enumerate(modules)}
     points = {p: sorted(chosen[p].values(), key=lambda cp: _node_order(scopes[p].graph, cp[0]))
               for p in sorted(chosen, key=order.__getitem__)}
     return Selection(scopes, points)
 
 
+def _no_series(chosen: dict[str, dict[tuple[str, str], tuple[Candidate, InsertionPoint]]],
+               scopes: dict[str, Scope]) -> None:
+    """A shortcut point on the output of a module that is a scope of its own (Hugging Face's ResNet
+    ``shortcut`` projection, conv then norm) already drops that module's output: its branch point on that
+    output would be a second DropBlock in series, and is removed."""
+    for path, cands in list(chosen.items()):
+        for c, _ in list(cands.values()):
+            if c.kind != "shortcut" or c.node.op != "call_module":
+                continue
+            inner = f"{path}.{c.node.target}" if path else str(c.node.target)
+            if inner not in chosen:
+                continue
+            output = next(n for n in reversed(scopes[inner].graph.nodes) if n.op == "output").args[0]
+            for key, (b, _) in list(chosen[inner].items()):
+                if b.kind == "branch" and b.node is output:
+                    del chosen[inner][key]
+            if not chosen[inner]:
+                del chosen[inner]
+
+
 def _diagnose_layers(rule: Rule, modules: dict[str, nn.Module], focus: dict[str, set[str]], shapes: ShapeLog | None,
-                     calls: list[ShapeLog | None], why: dict[str, list[str]]) -> str:
+                     calls: list[ShapeLog | None], why: dict[str, list[str]], roles: Roles | None = None) -> str:
     """For a rule whose globs name layers (``classifier.4``): adds to ``why`` the reasons those layers may never
     get a DropBlock; returns what to write instead when they could."""
     found = []
     for path, layers in focus.items():
         call = calls[0].call(path) if calls and calls[0] is not None else None
         try:
-            scope = analyze(path, modules[path], trace_scope(modules[path], path, call), shapes)
+            scope = analyze(path, modules[path], trace_scope(modules[path], path, call), shapes, roles)
         except SurgeryError:
             continue
-        found += [c.node.name for c in _select(scope, rule, shapes, why, layers)]
+        found += [c.node.name for c in _select(scope, rule, shapes, why, layers, roles)]
     if not found:
         return ""
     owners = [p or "<root>" for p in focus]

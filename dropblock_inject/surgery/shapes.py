@@ -16,6 +16,7 @@ assigned to a module is undone, so a failure leaves the model as it was.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from typing import Any
@@ -25,7 +26,9 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from .example import Flow, MetaMode, Snapshot, attempts, leaves
+from .example import Flow, Snapshot, attempts, leaves
+from .metaforward import MetaForward
+from .dataflow import Dataflow, Recording
 from .kinds import ACT_FUNCTIONS, ACT_METHODS, CONV_TYPES, add_operands, is_container, is_layer, module_kind, owner
 from .calls import Call, describe
 from ..errors import SurgeryError
@@ -65,10 +68,12 @@ def _own_layers(m: nn.Module) -> list[nn.Module]:
 class ShapeLog:
     """Output shapes and origins of every module call, and the arguments of each module's first call, from
     one eval forward of ``model`` on ``example_input`` (a tensor, a tuple of arguments, or e.g. a list of
-    image tensors for a detector)."""
+    image tensors for a detector). With ``dataflow``, the same forward also records its dataflow
+    (:attr:`flow`, see :mod:`.dataflow`; None when the forward stopped in a detector's post-processing)."""
 
-    def __init__(self, model: nn.Module, example_input: Any) -> None:
+    def __init__(self, model: nn.Module, example_input: Any, dataflow: bool = False) -> None:
         self.model = model
+        self._dataflow = dataflow
         self.modules = dict(model.named_modules())
         args = example_input if isinstance(example_input, tuple) else (example_input,)
         tensors = leaves(args)
@@ -120,6 +125,7 @@ class ShapeLog:
         self.partial = False
         self.classifier = False
         self._events = 0
+        self.flow: Dataflow | None = None
 
     def _run(self, model: nn.Module, args: tuple[Any, ...], how: str, snapshot: Snapshot, keep: bool) -> None:
         """One forward with our recording hooks (``keep``: with the model's own hooks too, for models that
@@ -127,24 +133,39 @@ class ShapeLog:
         names = self._names = {id(m): name for name, m in self.modules.items()}
         flow = Flow({id(m) for m in self.modules.values() if is_layer(m)}, names)
         post = flow.post_hook(self._hook)
+        pre = self._pre_hook
+        observer = Recording(model) if self._dataflow else None
+        if observer is not None:
+            def pre(module: nn.Module, args: Any, kwargs: Any) -> None:
+                observer.pre_hook(module, args, kwargs)
+                self._pre_hook(module, args, kwargs)
+
+            def post(module: nn.Module, args: Any, output: Any, _ours: Any = post) -> None:
+                _ours(module, args, output)
+                observer.post_hook(module, args, output)
         for m in self.modules.values():
             if not isinstance(m, torch.jit.ScriptModule):  # a leaf that is never hooked
-                snapshot.install(m, self._pre_hook, post, keep)
+                snapshot.install(m, pre, post, keep)
         if how == "meta":
             args = pytree.tree_map_only(Tensor, lambda t: t.to("meta"), args)
         flow.tag_inputs(args)
         modes = {m: m.training for m in self.modules.values()}
+        inner = observer.mode if observer is not None else contextlib.nullcontext()
         try:
             model.eval()
-            with torch.no_grad(), flow:
+            with torch.no_grad(), flow, inner:
+                if observer is not None:
+                    observer.inputs(args)
                 if how == "meta":
-                    with MetaMode():
+                    with MetaForward():
                         out = model(*args)
                 else:
                     out = model(*args)
         finally:
             for m, mode in modes.items():
                 m.training = mode
+        if observer is not None:
+            self.flow = observer.finish(out, how)
         outs = leaves(out)
         if len(outs) <= 2:  # dense logits (and an auxiliary head's), not a list of feature levels
             self.predictions = {p for p in flow.layers_of(out) if isinstance(self.modules[p], CONV_TYPES)}

@@ -31,6 +31,7 @@ from torch import nn
 from dropblock_inject.ops import _DropBlockNd
 from dropblock_inject.surgery.shapes import ShapeLog
 from .blocks import missing_points
+from .placement import misplaced
 
 
 
@@ -172,7 +173,8 @@ def check_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "paper_g
             return missing_points(model, report.points, recipe, log)  # on the plain model, which check copied
 
         extra = [("branch and shortcut points", blocks), ("nesting", lambda m, r: _nested_dropblocks(m)),
-                 ("feature maps", _feature_maps(log))]
+                 ("feature maps", _feature_maps(log)),
+                 ("placement", lambda m, r: misplaced(model, r.points, x))]  # the plain model's dataflow
         if fx_whole:
             extra.append(("whole-model fx", _whole_model_fx))
         stage = "check"
