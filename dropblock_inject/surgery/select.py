@@ -68,10 +68,8 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
                 continue
             if rule.stride is not None and roles is not None:
                 # the backbone's live feature maps at the rule's stride, none feeding attention
-                block = _block_stride(roles, path)
                 if not any(roles.ran(p) and _backbone(roles, shapes, p) and roles.is_live(p)
-                           and not roles.in_attention(p) and (roles.stride(p) if block is None else block) in rule.stride
-                           for p in [*leaves, path]):
+                           and not roles.in_attention(p) and roles.stride(p) in rule.stride for p in [*leaves, path]):
                     continue
             elif rule.stride is not None and shapes is not None:
                 if path in shapes.heads:
@@ -85,18 +83,6 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
         chosen = [p for p in chosen if type(modules[p]).__name__ in rule.types
                   or f"{type(modules[p]).__module__}.{type(modules[p]).__qualname__}" in rule.types]
     return chosen
-
-
-def _block_stride(roles: Roles, path: str) -> int | None:
-    """The stride of the residual block the module at ``path`` is or belongs to (the nearest enclosing module
-    whose own forward adds a branch to a skip path): its convs count as that block's group, as torchvision's
-    ``layer4.0.conv1`` does at stride 16, also where each conv-norm pair is a module (Hugging Face's ResNet)."""
-    parts = path.split(".") if path else []
-    for i in range(len(parts), 0, -1):
-        p = ".".join(parts[:i])
-        if roles.ran(p) and any(a.skip is not None for a in roles.adds_in(p)):
-            return roles.stride(p)
-    return None
 
 
 def _backbone(roles: Roles, shapes: ShapeLog | None, path: str) -> bool:
@@ -137,8 +123,7 @@ def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, li
             stride = roles.stride(c.module) if c.module is not None and at == c.module else \
                 shapes.nominal_stride(c.shape, scope.path) if shapes else None  # type: ignore[union-attr]
             in_stage = scope.residual and out_stride in rule.stride
-            block = _block_stride(roles, scope.path) if own else None  # type: ignore[arg-type]
-            if not (stride in rule.stride or in_stage) if block is None else block not in rule.stride:
+            if not (stride in rule.stride or in_stage):
                 continue
         reason = c.banned
         if not reason and c.shape is not None:
