@@ -31,6 +31,8 @@ from torch import nn
 from dropblock_inject.ops import _DropBlockNd
 from dropblock_inject.surgery.shapes import ShapeLog
 from .blocks import missing_points
+from dropblock_inject.surgery.roles import Roles
+
 from .placement import misplaced
 
 
@@ -97,6 +99,8 @@ def _join(path: str, target: Any) -> str:
 def _feature_maps(log: ShapeLog) -> Callable[[nn.Module, Any], str]:
     """The feature-map check, on the shapes each DropBlock saw in ``dbi.check``'s training step."""
 
+    roles = Roles(log.flow, log.model) if getattr(log, "flow", None) is not None and not log.partial else None
+
     def run(model: nn.Module, report: Any) -> str:
         if not report.dropblock_inputs:
             return "no DropBlock ran in the train forward"
@@ -109,7 +113,9 @@ def _feature_maps(log: ShapeLog) -> Callable[[nn.Module, Any], str]:
                 return f"DropBlock at {where} got a 1x1 map {shape}"
             if shape[1] == 1:
                 return f"DropBlock at {where} got a single-channel map {shape} (attention logits?)"
-            if point.module in log.heads:
+            if point.module in log.heads and not (roles is not None and roles.is_backbone(point.module)):
+                # a module taking several maps is a head unless the dataflow shows it computes backbone maps
+                # (DLA's trees are handed their shortcut: no upsampling, no fusion of strides)
                 return f"DropBlock at {where} is in a neck or head of the model"
             stride = log.nominal_stride((1, *shape[1:]), point.module)
             if stride in (16, 32):
@@ -167,7 +173,7 @@ def check_model(name: str, ctor: Callable[[], nn.Module], recipe: Any = "paper_g
             train = (x, [target] * 2)
         stage = "reference forward"
         fx_whole = not detection and _fx_traces(model)
-        log = ShapeLog(model, x)  # the network's own strides, for the checks below
+        log = ShapeLog(model, x, dataflow=True)  # the network's own strides and dataflow, for the checks below
 
         def blocks(injected: nn.Module, report: Any) -> str:
             return missing_points(model, report.points, recipe, log)  # on the plain model, which check copied
