@@ -64,8 +64,6 @@ HISTORY = re.compile(r"\bissue \d+|\bissues? #?\d+|\b(?:first|second|third|fourt
 
 @pytest.mark.parametrize("path", USER_DOCS, ids=[p.name for p in USER_DOCS])
 def test_user_docs_describe_the_software_not_its_history(path):
-    if path.name in ("op.md", "architecture.md"):  # written with the op and the surgery, checked the same way there
-        pytest.skip("owned by the op's and the surgery's documentation")
     found = HISTORY.findall(path.read_text(encoding="utf-8"))
     assert not found, f"{path.name}: {found[:5]}"
     assert python_blocks("x\n```python\na = 1\n```\n```bash\nls\n```\n") == [(2, "a = 1\n")]

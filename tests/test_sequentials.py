@@ -40,8 +40,10 @@ def _train_step(model: nn.Module, seed: int) -> tuple[torch.Tensor, list[torch.T
 
 
 # (model, DropBlocks of paper_generic, plain Sequential children rewritten instead of the top module)
-CASES = [("vgg11", 2, ["features"]), ("mobilenet_v2", 40, ["features"]),
-         ("shufflenet_v2_x0_5", 40, ["conv5"]), ("densenet121", 81, ["features"])]
+SLOW = pytest.mark.slow  # 15-20 s each on 2 cores: VGG-11 stands for them in the default set
+CASES = [("vgg11", 2, ["features"]), pytest.param("mobilenet_v2", 40, ["features"], marks=SLOW),
+         pytest.param("shufflenet_v2_x0_5", 40, ["conv5"], marks=SLOW),
+         pytest.param("densenet121", 81, ["features"], marks=SLOW)]
 
 
 @pytest.mark.parametrize(("name", "count", "sequentials"), CASES)
