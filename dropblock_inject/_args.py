@@ -161,6 +161,18 @@ def check_bool(value: Any, name: str) -> bool:
     raise TypeError(f"{name} must be True or False, but got {_got(value)}")
 
 
+def _as_int(value: Any, name: str, float_hint: str = "") -> int:
+    """``value`` as an int (int, numpy integer, 0-d integer tensor); a bool or a float is a ``TypeError``, a
+    finite float's message ending with ``float_hint``."""
+    if isinstance(value, (bool, float)):
+        hint = float_hint if isinstance(value, float) and math.isfinite(value) else ""
+        raise TypeError(f"{name} must be an int, but got {_got(value)}{hint}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, but got {_got(value)}") from None
+
+
 def check_total_steps(total_steps: Any, name: str = "total_steps") -> int:
     """A positive int up to :data:`MAX_STEPS` (int, numpy integer, 0-d integer tensor).
 
@@ -171,13 +183,7 @@ def check_total_steps(total_steps: Any, name: str = "total_steps") -> int:
     Returns:
         The value as an int.
     """
-    if isinstance(total_steps, (bool, float)):
-        hint = "; pass int(total_steps)" if isinstance(total_steps, float) and math.isfinite(total_steps) else ""
-        raise TypeError(f"{name} must be an int, but got {_got(total_steps)}{hint}")
-    try:
-        value = operator.index(total_steps)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, but got {_got(total_steps)}") from None
+    value = _as_int(total_steps, name, "; pass int(total_steps)")
     if not 0 < value <= MAX_STEPS:
         raise ValueError(f"{name} must be a positive int of at most 2**63 - 1, but got {quote(value)}")
     return value
@@ -193,12 +199,7 @@ def check_step(step: Any, name: str = "global_step") -> int:
     Returns:
         The value as an int.
     """
-    if isinstance(step, (bool, float)):
-        raise TypeError(f"{name} must be an int, but got {_got(step)}")
-    try:
-        value = operator.index(step)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, but got {_got(step)}") from None
+    value = _as_int(step, name)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, but got {quote(value)}")
     return value
