@@ -5,10 +5,11 @@ eval mode, so eval() is the original code bit for bit and whatever fx would bake
 follows train()/eval(); the gradient-checkpointing flags likewise pick their graph per call (see
 :mod:`.checkpointing`), and a structured output is rebuilt with its type (:mod:`.outputs`). A graph traced
 with specialised arguments (see :mod:`.calls`) runs only for calls that match them. :class:`RefuseScripting`
-makes ``torch.jit.script`` of an injected model a clear error (:mod:`.roottrace` makes an fx trace of a rewritten
-module as the root trace its installed forward).
+makes ``torch.jit.script`` of an injected model a clear error (:mod:`.roottrace` likewise refuses an fx trace of
+a rewritten module as the root in training mode: fx would trace its class's forward, not this one). An fx trace
+of an enclosing module calls this forward with Proxies and records its DropBlocks.
 Used by :mod:`.select` (is a model already injected?) and :mod:`.rewrite` (installing it); depends on
-:mod:`.calls`, :mod:`.trace` and :mod:`.roottrace` only.
+:mod:`.registry`, :mod:`.outputs`, :mod:`.checkpointing` and :mod:`.calls` only.
 """
 
 from __future__ import annotations
