@@ -3,6 +3,7 @@ tracer): ``torch.fx.symbolic_trace``, torchvision's ``create_feature_extractor``
 timm's FX feature models see each DropBlock as one node, in training mode only."""
 
 import copy
+import inspect
 
 import pytest
 import timm
@@ -157,6 +158,24 @@ def test_strip_restores_an_instance_get_name_and_the_fx_first_route_works():
     features(X)["head"].sum().backward()
     features.eval()
     assert torch.equal(features(X)["head"], create_feature_extractor(model, {"bn2": "head"}).eval()(X)["head"])
+
+
+def test_torch_export_of_a_rewritten_top_module_holds_its_dropblocks():
+    # torch.export calls the module, so the installed forward runs; it reads that forward's signature (to bind
+    # the example arguments) and code object, which are the original forward's
+    model = _injected_efficientnet()
+    set_keep(model, 0.7)
+    assert list(inspect.signature(model.forward).parameters) == ["x"]
+    assert model.forward.__code__ is type(model).forward.__code__
+    program = torch.export.export(model.train(), (X,))
+    assert sum("drop_block" in str(n.target) for n in program.graph.nodes) == 40
+    torch.manual_seed(6)
+    expected = model(X)
+    torch.manual_seed(6)
+    assert torch.equal(program.module()(X), expected)
+    program = torch.export.export(model.eval(), (X,))
+    assert not any("drop_block" in str(n.target) for n in program.graph.nodes)
+    assert torch.equal(program.module()(X), model(X))
 
 
 def test_fx_and_compiled_graphs_draw_the_eager_masks():
