@@ -62,20 +62,22 @@ class RefuseRootTrace:
         return type(self.module)._get_name(self.module)
 
     def message(self) -> str:
-        """What the refusal says: what would go missing, and the three ways to a graph that is right."""
+        """What the refusal says: what would go missing, and the ways to a graph that is right."""
         cls = type(self.module).__name__
         listed = ", ".join(self.points[:4]) + (", ..." if len(self.points) > 4 else "")
         if self.holder is not None:
-            enclosing = (f"trace the module they are held by ({type(self.holder).__name__}, which calls this one: "
-                         f"fx calls its installed forward then)")
+            routes = (f"trace the module they are held by ({type(self.holder).__name__}): it calls this one, "
+                      f"whose installed forward fx then traces")
         elif self.name != "<root>":
-            enclosing = "trace a module that contains it (fx calls the installed forward of every module it calls)"
+            routes = ("trace a module that contains it (fx traces the installed forward of every module it calls), "
+                      "or use torch.export.export (it calls the installed forward)")
         else:
-            enclosing = ("build the fx module from the plain model and inject into it "
-                         "(dbi.inject(create_feature_extractor(dbi.strip(model), ...), recipe))")
+            routes = ("build the fx module from the plain model and inject into it "
+                      "(dbi.inject(create_feature_extractor(dbi.strip(model), ...), recipe)), or use "
+                      "torch.export.export (it calls the installed forward)")
         return (f"torch.fx traces {cls}.forward, the class's forward, of the module it is given as the root "
                 f"({self.name!r}), not the forward dropblock_inject installed on it, so in training mode its "
                 f"{len(self.points)} DropBlock(s) ({listed}) would be missing from the graph: the trace is "
-                f"refused. Trace in eval mode (the eval graph is the original code, exact), or {enclosing}, or "
-                f"call dropblock_inject.strip(model) first. torchvision's create_feature_extractor and timm's FX "
-                f"feature models always trace training mode too")
+                f"refused. Trace in eval mode (the eval graph is the original code, exact), or {routes}, or call "
+                f"dropblock_inject.strip(model) first. torchvision's create_feature_extractor and timm's FX feature "
+                f"models always trace training mode too")
