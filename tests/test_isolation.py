@@ -233,6 +233,39 @@ def test_only_the_registry_names_other_libraries_or_torch_internals():
     assert not found, found
 
 
+_FRAME_ATTRS = {"_getframe", "currentframe", "f_back", "f_locals", "f_globals", "f_code", "tb_frame",
+                "extract_stack", "walk_stack", "format_stack", "print_stack", "getouterframes", "getinnerframes"}
+_CODE_RUNNERS = {"exec", "eval", "compile", "__import__"}
+
+
+def _frames_and_code_strings(path: Path) -> list[str]:
+    """Frame inspection (``sys._getframe``, ``inspect.currentframe``/``stack``, frames' ``f_locals``, stack walks)
+    and code built from strings (the builtins ``exec``, ``eval``, ``compile``) in one file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and (node.attr in _FRAME_ATTRS or (
+                _root(node) == "inspect" and node.attr in ("stack", "trace"))):
+            found.append(f"{ast.unparse(node)} (line {node.lineno})")
+        if isinstance(node, ast.Name) and node.id in _CODE_RUNNERS | {"_getframe", "currentframe"}:
+            found.append(f"{node.id} (line {node.lineno})")
+        if isinstance(node, ast.ImportFrom) and node.module in ("sys", "inspect", "traceback", "builtins"):
+            found += [f"from {node.module} import {a.name}" for a in node.names
+                      if a.name in _FRAME_ATTRS | _CODE_RUNNERS | {"stack", "trace"}]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" and \
+                len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and \
+                node.args[1].value in _CODE_RUNNERS | _FRAME_ATTRS:  # getattr(builtins, "exec")
+            found.append(f"{ast.unparse(node)} (line {node.lineno})")
+    return found
+
+
+def test_no_frame_inspection_and_no_code_from_strings_in_the_package():
+    """The package never inspects its callers' frames nor runs code of its own built from strings. (fx's generated
+    forward is compiled by torch's own helper, as ``GraphModule.recompile`` does, in the registry.)"""
+    found = {p.relative_to(PACKAGE).as_posix(): v for p in PACKAGE.rglob("*.py")
+             if (v := _frames_and_code_strings(p))}
+    assert not found, found
+
+
 def test_register_teaches_a_norm():
     class MyNorm(nn.Module):  # per-channel affine with frozen statistics, no torch norm class
         def __init__(self, c):

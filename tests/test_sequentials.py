@@ -218,7 +218,9 @@ def test_the_top_module_keeps_points_its_sequentials_would_not_run(cls):
     assert "forward" not in model.features.__dict__
     count = len(dbi.injected_dropblocks(model))
     assert count == (3 if cls is _Residual else 2)
-    assert dropblock_nodes(torch.fx.symbolic_trace(model.train())) == count  # the top module's own graph
+    with pytest.raises(dbi.SurgeryError, match=rf"{cls.__name__}\.forward.*'<root>'.*its {count} DropBlock"):
+        torch.fx.symbolic_trace(model.train())  # they are in the top module's own graph, not in its class forward
+    assert dropblock_nodes(torch.fx.symbolic_trace(model.eval())) == 0
 
 
 def test_a_container_cannot_hold_dropblocks_and_says_so():

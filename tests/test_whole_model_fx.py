@@ -1,8 +1,11 @@
 """The injected model stays traceable as a whole (``surgery.forward`` called with Proxies, under an outer
 tracer): ``torch.fx.symbolic_trace``, torchvision's ``create_feature_extractor`` (train and eval graphs) and
-timm's FX feature models see each DropBlock as one node, in training mode only."""
+timm's FX feature models see each DropBlock as one node, in training mode only. A rewritten module traced as
+fx's root in training mode (fx would trace its class's forward, without its own DropBlocks) is refused with a
+``SurgeryError``; torch.export, which calls the installed forward, records them."""
 
 import copy
+import inspect
 
 import pytest
 import timm
@@ -91,43 +94,51 @@ def _injected_efficientnet():
     return model
 
 
-def test_fx_trace_of_a_rewritten_top_module_holds_its_own_dropblocks():
-    # fx traces type(model).forward, not the instance forward inject installed on the top module: without the
-    # redirection its DropBlock after bn2 would vanish from the train graph
+ROOT_REFUSED = r"EfficientNet\.forward.*'<root>'.*1 DropBlock\(s\) \(after bn2\) would be missing.*eval mode"
+
+
+def test_fx_trace_of_a_rewritten_top_module_in_training_mode_is_refused():
+    # fx traces type(model).forward, not the instance forward inject installed on the top module: its DropBlock
+    # after bn2 would be missing from the train graph, so every root trace in training mode is refused
+    from timm.models._features_fx import FeatureGraphNet
+
     model = _injected_efficientnet()
     set_keep(model, 0.7)
     before = dict(model.__dict__)
     tracer = torch.fx.Tracer()
-    gm = torch.fx.GraphModule(model, tracer.trace(model.train()))
-    assert dropblock_nodes(gm) == 40 and "create_args_for_root" not in tracer.__dict__
-    torch.manual_seed(2)
-    expected = model(X)
-    torch.manual_seed(2)
-    assert torch.equal(gm(X), expected)
-    plain = timm.create_model("resnet18", pretrained=False).train()
-    assert dropblock_nodes(torch.fx.GraphModule(plain, tracer.trace(plain))) == 0  # the tracer is left as it was
-    extractor = create_feature_extractor(model, {"blocks.5": "f", "bn2": "head"})
-    assert dropblock_nodes(torch.fx.GraphModule(extractor, extractor.train_graph)) == 40
-    assert dropblock_nodes(torch.fx.GraphModule(extractor, extractor.eval_graph)) == 0
+    with pytest.raises(dbi.SurgeryError, match=ROOT_REFUSED):
+        tracer.trace(model.train())
+    assert "create_args_for_root" not in tracer.__dict__  # no patch of the tracer, not even a passing one
+    with pytest.raises(dbi.SurgeryError, match=ROOT_REFUSED):
+        torch.fx.symbolic_trace(model)
+    for extractor in (lambda m: create_feature_extractor(m, {"blocks.5": "f", "bn2": "head"}),  # traces train
+                      lambda m: FeatureGraphNet(m, out_indices=(3, 4))):                          # and eval
+        with pytest.raises(dbi.SurgeryError, match=ROOT_REFUSED + r".*create_feature_extractor\(dbi\.strip"):
+            extractor(model.eval())
     assert model.__dict__.keys() == before.keys() and all(model.__dict__[k] is v for k, v in before.items())
-    model.eval()  # the eval graph is the original code
+    assert repr(model.train()).startswith("EfficientNet(\n")  # outside a trace, _get_name gives the name
+    model.eval()  # the eval graph is the original code, exact
+    gm = torch.fx.symbolic_trace(model)
     stripped = dbi.strip(copy.deepcopy(model))
-    assert torch.equal(torch.fx.symbolic_trace(model)(X), stripped(X))
-    assert repr(model).startswith("EfficientNet(\n")  # every other caller of _get_name gets the name
+    assert dropblock_nodes(gm) == 0 and torch.equal(gm(X), stripped(X))
+    assert dropblock_nodes(torch.fx.symbolic_trace(model.blocks.train())) == 39  # their installed forwards, traced
 
 
-def test_a_rewritten_block_traced_as_the_root_holds_its_dropblocks():
+def test_a_rewritten_block_traced_as_the_root_in_training_mode_is_refused():
     model = _injected_resnet().train()
     block = model.layer3[0]
-    gm = torch.fx.symbolic_trace(block)
-    assert dropblock_nodes(gm) == 3  # after bn1, after bn2, on the shortcut
-    x = torch.randn(2, 128, 8, 8)
-    torch.manual_seed(1)
-    expected = block(x)
-    torch.manual_seed(1)
-    assert torch.equal(gm(x), expected)
+    with pytest.raises(dbi.SurgeryError, match=r"BasicBlock\.forward.*'layer3\.0'.*3 DropBlock\(s\) \(after bn1, "
+                                               r"after bn2, shortcut of downsample_1\).*trace a module that contains it"):
+        torch.fx.symbolic_trace(block)
     gm = torch.fx.symbolic_trace(model.layer3)  # a plain Sequential: its blocks' installed forwards are traced
     assert dropblock_nodes(gm) == 6
+    x = torch.randn(2, 128, 8, 8)
+    torch.manual_seed(1)
+    expected = model.layer3(x)
+    torch.manual_seed(1)
+    assert torch.equal(gm(x), expected)
+    eval_gm = torch.fx.symbolic_trace(block.eval())
+    assert dropblock_nodes(eval_gm) == 0 and torch.equal(eval_gm(x), block(x))
 
 
 def test_strip_restores_an_instance_get_name_and_the_fx_first_route_works():
@@ -136,11 +147,12 @@ def test_strip_restores_an_instance_get_name_and_the_fx_first_route_works():
     model._get_name = named
     dbi.inject(model, "paper_generic")
     assert repr(model).startswith("MyNet(")
-    assert dropblock_nodes(torch.fx.symbolic_trace(model.train())) == 40
+    with pytest.raises(dbi.SurgeryError, match=ROOT_REFUSED):
+        torch.fx.symbolic_trace(model.train())
     dbi.strip(model)
     assert model.__dict__["_get_name"] is named
     del model._get_name
-    # the other route to a training graph: build the fx module first, inject into it
+    # the route the refusal names: build the fx module first, inject into it
     features = create_feature_extractor(model, {"bn2": "head"})
     dbi.inject(features, "paper_generic")
     assert dbi.injected_dropblocks(features)
@@ -150,10 +162,22 @@ def test_strip_restores_an_instance_get_name_and_the_fx_first_route_works():
     assert torch.equal(features(X)["head"], create_feature_extractor(model, {"bn2": "head"}).eval()(X)["head"])
 
 
-def test_the_redirection_survives_dynamo_wrapping_fx():
-    torch.compile(lambda t: t + 1, backend="eager")(X)  # loads dynamo, which wraps fx's Tracer.trace
-    assert hasattr(torch.fx.Tracer.trace, "__wrapped__")  # the premise: the function fx calls is wrapped
-    assert dropblock_nodes(torch.fx.symbolic_trace(_injected_efficientnet().train())) == 40
+def test_torch_export_of_a_rewritten_top_module_holds_its_dropblocks():
+    # torch.export calls the module, so the installed forward runs; it reads that forward's signature (to bind
+    # the example arguments) and code object, which are the original forward's
+    model = _injected_efficientnet()
+    set_keep(model, 0.7)
+    assert list(inspect.signature(model.forward).parameters) == ["x"]
+    assert model.forward.__code__ is type(model).forward.__code__
+    program = torch.export.export(model.train(), (X,))
+    assert sum("drop_block" in str(n.target) for n in program.graph.nodes) == 40
+    torch.manual_seed(6)
+    expected = model(X)
+    torch.manual_seed(6)
+    assert torch.equal(program.module()(X), expected)
+    program = torch.export.export(model.eval(), (X,))
+    assert not any("drop_block" in str(n.target) for n in program.graph.nodes)
+    assert torch.equal(program.module()(X), model(X))
 
 
 def test_fx_and_compiled_graphs_draw_the_eager_masks():

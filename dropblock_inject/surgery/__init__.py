@@ -13,7 +13,7 @@ ones before it):
 * :mod:`.calls` -- how a scope is called, and how its traced graph takes those arguments;
 * :mod:`.points` -- ``InsertionPoint`` and the DropBlock classes inject inserts;
 * :mod:`.trace` -- the training-mode fx graph of one module (a *scope*), specialised to how it is called;
-* :mod:`.roottrace` -- an fx trace of a rewritten module as the root traces its installed forward;
+* :mod:`.roottrace` -- a training-mode fx trace of a rewritten module as the root refused (it would lose DropBlocks);
 * :mod:`.forward` -- the runtime of an injected module, which is also its injection record;
 * :mod:`.kinds` -- what a module or node is: conv, norm, act, conv-norm unit, residual add, gate;
 * :mod:`.example` -- the example forward run cheaply (empty batch, meta device), without the user's hooks;

@@ -5,16 +5,19 @@ eval mode, so eval() is the original code bit for bit and whatever fx would bake
 follows train()/eval(); the gradient-checkpointing flags likewise pick their graph per call (see
 :mod:`.checkpointing`), and a structured output is rebuilt with its type (:mod:`.outputs`). A graph traced
 with specialised arguments (see :mod:`.calls`) runs only for calls that match them. :class:`RefuseScripting`
-makes ``torch.jit.script`` of an injected model a clear error (:mod:`.roottrace` makes an fx trace of a rewritten
-module as the root trace its installed forward).
+makes ``torch.jit.script`` of an injected model a clear error (:mod:`.roottrace` likewise refuses an fx trace of
+a rewritten module as the root in training mode: fx would trace its class's forward, not this one). An fx trace
+of an enclosing module calls this forward with Proxies and records its DropBlocks.
 Used by :mod:`.select` (is a model already injected?) and :mod:`.rewrite` (installing it); depends on
-:mod:`.calls`, :mod:`.trace` and :mod:`.roottrace` only.
+:mod:`.registry`, :mod:`.outputs`, :mod:`.checkpointing` and :mod:`.calls` only.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import inspect
+import types
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -108,6 +111,23 @@ class InjectedForward:
         if self._checkpoints_itself and hf_checkpointing_on(self.module):
             return self.module._gradient_checkpointing_func(functools.partial(self._run, fn, **kwargs), *args)
         return self._run(fn, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The original forward's signature, for whoever reads ``inspect.signature(module.forward)``: torch.export
+        binds the example arguments with it, Hugging Face's Trainer keeps the dataset columns it names."""
+        return inspect.signature(self._original_forward())
+
+    @property
+    def __code__(self) -> types.CodeType:
+        """The original forward's code object, for whoever reads ``module.forward.__code__`` (torch.export names
+        its shape environment after it)."""
+        return inspect.unwrap(self._original_forward()).__code__
+
+    def _original_forward(self) -> Callable[..., Any]:
+        if self.original is not None:
+            return self.original
+        return types.MethodType(type(self.module).forward, self.module)
 
     def called_module(self, target: str) -> nn.Module:
         """The module a ``call_module`` node of its graphs calls (``target`` is relative to ``module``, and

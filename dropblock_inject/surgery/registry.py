@@ -254,6 +254,16 @@ sets it): the example forward puts a function of its own there, on the model's m
 user's per-module nor global hooks fire, and restores it after."""
 
 
+def fx_tracing() -> bool:
+    """Whether ``torch.fx``'s symbolic tracer is running: ``Tracer.trace`` sets a flag of
+    ``torch.fx._symbolic_trace`` for the whole trace (thread-local in current torch, a module flag in older
+    releases). Read through its private getter: the public ``is_fx_tracing`` logs a warning on its first call."""
+    from torch.fx import _symbolic_trace
+
+    get = getattr(_symbolic_trace, "_get_is_fx_tracing", None)
+    return bool(get() if get is not None else getattr(_symbolic_trace, "_is_fx_tracing_flag", False))
+
+
 def compile_forward(src: str, namespace: dict[str, Any]) -> Callable[..., Any]:
     """The ``forward`` function of fx-generated code ``src`` (``Graph.python_code``), compiled by torch's own
     helper, as ``GraphModule.recompile`` does: the package runs no ``exec`` of its own."""

@@ -5,8 +5,9 @@ each scope, insert their calls into copies of its graphs (:mod:`.sites`) and ins
 Each rewritten scope gets a ``dropblocks`` ``ModuleDict`` holding its DropBlock modules (one per point, keyed by
 the node it follows), and each module whose graph calls them an instance ``forward``
 (:class:`~.forward.InjectedForward`), an instance ``__prepare_scriptable__`` refusing TorchScript and an instance
-``_get_name`` making an fx trace of it trace that forward (:class:`~.roottrace.TraceInstalledForward`): the scope
-itself, or the plain Sequentials that run the top module's points (:mod:`.sequentials`). ``strip`` deletes
+``_get_name`` refusing an fx trace of it as the root in training mode, which would trace its class's forward,
+without its DropBlocks (:class:`~.roottrace.RefuseRootTrace`): the scope itself, or the plain Sequentials that run
+the top module's points (:mod:`.sequentials`). ``strip`` deletes
 exactly these, as the injected forward (the module's injection record) lists them, putting back what was there,
 so the original objects remain. A container (``Sequential``,
 ``ModuleList``, ``ModuleDict``) never holds DropBlocks: its forward runs every child it has.
@@ -28,7 +29,7 @@ from .blueprint import Plan, ScopePlan, make_plan
 from .calls import Param
 from .forward import InjectedForward, RefuseScripting, injected_modules
 from .points import is_dropblock_container, new_dropblock
-from .roottrace import TraceInstalledForward
+from .roottrace import RefuseRootTrace
 from .sequentials import HOLDER
 from .sites import Site, insert
 from .wrappers import unwrap
@@ -145,15 +146,16 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
 
 def _install(i: _Install, container: nn.ModuleDict) -> None:
     """Install the record on ``i.module``: the :class:`~.forward.InjectedForward` as its ``forward``, and the
-    two guards derived from it (refusing TorchScript; making a root fx trace trace the installed forward), which
-    the record lists so that :func:`strip` removes exactly them."""
+    two guards derived from it (refusing TorchScript; refusing a training-mode fx trace of the module as the
+    root), which the record lists so that :func:`strip` removes exactly them."""
     module = i.module
     name = f"{type(module).__name__} {i.path}"
     keys = {str(n.target).rpartition(".")[2] for n in i.graph.find_nodes(op="call_module")}
     runs = [db for key, db in container.items() if key in keys]
     points = tuple(f"{'shortcut of' if db.point.kind == 'shortcut' else 'after'} {db.point.after}" for db in runs)
     guards = {"__prepare_scriptable__": RefuseScripting(name, module.__dict__.get("__prepare_scriptable__")),
-              "_get_name": TraceInstalledForward(module, i.path or "<root>", points, module.__dict__.get("_get_name"))}
+              "_get_name": RefuseRootTrace(module, i.path or "<root>", points, module.__dict__.get("_get_name"),
+                                           i.holder)}
     fwd = InjectedForward(module, i.graph, module.__dict__.get("forward"), name, i.params, i.out_spec, i.flags,
                           i.variants, i.inplace, i.holder, i.container, guards)
     module.forward = fwd  # type: ignore[method-assign]

@@ -2,8 +2,8 @@
 children's own forwards, so that the top module need not be rewritten.
 
 fx traces the *class* forward of the module it is given (``Tracer.trace`` calls ``type(root).forward``), so a
-top module running its DropBlocks from its own rewritten graph is traced whole in training mode only through the
-redirection of :mod:`.roottrace`, which relies on the order of fx's own calls. Most such points are not in the
+top module running its DropBlocks from its own rewritten graph cannot be traced whole in training mode: the trace
+would miss them, and :mod:`.roottrace` refuses it. Most such points are not in the
 top module's own code, though: they are in a plain Sequential child the scope's tracer traced through (VGG's,
 DenseNet's, MobileNet's and EfficientNet's ``features``, ShuffleNet's ``conv5``). When every point of the top
 module is of that kind and its forward calls each of those Sequentials as a whole (in every

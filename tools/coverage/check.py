@@ -10,8 +10,10 @@ training step that drops, strip; no export), adding while the model is injected:
 * *feature maps*: every DropBlock saw only ``(N, C, H, W)`` maps larger than 1x1, with more than one channel
   (a single channel is attention logits, not features), at stride 16 or 32 of the input, or at stride 8 inside
   a residual block whose output stride is 16 (the downsampling first block of group 3), never in a neck or head;
-* *whole-model fx*: where fx traces the plain model whole (``torch.fx.symbolic_trace``, training mode), it
-  traces the injected model too, and its training graph holds one DropBlock call per point.
+* *whole-model fx*: where fx traces the plain model whole (``torch.fx.symbolic_trace``, training mode), the
+  injected model's training graph holds one DropBlock call per point, or, where the top module itself was
+  rewritten (fx traces its class's forward, without them), the trace is refused with the ``SurgeryError``
+  naming them, and the eval graph traces: a graph missing DropBlocks fails the check.
 
 ``python -m tools.coverage [--fast]`` sweeps the zoo and writes ``docs/coverage.md``.
 """
@@ -132,10 +134,18 @@ def _feature_maps(log: ShapeLog) -> Callable[[nn.Module, Any], str]:
 
 def _whole_model_fx(model: nn.Module, report: Any) -> str:
     import dropblock_inject as dbi
+    from dropblock_inject.surgery.forward import injected_modules
 
-    graph = torch.fx.symbolic_trace(model.train()).graph
-    calls = sum(n.op == "call_function" and "drop_block" in str(n.target) for n in graph.nodes)
     total = len(dbi.injected_dropblocks(model))
+    try:
+        graph = torch.fx.symbolic_trace(model.train()).graph
+    except dbi.SurgeryError as e:
+        if not any(name == "" for name, _ in injected_modules(model)):
+            return f"torch.fx.symbolic_trace of the training model was refused, its top module not rewritten: {e}"
+        torch.fx.symbolic_trace(model.eval())  # refused for the rewritten top module: its eval graph must trace
+        model.train()
+        return ""
+    calls = sum(n.op == "call_function" and "drop_block" in str(n.target) for n in graph.nodes)
     return "" if calls == total else f"the training graph of torch.fx.symbolic_trace holds {calls} of the {total} DropBlocks"
 
 
