@@ -108,3 +108,26 @@ def test_fp32_ratio_is_torchs_fp32_division():
     for numel, kept in [(3 * 5 * 11 * 13, 1000), (2**25 + 1, 2**24 + 3), (7, 3), (10, 0)]:
         want = torch.tensor(float(numel)) / torch.tensor(float(kept)) if kept else torch.tensor(0.0)
         assert fp32_ratio(numel, kept) == float(want)
+
+
+@pytest.mark.parametrize("whole_map", [False, True])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("path", ["eager", "dense", "op", "fx", "aot_eager", "inductor", "triton"])
+def test_the_gradient_follows_the_nan_rule(path, per_channel, whole_map, monkeypatch):
+    """A NaN or inf gradient at a dropped cell gives 0, a kept one stays (times the scale)."""
+    if whole_map:
+        monkeypatch.setitem(BLOCK, "size", 12)
+    fn = _build(path, per_channel, monkeypatch)
+    x = torch.ones(SHAPE, requires_grad=True)
+    torch.manual_seed(5)
+    y = fn(x)
+    keep = y.detach() != 0
+    assert keep.any() and not keep.all()
+    scale = y.detach()[keep][0]
+    grad = torch.ones(SHAPE).view(-1)
+    grad[::3], grad[1::7], grad[2::11] = float("nan"), float("inf"), -float("inf")
+    grad = grad.view(SHAPE)
+    (got,) = torch.autograd.grad(y, x, grad)
+    want = torch.where(keep, grad * scale, 0.0)
+    assert ((got == 0) == (want == 0)).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

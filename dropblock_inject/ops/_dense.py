@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._check import _fills_its_memory, fp32_ratio, gamma_of, geometry
-from ._kernel import ApplyKeep, Kernel, apply_keep
+from ._kernel import Kernel, apply_keep, keep_product
 
 
 def _dense_block_counts(mask_shape: Sequence[int], block: tuple[int, ...], valid: tuple[int, ...],
@@ -111,7 +111,7 @@ class DenseKernel(Kernel):
     def eager(self, x: Tensor, keep_prob: float, keep_prob_tensor: Tensor | None, block_size: int,
               per_channel: bool, normalize: bool, inplace: bool) -> Tensor:
         keep, scale = self.mask(x, list(x.stride()), keep_prob, block_size, per_channel, normalize)
-        return ApplyKeep.apply(x, keep, scale, inplace and _fills_its_memory(x))
+        return keep_product(x, keep, scale, inplace and _fills_its_memory(x))
 
 
 DENSE = DenseKernel()

@@ -88,18 +88,25 @@ def apply_keep(x: Tensor, keep: Tensor, scale: Tensor, out: Tensor | None = None
     return out
 
 
-class ApplyKeep(torch.autograd.Function):
-    """:func:`apply_keep` with autograd (in place into ``x`` when ``inplace``); saves the ``bool`` mask and the
-    scale, not the input."""
+def keep_product(x: Tensor, keep: Tensor, scale: Tensor, inplace: bool) -> Tensor:
+    """:func:`apply_keep` as differentiable tensor ops (into ``x`` when ``inplace``), for eager calls: autograd keeps
+    the mask (or the scaled per-plane multiplier) and the scale, not ``x``, and runs backward without Python
+    except for a hook that applies the same rule to the gradient (a finite gradient needs only the product)."""
+    if x.device.type != "cpu":
+        return (x.masked_fill_(keep.logical_not(), 0.0) if inplace else torch.where(keep, x, 0.0)).mul_(scale)
+    if keep.numel() < x.numel() and x.dtype in (torch.float32, torch.float64):
+        out = x.mul_(keep * scale) if inplace else x * (keep * scale)
+    else:
+        out = (x.mul_(keep) if inplace else x * keep).mul_(scale)
+    if not math.isfinite(out.sum().item()):
+        out.masked_fill_(keep.logical_not(), 0.0)
+    if out.requires_grad:
+        out.register_hook(lambda grad: _zero_dropped(grad, keep))
+    return out
 
-    @staticmethod
-    def forward(ctx, x: Tensor, keep: Tensor, scale: Tensor, inplace: bool) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(keep, scale)
-        if inplace:
-            ctx.mark_dirty(x)
-        return apply_keep(x, keep, scale, x if inplace else None)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        keep, scale = ctx.saved_tensors
-        return apply_keep(grad, keep, scale), None, None, None
+def _zero_dropped(grad: Tensor | None, keep: Tensor) -> Tensor | None:
+    """``grad`` with its dropped NaN/inf cells zeroed, or ``None`` (autograd then uses ``grad``) when it is finite."""
+    if grad is None or math.isfinite(grad.sum().item()):
+        return None
+    return grad.masked_fill(keep.logical_not(), 0.0)
