@@ -23,6 +23,6 @@ Triton kernel), ``_library`` (the registered operators), ``_hoist`` (the inducto
 from ._check import seed_rate
 from ._dispatch import kernel_for, set_kernel
 from ._functional import drop_block2d, drop_block3d
-from ._modules import DropBlock2d, DropBlock3d, _DropBlockNd  # noqa: F401  (the modules' base, for the package)
+from ._modules import DropBlock2d, DropBlock3d
 
 __all__ = ["DropBlock2d", "DropBlock3d", "drop_block2d", "drop_block3d", "kernel_for", "seed_rate", "set_kernel"]

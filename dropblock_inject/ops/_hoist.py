@@ -23,7 +23,12 @@ from torch._inductor import config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.graph import GraphLowering
 
-from ._library import follows_stride
+from ._dispatch import choose
+
+
+def _mask_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    target = torch.ops.dropblock_inject.drop_block_mask.default
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is target]
 
 
 def hoist_mask_ops(graph: torch.fx.Graph) -> int:
@@ -35,8 +40,7 @@ def hoist_mask_ops(graph: torch.fx.Graph) -> int:
     Returns:
         The number of nodes moved.
     """
-    target = torch.ops.dropblock_inject.drop_block_mask.default
-    masks = [n for n in graph.nodes if n.op == "call_function" and n.target is target]
+    masks = _mask_nodes(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     cursor = placeholders[-1] if placeholders else None  # after the inputs, and after the previous mask op
     moved = 0
@@ -75,8 +79,7 @@ def channels_last_masks(graph: torch.fx.Graph) -> int:
     Returns:
         The number of masks changed.
     """
-    target = torch.ops.dropblock_inject.drop_block_mask.default
-    masks = [n for n in graph.nodes if n.op == "call_function" and n.target is target]
+    masks = _mask_nodes(graph)
     if not masks or not _channels_last_graph(graph):
         return 0
     changed = 0
@@ -84,7 +87,7 @@ def channels_last_masks(graph: torch.fx.Graph) -> int:
         shape, stride, dtype, device, _, block_size, per_channel, _ = node.args
         val = node.meta.get("val")
         if (len(shape) != 4 or val is None or not all(isinstance(v, int) for v in (*shape, *stride))
-                or not follows_stride(shape, dtype, torch.device(device), block_size, per_channel)):
+                or choose(torch.device(device), dtype, shape, block_size, per_channel).name != "sparse"):
             continue  # the mask is laid out by its kernel (Triton, dense, broadcast), not by ``stride``
         keep = val[0]
         if tuple(keep.stride()) != tuple(keep.contiguous().stride()):
