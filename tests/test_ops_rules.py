@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dropblock_inject import DropBlock2d
+from dropblock_inject.ops import kernel_for
 from dropblock_inject.ops._check import fp32_ratio
 
 SHAPE = (4, 6, 12, 12)
@@ -57,6 +58,7 @@ def _build(path, per_channel, monkeypatch):
         pytest.importorskip("triton")
     if kernel is not None:
         monkeypatch.setenv("DROPBLOCK_INJECT_KERNEL", kernel)
+        assert kernel_for(torch.ones(SHAPE), BLOCK["size"], per_channel) == kernel  # no silent fallback
     return build(per_channel)
 
 
@@ -94,7 +96,7 @@ def test_the_nan_rule_holds_when_the_block_covers_the_map(path, per_channel, mon
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 @pytest.mark.parametrize("per_channel", [True, False])
-@pytest.mark.parametrize("path", ["eager", "dense", "op", "aot_eager", "triton"])
+@pytest.mark.parametrize("path", list(PATHS))
 def test_the_scale_is_fp32_numel_over_kept_for_any_dtype(path, per_channel, dtype, monkeypatch):
     fn = _build(path, per_channel, monkeypatch)
     y = _run(fn, torch.ones((3, 5, 11, 13), dtype=dtype))
