@@ -343,7 +343,7 @@ def main() -> None:
           "| inside DropBlocks | step peak (MiB) | step peak overhead | total peak (MiB) | total peak overhead |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in cands:
-        n_db = sum(type(m).__name__ == "DropBlock2d" for m in c.model.modules())
+        n_db = sum(isinstance(m, dbi.DropBlock2d) or type(m).__name__ == "DropBlock2d" for m in c.model.modules())
         if c.baseline:
             base = by_name[c.baseline].times
             over = f"{100 * (med[c.name] / med[c.baseline] - 1):+.1f}%"
