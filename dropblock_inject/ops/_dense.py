@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._check import _fills_its_memory, fp32_ratio, gamma_of, geometry
-from ._kernel import Kernel, apply_keep, keep_product
+from ._kernel import Kernel, apply_keep
 
 
 def dense_keep_mask(shape: Sequence[int], gamma: Tensor | float, block: tuple[int, ...], valid: tuple[int, ...],
@@ -85,11 +85,11 @@ class DenseKernel(Kernel):
     def forward(self, x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
                 normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
         keep, scale = self.mask(x, list(x.stride()), keep_prob, block_size, per_channel, normalize)
-        return apply_keep(x, keep, scale), keep, scale
+        return apply_keep(x, keep, scale, torch.empty_like(x)), keep, scale
 
     def backward(self, grad: Tensor, state: Tensor, scale: Tensor, block_size: int, per_channel: bool,
                  stride: list[int]) -> Tensor:
-        return apply_keep(grad, state, scale)
+        return apply_keep(grad, state, scale, torch.empty_like(grad))
 
     def fake_mask(self, like: Tensor, stride: list[int], block_size: int,
                   per_channel: bool) -> tuple[Tensor, Tensor]:
@@ -104,7 +104,7 @@ class DenseKernel(Kernel):
     def eager(self, x: Tensor, keep_prob: float, keep_prob_tensor: Tensor | None, block_size: int,
               per_channel: bool, normalize: bool, inplace: bool) -> Tensor:
         keep, scale = self.mask(x, list(x.stride()), keep_prob, block_size, per_channel, normalize)
-        return keep_product(x, keep, scale, inplace and _fills_its_memory(x))
+        return apply_keep(x, keep, scale, x if inplace and _fills_its_memory(x) else None)
 
 
 DENSE = DenseKernel()
