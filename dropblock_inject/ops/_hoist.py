@@ -59,13 +59,6 @@ def hoist_mask_ops(graph: torch.fx.Graph) -> int:
     return moved
 
 
-def _channels_last_graph(graph: torch.fx.Graph) -> bool:
-    """Whether inductor will lay this graph out channels-last (on CPU: when it holds a convolution and oneDNN
-    is on), as inductor itself decides it, after the post-grad passes."""
-    gm = graph.owning_module
-    return gm is not None and GraphLowering.decide_layout_opt(gm, is_inference=False)
-
-
 def channels_last_masks(graph: torch.fx.Graph) -> int:
     """Lays every contiguous 4-D sparse CPU mask of a graph inductor will run channels-last out channels-last.
 
@@ -79,8 +72,9 @@ def channels_last_masks(graph: torch.fx.Graph) -> int:
     Returns:
         The number of masks changed.
     """
-    masks = _mask_nodes(graph)
-    if not masks or not _channels_last_graph(graph):
+    masks, gm = _mask_nodes(graph), graph.owning_module
+    # inductor's own decision (on CPU: a convolution in the graph and oneDNN on), made after the post-grad passes
+    if not masks or gm is None or not GraphLowering.decide_layout_opt(gm, is_inference=False):
         return 0
     changed = 0
     for node in masks:
