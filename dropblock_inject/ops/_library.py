@@ -35,7 +35,8 @@ def drop_block(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
                scale: bool) -> tuple[Tensor, Tensor, Tensor]:
     """DropBlock's forward, ``(where(keep, x, 0) * scale, state, scale)`` (arguments as :func:`drop_block2d`'s,
     ``keep_prob`` a one-element tensor); the output is laid out as ``torch.empty_like(x)``, the scale is fp32."""
-    return choose(x.device, x.dtype, x.shape, block_size, per_channel).forward(x, keep_prob, block_size, per_channel, scale)
+    kernel = choose(x.device, x.dtype, x.shape, block_size, per_channel)
+    return kernel.forward(x, keep_prob, block_size, per_channel, scale)
 
 
 @drop_block.register_fake
