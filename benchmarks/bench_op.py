@@ -18,10 +18,11 @@ Modes:
 
 Ratios (> 1 means we are faster) are given twice: of the medians, and *paired* (the median over rounds of
 the other's time divided by ours in the same round), which cancels the drift of a shared machine's speed.
-The run ends with the goals of issue 17, each with its measured value:
+The run ends with the performance criteria, each with its paired value:
 
-* eager CPU: per-channel op <= 2x the floor;
-* compiled: per-channel op <= 1.3x our eager op, and >= 5x faster than the fastest compiled per-channel peer;
+* eager CPU: the per-channel op >= 10x faster than the fastest per-channel peer, and <= 2x the floor;
+* compiled: the per-channel op >= 5x faster than the fastest compiled per-channel peer (and, for information,
+  its time over our eager op's);
 * CUDA: per-channel op <= 2x the floor, and <= 1 byte per element kept for backward.
 
 "Saved" is what autograd keeps for backward (unique storages seen by ``saved_tensors_hooks``, the input
@@ -222,17 +223,17 @@ def print_table(shape: tuple[int, ...], cands: list[Candidate]) -> dict[str, tup
 
 def print_goals(summary: list[tuple[tuple[int, ...], dict[str, tuple[float, float]]]], device: torch.device,
                 compiled: bool) -> None:
-    print("\n### Goals (issue 17), paired ratios\n")
-    print("| shape | goal | measured | met |")
+    print("\n### Criteria, paired ratios\n")
+    print("| shape | criterion | measured | met |")
     print("|---|---|---:|:---:|")
     for shape, r in summary:
         goals: list[tuple[str, float, bool]] = []
+        peer = r["per-channel peer / ours"][1]
         if compiled:
-            value = r["ours / eager ours"][1]
-            goals.append(("compiled ours <= 1.3x eager ours", value, value <= 1.3))
-            goals.append(("fastest compiled per-channel peer >= 5x compiled ours", r["per-channel peer / ours"][1],
-                          r["per-channel peer / ours"][1] >= 5))
+            goals.append(("fastest compiled per-channel peer >= 5x compiled ours", peer, peer >= 5))
+            goals.append(("(info) compiled ours / eager ours", r["ours / eager ours"][1], True))
         if device.type == "cpu" and not compiled:
+            goals.append(("fastest per-channel peer >= 10x eager ours", peer, peer >= 10))
             goals.append(("eager ours <= 2x floor", r["ours / floor"][1], r["ours / floor"][1] <= 2))
         if device.type == "cuda":
             goals.append(("ours <= 2x floor", r["ours / floor"][1], r["ours / floor"][1] <= 2))

@@ -111,7 +111,7 @@ def dropblock_nodes(gm: torch.fx.GraphModule) -> int:
     """The DropBlock calls of an fx graph: nodes of the registered op, or DropBlock modules kept as leaves."""
     def is_dropblock(n):
         if n.op == "call_module":
-            return isinstance(gm.get_submodule(str(n.target)), dbi.ops._DropBlockNd)
+            return isinstance(gm.get_submodule(str(n.target)), dbi.ops._modules._DropBlockNd)
         return n.op == "call_function" and "drop_block" in str(n.target)
 
     return sum(map(is_dropblock, gm.graph.nodes))

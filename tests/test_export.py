@@ -29,7 +29,7 @@ import torchvision
 from torch import nn
 
 import dropblock_inject as dbi
-from dropblock_inject.ops import _DropBlockNd
+from dropblock_inject.ops._modules import _DropBlockNd
 
 import _models
 

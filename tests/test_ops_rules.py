@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dropblock_inject import DropBlock2d
+from dropblock_inject.ops import kernel_for
 from dropblock_inject.ops._check import fp32_ratio
 
 SHAPE = (4, 6, 12, 12)
@@ -57,6 +58,7 @@ def _build(path, per_channel, monkeypatch):
         pytest.importorskip("triton")
     if kernel is not None:
         monkeypatch.setenv("DROPBLOCK_INJECT_KERNEL", kernel)
+        assert kernel_for(torch.ones(SHAPE), BLOCK["size"], per_channel) == kernel  # no silent fallback
     return build(per_channel)
 
 
@@ -94,7 +96,7 @@ def test_the_nan_rule_holds_when_the_block_covers_the_map(path, per_channel, mon
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 @pytest.mark.parametrize("per_channel", [True, False])
-@pytest.mark.parametrize("path", ["eager", "dense", "op", "aot_eager", "triton"])
+@pytest.mark.parametrize("path", list(PATHS))
 def test_the_scale_is_fp32_numel_over_kept_for_any_dtype(path, per_channel, dtype, monkeypatch):
     fn = _build(path, per_channel, monkeypatch)
     y = _run(fn, torch.ones((3, 5, 11, 13), dtype=dtype))
@@ -108,3 +110,26 @@ def test_fp32_ratio_is_torchs_fp32_division():
     for numel, kept in [(3 * 5 * 11 * 13, 1000), (2**25 + 1, 2**24 + 3), (7, 3), (10, 0)]:
         want = torch.tensor(float(numel)) / torch.tensor(float(kept)) if kept else torch.tensor(0.0)
         assert fp32_ratio(numel, kept) == float(want)
+
+
+@pytest.mark.parametrize("whole_map", [False, True])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("path", ["eager", "dense", "op", "fx", "aot_eager", "inductor", "triton"])
+def test_the_gradient_follows_the_nan_rule(path, per_channel, whole_map, monkeypatch):
+    """A NaN or inf gradient at a dropped cell gives 0, a kept one stays (times the scale)."""
+    if whole_map:
+        monkeypatch.setitem(BLOCK, "size", 12)
+    fn = _build(path, per_channel, monkeypatch)
+    x = torch.ones(SHAPE, requires_grad=True)
+    torch.manual_seed(5)
+    y = fn(x)
+    keep = y.detach() != 0
+    assert keep.any() and not keep.all()
+    scale = y.detach()[keep][0]
+    grad = torch.ones(SHAPE).view(-1)
+    grad[::3], grad[1::7], grad[2::11] = float("nan"), float("inf"), -float("inf")
+    grad = grad.view(SHAPE)
+    (got,) = torch.autograd.grad(y, x, grad)
+    want = torch.where(keep, grad * scale, 0.0)
+    assert ((got == 0) == (want == 0)).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

@@ -8,7 +8,7 @@ import torchvision
 from _models import X, counts, same_state, state_copy
 
 import dropblock_inject as dbi
-from dropblock_inject.ops import _DropBlockNd
+from dropblock_inject.ops._modules import _DropBlockNd
 
 RESNETS = {
     "tv_resnet18": (lambda: torchvision.models.resnet18(), (8, 4)),

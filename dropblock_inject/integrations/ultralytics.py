@@ -48,7 +48,7 @@ from torch import nn
 from ..recipe import Recipe, load_recipe
 from ..schedule import KeepProbScheduler, _check_target, _check_total_steps
 from ..surgery import inject, injected_dropblocks, strip
-from ..ops import _DropBlockNd
+from ..ops._modules import _DropBlockNd
 
 try:
     from ultralytics.engine.model import Model

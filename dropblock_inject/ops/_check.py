@@ -45,6 +45,7 @@ def _check_flag(name: str, value: object) -> bool:
 
 
 def _check_input(x: Tensor, spatial_dims: int, name: str) -> None:
+    """Raises the ``TypeError`` or ``ValueError`` of an input that is no floating point tensor of the rank."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} expects a Tensor input, but got {type(x).__name__}")
     rank = spatial_dims + 2
@@ -57,7 +58,6 @@ def _check_input(x: Tensor, spatial_dims: int, name: str) -> None:
 
 @functools.lru_cache(maxsize=512)
 def _geometry(spatial: tuple[int, ...], block_size: int) -> tuple[tuple[int, ...], tuple[int, ...], float]:
-    """Clipped block, valid seed region, and gamma's feature-size factor for a map of size ``spatial``."""
     block = tuple(min(block_size, s) for s in spatial)
     valid = tuple(s - b + 1 for s, b in zip(spatial, block))
     factor = math.prod(spatial) / (math.prod(block) * math.prod(valid))
@@ -65,7 +65,7 @@ def _geometry(spatial: tuple[int, ...], block_size: int) -> tuple[tuple[int, ...
 
 
 def gamma_of(keep_prob: float | Tensor, factor: float) -> float | Tensor:
-    """``gamma = (1 - keep_prob) * factor``, ``factor`` the geometry's (see :func:`_geometry`): a float for a
+    """``gamma = (1 - keep_prob) * factor``, ``factor`` the geometry's (see :func:`geometry`): a float for a
     float ``keep_prob``, an fp32 0-d tensor on keep_prob's device for a tensor one (no host sync)."""
     if isinstance(keep_prob, Tensor):
         return (1.0 - keep_prob.to(torch.float32).reshape(())) * factor
@@ -87,7 +87,8 @@ def seed_rate(keep_prob: float, spatial: Sequence[int], block_size: int) -> floa
 
 
 def geometry(spatial: tuple, block_size: int) -> tuple[tuple, tuple, float]:
-    """:func:`_geometry`, also for symbolic sizes (traced with dynamic shapes, not hashable)."""
+    """Clipped block, valid seed region and gamma's feature-size factor for a map of size ``spatial``, cached
+    unless the sizes are symbolic (traced with dynamic shapes: not hashable)."""
     if all(isinstance(s, int) for s in spatial):
         return _geometry(tuple(spatial), block_size)
     return _geometry.__wrapped__(tuple(spatial), block_size)
@@ -98,11 +99,8 @@ def fp32_ratio(numel: int, kept: int) -> float:
     nothing is kept; a double division of two fp32 values rounded once to fp32 is the correctly rounded one."""
     if kept <= 0:
         return 0.0
-    return _fp32(_fp32(numel) / _fp32(kept))
-
-
-def _fp32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
+    numel32, kept32 = struct.unpack("2f", struct.pack("2f", numel, kept))
+    return struct.unpack("f", struct.pack("f", numel32 / kept32))[0]
 
 
 @functools.lru_cache(maxsize=512)

@@ -14,20 +14,22 @@ import torch
 from torch import Tensor
 
 from ._check import _fills_its_memory, fp32_ratio, gamma_of, geometry
-from ._kernel import ApplyKeep, Kernel, apply_keep
+from ._kernel import Kernel, apply_keep
 
 
-def _dense_block_counts(mask_shape: Sequence[int], block: tuple[int, ...], valid: tuple[int, ...],
-                        gamma: Tensor | float, device: torch.device) -> Tensor:
-    """Per position of ``mask_shape``, the number of Bernoulli(``gamma``) valid seeds whose block covers it.
+def dense_keep_mask(shape: Sequence[int], gamma: Tensor | float, block: tuple[int, ...], valid: tuple[int, ...],
+                    device: torch.device) -> Tensor:
+    """A contiguous ``bool`` keep mask of ``shape`` from Bernoulli(``gamma``) seeds, or, when every block covers
+    the whole map (``valid`` all 1), of one draw per plane (size 1 on every spatial axis).
 
-    Blocks are grown with running sums: the seeds are drawn straight into a zero buffer padded on each axis
-    with ``b`` zeros in front and ``b - 1`` behind, and ``csum[p + b] - csum[p]`` counts the seeds whose
-    block covers position ``p``. This is exact (small integers in fp32) and far cheaper than the usual
-    stride-1 max-pool of the seed map (a 7x7 max-pool costs ~100x more on CPU). Returns fp32 counts.
+    Blocks are grown by running sums, exact and far cheaper on CPU than a stride-1 max-pool: the seeds are drawn
+    into a zero buffer padded with ``b`` zeros in front and ``b - 1`` behind, and ``csum[p + b] - csum[p]``
+    counts the seeds whose block covers ``p``.
     """
-    spatial = tuple(mask_shape[2:])
-    counts = torch.zeros((*mask_shape[:2], *(s + b for s, b in zip(spatial, block))), device=device)
+    if all(v == 1 for v in valid):
+        return torch.rand((*shape[:2], *valid), device=device) >= gamma
+    spatial = tuple(shape[2:])
+    counts = torch.zeros((*shape[:2], *(s + b for s, b in zip(spatial, block))), device=device)
     seeds = counts
     for dim, (size, length) in enumerate(zip(block, valid), start=2):
         seeds = seeds.narrow(dim, size, length)
@@ -35,12 +37,12 @@ def _dense_block_counts(mask_shape: Sequence[int], block: tuple[int, ...], valid
     for dim, (size, length) in enumerate(zip(block, spatial), start=2):
         csum = counts.cumsum(dim)
         counts = csum.narrow(dim, size, length) - csum.narrow(dim, 0, length)
-    return counts
+    return counts == 0
 
 
 def _normalizer(kept: Tensor, numel: int) -> Tensor:
-    """``numel / kept`` in fp32, and 0 when nothing is kept (a zero mask must not meet an inf scale)."""
-    # a true division: ``numel / tensor`` would multiply by a rounded reciprocal (1 ulp off at kept == numel)
+    """``numel / kept`` in fp32, 0 when nothing is kept; a true division (``numel / tensor`` would multiply by a
+    rounded reciprocal, 1 ulp off at kept == numel)."""
     return torch.where(kept > 0, torch.full_like(kept, numel).div_(kept.clamp_min(1.0)), 0.0)
 
 
@@ -52,15 +54,6 @@ def keep_scale(keep: Tensor, normalize: bool) -> Tensor:
     if keep.device.type == "cpu":  # no sync to avoid: Python scalars are several times cheaper than tensor ops
         return torch.tensor(fp32_ratio(keep.numel(), int(keep.sum())), dtype=torch.float32)
     return _normalizer(keep.sum(dtype=torch.int64).to(torch.float32), keep.numel())
-
-
-def dense_keep_mask(shape: Sequence[int], gamma: Tensor | float, block: tuple[int, ...], valid: tuple[int, ...],
-                    device: torch.device) -> Tensor:
-    """A ``bool`` keep mask of ``shape`` (contiguous): Bernoulli(``gamma``) seeds grown into blocks, or, when
-    every block covers the whole map (``valid`` all 1), one draw per plane of size 1."""
-    if all(v == 1 for v in valid):
-        return torch.rand((*shape[:2], *valid), device=device) >= gamma
-    return _dense_block_counts(shape, block, valid, gamma, device) == 0
 
 
 def mask_shape(shape: Sequence[int], valid: Sequence[int], per_channel: bool) -> tuple[int, ...]:
@@ -92,11 +85,11 @@ class DenseKernel(Kernel):
     def forward(self, x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
                 normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
         keep, scale = self.mask(x, list(x.stride()), keep_prob, block_size, per_channel, normalize)
-        return apply_keep(x, keep, scale), keep, scale
+        return apply_keep(x, keep, scale, torch.empty_like(x)), keep, scale
 
     def backward(self, grad: Tensor, state: Tensor, scale: Tensor, block_size: int, per_channel: bool,
                  stride: list[int]) -> Tensor:
-        return apply_keep(grad, state, scale)
+        return apply_keep(grad, state, scale, torch.empty_like(grad))
 
     def fake_mask(self, like: Tensor, stride: list[int], block_size: int,
                   per_channel: bool) -> tuple[Tensor, Tensor]:
@@ -111,7 +104,7 @@ class DenseKernel(Kernel):
     def eager(self, x: Tensor, keep_prob: float, keep_prob_tensor: Tensor | None, block_size: int,
               per_channel: bool, normalize: bool, inplace: bool) -> Tensor:
         keep, scale = self.mask(x, list(x.stride()), keep_prob, block_size, per_channel, normalize)
-        return ApplyKeep.apply(x, keep, scale, inplace and _fills_its_memory(x))
+        return apply_keep(x, keep, scale, x if inplace and _fills_its_memory(x) else None)
 
 
 DENSE = DenseKernel()

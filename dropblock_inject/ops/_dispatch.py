@@ -1,13 +1,5 @@
-"""Which kernel runs a call: :func:`choose`, the only place that decides it, and the way users force one.
-
-By default: the sparse kernel on CPU for per-channel masks, the dense kernel on CPU for shared masks and for
-blocks covering the whole map (a mask of one value per plane, applied as one product), the fused Triton kernel on CUDA (when Triton is installed), the dense kernel anywhere else. The environment
-variable ``DROPBLOCK_INJECT_KERNEL`` (``dense``, ``sparse`` or ``triton``) or :func:`set_kernel` forces one
-(:func:`set_kernel` wins). The sparse kernel runs on CPU, per-channel masks only: elsewhere the dense kernel
-runs instead. A forced Triton kernel on CPU tensors runs in Triton's interpreter.
-
-The Triton kernel is checked before its first use on a device, per dtype, mask variant and rank
-(``_selfcheck``); if that fails, one warning names the error and the dense kernel runs from then on.
+"""Which kernel runs a call: :func:`choose`, the only place that decides it, and the way users force one
+(:func:`set_kernel`, or the environment variable ``DROPBLOCK_INJECT_KERNEL``, which the package only reads).
 """
 
 from __future__ import annotations
@@ -60,7 +52,11 @@ def forced_kernel() -> str | None:
 
 def choose(device: torch.device, dtype: torch.dtype, shape: Sequence[int], block_size: int,
            per_channel: bool) -> Kernel:
-    """The kernel for an input on ``device`` of ``dtype`` and ``shape`` (the one function that decides).
+    """The kernel for an input on ``device`` of ``dtype`` and ``shape``. By default: on CPU, the sparse kernel for
+    per-channel masks whose block is smaller than the map, else the dense kernel (one value per plane when the
+    block covers the map); on CUDA with Triton, the fused kernel once it passed its check (else dense); dense
+    anywhere else. A forced kernel wins, but the sparse one runs only on CPU with per-channel masks, and a forced
+    Triton kernel runs on CPU tensors in Triton's interpreter.
 
     Args:
         device: the input's device.

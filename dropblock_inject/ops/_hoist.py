@@ -23,7 +23,12 @@ from torch._inductor import config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.graph import GraphLowering
 
-from ._library import follows_stride
+from ._dispatch import choose
+
+
+def _mask_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    target = torch.ops.dropblock_inject.drop_block_mask.default
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is target]
 
 
 def hoist_mask_ops(graph: torch.fx.Graph) -> int:
@@ -35,8 +40,7 @@ def hoist_mask_ops(graph: torch.fx.Graph) -> int:
     Returns:
         The number of nodes moved.
     """
-    target = torch.ops.dropblock_inject.drop_block_mask.default
-    masks = [n for n in graph.nodes if n.op == "call_function" and n.target is target]
+    masks = _mask_nodes(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     cursor = placeholders[-1] if placeholders else None  # after the inputs, and after the previous mask op
     moved = 0
@@ -55,13 +59,6 @@ def hoist_mask_ops(graph: torch.fx.Graph) -> int:
     return moved
 
 
-def _channels_last_graph(graph: torch.fx.Graph) -> bool:
-    """Whether inductor will lay this graph out channels-last (on CPU: when it holds a convolution and oneDNN
-    is on), as inductor itself decides it, after the post-grad passes."""
-    gm = graph.owning_module
-    return gm is not None and GraphLowering.decide_layout_opt(gm, is_inference=False)
-
-
 def channels_last_masks(graph: torch.fx.Graph) -> int:
     """Lays every contiguous 4-D sparse CPU mask of a graph inductor will run channels-last out channels-last.
 
@@ -75,16 +72,16 @@ def channels_last_masks(graph: torch.fx.Graph) -> int:
     Returns:
         The number of masks changed.
     """
-    target = torch.ops.dropblock_inject.drop_block_mask.default
-    masks = [n for n in graph.nodes if n.op == "call_function" and n.target is target]
-    if not masks or not _channels_last_graph(graph):
+    masks, gm = _mask_nodes(graph), graph.owning_module
+    # inductor's own decision (on CPU: a convolution in the graph and oneDNN on), made after the post-grad passes
+    if not masks or gm is None or not GraphLowering.decide_layout_opt(gm, is_inference=False):
         return 0
     changed = 0
     for node in masks:
         shape, stride, dtype, device, _, block_size, per_channel, _ = node.args
         val = node.meta.get("val")
         if (len(shape) != 4 or val is None or not all(isinstance(v, int) for v in (*shape, *stride))
-                or not follows_stride(shape, dtype, torch.device(device), block_size, per_channel)):
+                or choose(torch.device(device), dtype, shape, block_size, per_channel).name != "sparse"):
             continue  # the mask is laid out by its kernel (Triton, dense, broadcast), not by ``stride``
         keep = val[0]
         if tuple(keep.stride()) != tuple(keep.contiguous().stride()):

@@ -67,39 +67,35 @@ class Kernel:
 
 
 def apply_keep(x: Tensor, keep: Tensor, scale: Tensor, out: Tensor | None = None) -> Tensor:
-    """``where(keep, x, 0) * scale`` into ``out`` (default ``torch.empty_like(x)``, so its layout is known in
-    advance; ``x`` itself works too); ``keep`` (``bool``) broadcasts to ``x``, ``scale`` is fp32 (the product is
-    computed at least in fp32, rounded once to x's dtype).
+    """``where(keep, x, 0) * scale``, into ``out`` when given (``x`` itself, in place, or a tensor laid out as the
+    caller needs), else as a new tensor; ``keep`` (``bool``) broadcasts to ``x``, ``scale`` is fp32 (the product is
+    computed at least in fp32, rounded once to x's dtype). Differentiable when ``out`` is ``None`` or ``x``: autograd
+    keeps the mask (or its scaled multiplier) and the scale, not ``x``, and a hook gives the gradient the same rule.
 
     On CPU, where ``torch.where`` is several times slower than a product, it multiplies (one pass with a small
-    fp32 multiplier, two with a full mask), then, only if the result holds a NaN or inf (a sum tells, at a
-    fifth of the product's cost), zeroes the dropped cells that a NaN or inf input left NaN.
+    fp32 multiplier, two with a full mask), then, only if the result holds a NaN or inf (a sum tells, at about a
+    third of the product's cost), zeroes the dropped cells that a NaN or inf input left NaN.
     """
-    out = torch.empty_like(x) if out is None else out
     if x.device.type != "cpu":
-        torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device), out=out)
-        return out.mul_(scale)
-    if keep.numel() < x.numel() and x.dtype in (torch.float32, torch.float64):
-        torch.mul(x, keep * scale, out=out)
-    else:
-        torch.mul(x, keep, out=out).mul_(scale)
-    if not math.isfinite(out.sum().item()):
-        out.masked_fill_(keep.logical_not(), 0.0)
-    return out
+        if out is None or out is x:
+            y = torch.where(keep, x, 0.0) if out is None else x.masked_fill_(keep.logical_not(), 0.0)
+        else:
+            y = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device), out=out)
+        return y.mul_(scale)
+    small = keep.numel() < x.numel() and x.dtype in (torch.float32, torch.float64)
+    factor = keep * scale if small else keep
+    y = x * factor if out is None else x.mul_(factor) if out is x else torch.mul(x, factor, out=out)
+    if not small:
+        y.mul_(scale)
+    if not math.isfinite(y.sum().item()):
+        y.masked_fill_(keep.logical_not(), 0.0)
+    if y.requires_grad:
+        y.register_hook(lambda grad: _zero_dropped(grad, keep))
+    return y
 
 
-class ApplyKeep(torch.autograd.Function):
-    """:func:`apply_keep` with autograd (in place into ``x`` when ``inplace``); saves the ``bool`` mask and the
-    scale, not the input."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, keep: Tensor, scale: Tensor, inplace: bool) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(keep, scale)
-        if inplace:
-            ctx.mark_dirty(x)
-        return apply_keep(x, keep, scale, x if inplace else None)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        keep, scale = ctx.saved_tensors
-        return apply_keep(grad, keep, scale), None, None, None
+def _zero_dropped(grad: Tensor | None, keep: Tensor) -> Tensor | None:
+    """``grad`` with its dropped NaN/inf cells zeroed, or ``None`` (autograd then uses ``grad``) when it is finite."""
+    if grad is None or math.isfinite(grad.sum().item()):
+        return None
+    return grad.masked_fill(keep.logical_not(), 0.0)

@@ -1,18 +1,12 @@
 """The registered operators: ``torch.ops.dropblock_inject.drop_block``, its backward, and the mask op.
 
-``drop_block`` is the one node eager dispatch, ``torch.fx`` and ``torch.export`` see; it returns
-``(out, state, scale)``, ``state`` and ``scale`` being what the chosen kernel's backward needs.
-``torch.compile`` graphs call ``drop_block_mask`` instead and multiply in arithmetic inductor fuses with the
-neighbouring kernels (:func:`masked`): ``drop_block`` is opaque to inductor, so a graph would have to write the
-activation out before it and read it again, in forward and backward (about 5% of a compiled ResNet-50 step).
-The mask op does not take the input (an input would make inductor write the activation out before the
-call), only its shape, strides, dtype and device. Every function here asks ``_dispatch.choose`` for the
-kernel and delegates to it; under one ``torch.manual_seed`` every path draws the same blocks.
-
-``keep_prob`` is a tensor argument (the modules pass their ``keep_prob_tensor``), so a new value is data,
-not a new graph. Both random ops are tagged ``nondeterministic_seeded``: AOT autograd's CSE must not merge two
-calls with the same arguments (two masks), and they are listed among its random ops for torch versions whose
-CSE reads only that list.
+``drop_block`` returns ``(out, state, scale)`` (``state``: what the chosen kernel's backward needs); it is the
+node eager dispatch, ``torch.fx`` and ``torch.export`` see. ``torch.compile`` graphs call ``drop_block_mask``
+and multiply in arithmetic inductor fuses with its neighbours (:func:`masked`); the mask op reads no activation
+(an opaque op taking one would make inductor write it out and read it again, forward and backward). Each op asks
+``_dispatch.choose`` for the kernel and delegates. ``keep_prob`` is a tensor argument (a new value is data, not a
+new graph); both random ops are ``nondeterministic_seeded`` and listed among AOT autograd's random ops, so its
+CSE never merges two calls into one mask.
 """
 
 from __future__ import annotations
@@ -39,19 +33,10 @@ def _keep_out_of_cse() -> None:
                          tags=(torch.Tag.nondeterministic_seeded,))
 def drop_block(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool,
                scale: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """DropBlock's forward: ``(where(keep, x, 0) * scale, state, scale)``.
-
-    Args:
-        x: the input ``(N, C, H, W)`` or ``(N, C, T, H, W)``.
-        keep_prob: a one-element tensor, in [0, 1].
-        block_size: the requested block size (clipped to the map).
-        per_channel: a mask per channel, or one per sample.
-        scale: scale by ``numel(mask) / sum(mask)``.
-
-    Returns:
-        The output, laid out as ``torch.empty_like(x)``, the kernel's backward state and the fp32 scale.
-    """
-    return choose(x.device, x.dtype, x.shape, block_size, per_channel).forward(x, keep_prob, block_size, per_channel, scale)
+    """DropBlock's forward, ``(where(keep, x, 0) * scale, state, scale)`` (arguments as :func:`drop_block2d`'s,
+    ``keep_prob`` a one-element tensor); the output is laid out as ``torch.empty_like(x)``, the scale is fp32."""
+    kernel = choose(x.device, x.dtype, x.shape, block_size, per_channel)
+    return kernel.forward(x, keep_prob, block_size, per_channel, scale)
 
 
 @drop_block.register_fake
@@ -115,12 +100,6 @@ def _drop_block_mask_fake(shape: list[int], stride: list[int], dtype: torch.dtyp
     _keep_out_of_cse()
     like = _like(shape, dtype, device)
     return choose(like.device, dtype, shape, block_size, per_channel).fake_mask(like, stride, block_size, per_channel)
-
-
-def follows_stride(shape: list[int], dtype: torch.dtype, device: torch.device, block_size: int,
-                   per_channel: bool) -> bool:
-    """Whether the mask op lays its mask out with the ``stride`` argument (the sparse kernel does)."""
-    return choose(torch.device(device), dtype, shape, block_size, per_channel).name == "sparse"
 
 
 def masked(x: Tensor, keep_prob: Tensor, block_size: int, per_channel: bool, scale: bool) -> Tensor:

@@ -1,12 +1,6 @@
-"""The first-call check of a kernel on a device: it runs on a small probe and its results obey the op's rules.
-
-Checked, on a ``(2, 3, 9, 10)`` (or ``(2, 3, 4, 9, 10)``) probe with ``keep_prob = 0.6`` and 3-wide blocks:
-forward, backward and the mask alone launch; the kept cells form a 0/1 mask whose dropped cells are a union
-of whole blocks (the same for every channel when the mask is shared); the scale is the fp32
-``numel / kept``; the output is ``where(keep, x, 0) * scale`` and the gradient ``where(keep, grad, 0) * scale``,
-exactly. The probe runs outside any trace, on its own copy of the random state (the caller's draws are the
-same with or without it). A failure warns once and the result is remembered, per device, dtype, rank and
-mask variant, for the life of the process.
+"""The first-call check of a kernel on a device: on a small probe, outside any trace and on its own copy of the
+random state, forward, backward and the mask alone launch and obey the op's rules (:func:`_probe` says which).
+A failure warns once; the result is remembered per device, dtype, rank and mask variant for the process's life.
 """
 
 from __future__ import annotations
@@ -67,7 +61,10 @@ def _run_probe(kernel: Kernel, device: torch.device, dtype: torch.dtype, ndim: i
 
 
 def _probe(kernel: Kernel, device: torch.device, dtype: torch.dtype, ndim: int, per_channel: bool) -> str | None:
-    """Runs the kernel on the probe; the first rule broken, or ``None``."""
+    """Runs the kernel on a ``(2, 3, 9, 10)`` (or ``(2, 3, 4, 9, 10)``) probe, keep_prob 0.6, 3-wide blocks; the
+    first rule broken, or ``None``: the dropped cells are a union of whole blocks (the same in every channel for a
+    shared mask), the scale is the fp32 ``numel / kept``, and the output and gradient are exactly
+    ``where(keep, x, 0) * scale`` and ``where(keep, grad, 0) * scale``."""
     shape = (2, 3, 9, 10) if ndim == 4 else (2, 3, 4, 9, 10)
     numel = torch.Size(shape).numel()
     x = torch.linspace(1.0, 2.0, numel, device=device).reshape(shape).to(dtype)  # no zero: out != 0 is the mask

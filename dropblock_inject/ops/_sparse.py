@@ -19,44 +19,34 @@ from ._check import _contiguous_strides, _fills_its_memory, fp32_ratio, gamma_of
 from ._kernel import Kernel
 
 
-def _sample_seeds(n_planes: int, n_anchors: int, gamma: float, device: torch.device,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Independent Bernoulli(``gamma``) seeds over ``n_planes`` maps of ``n_anchors`` valid positions each.
-
-    Returns the seeds' plane and anchor indices. The number of draws is Poisson(-log(1 - gamma) * n) and
-    each draw is uniform over the ``n = n_planes * n_anchors`` positions (plane and anchor drawn
-    independently), so each position receives Poisson(-log(1 - gamma)) draws independently of the others:
-    it is a seed with probability exactly ``gamma``. A position drawn twice is harmless (its block is
-    zeroed twice and counted once). Draws come from ``generator`` when given (a CPU generator), so that the
-    same seeds can be drawn again.
-    """
+def _sample_seeds(n_planes: int, n_anchors: int, gamma: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The planes and anchors of independent Bernoulli(``gamma``) seeds over ``n_planes`` maps of ``n_anchors``
+    valid positions: Poisson(-log(1 - gamma) * n) uniform draws, so each position receives Poisson(-log(1 - gamma))
+    of them, independently: a seed with probability exactly ``gamma`` (one drawn twice is zeroed twice)."""
     n = n_planes * n_anchors
     if n == 0 or gamma <= 0.0:
-        empty = torch.empty(0, dtype=torch.long, device=device)
+        empty = torch.empty(0, dtype=torch.long)
         return empty, empty
     if gamma >= 1.0:
-        every = torch.arange(n, device=device)
+        every = torch.arange(n)
         return every // n_anchors, every % n_anchors
-    rate = torch.full((), -math.log1p(-gamma) * n, dtype=torch.float64)
-    k = int(torch.poisson(rate, generator=generator).item())
-    return (torch.randint(n_planes, (k,), device=device, generator=generator),
-            torch.randint(n_anchors, (k,), device=device, generator=generator))
+    k = int(torch.poisson(torch.full((), -math.log1p(-gamma) * n, dtype=torch.float64), generator=generator))
+    return torch.randint(n_planes, (k,), generator=generator), torch.randint(n_anchors, (k,), generator=generator)
 
 
 _local = threading.local()
 
 
-def seeded_generator(seed: int) -> torch.Generator:
-    """This thread's private CPU generator, reseeded with ``seed`` (one generator per thread, reused)."""
-    generator = getattr(_local, "generator", None)
-    if generator is None:
-        generator = _local.generator = torch.Generator()
-    return generator.manual_seed(seed)
+def _generator(seed: int) -> torch.Generator:
+    """This thread's private CPU generator (one per thread, reused), reseeded with ``seed``."""
+    if getattr(_local, "generator", None) is None:
+        _local.generator = torch.Generator()
+    return _local.generator.manual_seed(seed)
 
 
 def draw_seed(gamma: float) -> int:
-    """The seed of a call's private generator, drawn from torch's (so ``torch.manual_seed`` holds); 0 with no
-    draw at ``gamma == 0`` (keep_prob 1: no random numbers, as in eager)."""
+    """A seed for a call's private generator, drawn from torch's (so ``torch.manual_seed`` holds); 0 with no
+    draw at ``gamma == 0`` (keep_prob 1: no random numbers)."""
     return int(torch.randint(2**53, (), dtype=torch.int64)) if gamma > 0 else 0
 
 
@@ -71,12 +61,8 @@ def _grid(extent: tuple[int, ...], strides: tuple[int, ...], device: torch.devic
 
 def _fill_blocks(flat: Tensor, corner: Tensor, block: tuple[int, ...], strides: tuple[int, ...],
                  value: float | bool) -> None:
-    """Writes ``value`` over the ``block``-sized block whose first cell is ``flat[c]``, for every ``c`` in ``corner``.
-
-    ``strides`` are the map's spatial strides within ``flat``. The blocks are slices of one overlapping strided
-    view of ``flat`` (one slice per start offset), so a single ``index_fill_`` with one index per block writes
-    them all, with no per-cell or per-row index arithmetic.
-    """
+    """Writes ``value`` over the block starting at ``flat[c]`` for every ``c`` in ``corner`` (``strides``: the map's
+    within ``flat``), as one ``index_fill_`` of an overlapping strided view of ``flat``, a slice per start offset."""
     if corner.numel() == 0:
         return
     length = math.prod(block)
@@ -93,14 +79,10 @@ _SMALL_MAP = 1 << 17  # bytes: count_nonzero below this, word lanes above (each 
 
 def _count_dropped(plane: Tensor, offset: Tensor, n_planes: int, spatial: tuple[int, ...],
                    block: tuple[int, ...]) -> int:
-    """Number of distinct cells that the blocks of the given seeds cover, without sorting anything.
-
-    ``plane`` is each seed's (sample, channel) plane and ``offset`` its block corner's offset within a
-    contiguous plane. Only the planes that hold a seed are looked at: each gets a slot in a small byte map
-    of contiguous planes (a few hundred planes rather than N * C, so no large buffer is zeroed and faulted
-    in), and the blocks are marked there. A small map is counted by ``count_nonzero``; a large one eight bytes
-    at a time, as int64 words summed in groups of 255 (so no byte lane overflows), several times faster.
-    """
+    """The number of distinct cells the seeds' blocks cover (``plane``: each seed's plane, ``offset``: its corner
+    within a contiguous plane). Only planes holding a seed get a slot in a small byte map where the blocks are
+    marked; a small map is counted by ``count_nonzero``, a large one as int64 words summed 255 at a time (no byte
+    lane overflows), several times faster."""
     if plane.numel() == 0:
         return 0
     seen = torch.zeros(n_planes, dtype=torch.long, device=plane.device)
@@ -138,72 +120,44 @@ def _corners(plane: Tensor, anchor: Tensor, shape: tuple[int, ...], valid: tuple
     return offset.add_(plane // c, alpha=stride_n).add_(plane.remainder_(c), alpha=stride_c)
 
 
-def _draw_blocks(shape: tuple[int, ...], gamma: float, block: tuple[int, ...], valid: tuple[int, ...],
-                 normalize: bool, device: torch.device,
-                 generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, float]:
-    """The seeds of one call: their planes, anchors and corner offsets within a contiguous plane, and the
-    scale ``numel / kept`` (1 when not ``normalize``)."""
+def _draw_blocks(shape: tuple[int, ...], seed: int, gamma: float, block: tuple[int, ...], valid: tuple[int, ...],
+                 stride: tuple[int, ...], normalize: bool) -> tuple[Tensor, float]:
+    """The blocks of one call, drawn from ``_generator(seed)``: their corners as offsets into a tensor of
+    ``shape`` and ``stride`` (one int64 per seed), and the fp32 scale ``numel / kept`` (1 unless ``normalize``)."""
     n, c, *spatial = shape
-    plane, anchor = _sample_seeds(n * c, math.prod(valid), gamma, device, generator)
-    offset = _grid(valid, _contiguous_strides(tuple(spatial)), device).index_select(0, anchor)
+    plane, anchor = _sample_seeds(n * c, math.prod(valid), gamma, _generator(seed))
+    offset = _grid(valid, _contiguous_strides(tuple(spatial)), torch.device("cpu")).index_select(0, anchor)
     scale = 1.0
     if normalize:
         numel = math.prod(shape)
-        dropped = _count_dropped(plane, offset, n * c, tuple(spatial), block)
-        scale = fp32_ratio(numel, numel - dropped)  # fp32, as every kernel computes it
-    return plane, anchor, offset, scale
+        scale = fp32_ratio(numel, numel - _count_dropped(plane, offset, n * c, tuple(spatial), block))
+    return _corners(plane, anchor, shape, valid, stride, offset), scale
+
+
+def redraw_corners(shape: tuple[int, ...], gamma: float, valid: tuple[int, ...], stride: tuple[int, ...],
+                   seed: int) -> Tensor:
+    """The corners :func:`_draw_blocks` drew from ``seed``, for an output of ``stride``."""
+    plane, anchor = _sample_seeds(shape[0] * shape[1], math.prod(valid), gamma, _generator(seed))
+    return _corners(plane, anchor, shape, valid, stride)
 
 
 def sparse_forward(x: Tensor, gamma: float, block: tuple[int, ...], valid: tuple[int, ...], normalize: bool,
-                   out: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, float]:
-    """Writes ``where(mask, x, 0) * scale`` into ``out`` (``x`` itself, or a dense tensor of x's shape).
-
-    Args:
-        x: the input ``(N, C, *spatial)``.
-        gamma: the seed rate.
-        block: the clipped block.
-        valid: the valid seed region.
-        normalize: scale by ``numel / kept``; otherwise the scale is 1.
-        out: where to write, non-overlapping and dense (may be ``x``).
-        generator: where the seeds are drawn from (default: torch's global generator).
-
-    Returns:
-        The blocks' corners as offsets into ``out``'s memory (int64, one per seed), and the scale applied.
-    """
-    shape = tuple(x.shape)
-    plane, anchor, offset, scale = _draw_blocks(shape, gamma, block, valid, normalize, x.device, generator)
-    corner = _corners(plane, anchor, shape, valid, tuple(out.stride()), offset)
+                   out: Tensor) -> tuple[Tensor, float, int]:
+    """Writes ``where(mask, x, 0) * scale`` into ``out`` (``x`` itself, or a dense tensor of x's shape); returns
+    the blocks' corners in ``out``'s memory, the scale and the seed they were drawn from."""
+    seed = draw_seed(gamma)
+    corner, scale = _draw_blocks(tuple(x.shape), seed, gamma, block, valid, tuple(out.stride()), normalize)
     if out is x:
         x.mul_(scale)
     else:
         torch.mul(x, scale, out=out)
     _fill_blocks(_flat(out), corner, block, tuple(out.stride()[2:]), 0.0)
-    return corner, scale
-
-
-def redraw_corners(shape: tuple[int, ...], gamma: float, valid: tuple[int, ...], stride: tuple[int, ...],
-                   seed: int) -> Tensor:
-    """The corners :func:`sparse_forward` drew from ``seeded_generator(seed)``, for an output of ``stride``."""
-    plane, anchor = _sample_seeds(shape[0] * shape[1], math.prod(valid), gamma, torch.device("cpu"),
-                                  seeded_generator(seed))
-    return _corners(plane, anchor, shape, valid, stride)
+    return corner, scale, seed
 
 
 def sparse_backward(grad: Tensor, corner: Tensor, stride: tuple[int, ...], block: tuple[int, ...],
                     scale: float) -> Tensor:
-    """``grad * mask * scale``, the mask rebuilt from the corners that :func:`sparse_forward` returned.
-
-    Args:
-        grad: the output's gradient, any layout.
-        corner: the blocks' corners, offsets into a tensor of strides ``stride``.
-        stride: the forward output's strides.
-        block: the clipped block.
-        scale: the forward's scale.
-
-    Returns:
-        The input's gradient, laid out with ``stride``.
-    """
-    # the usual case: grad is laid out as the forward output, and so is the product
+    """``where(mask, grad, 0) * scale`` laid out with ``stride`` (the forward output's, which ``corner`` indexes)."""
     grad_in = torch.mul(grad, scale) if grad.stride() == stride else None
     if grad_in is None or grad_in.stride() != stride:  # e.g. an expanded or channels_last grad
         grad_in = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device)
@@ -219,14 +173,9 @@ class _SparseDropBlock(torch.autograd.Function):
     def forward(ctx, x: Tensor, gamma: float, block: tuple[int, ...], valid: tuple[int, ...],  # type: ignore[override]
                 normalize: bool, inplace: bool) -> Tensor:
         if inplace:
-            out = x
             ctx.mark_dirty(x)
-        else:
-            out = torch.empty_like(x)  # x's memory format when x is dense, contiguous otherwise
-        # the seeds come from a private generator seeded from torch's, as in the registered op, so eager,
-        # compiled and fx-traced models draw the same masks under the same torch.manual_seed
-        seed = draw_seed(gamma)
-        corner, scale = sparse_forward(x, gamma, block, valid, normalize, out, seeded_generator(seed))
+        out = x if inplace else torch.empty_like(x)
+        corner, scale, _ = sparse_forward(x, gamma, block, valid, normalize, out)
         ctx.save_for_backward(corner)  # 8 bytes per seed
         ctx.meta = (out.stride(), block, scale)
         return out
@@ -254,9 +203,8 @@ class SparseKernel(Kernel):
                 normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
         block, valid, factor = geometry(tuple(x.shape[2:]), block_size)
         gamma = gamma_of(float(keep_prob), factor)
-        seed = draw_seed(gamma)
         out = torch.empty_like(x)
-        corner, scale = sparse_forward(x, gamma, block, valid, normalize, out, seeded_generator(seed))
+        corner, scale, seed = sparse_forward(x, gamma, block, valid, normalize, out)
         state = torch.empty(3 + corner.numel(), dtype=torch.int64)
         state[3:] = corner
         state[:3] = torch.tensor([seed, gamma, 0], dtype=torch.float64).view(torch.int64)
@@ -281,10 +229,9 @@ class SparseKernel(Kernel):
         shape, stride = tuple(like.shape), tuple(stride)
         block, valid, factor = geometry(shape[2:], block_size)
         gamma = gamma_of(float(keep_prob), factor)
-        plane, anchor, offset, scale = _draw_blocks(shape, gamma, block, valid, normalize, torch.device("cpu"),
-                                                    seeded_generator(draw_seed(gamma)))
+        corner, scale = _draw_blocks(shape, draw_seed(gamma), gamma, block, valid, stride, normalize)
         keep = torch.empty_strided(shape, stride, dtype=torch.bool).fill_(True)
-        _fill_blocks(_flat(keep), _corners(plane, anchor, shape, valid, stride, offset), block, stride[2:], False)
+        _fill_blocks(_flat(keep), corner, block, stride[2:], False)
         return keep, torch.tensor(scale, dtype=torch.float32)
 
     def fake_forward(self, x: Tensor, block_size: int, per_channel: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,20 +1,10 @@
-"""The fused accelerator kernel's launchers: philox seeds, block mask and count, scaled product.
+"""The fused accelerator kernel's launchers: five launches of the programs in ``_triton_kernels`` (seeds, rows,
+mask and count, scale, apply), none of which syncs with the host; ``gamma`` is computed on the device from the
+``keep_prob`` tensor, so a new keep_prob is a new value, not a new kernel (nor a recompile).
 
-Five launches (the programs are in ``_triton_kernels``), none of which syncs with the host:
-
-1. seeds: one philox draw per valid anchor (counter = anchor index, key = a seed drawn from torch's generator
-   on the device), a ``uint8`` seed map ``bits < gamma * 2**32`` (exact to 2**-32); ``gamma`` is computed in
-   the kernel from the ``keep_prob`` tensor, so a new keep_prob is a new value, not a new kernel (nor a
-   recompile);
-2. and 3. rows and mask: the stride-1 max-pool of the seed map, separable (along W, then along H and T),
-   written as a ``uint8`` keep map, its kept cells counted on the device (no host sync);
-4. scale: ``numel / kept`` in fp32 (0 when nothing is kept), the division torch's ``_dense.keep_scale`` does;
-5. apply: ``where(keep, x * scale, 0)``, in x's dtype and strides.
-
-Backward keeps only the philox seed, the threshold and the scale (20 bytes): it redraws the same seed map (philox is
-counter-based), rebuilds the keep map and applies it to the gradient. The seed, row and keep maps are
-temporaries of one launch sequence, never saved. Compiled graphs run launches 1 to 4 only (``TritonKernel.mask``,
-through the mask op, see ``_library``) and leave the product to inductor, which fuses it with its neighbours.
+Backward keeps only the philox seed, the threshold and the scale (20 bytes) and redraws the keep map from them
+(philox is counter-based); the seed, row and keep maps are temporaries of one launch sequence. Compiled graphs
+run launches 1 to 4 only (:meth:`TritonKernel.mask`, through the mask op) and leave the product to inductor.
 """
 
 import math
@@ -24,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._check import _geometry
+from ._check import geometry
 from ._kernel import Kernel
 from ._triton_kernels import AVAILABLE, CHANNELS_LAST, CONTIGUOUS, STRIDED, kernels, triton
 
@@ -35,6 +25,7 @@ def _dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 
 def _strides5(t: Tensor) -> tuple[int, ...]:
+    """``t``'s strides as ``(N, C, T, H, W)`` ones (T's 0 for 2-D)."""
     n, c, *rest = t.stride()
     return (n, c, 0, *rest) if len(rest) == 2 else (n, c, *rest)
 
@@ -63,7 +54,7 @@ class _Maps(NamedTuple):
 
     @classmethod
     def of(cls, planes: int, spatial: tuple[int, ...], block_size: int) -> "_Maps":
-        block, valid, factor = _geometry(spatial, block_size)
+        block, valid, factor = geometry(spatial, block_size)
         if planes * math.prod(valid) >= 2**31:
             raise ValueError(f"the fused DropBlock kernel draws one philox counter per seed position and supports "
                              f"fewer than 2**31 of them, but this input has {planes * math.prod(valid)}")
@@ -108,8 +99,8 @@ def _block_mask(ks: SimpleNamespace, maps: _Maps, seeds: Tensor, count: Tensor |
 
 def _keep_map(ks: SimpleNamespace, state: Tensor, mask_planes: int, spatial: tuple[int, ...], block_size: int,
               keep_prob: Tensor | None = None, count: Tensor | None = None) -> Tensor:
-    """The flat ``uint8`` keep map of ``mask_planes`` planes: launches 1 to 3 (counting the kept cells into
-    ``count`` in forward, with ``keep_prob``)."""
+    """Launches 1 to 3: the flat ``uint8`` keep map of ``mask_planes`` planes (in forward, with ``keep_prob``,
+    its kept cells counted into ``count``)."""
     maps = _Maps.of(mask_planes, spatial, block_size)
     return _block_mask(ks, maps, _seed_map(ks, maps, state, keep_prob, count), count)
 
@@ -129,6 +120,7 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _launch_apply(ks: SimpleNamespace, x: Tensor, keep: Tensor, scale: Tensor, per_channel: bool) -> Tensor:
+    """Launch 5: ``where(keep, x * scale, 0)``, laid out as ``torch.empty_like(x)``."""
     out = torch.empty_like(x)
     _, c, *spatial = x.shape
     t, h, w = _dims(tuple(spatial))

@@ -1,18 +1,7 @@
-"""The fused kernel's Triton programs, as plain functions decorated at run time (:func:`kernels`).
-
-Five programs, launched in order by ``_triton``:
-
-1. :func:`_seeds`: one philox draw per valid anchor (counter = anchor index, key = a seed drawn from torch's
-   generator), written as a ``uint8`` seed map ``bits < gamma * 2**32`` whose rows (one per anchor row, VW
-   anchors) are padded with zeros to whole 8-byte words; in forward it also stores the threshold and zeroes
-   the count of kept cells;
-2. :func:`_rows`: the max-pool along W, a word (eight columns) at a time: the row map's byte ``w`` is 1 where
-   a seed of that anchor row lies in the block's width ending at column ``w``;
-3. :func:`_mask`: the max-pool along H and T, a word at a time: the OR of the ``BT * BH`` row-map words above,
-   written byte by byte as the dense ``uint8`` keep map (1 = kept), and in forward the kept cells counted (a
-   sum per program, one atomic add);
-4. :func:`_scale`: ``numel / kept`` in fp32 (0 when nothing is kept), one program;
-5. :func:`_apply`: ``where(keep, x * scale, 0)`` in x's dtype and strides.
+"""The fused kernel's Triton programs, launched in this order by ``_triton``: :func:`_seeds` (philox seed map,
+and in forward the threshold and a zeroed count), :func:`_rows` and :func:`_mask` (the block's max-pool along W,
+then along H and T, the keep map and in forward its kept cells counted), :func:`_scale` and :func:`_apply`.
+They are plain functions, jitted at run time by :func:`kernels` (for the device, or for the interpreter).
 
 Why it is built this way (what a GPU executes, counted in ``benchmarks/triton_sass.py``): the block's
 max-pool is separable, and every byte of the seed and row maps is 0 or 1, so an ``int64`` word ORs eight

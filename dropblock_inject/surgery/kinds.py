@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..ops import _DropBlockNd
+from ..ops._modules import _DropBlockNd
 from .registry import CONV_BASE, NORM_BASES, is_registered_class
 from .trace import Tracer
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dropblock_inject.ops import _DropBlockNd
+from dropblock_inject.ops._modules import _DropBlockNd
 from dropblock_inject.surgery.shapes import ShapeLog
 from .blocks import missing_points
 from dropblock_inject.surgery.roles import Roles
