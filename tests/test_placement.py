@@ -229,3 +229,12 @@ def test_a_dilated_attention_gate_is_no_stride_16_or_32_stage():
     points = _plan(model, x=torch.zeros(1, 3, 224, 224))  # (its classifier pools a fixed 7x7)
     assert points and all(p.shape[-1] <= 224 // 16 for p in points)
     assert not [p for p in points if p.module.split(".")[1] in ("stage1", "stage2")]
+
+
+def test_a_dilated_selective_kernel_path_gives_no_stride_8_point():
+    """skresnet18's blocks have a dilated kernel path in every stage: groups 3 and 4 are still its stride-16
+    and stride-32 stages (layer3, layer4), with no point on layer2's stride-8 maps."""
+    timm = pytest.importorskip("timm")
+    points = _plan(timm.create_model("skresnet18", pretrained=False), x=torch.zeros(1, 3, 224, 224))
+    assert {p.module.split(".")[0] for p in points} == {"layer3", "layer4"}
+    assert {p.shape[-1] for p in points} == {14, 7}

@@ -74,6 +74,16 @@ def test_dilated_trunk_counts_the_stride_it_replaced():
     assert not r.is_backbone("aux_classifier.0") and r.stride("classifier.0") == 8  # ASPP's rates are no stride
 
 
+def test_a_dilated_kernel_in_a_strided_stage_is_no_stride():
+    """Selective Kernel blocks (timm's skresnet18) run a dilated 3x3 path beside a plain one in every stage,
+    each stage downsampling as usual: the dilation widens the kernel and replaces no stride."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("skresnet18", pretrained=False)
+    r = _roles(model, torch.zeros(1, 3, 224, 224))
+    assert [r.stride(f"layer{i}") for i in range(1, 5)] == [4, 8, 16, 32]
+    assert r.stride("layer2.0.conv1.paths.1") == 8
+
+
 class _Gate(nn.Module):
     """A dilated spatial attention gate on the side of the trunk (as BAM's)."""
 

@@ -109,9 +109,12 @@ class Roles:
 
     @cached_property
     def nominal(self) -> list[int | None]:
-        """Each value's stride times the dilation its backbone stage traded for stride: the residual
-        additions of one (stride, channels) run form a stage, whose dilation is the largest of its branches'
-        convolutions (a dilated side path, such as an attention gate, is no branch). A value belongs to the
+        """Each value's stride times the stride its backbone stage traded for dilation: the residual
+        additions of one (stride, channels) run form a stage; a stage that keeps the previous stage's measured
+        stride and dilates its branches' convolutions (a dilated side path, such as an attention gate, is no
+        branch) stands for twice the previous stage's stride. A stage that downsamples keeps the factor of
+        the stages before it: a dilated conv beside a strided stage (Selective Kernel's dilated path) widens
+        the receptive field and replaces no stride. A value belongs to the
         stage of the last addition before it when it has that addition's stride and channels, else to the
         next addition's stage when it has that stride, else to none; values made after the first fusion
         (necks, decoders, heads) keep their measured stride."""
@@ -124,10 +127,15 @@ class Roles:
                 stages[-1].append(i)
             else:
                 stages.append([i])
-        dil = [0] * len(anchors)
+        dil = [1] * len(anchors)
+        prev_stride, factor = None, 1
         for stage in stages:
+            stride = anchors[stage[0]][1][0]
+            if stride == prev_stride and max(anchors[j][2] for j in stage) > 1:
+                factor *= 2  # it kept the previous stage's stride and dilates instead: the stride it replaced
+            prev_stride = stride
             for i in stage:
-                dil[i] = max(anchors[j][2] for j in stage)
+                dil[i] = factor
         out: list[int | None] = []
         k = 0  # anchors[:k] ran before the current value
         for val in self.flow.values:
