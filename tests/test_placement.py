@@ -221,14 +221,16 @@ def test_plan_lists_exactly_what_inject_installs():
 
 # -- real stride ------------------------------------------------------------------------------------------
 
-def test_a_dilated_attention_gate_is_no_stride_16_or_32_stage():
+def test_a_dilated_attention_gate_is_no_stride_16_or_32_stage_and_no_point():
     """pytorchcv's BAM-ResNet50 computes a spatial attention gate with dilated convs after stages 1-3: at
-    strides 4 and 8 they are no stride-16/32 maps, whatever their dilation."""
+    strides 4 and 8 they are no stride-16/32 maps, whatever their dilation, and no gate gets a point."""
     model_provider = pytest.importorskip("pytorchcv.model_provider")
     model = model_provider.get_model("bam_resnet50", pretrained=False)
     points = _plan(model, x=torch.zeros(1, 3, 224, 224))  # (its classifier pools a fixed 7x7)
     assert points and all(p.shape[-1] <= 224 // 16 for p in points)
     assert not [p for p in points if p.module.split(".")[1] in ("stage1", "stage2")]
+    # the gate after stage 3 runs at stride 16, yet its maps only scale the trunk through a sigmoid: no point
+    assert not [p for p in points if ".bam." in p.module]
 
 
 def test_a_dilated_selective_kernel_path_gives_no_stride_8_point():

@@ -126,6 +126,14 @@ def test_a_dilated_side_path_is_no_stride():
     assert r.stride("gate.dilated") == 4 and r.stride("gate") == 4 and r.stride("s8") == 8
 
 
+def test_an_attention_gate_scaling_the_trunk_is_a_gate():
+    """The gate's maps reach the outputs only through the sigmoid that scales the trunk: attention, not
+    features; the trunk it scales and the blocks around it are no gate."""
+    r = _roles(_GatedNet(), torch.zeros(1, 3, 64, 64))
+    assert r.is_gate("gate.reduce") and r.is_gate("gate.dilated") and r.is_gate("gate.out")
+    assert not r.is_gate("gate") and not r.is_gate("s4") and not r.is_gate("s8.0")
+
+
 def test_a_dilated_attention_gate_in_a_zoo_model_is_no_stride():
     provider = pytest.importorskip("pytorchcv.model_provider")
     model = provider.get_model("bam_resnet50", pretrained=False)

@@ -50,6 +50,7 @@ class Scope:
 
 DEAD = "a map that never reaches the model's outputs"
 ATTENTION = "a tensor that feeds attention or comes from it (q, k, v, a positional code, a projection)"
+GATE = "an attention gate (a map that scales the trunk through a sigmoid or softmax)"
 
 
 def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None, roles: Roles | None = None
@@ -89,7 +90,8 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
             banned.update({n.name: DEAD for n in nodes if n.op != "output"})
         for n, p in full.items():
             if n.name not in banned and roles.ran(p):
-                reason = DEAD if not roles.is_live(p) else ATTENTION if roles.in_attention(p) else ""
+                reason = DEAD if not roles.is_live(p) else ATTENTION if roles.in_attention(p) else \
+                    GATE if roles.is_gate(p) else ""
                 if reason:
                     banned[n.name] = reason
 

@@ -11,6 +11,8 @@
   ops (a norm, a linear projection, adding a positional code) before any convolution; a module whose input
   is such a tensor or an attention result (a positional conv on ``v``, the output projection);
 * **live** (:meth:`Roles.is_live`): a tensor the model's outputs are computed from;
+* **gates** (:meth:`Roles.is_gate`): maps that reach the outputs only as an attention gate (through a sigmoid
+  or softmax whose result scales a trunk map: BAM's and CBAM's spatial attention);
 * **residual additions** (:attr:`Roles.residual_adds`): see :func:`.residuals.residual_adds`;
 * **stride** (:meth:`Roles.stride`): measured stride times the dilation a backbone stage traded for it;
 * **CNN or not** (:attr:`Roles.not_a_cnn`);
@@ -30,6 +32,8 @@ from .residuals import ResidualAdd, residual_adds
 
 _ELEMENTWISE = {"mul", "mul_", "__mul__", "__rmul__", "sub", "__sub__", "__rsub__", "maximum", "where"}
 _STOPS = ("conv", "pool", "adaptive_pool", "resample", "attention", "matmul", "cat")
+_GATES = {"sigmoid", "sigmoid_", "hardsigmoid", "softmax", "_softmax"}
+_PRODUCTS = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
 
 
 class Roles:
@@ -187,6 +191,48 @@ class Roles:
                         seen.add(w)
                         todo.append(w)
         return seen
+
+    @cached_property
+    def ungated(self) -> set[int]:
+        """Values the outputs are computed from other than as a gate: :attr:`live`, walked back from the
+        outputs but not into an operand of an elementwise product of two data tensors that comes from a
+        sigmoid or softmax (``x * (1 + sigmoid(att))``: ``x`` is the trunk, ``att`` an attention map)."""
+        seen, todo = set(self.flow.outputs), list(self.flow.outputs)
+        while todo:
+            p = self.flow.values[todo.pop()].producer
+            if p is None:
+                continue
+            op = self.flow.ops[p]
+            ins = list(op.inputs)
+            if op.name in _PRODUCTS and sum(v in self.data for v in ins) == 2:
+                ins = [v for v in ins if not self._from_gate(v)]
+            for w in ins:
+                if w not in seen:
+                    seen.add(w)
+                    todo.append(w)
+        return seen
+
+    def _from_gate(self, v: int) -> bool:
+        """Whether ``v`` is a sigmoid's or softmax's result, through ops of one data input (``1 + g``,
+        reshapes, expand)."""
+        while True:
+            p = self.flow.values[v].producer
+            if p is None:
+                return False
+            op = self.flow.ops[p]
+            if op.name in _GATES:
+                return True
+            ins = [w for w in op.inputs if w in self.data]
+            if len(ins) != 1 or op.kind in _STOPS or op.kind == "linear":
+                return False
+            v = ins[0]
+
+    def is_gate(self, path: str) -> bool:
+        """Whether the module at ``path`` returned maps that reach the outputs only as an attention gate
+        (see :attr:`ungated`): live, yet none of them an ungated value."""
+        outs = [v for v in self._outputs(path) if v in self.data]
+        return bool(outs) and not self.opaque and any(v in self.live for v in outs) and not any(
+            v in self.ungated for v in outs)
 
     def _attention_ops(self) -> list[Op]:
         return [op for op in self.flow.ops if (op.kind == "attention" and any(v in self.data for v in op.inputs))

@@ -69,7 +69,8 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
             if rule.stride is not None and roles is not None:
                 # the backbone's live feature maps at the rule's stride, none feeding attention
                 if not any(roles.ran(p) and _backbone(roles, shapes, p) and roles.is_live(p)
-                           and not roles.in_attention(p) and roles.stride(p) in rule.stride for p in [*leaves, path]):
+                           and not roles.in_attention(p) and not roles.is_gate(p) and roles.stride(p) in rule.stride
+                           for p in [*leaves, path]):
                     continue
             elif rule.stride is not None and shapes is not None:
                 if path in shapes.heads:
