@@ -108,6 +108,23 @@ def test_detr_branch_points_after_its_frozen_norms_and_none_in_series():
     assert not [p for p in branch if p.module in shortcuts]
 
 
+def test_detr_resnet_backbone_gets_the_paper_placement():
+    """Each bottleneck of groups 3 and 4 (HF's stages 2 and 3): a point after each of its three conv-norm
+    units, the first one included although it runs at the stride before the block's (as torchvision's
+    ``layer3.0.conv1``), and its shortcut; a block's points all take its group's rule."""
+    points = _plan(_detr(), x=torch.zeros(1, 3, 128, 128))
+    stages = "model.backbone.model.encoder.stages"
+    for stage in (2, 3):
+        block = f"{stages}.{stage}.layers.0"
+        mine = [p for p in points if p.module.startswith(block)]
+        assert sorted((p.module, p.after, p.kind) for p in mine) == [(block, "shortcut", "shortcut")] + [
+            (f"{block}.layer.{k}", "normalization", "branch") for k in range(3)], stage
+        assert len({(p.rule, p.keep_prob) for p in mine}) == 1, stage
+    first = next(p for p in points if p.module == f"{stages}.2.layers.0.layer.0")
+    assert first.shape[-1] == 128 // 8  # the stride-8 map the stride-16 block starts from
+    assert len(points) == 8
+
+
 def test_resnet50_paper_placement_unchanged():
     for recipe in ("resnet50_paper", "paper_generic"):
         points = _plan(torchvision.models.resnet50(), recipe)
@@ -227,10 +244,15 @@ def test_a_dilated_attention_gate_is_no_stride_16_or_32_stage_and_no_point():
     model_provider = pytest.importorskip("pytorchcv.model_provider")
     model = model_provider.get_model("bam_resnet50", pretrained=False)
     points = _plan(model, x=torch.zeros(1, 3, 224, 224))  # (its classifier pools a fixed 7x7)
-    assert points and all(p.shape[-1] <= 224 // 16 for p in points)
+    first = "features.stage3.unit1.res_unit.body"  # group 3's first conv, at stride 8 as in the paper's ResNet
+    assert points and all(p.shape[-1] <= 224 // 16 for p in points if p.module != first)
     assert not [p for p in points if p.module.split(".")[1] in ("stage1", "stage2")]
     # the gate after stage 3 runs at stride 16, yet its maps only scale the trunk through a sigmoid: no point
     assert not [p for p in points if ".bam." in p.module]
+    # the paper's 27 + 9 of its ResNet-50: the first conv of group 3's first block (its ``body``, the whole
+    # residual branch as one module) runs at stride 8 and counts in its block's group
+    assert (len(points), sum(p.kind == "branch" for p in points)) == (36, 27)
+    assert [p.shape[-1] for p in points if p.module == first] == [28, 14, 14]
 
 
 def test_a_dilated_selective_kernel_path_gives_no_stride_8_point():
