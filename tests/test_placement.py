@@ -56,7 +56,7 @@ def test_pspnet_dead_encoder_stages_get_no_point():
     model = smp.PSPNet(encoder_name="mobilenet_v2", encoder_weights=None)  # depth 3: stages 7-18 thrown away
     x = torch.zeros(1, 3, 64, 64)
     # its live encoder ends at stride 8: no stride-16/32 stage, said so, never a DropBlock on a dead stage
-    with pytest.raises(dbi.RecipeError, match=r"largest stride found is 8 \(in 'encoder\.features\.[0-6]\."):
+    with pytest.raises(dbi.RecipeError, match=r"largest stride found is 8 \(in 'encoder\.features\.[0-6]"):
         _plan(model, x=x)  # the stage it names is one whose maps reach the outputs
     ran = set()
     hooks = [model.encoder.features[i].register_forward_hook(lambda *_, i=i: ran.add(i)) for i in range(19)]
@@ -234,6 +234,30 @@ def test_plan_lists_exactly_what_inject_installs():
     dbi.inject(model, recipe)
     installed = [(d.point.module, d.point.after, d.point.kind) for d in dbi.injected_dropblocks(model)]
     assert planned and sorted(installed) == sorted(planned)
+
+
+def test_a_cifar_style_net_is_told_its_largest_stride_and_the_rule_to_write():
+    """A ResNet for 32x32 inputs (3x3 stem at stride 1, no max-pool, three stages): its deepest stage runs at
+    stride 4, so the stride rules select nothing; the error says so and names a path rule that works."""
+    model = torchvision.models.resnet18(num_classes=10)
+    model.conv1, model.maxpool, model.layer4 = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
+    model.fc = nn.Linear(256, 10)
+    x = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(dbi.RecipeError, match=r"largest stride found is 4 \(in 'layer3'\); write a path rule .*"
+                                              r"modules: \['layer3\.\*'\]$"):
+        _plan(model, x=x)
+    points = _plan(model, {"rules": [{"modules": ["layer3.*"], "after": ["norm"], "shortcut": True}]}, x)
+    assert {p.module for p in points} == {"layer3.0", "layer3.1"}
+
+
+def test_a_rule_naming_a_container_says_which_modules_to_name():
+    """``layer3`` is a Sequential, never rewritten: the error names the blocks inside it; a Sequential of
+    layers inside a block (``downsample``) names the block that calls them."""
+    model = torchvision.models.resnet18()
+    with pytest.raises(dbi.RecipeError, match=r"'layer3' is a Sequential.*modules: \['layer3\.\*'\]"):
+        _plan(model, {"rules": [{"modules": ["layer3"]}]})
+    with pytest.raises(dbi.RecipeError, match=r"layers that 'layer3\.0' calls: name that module"):
+        _plan(model, {"rules": [{"modules": ["layer3.0.downsample"]}]})
 
 
 # -- real stride ------------------------------------------------------------------------------------------

@@ -280,6 +280,14 @@ class Roles:
         outs = self._outputs(path)
         return bool(outs) and all(v in self.backbone for v in outs)
 
+    def feature_map(self, path: str) -> Value | None:
+        """The first (N, C, *spatial) map with a stride that the module at ``path`` returned, or None."""
+        for v in self._outputs(path):
+            val = self.flow.values[v]
+            if val.stride is not None and len(val.shape) >= 4:
+                return val
+        return None
+
     def is_one_cell(self, path: str) -> bool:
         """Whether the module at ``path`` returned maps of one spatial cell only (an input too small for the
         deepest stages: no backbone map, see :attr:`backbone`, is that small)."""
