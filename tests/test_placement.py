@@ -236,6 +236,46 @@ def test_plan_lists_exactly_what_inject_installs():
     assert planned and sorted(installed) == sorted(planned)
 
 
+class _Inner(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + self.bn(self.conv(x))
+
+
+class _Outer(nn.Module):
+    """A block with a conv-norm of its own, then a residual block nested in it."""
+
+    def __init__(self, cin: int, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn, self.inner = nn.Conv2d(cin, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), _Inner(c)
+
+    def forward(self, x):
+        return self.inner(torch.relu(self.bn(self.conv(x))))
+
+
+def test_a_glob_reaches_blocks_nested_in_a_block_it_matches():
+    recipe = {"rules": [{"modules": ["**"], "after": ["norm"], "shortcut": True}]}
+    points = {(p.module, p.after, p.kind) for p in _plan(nn.Sequential(_Outer(3, 8), _Outer(8, 16)), recipe)}
+    for i in ("0", "1"):  # each block's own norm, and the nested block's norm and shortcut
+        assert {(i, "bn", "branch"), (f"{i}.inner", "bn", "branch"), (f"{i}.inner", "x", "shortcut")} <= points
+
+
+def test_a_glob_reaches_the_bottlenecks_of_ultralytics_c2f_blocks(yolo):
+    """``model.**`` matches each C2f (which fx cannot trace: it is skipped with a warning naming it) and the
+    Bottlenecks inside it, which get their points."""
+    model = yolo("yolov8n.yaml")
+    recipe = {"rules": [{"modules": ["model.**"], "after": ["unit"], "shortcut": True}]}
+    with pytest.warns(UserWarning, match=r"'model\.6' \(C2f\).*reaches the blocks inside it"):
+        points = dbi.plan(model, recipe, example_input=torch.zeros(1, 3, 256, 256))
+    blocks = {p.module for p in points}
+    assert {"model.2.m.0", "model.4.m.0", "model.4.m.1", "model.6.m.0", "model.6.m.1", "model.8.m.0"} <= blocks
+    assert {(p.after, p.kind) for p in points if p.module == "model.6.m.0"} == {
+        ("cv1", "branch"), ("cv2", "branch"), ("x", "shortcut")}
+
+
 def test_a_cifar_style_net_is_told_its_largest_stride_and_the_rule_to_write():
     """A ResNet for 32x32 inputs (3x3 stem at stride 1, no max-pool, three stages): its deepest stage runs at
     stride 4, so the stride rules select nothing; the error says so and names a path rule that works."""

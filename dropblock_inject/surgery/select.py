@@ -38,10 +38,10 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
     there, but an error can say why (a prediction, a pooled map) or name the module to write instead."""
     usable = usable_scopes(modules)
     if rule.modules is not None:
+        # every matching block, also those nested in another match ("model.**" reaches the bottlenecks of
+        # an Ultralytics C2f as well as the C2f): each is a scope of its own, calling its own layers
         chosen = [p for p in usable if p and rule.matches_path(p)]
-        # a glob such as "layer3.**" also matches modules inside a block: keep the outermost match
         outer = set(chosen)
-        chosen = [p for p in chosen if not any(p.startswith(q + ".") for q in outer)]
         # a glob naming layers themselves (``classifier.4``): their owner, restricted to those layers
         for p, m in modules.items():
             if p and module_kind(m) is not None and rule.matches_path(p) and not any(
@@ -86,6 +86,13 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
         chosen = [p for p in chosen if type(modules[p]).__name__ in rule.types
                   or f"{type(modules[p]).__module__}.{type(modules[p]).__qualname__}" in rule.types]
     return chosen
+
+
+def _reached(path: str, paths: list[str], rule: Rule) -> bool:
+    """Whether an untraceable ``path`` was matched by a wildcard glob that also selects blocks inside it: the
+    glob reaches those, so the module is skipped with a warning instead of failing the plan."""
+    wild = any(c in g for g in rule.modules or () for c in "*?")
+    return wild and any(q.startswith(path + ".") for q in paths)
 
 
 def _block_group(roles: Roles, modules: dict[str, nn.Module], path: str) -> int | None:
@@ -251,7 +258,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
         paths = _rule_scopes(model, rule, modules, shapes, wrappers, focus, roles)
         for path in paths:
             if path in untraceable:
-                if named:
+                if named and not _reached(path, paths, rule):
                     raise untraceable[path]
                 skipped.append(str(untraceable[path]))
                 continue
@@ -262,14 +269,16 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
                 try:
                     traced = trace_scope(modules[path], path, call, graphs)
                 except SurgeryError as e:
-                    if named:  # the user named this module: an error
+                    if named and not _reached(path, paths, rule):  # the user named this module: an error
                         raise
                     untraceable[path] = e
                     skipped.append(str(e))
                     if path in wrappers:
                         continue  # tried for its residual addition only
                     warnings.warn(f"{e}; rule {rule.name!r} selects by output stride, so this module is left "
-                                  f"without DropBlock", stacklevel=5)
+                                  f"without DropBlock" if not named else
+                                  f"{e}; rule {rule.name!r} reaches the blocks inside it by a glob, which get their "
+                                  f"points; this module's own layers are left without DropBlock", stacklevel=5)
                     continue
                 scopes[path] = analyze(path, modules[path], traced, shapes, roles)
             for c in _select(scopes[path], rule, shapes, why, roles=roles, modules=modules):
