@@ -300,6 +300,20 @@ def test_a_rule_naming_a_container_says_which_modules_to_name():
         _plan(model, {"rules": [{"modules": ["layer3.0.downsample"]}]})
 
 
+def test_plan_refuses_a_bare_sequential_as_inject_does():
+    """A model that is a plain ``nn.Sequential`` of layers cannot hold a DropBlock (its forward runs every
+    child): plan and inject refuse it alike, with the same message, and the model is left as it was."""
+    layers = [m for a, b in ((3, 8), (8, 16), (16, 32), (32, 64), (64, 64))
+              for m in (nn.Conv2d(a, b, 3, 2, 1), nn.BatchNorm2d(b), nn.ReLU())]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    messages = []
+    for call in (dbi.plan, dbi.inject):
+        with pytest.raises(dbi.SurgeryError, match=r"'<root>': it is a Sequential") as info:
+            call(model, "paper_generic")
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] and not dbi.injected_dropblocks(model)
+
+
 # -- real stride ------------------------------------------------------------------------------------------
 
 def test_a_dilated_attention_gate_is_no_stride_16_or_32_stage_and_no_point():
