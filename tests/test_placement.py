@@ -42,6 +42,21 @@ def test_yolov8n_points_only_in_its_backbone(yolo):
     assert {_index(p) for p in points} >= {6, 8}
 
 
+def test_yolov8n_warns_only_about_untraceable_backbone_modules_naming_their_layers(yolo):
+    """fx cannot trace the whole DetectionModel nor its C2f blocks: inject warns for those of the backbone
+    whose own layers run at the rule's strides (the root's stride-16 downsampling conv ``model.5``, C2f 6 and
+    8), naming the layers left out, never for the neck's or head's C2f blocks, which could hold no point."""
+    model = yolo("yolov8n.yaml")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dbi.inject(model, "paper_generic", example_input=torch.zeros(1, 3, 256, 256))
+    untraceable = [str(w.message) for w in caught if "cannot trace module" in str(w.message)]
+    named = sorted(m.split("'")[1] for m in untraceable)
+    assert named == ["<root>", "model.6", "model.8"]
+    root = next(m for m in untraceable if "'<root>'" in m)
+    assert root.endswith("left without DropBlock (its layers at that stride: model.5)")
+
+
 def test_yolo11n_no_point_in_neck_head_or_attention(yolo):
     model = yolo("yolo11n.yaml")
     points = _plan(model, x=torch.zeros(1, 3, 256, 256))

@@ -88,6 +88,17 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
     return chosen
 
 
+def _left_out(model: nn.Module, modules: dict[str, nn.Module], path: str, rule: Rule, roles: Roles | None) -> str:
+    """The backbone layers at ``rule``'s strides that the module at ``path`` calls itself, named for a warning
+    (empty without the dataflow)."""
+    if roles is None or rule.stride is None:
+        return ""
+    kinds = {p: module_kind(m) for p, m in modules.items() if p}
+    found = [p for p, k in kinds.items() if k is not None and not inside_layer(p, kinds) and owner(p, model) == path
+             and roles.ran(p) and roles.is_backbone(p) and roles.stride(p) in rule.stride]
+    return f" (its layers at that stride: {', '.join(found[:4])}{', ...' if len(found) > 4 else ''})" if found else ""
+
+
 def _reached(path: str, paths: list[str], rule: Rule) -> bool:
     """Whether an untraceable ``path`` was matched by a wildcard glob that also selects blocks inside it: the
     glob reaches those, so the module is skipped with a warning instead of failing the plan."""
@@ -276,7 +287,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
                     if path in wrappers:
                         continue  # tried for its residual addition only
                     warnings.warn(f"{e}; rule {rule.name!r} selects by output stride, so this module is left "
-                                  f"without DropBlock" if not named else
+                                  f"without DropBlock{_left_out(model, modules, path, rule, roles)}" if not named else
                                   f"{e}; rule {rule.name!r} reaches the blocks inside it by a glob, which get their "
                                   f"points; this module's own layers are left without DropBlock", stacklevel=5)
                     continue
