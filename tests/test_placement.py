@@ -95,6 +95,25 @@ def test_dla34_features_only_gets_the_classifier_block_points():
     assert len(classifier) == 23 and features == classifier
 
 
+def test_hrnet_fusing_stages_are_backbone():
+    """HRNet fuses its multi-resolution branches in every stage, then opens a deeper branch of residual
+    blocks: its stride-16 and stride-32 branches are its groups 3 and 4 (each BasicBlock: both norms and its
+    shortcut), also as a feature extractor; its classification head (which fuses the last stage's branches)
+    gets none."""
+    timm = pytest.importorskip("timm")
+    x = torch.zeros(1, 3, 224, 224)
+    points = _plan(timm.create_model("hrnet_w18_small", pretrained=False), x=x)
+    assert points and {224 // p.shape[-1] for p in points} == {16, 32}
+    blocks = {p.module for p in points if p.module.startswith(("stage3.0.branches", "stage4.0.branches"))}
+    assert blocks == {f"stage{s}.0.branches.{b}.{i}" for s, b in ((3, 2), (4, 2), (4, 3)) for i in (0, 1)}
+    for block in blocks:
+        assert sorted((p.after, p.kind) for p in points if p.module == block) == [
+            ("bn1", "branch"), ("bn2", "branch"), ("x", "shortcut")]
+    assert not [p for p in points if p.module.startswith(("incre", "downsamp", "final", "stage4.0.fuse"))]
+    features = _plan(timm.create_model("hrnet_w18_small", features_only=True, pretrained=False), x=x)
+    assert {p.module for p in features} >= blocks
+
+
 # -- norms by behaviour -----------------------------------------------------------------------------------
 
 def _detr():

@@ -5,7 +5,8 @@
 * **backbone or not** (:meth:`Roles.is_backbone`): the backbone is what runs from the first convolution,
   before any upsampling or fusion of maps of different strides (an op or a module call reading them: FPN,
   PAN, BiFPN, U-Net decoders, detection heads) and not after the last map of the deepest stride (DeepLab's
-  ASPP, classifier heads);
+  ASPP, classifier heads); a fusion followed by residual stages deeper than any map before it is part of a
+  multi-resolution backbone (HRNet), see :attr:`Roles.backbone_end`;
 * **attention** (:meth:`Roles.feeds_attention`, :meth:`Roles.in_attention`): a tensor that reaches a
   product of two data tensors (``q @ k``, ``attn @ v``) or an attention op through reshaping and one-input
   ops (a norm, a linear projection, adding a positional code) before any convolution; a module whose input
@@ -75,10 +76,9 @@ class Roles:
         return val.stride is not None and val.shape[1] > 1 and _cells(val) >= cells
 
     @cached_property
-    def fusions(self) -> list[int]:
-        """Op indices (after the first convolution) where maps are upsampled or maps of different strides
-        are combined; a module call that reads maps of different strides and combines or upsamples maps
-        counts from its first op (a block that is passed its shortcut, as DLA's, combines nothing)."""
+    def fusion_ops(self) -> list[int]:
+        """Op indices (after the first convolution) where maps are upsampled or maps of different strides are
+        combined."""
         found = []
         for op in self.flow.ops[self.first_conv:]:
             ins = [self.flow.values[v] for v in op.inputs if self._map(v)]
@@ -89,13 +89,51 @@ class Roles:
             elif op.kind in ("resample", "conv") and ins and outs and len(outs[0].shape) == len(ins[0].shape) and all(
                     o > i for o, i in zip(outs[0].shape[2:], ins[0].shape[2:])):
                 found.append(op.index)
-        ops = list(found)
-        for call in self.flow.calls:  # an FPN: its first lateral conv runs before its first upsampling
-            if call.start >= self.first_conv and len({self.flow.values[v].stride for v in call.inputs
-                                                      if self._map(v)}) > 1 and any(
-                    call.start <= i < call.end for i in ops):
-                found.append(call.start)
-        return sorted(set(found))
+        return found
+
+    def _fusing_call(self, op: int) -> int | None:
+        """The start of the earliest module call that reads maps of different strides and runs fusion op
+        ``op`` (an FPN: its first lateral conv runs before its first upsampling), or None."""
+        starts = [c.start for c in self.flow.calls if c.start >= self.first_conv and c.start <= op < c.end and len(
+            {self.flow.values[v].stride for v in c.inputs if self._map(v)}) > 1]
+        return min(starts) if starts else None
+
+    @cached_property
+    def fusions(self) -> list[int]:
+        """:attr:`fusion_ops`, and the start of each module call that reads maps of different strides and runs
+        one (a block that is passed its shortcut, as DLA's, combines nothing)."""
+        found = set(self.fusion_ops)
+        for op in self.fusion_ops:
+            start = self._fusing_call(op)
+            if start is not None:
+                found.add(start)
+        return sorted(found)
+
+    @cached_property
+    def backbone_end(self) -> int:
+        """The op index where the backbone ends: at the first fusion op (:attr:`fusion_ops`) after which no
+        residual stage runs deeper than every map made before it, or at the start of the module call that
+        reads maps of different strides and runs it, unless residual additions run in that call before it. A
+        multi-resolution backbone (HRNet) fuses its branches in each stage and then opens a deeper branch of
+        residual blocks, its last stage running its branches' blocks before fusing them: all backbone. A neck
+        or decoder (FPN, PAN, U-Net) goes no deeper in residual stages than the backbone it reads (an FPN's
+        extra P6 level is a plain conv or pool), and its first lateral convs run before its first upsampling."""
+        adds = [r.op for r in self.residual_adds
+                if r.skip is not None and max(r.branch_convs) >= 1 and self._map(self._out(r.op))]
+        values = self.flow.values
+        deepest, k = 0, 0  # the deepest measured stride of the maps made before each fusion op
+        for f in self.fusion_ops:
+            while k < len(values) and (values[k].producer is None or values[k].producer < f):  # type: ignore[operator]
+                if values[k].producer is not None and self._map(k):
+                    deepest = max(deepest, values[k].stride or 0)
+                k += 1
+            if any(op > f and (values[self._out(op)].stride or 0) > deepest for op in adds):
+                continue  # a multi-resolution backbone's fusion
+            start = self._fusing_call(f)
+            if start is not None and not any(start <= op < f for op in adds):
+                return start
+            return f
+        return len(self.flow.ops)
 
     @cached_property
     def pooled(self) -> set[int]:
@@ -122,7 +160,7 @@ class Roles:
         stage of the last addition before it when it has that addition's stride and channels, else to the
         next addition's stage when it has that stride, else to none; values made after the first fusion
         (necks, decoders, heads) keep their measured stride."""
-        end = self.fusions[0] if self.fusions else len(self.flow.ops)
+        end = self.backbone_end
         anchors = [(r.op, self._key(r.op), r.dilation) for r in self.residual_adds
                    if r.skip is not None and self.first_conv <= r.op < end and self._map(self._out(r.op))]
         stages: list[list[int]] = []  # per anchor: its stage's anchor indices
@@ -167,7 +205,7 @@ class Roles:
         """Values of the backbone: made from the first convolution on, before the first fusion, and not
         after the last map of the deepest (nominal) stride that is computed from the input, not pooled and
         feeds no attention (DETR's projection into its transformer and its positional maps are not backbone)."""
-        end = self.fusions[0] if self.fusions else len(self.flow.ops)
+        end = self.backbone_end
         best, last = 0, -1
         for val in self.flow.values:
             p = val.producer
