@@ -259,6 +259,22 @@ def test_a_transformer_with_a_conv_stem_and_decoder_is_told_it_is_not_a_cnn():
     assert _plan(model, {"rules": [{"modules": ["dec"], "after": ["unit"]}]}, x)
 
 
+@pytest.mark.parametrize("name", ["levit_128s", "unetr"])
+def test_zoo_transformers_with_conv_stems_or_decoders_are_not_cnns(name):
+    """timm's LeViT (a conv stem, attention stages with conv-like projections) and MONAI's UNETR (a ViT
+    encoder, a residual conv decoder at stride 1-16): told they are no CNN the recipe fits, no point."""
+    if name == "levit_128s":
+        model, x = pytest.importorskip("timm").create_model(name, pretrained=False), torch.zeros(1, 3, 224, 224)
+    else:
+        pytest.importorskip("einops")  # MONAI's attention blocks need it
+        nets = pytest.importorskip("monai.networks.nets")
+        model, x = nets.UNETR(in_channels=1, out_channels=2, img_size=(32, 32, 32)), torch.zeros(1, 1, 32, 32, 32)
+    for call in (dbi.plan, dbi.inject):
+        with pytest.raises(dbi.RecipeError, match=r"not a CNN the recipe fits.*no residual convolution stage"):
+            call(model.eval(), "paper_generic", example_input=x)
+    assert not dbi.injected_dropblocks(model)
+
+
 def test_plan_lists_exactly_what_inject_installs():
     """Both run the same plan phase: a model that does not take the default example input (one channel) and
     a recipe that names modules give the same points from plan and inject, neither refusing."""
