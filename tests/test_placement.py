@@ -110,6 +110,8 @@ def test_hrnet_fusing_stages_are_backbone():
         assert sorted((p.after, p.kind) for p in points if p.module == block) == [
             ("bn1", "branch"), ("bn2", "branch"), ("x", "shortcut")]
     assert not [p for p in points if p.module.startswith(("incre", "downsamp", "final", "stage4.0.fuse"))]
+    # a fuse layer sums maps of two branches, each deep: no skip path, no shortcut point
+    assert {p.module for p in points if p.kind == "shortcut"} == blocks
     features = _plan(timm.create_model("hrnet_w18_small", features_only=True, pretrained=False), x=x)
     assert {p.module for p in features} >= blocks
 

@@ -19,7 +19,7 @@ from .registry import extra_levels
 from .kinds import add_operands, conv_count, is_add, is_gate, node_kinds, unit_kinds
 from .shapes import ShapeLog
 from .roles import Roles
-from .residuals import ResidualAdd
+from .residuals import ResidualAdd, source_outside
 from .calls import Param
 from .trace import Traced
 
@@ -113,6 +113,8 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
         if found is not None and found.skip is None and found.branch_convs[0] == found.branch_convs[1]:
             residual = True
             continue  # the sum of two conv branches of one depth (a re-parameterisable block): no shortcut
+        if found is not None and found.skip is None and source_outside(roles.flow, found):  # type: ignore[union-attr]
+            continue  # two maps the scope was handed, summed (HRNet's fusion of its branches): no skip, no shortcut
         if not own[a] & placeholders or not own[b] & placeholders:
             continue  # not a residual: one operand does not derive from the scope's input
         # the shortcut is the side with fewer convolutions (counting those inside leaf modules such as
