@@ -42,6 +42,21 @@ def test_yolov8n_points_only_in_its_backbone(yolo):
     assert {_index(p) for p in points} >= {6, 8}
 
 
+def test_yolov8n_warns_only_about_untraceable_backbone_modules_naming_their_layers(yolo):
+    """fx cannot trace the whole DetectionModel nor its C2f blocks: inject warns for those of the backbone
+    whose own layers run at the rule's strides (the root's stride-16 downsampling conv ``model.5``, C2f 6 and
+    8), naming the layers left out, never for the neck's or head's C2f blocks, which could hold no point."""
+    model = yolo("yolov8n.yaml")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dbi.inject(model, "paper_generic", example_input=torch.zeros(1, 3, 256, 256))
+    untraceable = [str(w.message) for w in caught if "cannot trace module" in str(w.message)]
+    named = sorted(m.split("'")[1] for m in untraceable)
+    assert named == ["<root>", "model.6", "model.8"]
+    root = next(m for m in untraceable if "'<root>'" in m)
+    assert root.endswith("left without DropBlock (its layers at that stride: model.5)")
+
+
 def test_yolo11n_no_point_in_neck_head_or_attention(yolo):
     model = yolo("yolo11n.yaml")
     points = _plan(model, x=torch.zeros(1, 3, 256, 256))
@@ -56,7 +71,7 @@ def test_pspnet_dead_encoder_stages_get_no_point():
     model = smp.PSPNet(encoder_name="mobilenet_v2", encoder_weights=None)  # depth 3: stages 7-18 thrown away
     x = torch.zeros(1, 3, 64, 64)
     # its live encoder ends at stride 8: no stride-16/32 stage, said so, never a DropBlock on a dead stage
-    with pytest.raises(dbi.RecipeError, match=r"largest stride found is 8 \(in 'encoder\.features\.[0-6]\."):
+    with pytest.raises(dbi.RecipeError, match=r"largest stride found is 8 \(in 'encoder\.features\.[0-6]"):
         _plan(model, x=x)  # the stage it names is one whose maps reach the outputs
     ran = set()
     hooks = [model.encoder.features[i].register_forward_hook(lambda *_, i=i: ran.add(i)) for i in range(19)]
@@ -78,6 +93,27 @@ def test_dla34_features_only_gets_the_classifier_block_points():
     features = {key(p) for p in _plan(timm.create_model("dla34", features_only=True, pretrained=False), x=x)}
     classifier = {key(p) for p in _plan(timm.create_model("dla34", pretrained=False), x=x)}
     assert len(classifier) == 23 and features == classifier
+
+
+def test_hrnet_fusing_stages_are_backbone():
+    """HRNet fuses its multi-resolution branches in every stage, then opens a deeper branch of residual
+    blocks: its stride-16 and stride-32 branches are its groups 3 and 4 (each BasicBlock: both norms and its
+    shortcut), also as a feature extractor; its classification head (which fuses the last stage's branches)
+    gets none."""
+    timm = pytest.importorskip("timm")
+    x = torch.zeros(1, 3, 224, 224)
+    points = _plan(timm.create_model("hrnet_w18_small", pretrained=False), x=x)
+    assert points and {224 // p.shape[-1] for p in points} == {16, 32}
+    blocks = {p.module for p in points if p.module.startswith(("stage3.0.branches", "stage4.0.branches"))}
+    assert blocks == {f"stage{s}.0.branches.{b}.{i}" for s, b in ((3, 2), (4, 2), (4, 3)) for i in (0, 1)}
+    for block in blocks:
+        assert sorted((p.after, p.kind) for p in points if p.module == block) == [
+            ("bn1", "branch"), ("bn2", "branch"), ("x", "shortcut")]
+    assert not [p for p in points if p.module.startswith(("incre", "downsamp", "final", "stage4.0.fuse"))]
+    # a fuse layer sums maps of two branches, each deep: no skip path, no shortcut point
+    assert {p.module for p in points if p.kind == "shortcut"} == blocks
+    features = _plan(timm.create_model("hrnet_w18_small", features_only=True, pretrained=False), x=x)
+    assert {p.module for p in features} >= blocks
 
 
 # -- norms by behaviour -----------------------------------------------------------------------------------
@@ -106,6 +142,23 @@ def test_detr_branch_points_after_its_frozen_norms_and_none_in_series():
     # the projection shortcut's output has its one shortcut point, not a second branch point in series
     shortcuts = {f"{p.module}.{p.after}" for p in points if p.kind == "shortcut"}
     assert not [p for p in branch if p.module in shortcuts]
+
+
+def test_detr_resnet_backbone_gets_the_paper_placement():
+    """Each bottleneck of groups 3 and 4 (HF's stages 2 and 3): a point after each of its three conv-norm
+    units, the first one included although it runs at the stride before the block's (as torchvision's
+    ``layer3.0.conv1``), and its shortcut; a block's points all take its group's rule."""
+    points = _plan(_detr(), x=torch.zeros(1, 3, 128, 128))
+    stages = "model.backbone.model.encoder.stages"
+    for stage in (2, 3):
+        block = f"{stages}.{stage}.layers.0"
+        mine = [p for p in points if p.module.startswith(block)]
+        assert sorted((p.module, p.after, p.kind) for p in mine) == [(block, "shortcut", "shortcut")] + [
+            (f"{block}.layer.{k}", "normalization", "branch") for k in range(3)], stage
+        assert len({(p.rule, p.keep_prob) for p in mine}) == 1, stage
+    first = next(p for p in points if p.module == f"{stages}.2.layers.0.layer.0")
+    assert first.shape[-1] == 128 // 8  # the stride-8 map the stride-16 block starts from
+    assert len(points) == 8
 
 
 def test_resnet50_paper_placement_unchanged():
@@ -208,6 +261,22 @@ def test_a_transformer_with_a_conv_stem_and_decoder_is_told_it_is_not_a_cnn():
     assert _plan(model, {"rules": [{"modules": ["dec"], "after": ["unit"]}]}, x)
 
 
+@pytest.mark.parametrize("name", ["levit_128s", "unetr"])
+def test_zoo_transformers_with_conv_stems_or_decoders_are_not_cnns(name):
+    """timm's LeViT (a conv stem, attention stages with conv-like projections) and MONAI's UNETR (a ViT
+    encoder, a residual conv decoder at stride 1-16): told they are no CNN the recipe fits, no point."""
+    if name == "levit_128s":
+        model, x = pytest.importorskip("timm").create_model(name, pretrained=False), torch.zeros(1, 3, 224, 224)
+    else:
+        pytest.importorskip("einops")  # MONAI's attention blocks need it
+        nets = pytest.importorskip("monai.networks.nets")
+        model, x = nets.UNETR(in_channels=1, out_channels=2, img_size=(32, 32, 32)), torch.zeros(1, 1, 32, 32, 32)
+    for call in (dbi.plan, dbi.inject):
+        with pytest.raises(dbi.RecipeError, match=r"not a CNN the recipe fits.*no residual convolution stage"):
+            call(model.eval(), "paper_generic", example_input=x)
+    assert not dbi.injected_dropblocks(model)
+
+
 def test_plan_lists_exactly_what_inject_installs():
     """Both run the same plan phase: a model that does not take the default example input (one channel) and
     a recipe that names modules give the same points from plan and inject, neither refusing."""
@@ -219,13 +288,107 @@ def test_plan_lists_exactly_what_inject_installs():
     assert planned and sorted(installed) == sorted(planned)
 
 
+class _Inner(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + self.bn(self.conv(x))
+
+
+class _Outer(nn.Module):
+    """A block with a conv-norm of its own, then a residual block nested in it."""
+
+    def __init__(self, cin: int, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn, self.inner = nn.Conv2d(cin, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), _Inner(c)
+
+    def forward(self, x):
+        return self.inner(torch.relu(self.bn(self.conv(x))))
+
+
+def test_a_glob_reaches_blocks_nested_in_a_block_it_matches():
+    recipe = {"rules": [{"modules": ["**"], "after": ["norm"], "shortcut": True}]}
+    points = {(p.module, p.after, p.kind) for p in _plan(nn.Sequential(_Outer(3, 8), _Outer(8, 16)), recipe)}
+    for i in ("0", "1"):  # each block's own norm, and the nested block's norm and shortcut
+        assert {(i, "bn", "branch"), (f"{i}.inner", "bn", "branch"), (f"{i}.inner", "x", "shortcut")} <= points
+
+
+def test_a_glob_reaches_the_bottlenecks_of_ultralytics_c2f_blocks(yolo):
+    """``model.**`` matches each C2f (which fx cannot trace: it is skipped with a warning naming it) and the
+    Bottlenecks inside it, which get their points."""
+    model = yolo("yolov8n.yaml")
+    recipe = {"rules": [{"modules": ["model.**"], "after": ["unit"], "shortcut": True}]}
+    with pytest.warns(UserWarning, match=r"'model\.6' \(C2f\).*reaches the blocks inside it"):
+        points = dbi.plan(model, recipe, example_input=torch.zeros(1, 3, 256, 256))
+    blocks = {p.module for p in points}
+    assert {"model.2.m.0", "model.4.m.0", "model.4.m.1", "model.6.m.0", "model.6.m.1", "model.8.m.0"} <= blocks
+    assert {(p.after, p.kind) for p in points if p.module == "model.6.m.0"} == {
+        ("cv1", "branch"), ("cv2", "branch"), ("x", "shortcut")}
+
+
+def test_a_cifar_style_net_is_told_its_largest_stride_and_the_rule_to_write():
+    """A ResNet for 32x32 inputs (3x3 stem at stride 1, no max-pool, three stages): its deepest stage runs at
+    stride 4, so the stride rules select nothing; the error says so and names a path rule that works."""
+    model = torchvision.models.resnet18(num_classes=10)
+    model.conv1, model.maxpool, model.layer4 = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
+    model.fc = nn.Linear(256, 10)
+    x = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(dbi.RecipeError, match=r"largest stride found is 4 \(in 'layer3'\); write a path rule .*"
+                                              r"modules: \['layer3\.\*'\]$"):
+        _plan(model, x=x)
+    points = _plan(model, {"rules": [{"modules": ["layer3.*"], "after": ["norm"], "shortcut": True}]}, x)
+    assert {p.module for p in points} == {"layer3.0", "layer3.1"}
+
+
+def test_a_rule_naming_a_container_says_which_modules_to_name():
+    """``layer3`` is a Sequential, never rewritten: the error names the blocks inside it; a Sequential of
+    layers inside a block (``downsample``) names the block that calls them."""
+    model = torchvision.models.resnet18()
+    with pytest.raises(dbi.RecipeError, match=r"'layer3' is a Sequential.*modules: \['layer3\.\*'\]"):
+        _plan(model, {"rules": [{"modules": ["layer3"]}]})
+    with pytest.raises(dbi.RecipeError, match=r"layers that 'layer3\.0' calls: name that module"):
+        _plan(model, {"rules": [{"modules": ["layer3.0.downsample"]}]})
+
+
+def test_plan_refuses_a_bare_sequential_as_inject_does():
+    """A model that is a plain ``nn.Sequential`` of layers cannot hold a DropBlock (its forward runs every
+    child): plan and inject refuse it alike, with the same message, and the model is left as it was."""
+    layers = [m for a, b in ((3, 8), (8, 16), (16, 32), (32, 64), (64, 64))
+              for m in (nn.Conv2d(a, b, 3, 2, 1), nn.BatchNorm2d(b), nn.ReLU())]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    messages = []
+    for call in (dbi.plan, dbi.inject):
+        with pytest.raises(dbi.SurgeryError, match=r"'<root>': it is a Sequential") as info:
+            call(model, "paper_generic")
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] and not dbi.injected_dropblocks(model)
+
+
 # -- real stride ------------------------------------------------------------------------------------------
 
-def test_a_dilated_attention_gate_is_no_stride_16_or_32_stage():
+def test_a_dilated_attention_gate_is_no_stride_16_or_32_stage_and_no_point():
     """pytorchcv's BAM-ResNet50 computes a spatial attention gate with dilated convs after stages 1-3: at
-    strides 4 and 8 they are no stride-16/32 maps, whatever their dilation."""
+    strides 4 and 8 they are no stride-16/32 maps, whatever their dilation, and no gate gets a point."""
     model_provider = pytest.importorskip("pytorchcv.model_provider")
     model = model_provider.get_model("bam_resnet50", pretrained=False)
     points = _plan(model, x=torch.zeros(1, 3, 224, 224))  # (its classifier pools a fixed 7x7)
-    assert points and all(p.shape[-1] <= 224 // 16 for p in points)
+    first = "features.stage3.unit1.res_unit.body"  # group 3's first conv, at stride 8 as in the paper's ResNet
+    assert points and all(p.shape[-1] <= 224 // 16 for p in points if p.module != first)
     assert not [p for p in points if p.module.split(".")[1] in ("stage1", "stage2")]
+    # the gate after stage 3 runs at stride 16, yet its maps only scale the trunk through a sigmoid: no point
+    assert not [p for p in points if ".bam." in p.module]
+    # the paper's 27 + 9 of its ResNet-50: the first conv of group 3's first block (its ``body``, the whole
+    # residual branch as one module) runs at stride 8 and counts in its block's group
+    assert (len(points), sum(p.kind == "branch" for p in points)) == (36, 27)
+    assert [p.shape[-1] for p in points if p.module == first] == [28, 14, 14]
+
+
+def test_a_dilated_selective_kernel_path_gives_no_stride_8_point():
+    """skresnet18's blocks have a dilated kernel path in every stage: groups 3 and 4 are still its stride-16
+    and stride-32 stages (layer3, layer4), with no point on layer2's stride-8 maps."""
+    timm = pytest.importorskip("timm")
+    points = _plan(timm.create_model("skresnet18", pretrained=False), x=torch.zeros(1, 3, 224, 224))
+    assert {p.module.split(".")[0] for p in points} == {"layer3", "layer4"}
+    assert {p.shape[-1] for p in points} == {14, 7}

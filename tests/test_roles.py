@@ -74,6 +74,16 @@ def test_dilated_trunk_counts_the_stride_it_replaced():
     assert not r.is_backbone("aux_classifier.0") and r.stride("classifier.0") == 8  # ASPP's rates are no stride
 
 
+def test_a_dilated_kernel_in_a_strided_stage_is_no_stride():
+    """Selective Kernel blocks (timm's skresnet18) run a dilated 3x3 path beside a plain one in every stage,
+    each stage downsampling as usual: the dilation widens the kernel and replaces no stride."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("skresnet18", pretrained=False)
+    r = _roles(model, torch.zeros(1, 3, 224, 224))
+    assert [r.stride(f"layer{i}") for i in range(1, 5)] == [4, 8, 16, 32]
+    assert r.stride("layer2.0.conv1.paths.1") == 8
+
+
 class _Gate(nn.Module):
     """A dilated spatial attention gate on the side of the trunk (as BAM's)."""
 
@@ -114,6 +124,14 @@ class _GatedNet(nn.Module):
 def test_a_dilated_side_path_is_no_stride():
     r = _roles(_GatedNet(), torch.zeros(1, 3, 64, 64))
     assert r.stride("gate.dilated") == 4 and r.stride("gate") == 4 and r.stride("s8") == 8
+
+
+def test_an_attention_gate_scaling_the_trunk_is_a_gate():
+    """The gate's maps reach the outputs only through the sigmoid that scales the trunk: attention, not
+    features; the trunk it scales and the blocks around it are no gate."""
+    r = _roles(_GatedNet(), torch.zeros(1, 3, 64, 64))
+    assert r.is_gate("gate.reduce") and r.is_gate("gate.dilated") and r.is_gate("gate.out")
+    assert not r.is_gate("gate") and not r.is_gate("s4") and not r.is_gate("s8.0")
 
 
 def test_a_dilated_attention_gate_in_a_zoo_model_is_no_stride():

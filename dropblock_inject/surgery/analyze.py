@@ -19,7 +19,7 @@ from .registry import extra_levels
 from .kinds import add_operands, conv_count, is_add, is_gate, node_kinds, unit_kinds
 from .shapes import ShapeLog
 from .roles import Roles
-from .residuals import ResidualAdd
+from .residuals import ResidualAdd, source_outside
 from .calls import Param
 from .trace import Traced
 
@@ -50,6 +50,7 @@ class Scope:
 
 DEAD = "a map that never reaches the model's outputs"
 ATTENTION = "a tensor that feeds attention or comes from it (q, k, v, a positional code, a projection)"
+GATE = "an attention gate (a map that scales the trunk through a sigmoid or softmax)"
 
 
 def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None, roles: Roles | None = None
@@ -89,7 +90,8 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
             banned.update({n.name: DEAD for n in nodes if n.op != "output"})
         for n, p in full.items():
             if n.name not in banned and roles.ran(p):
-                reason = DEAD if not roles.is_live(p) else ATTENTION if roles.in_attention(p) else ""
+                reason = DEAD if not roles.is_live(p) else ATTENTION if roles.in_attention(p) else \
+                    GATE if roles.is_gate(p) else ""
                 if reason:
                     banned[n.name] = reason
 
@@ -111,6 +113,8 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
         if found is not None and found.skip is None and found.branch_convs[0] == found.branch_convs[1]:
             residual = True
             continue  # the sum of two conv branches of one depth (a re-parameterisable block): no shortcut
+        if found is not None and found.skip is None and source_outside(roles.flow, found):  # type: ignore[union-attr]
+            continue  # two maps the scope was handed, summed (HRNet's fusion of its branches): no skip, no shortcut
         if not own[a] & placeholders or not own[b] & placeholders:
             continue  # not a residual: one operand does not derive from the scope's input
         # the shortcut is the side with fewer convolutions (counting those inside leaf modules such as

@@ -2,8 +2,9 @@
 
 Used by :mod:`.select` when a rule or a recipe matches no insertion point: module paths or classes that do
 not exist (with the closest ones that do), maps too small for the stride asked for, a model with no
-stride-16/32 stage (naming the largest stride found), or points that may never get a DropBlock
-(predictions, pooled, single-channel or 1x1 maps).
+stride-16/32 stage in its backbone (naming the largest stride found and the path rule to write instead,
+and where the maps at the rule's strides are: a neck or head, thrown away, attention), or points that may
+never get a DropBlock (predictions, pooled, single-channel or 1x1 maps).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..recipe import Recipe, RecipeError, Rule
-from .kinds import CONV_TYPES
+from .kinds import CONV_TYPES, owner, usable_scopes
 from .shapes import ShapeLog
 from .roles import Roles
 
@@ -75,7 +76,11 @@ def explain(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], paths: 
         if "a 1x1 map" in why:
             text += f"; the example input {_input(example_input)} is too small for these strides, use a larger one"
         return text
-    if rule.stride is not None and shapes is not None:
+    if rule.stride is not None and roles is not None:
+        reason = _stride_reason(rule, roles, example_input)
+        if reason:
+            return reason
+    elif rule.stride is not None and shapes is not None:
         found = {}
         for p, calls in shapes.calls.items():
             shape = calls[0] if calls else None
@@ -96,12 +101,97 @@ def explain(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], paths: 
                     f"{largest} (in {found[largest]!r}); select the deepest stage by path instead, e.g. "
                     f"modules: [{found[largest].rsplit('.', 1)[0] + '.*'!r}]")
     if not paths:
-        return _scripted(rule, modules) or "it selects no module"
+        return _scripted(rule, modules) or _containers(model, rule, modules) or _no_stride_module(rule, roles) or \
+            "it selects no module"
     if untraceable >= len(paths):
         return f"torch.fx cannot trace the {len(paths)} module(s) it selects (e.g. {paths[0]!r}), see below"
     what = "layer" if "any" in rule.after else f"{'/'.join(rule.after)} node" if rule.after else "branch node"
     return (f"the {len(paths)} module(s) it selects ({paths[:3]}) hold no {what}"
             f"{' or residual shortcut' if rule.shortcut else ''}")
+
+
+def _stride_reason(rule: Rule, roles: Roles, example_input: Any) -> str | None:
+    """Why a stride rule found no module, from the recorded dataflow, or None when its maps are there: the
+    backbone's live feature maps (two cells or more, not pooled, no attention or gate) stop below the rule's
+    strides (a CIFAR-style net, an encoder cut short, an input too small), or the maps at those strides are
+    all outside the backbone (after maps of different strides are fused or upsampled), thrown away, or
+    attention."""
+    found: dict[int, str] = {}  # stride -> the first (outermost) module returning a backbone map at it
+    tiny: dict[int, str] = {}  # stride -> a module returning a map of one cell at it
+    other: dict[str, list[tuple[int, str]]] = {}  # why maps are no backbone feature map -> (stride, module)
+    first = {}  # path -> its first call, outer modules before the modules they call
+    for c in sorted(roles.flow.calls, key=lambda c: (c.start, -c.end)):
+        if c.path:
+            first.setdefault(c.path, c)
+    for path in first:
+        val = roles.feature_map(path)
+        if val is None or val.shape[1] <= 1 or val.id in roles.pooled:
+            continue
+        stride = roles.nominal[val.id] or 0
+        if math.prod(val.shape[2:]) <= 1:
+            tiny.setdefault(stride, path)
+            continue
+        why = ("never reach the model's outputs" if not roles.is_live(path) else
+               "feed attention or come from it" if roles.in_attention(path) or roles.is_gate(path) else
+               "come after maps of different strides are fused or upsampled (a neck, decoder or head)"
+               if not roles.is_backbone(path) else "")
+        if not why:
+            found.setdefault(stride, path)
+        else:
+            other.setdefault(why, []).append((stride, path))
+    if not found:
+        return "the example forward produced no feature map"
+    largest = max(found)
+    if largest >= min(rule.stride):  # type: ignore[arg-type]
+        return None
+    small = [s for s in tiny if s > largest]
+    if small:
+        return (f"the maps are 1x1 from stride {min(small)} on: the example input {_input(example_input)} is too "
+                f"small for stride {'/'.join(map(str, rule.stride))}, use a larger one")  # type: ignore[arg-type]
+    stage = found[largest]
+    text = (f"no map of its backbone reaches the stride it selects: the largest stride found is {largest} (in "
+            f"{stage!r}); write a path rule for the deepest stage instead, such as modules: [{stage + '.*'!r}]")
+    for why, maps in other.items():
+        deeper = [p for s, p in maps if s > largest]
+        if deeper:
+            text += f"; its maps at larger strides {why} (e.g. {deeper[0]!r})"
+    return text
+
+
+def _containers(model: nn.Module, rule: Rule, modules: dict[str, nn.Module]) -> str | None:
+    """Why a rule whose globs name only containers (``layer3``, a Sequential) or layers selects no module: the
+    blocks inside a container are what is rewritten, a layer's owner calls it; None if it names neither."""
+    if rule.modules is None:
+        return None
+    named = [p for p in modules if p and rule.matches_path(p)]
+    usable = usable_scopes(modules)
+    if not named or any(p in usable for p in named):
+        return None
+    p = named[0]
+    inner = [q for q in usable if q.startswith(p + ".")]
+    if inner:
+        glob = f"{p}.*" if any(q.count(".") == p.count(".") + 1 for q in inner) else f"{p}.**"
+        return (f"{p!r} is a {type(modules[p]).__name__}, which is never rewritten (its forward may iterate over "
+                f"its children): name the blocks inside it instead, e.g. modules: [{glob!r}]")
+    calling = owner(p, model)
+    return (f"{p!r} ({type(modules[p]).__name__}) holds layers that {calling or '<root>'!r} calls: name that module "
+            f"(modules: [{calling!r}]) and choose its layers with 'after'" if calling else
+            f"{p!r} ({type(modules[p]).__name__}) holds layers that the model's own forward calls: select them with "
+            f"'after' and no 'modules', or a stride")
+
+
+def _no_stride_module(rule: Rule, roles: Roles | None) -> str | None:
+    """Why a stride rule whose strides the backbone reaches selects no module: its maps at those strides are
+    computed by modules that call no layer of their own, or by functional ops of the model's own forward."""
+    if rule.stride is None or roles is None:
+        return None
+    for c in sorted(roles.flow.calls, key=lambda c: (c.start, -c.end)):
+        val = roles.feature_map(c.path) if c.path else None
+        if val is not None and roles.nominal[val.id] in rule.stride and roles.is_backbone(c.path):
+            return (f"its backbone's stride-{roles.nominal[val.id]} maps (e.g. from {c.path!r}) are computed by no "
+                    f"module that calls a conv, norm or activation layer DropBlock can follow (functional ops?); "
+                    f"name modules by path (modules: [...]) with after: [any]")
+    return None
 
 
 def _scripted(rule: Rule, modules: dict[str, nn.Module]) -> str | None:

@@ -93,6 +93,23 @@ def residual_adds(flow: Dataflow, data: set[int]) -> list[ResidualAdd]:
     return out
 
 
+def source_outside(flow: Dataflow, add: ResidualAdd) -> bool:
+    """Whether the latest common source of ``add``'s operands was computed before the module call that ran
+    the addition and is none of its inputs: two maps that call was handed (HRNet's branches, fused), not a
+    branch and a skip of its own input."""
+    anc = [_ancestors(flow, v) for v in add.operands]
+    common = anc[0] & anc[1]
+    if not common:
+        return True
+    source = max(common)
+    calls = [c for c in flow.calls_of(add.scope) if c.start <= add.op < c.end]
+    if not calls:
+        return False
+    call = calls[-1]
+    producer = flow.values[source].producer
+    return source not in call.inputs and not (producer is not None and call.start <= producer < call.end)
+
+
 def _enclosing(calls: list[ModuleCall], op: Op) -> ModuleCall | None:
     inside = [c for c in calls if c.path == op.scope and c.start <= op.index < c.end]
     return inside[-1] if inside else None

@@ -5,12 +5,15 @@
 * **backbone or not** (:meth:`Roles.is_backbone`): the backbone is what runs from the first convolution,
   before any upsampling or fusion of maps of different strides (an op or a module call reading them: FPN,
   PAN, BiFPN, U-Net decoders, detection heads) and not after the last map of the deepest stride (DeepLab's
-  ASPP, classifier heads);
+  ASPP, classifier heads); a fusion followed by residual stages deeper than any map before it is part of a
+  multi-resolution backbone (HRNet), see :attr:`Roles.backbone_end`;
 * **attention** (:meth:`Roles.feeds_attention`, :meth:`Roles.in_attention`): a tensor that reaches a
   product of two data tensors (``q @ k``, ``attn @ v``) or an attention op through reshaping and one-input
   ops (a norm, a linear projection, adding a positional code) before any convolution; a module whose input
   is such a tensor or an attention result (a positional conv on ``v``, the output projection);
 * **live** (:meth:`Roles.is_live`): a tensor the model's outputs are computed from;
+* **gates** (:meth:`Roles.is_gate`): maps that reach the outputs only as an attention gate (through a sigmoid
+  or softmax whose result scales a trunk map: BAM's and CBAM's spatial attention);
 * **residual additions** (:attr:`Roles.residual_adds`): see :func:`.residuals.residual_adds`;
 * **stride** (:meth:`Roles.stride`): measured stride times the dilation a backbone stage traded for it;
 * **CNN or not** (:attr:`Roles.not_a_cnn`);
@@ -30,6 +33,8 @@ from .residuals import ResidualAdd, residual_adds
 
 _ELEMENTWISE = {"mul", "mul_", "__mul__", "__rmul__", "sub", "__sub__", "__rsub__", "maximum", "where"}
 _STOPS = ("conv", "pool", "adaptive_pool", "resample", "attention", "matmul", "cat")
+_GATES = {"sigmoid", "sigmoid_", "hardsigmoid", "softmax", "_softmax"}
+_PRODUCTS = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
 
 
 class Roles:
@@ -71,10 +76,9 @@ class Roles:
         return val.stride is not None and val.shape[1] > 1 and _cells(val) >= cells
 
     @cached_property
-    def fusions(self) -> list[int]:
-        """Op indices (after the first convolution) where maps are upsampled or maps of different strides
-        are combined; a module call that reads maps of different strides and combines or upsamples maps
-        counts from its first op (a block that is passed its shortcut, as DLA's, combines nothing)."""
+    def fusion_ops(self) -> list[int]:
+        """Op indices (after the first convolution) where maps are upsampled or maps of different strides are
+        combined."""
         found = []
         for op in self.flow.ops[self.first_conv:]:
             ins = [self.flow.values[v] for v in op.inputs if self._map(v)]
@@ -85,13 +89,51 @@ class Roles:
             elif op.kind in ("resample", "conv") and ins and outs and len(outs[0].shape) == len(ins[0].shape) and all(
                     o > i for o, i in zip(outs[0].shape[2:], ins[0].shape[2:])):
                 found.append(op.index)
-        ops = list(found)
-        for call in self.flow.calls:  # an FPN: its first lateral conv runs before its first upsampling
-            if call.start >= self.first_conv and len({self.flow.values[v].stride for v in call.inputs
-                                                      if self._map(v)}) > 1 and any(
-                    call.start <= i < call.end for i in ops):
-                found.append(call.start)
-        return sorted(set(found))
+        return found
+
+    def _fusing_call(self, op: int) -> int | None:
+        """The start of the earliest module call that reads maps of different strides and runs fusion op
+        ``op`` (an FPN: its first lateral conv runs before its first upsampling), or None."""
+        starts = [c.start for c in self.flow.calls if c.start >= self.first_conv and c.start <= op < c.end and len(
+            {self.flow.values[v].stride for v in c.inputs if self._map(v)}) > 1]
+        return min(starts) if starts else None
+
+    @cached_property
+    def fusions(self) -> list[int]:
+        """:attr:`fusion_ops`, and the start of each module call that reads maps of different strides and runs
+        one (a block that is passed its shortcut, as DLA's, combines nothing)."""
+        found = set(self.fusion_ops)
+        for op in self.fusion_ops:
+            start = self._fusing_call(op)
+            if start is not None:
+                found.add(start)
+        return sorted(found)
+
+    @cached_property
+    def backbone_end(self) -> int:
+        """The op index where the backbone ends: at the first fusion op (:attr:`fusion_ops`) after which no
+        residual stage runs deeper than every map made before it, or at the start of the module call that
+        reads maps of different strides and runs it, unless residual additions run in that call before it. A
+        multi-resolution backbone (HRNet) fuses its branches in each stage and then opens a deeper branch of
+        residual blocks, its last stage running its branches' blocks before fusing them: all backbone. A neck
+        or decoder (FPN, PAN, U-Net) goes no deeper in residual stages than the backbone it reads (an FPN's
+        extra P6 level is a plain conv or pool), and its first lateral convs run before its first upsampling."""
+        adds = [r.op for r in self.residual_adds
+                if r.skip is not None and max(r.branch_convs) >= 1 and self._map(self._out(r.op))]
+        values = self.flow.values
+        deepest, k = 0, 0  # the deepest measured stride of the maps made before each fusion op
+        for f in self.fusion_ops:
+            while k < len(values) and (values[k].producer is None or values[k].producer < f):  # type: ignore[operator]
+                if values[k].producer is not None and self._map(k):
+                    deepest = max(deepest, values[k].stride or 0)
+                k += 1
+            if any(op > f and (values[self._out(op)].stride or 0) > deepest for op in adds):
+                continue  # a multi-resolution backbone's fusion
+            start = self._fusing_call(f)
+            if start is not None and not any(start <= op < f for op in adds):
+                return start
+            return f
+        return len(self.flow.ops)
 
     @cached_property
     def pooled(self) -> set[int]:
@@ -109,13 +151,16 @@ class Roles:
 
     @cached_property
     def nominal(self) -> list[int | None]:
-        """Each value's stride times the dilation its backbone stage traded for stride: the residual
-        additions of one (stride, channels) run form a stage, whose dilation is the largest of its branches'
-        convolutions (a dilated side path, such as an attention gate, is no branch). A value belongs to the
+        """Each value's stride times the stride its backbone stage traded for dilation: the residual
+        additions of one (stride, channels) run form a stage; a stage that keeps the previous stage's measured
+        stride and dilates its branches' convolutions (a dilated side path, such as an attention gate, is no
+        branch) stands for twice the previous stage's stride. A stage that downsamples keeps the factor of
+        the stages before it: a dilated conv beside a strided stage (Selective Kernel's dilated path) widens
+        the receptive field and replaces no stride. A value belongs to the
         stage of the last addition before it when it has that addition's stride and channels, else to the
         next addition's stage when it has that stride, else to none; values made after the first fusion
         (necks, decoders, heads) keep their measured stride."""
-        end = self.fusions[0] if self.fusions else len(self.flow.ops)
+        end = self.backbone_end
         anchors = [(r.op, self._key(r.op), r.dilation) for r in self.residual_adds
                    if r.skip is not None and self.first_conv <= r.op < end and self._map(self._out(r.op))]
         stages: list[list[int]] = []  # per anchor: its stage's anchor indices
@@ -124,10 +169,15 @@ class Roles:
                 stages[-1].append(i)
             else:
                 stages.append([i])
-        dil = [0] * len(anchors)
+        dil = [1] * len(anchors)
+        prev_stride, factor = None, 1
         for stage in stages:
+            stride = anchors[stage[0]][1][0]
+            if stride == prev_stride and max(anchors[j][2] for j in stage) > 1:
+                factor *= 2  # it kept the previous stage's stride and dilates instead: the stride it replaced
+            prev_stride = stride
             for i in stage:
-                dil[i] = max(anchors[j][2] for j in stage)
+                dil[i] = factor
         out: list[int | None] = []
         k = 0  # anchors[:k] ran before the current value
         for val in self.flow.values:
@@ -155,7 +205,7 @@ class Roles:
         """Values of the backbone: made from the first convolution on, before the first fusion, and not
         after the last map of the deepest (nominal) stride that is computed from the input, not pooled and
         feeds no attention (DETR's projection into its transformer and its positional maps are not backbone)."""
-        end = self.fusions[0] if self.fusions else len(self.flow.ops)
+        end = self.backbone_end
         best, last = 0, -1
         for val in self.flow.values:
             p = val.producer
@@ -179,6 +229,48 @@ class Roles:
                         seen.add(w)
                         todo.append(w)
         return seen
+
+    @cached_property
+    def ungated(self) -> set[int]:
+        """Values the outputs are computed from other than as a gate: :attr:`live`, walked back from the
+        outputs but not into an operand of an elementwise product of two data tensors that comes from a
+        sigmoid or softmax (``x * (1 + sigmoid(att))``: ``x`` is the trunk, ``att`` an attention map)."""
+        seen, todo = set(self.flow.outputs), list(self.flow.outputs)
+        while todo:
+            p = self.flow.values[todo.pop()].producer
+            if p is None:
+                continue
+            op = self.flow.ops[p]
+            ins = list(op.inputs)
+            if op.name in _PRODUCTS and sum(v in self.data for v in ins) == 2:
+                ins = [v for v in ins if not self._from_gate(v)]
+            for w in ins:
+                if w not in seen:
+                    seen.add(w)
+                    todo.append(w)
+        return seen
+
+    def _from_gate(self, v: int) -> bool:
+        """Whether ``v`` is a sigmoid's or softmax's result, through ops of one data input (``1 + g``,
+        reshapes, expand)."""
+        while True:
+            p = self.flow.values[v].producer
+            if p is None:
+                return False
+            op = self.flow.ops[p]
+            if op.name in _GATES:
+                return True
+            ins = [w for w in op.inputs if w in self.data]
+            if len(ins) != 1 or op.kind in _STOPS or op.kind == "linear":
+                return False
+            v = ins[0]
+
+    def is_gate(self, path: str) -> bool:
+        """Whether the module at ``path`` returned maps that reach the outputs only as an attention gate
+        (see :attr:`ungated`): live, yet none of them an ungated value."""
+        outs = [v for v in self._outputs(path) if v in self.data]
+        return bool(outs) and not self.opaque and any(v in self.live for v in outs) and not any(
+            v in self.ungated for v in outs)
 
     def _attention_ops(self) -> list[Op]:
         return [op for op in self.flow.ops if (op.kind == "attention" and any(v in self.data for v in op.inputs))
@@ -225,6 +317,14 @@ class Roles:
         """Whether every tensor the module at ``path`` returned is a backbone value (False if it never ran)."""
         outs = self._outputs(path)
         return bool(outs) and all(v in self.backbone for v in outs)
+
+    def feature_map(self, path: str) -> Value | None:
+        """The first (N, C, *spatial) map with a stride that the module at ``path`` returned, or None."""
+        for v in self._outputs(path):
+            val = self.flow.values[v]
+            if val.stride is not None and len(val.shape) >= 4:
+                return val
+        return None
 
     def is_one_cell(self, path: str) -> bool:
         """Whether the module at ``path`` returned maps of one spatial cell only (an input too small for the

@@ -38,10 +38,10 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
     there, but an error can say why (a prediction, a pooled map) or name the module to write instead."""
     usable = usable_scopes(modules)
     if rule.modules is not None:
+        # every matching block, also those nested in another match ("model.**" reaches the bottlenecks of
+        # an Ultralytics C2f as well as the C2f): each is a scope of its own, calling its own layers
         chosen = [p for p in usable if p and rule.matches_path(p)]
-        # a glob such as "layer3.**" also matches modules inside a block: keep the outermost match
         outer = set(chosen)
-        chosen = [p for p in chosen if not any(p.startswith(q + ".") for q in outer)]
         # a glob naming layers themselves (``classifier.4``): their owner, restricted to those layers
         for p, m in modules.items():
             if p and module_kind(m) is not None and rule.matches_path(p) and not any(
@@ -67,9 +67,12 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
             if path not in usable:
                 continue
             if rule.stride is not None and roles is not None:
-                # the backbone's live feature maps at the rule's stride, none feeding attention
+                # the backbone's live feature maps at the rule's stride (a step of a residual branch: its
+                # block's), none feeding attention
+                group = _block_group(roles, modules, path)
                 if not any(roles.ran(p) and _backbone(roles, shapes, p) and roles.is_live(p)
-                           and not roles.in_attention(p) and roles.stride(p) in rule.stride for p in [*leaves, path]):
+                           and not roles.in_attention(p) and not roles.is_gate(p)
+                           and (roles.stride(p) if group is None else group) in rule.stride for p in [*leaves, path]):
                     continue
             elif rule.stride is not None and shapes is not None:
                 if path in shapes.heads:
@@ -85,6 +88,59 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
     return chosen
 
 
+def _left_out(model: nn.Module, modules: dict[str, nn.Module], path: str, rule: Rule, roles: Roles | None) -> str:
+    """The backbone layers at ``rule``'s strides that the module at ``path`` calls itself, named for a warning
+    (empty without the dataflow)."""
+    if roles is None or rule.stride is None:
+        return ""
+    kinds = {p: module_kind(m) for p, m in modules.items() if p}
+    found = [p for p, k in kinds.items() if k is not None and not inside_layer(p, kinds) and owner(p, model) == path
+             and roles.ran(p) and roles.is_backbone(p) and roles.stride(p) in rule.stride]
+    return f" (its layers at that stride: {', '.join(found[:4])}{', ...' if len(found) > 4 else ''})" if found else ""
+
+
+def _reached(path: str, paths: list[str], rule: Rule) -> bool:
+    """Whether an untraceable ``path`` was matched by a wildcard glob that also selects blocks inside it: the
+    glob reaches those, so the module is skipped with a warning instead of failing the plan."""
+    wild = any(c in g for g in rule.modules or () for c in "*?")
+    return wild and any(q.startswith(path + ".") for q in paths)
+
+
+def _block_group(roles: Roles, modules: dict[str, nn.Module], path: str) -> int | None:
+    """The stride of the residual block whose branch the module at ``path`` is a step of, when that module is
+    the branch itself (pytorchcv's ``ResUnit.body``) or a conv-norm(-act) unit whose norm is one by behaviour
+    (Hugging Face ResNet's ``ResNetConvLayer`` with DETR's frozen BatchNorm): its layers count in that block's
+    group, as torchvision's ``layer3.0.conv1`` does at stride 8; None for any other module (a block of its
+    own inside a block, as Selective Kernel's or ResNeSt's split attention, keeps its own stride)."""
+    if not path or not roles.ran(path):
+        return None
+    outs = set(roles.flow.calls_of(path)[0].outputs)
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        block = ".".join(parts[:i])
+        adds = [a for a in roles.adds_in(block) if a.skip is not None]
+        if not adds:
+            continue
+        branch = any(a.operands[1 - a.skip] in outs for a in adds)  # type: ignore[operator]
+        return roles.stride(block) if branch or _norm_unit(roles, modules, path) else None
+    return None
+
+
+def _norm_unit(roles: Roles, modules: dict[str, nn.Module], path: str) -> bool:
+    """Whether the module at ``path`` is one conv, then a norm by behaviour (:attr:`.roles.Roles.norms`) on the
+    conv's output, and otherwise only activations, Identity or Dropout (a pre-activation ``bn-act-conv`` is
+    not)."""
+    kids = dict(modules[path].named_children())
+    convs = [n for n, c in kids.items() if module_kind(c) == "conv"]
+    norms = [n for n in kids if roles.is_norm(f"{path}.{n}")]
+    rest = [c for n, c in kids.items() if n not in convs and n not in norms]
+    if len(convs) != 1 or len(norms) != 1 or any(
+            module_kind(c) != "act" and not isinstance(c, (nn.Identity, nn.Dropout)) for c in rest):
+        return False
+    conv, norm = roles.flow.calls_of(f"{path}.{convs[0]}"), roles.flow.calls_of(f"{path}.{norms[0]}")
+    return bool(conv and norm and norm[0].inputs[:1] == conv[0].outputs[:1])
+
+
 def _backbone(roles: Roles, shapes: ShapeLog | None, path: str) -> bool:
     """Whether the module at ``path`` computes backbone maps; one of 1x1 maps (an input too small for the
     deepest stages) counts unless it runs after the backbone's deepest map, so that the plan can say why."""
@@ -92,14 +148,17 @@ def _backbone(roles: Roles, shapes: ShapeLog | None, path: str) -> bool:
 
 
 def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, list[str]],
-            focus: set[str] | None = None, roles: Roles | None = None) -> list[Candidate]:
+            focus: set[str] | None = None, roles: Roles | None = None,
+            modules: dict[str, nn.Module] | None = None) -> list[Candidate]:
     """The candidates of ``scope`` that ``rule`` asks for; those it asks for but that may never get a
     DropBlock are counted in ``why`` (reason -> points). With the dataflow's ``roles``, a stride rule keeps
-    backbone maps only and takes each module's stride from it."""
+    backbone maps only and takes each module's stride from it (with ``modules``, a step of a residual branch
+    takes its block's: see :func:`_block_group`)."""
     wanted = set(rule.after)
     own = roles is not None and roles.ran(scope.path)
     out_stride = roles.stride(scope.path) if own else shapes.nominal_stride(scope.output_shape, scope.path) \
         if shapes else None
+    group = _block_group(roles, modules, scope.path) if own and modules is not None and rule.stride else None
     selected = []
     for c in scope.candidates:
         if c.kind == "shortcut":
@@ -123,7 +182,7 @@ def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, li
             stride = roles.stride(c.module) if c.module is not None and at == c.module else \
                 shapes.nominal_stride(c.shape, scope.path) if shapes else None  # type: ignore[union-attr]
             in_stage = scope.residual and out_stride in rule.stride
-            if not (stride in rule.stride or in_stage):
+            if not (stride in rule.stride or in_stage) if group is None else group not in rule.stride:
                 continue
         reason = c.banned
         if not reason and c.shape is not None:
@@ -210,7 +269,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
         paths = _rule_scopes(model, rule, modules, shapes, wrappers, focus, roles)
         for path in paths:
             if path in untraceable:
-                if named:
+                if named and not _reached(path, paths, rule):
                     raise untraceable[path]
                 skipped.append(str(untraceable[path]))
                 continue
@@ -221,17 +280,19 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
                 try:
                     traced = trace_scope(modules[path], path, call, graphs)
                 except SurgeryError as e:
-                    if named:  # the user named this module: an error
+                    if named and not _reached(path, paths, rule):  # the user named this module: an error
                         raise
                     untraceable[path] = e
                     skipped.append(str(e))
                     if path in wrappers:
                         continue  # tried for its residual addition only
                     warnings.warn(f"{e}; rule {rule.name!r} selects by output stride, so this module is left "
-                                  f"without DropBlock", stacklevel=5)
+                                  f"without DropBlock{_left_out(model, modules, path, rule, roles)}" if not named else
+                                  f"{e}; rule {rule.name!r} reaches the blocks inside it by a glob, which get their "
+                                  f"points; this module's own layers are left without DropBlock", stacklevel=5)
                     continue
                 scopes[path] = analyze(path, modules[path], traced, shapes, roles)
-            for c in _select(scopes[path], rule, shapes, why, roles=roles):
+            for c in _select(scopes[path], rule, shapes, why, roles=roles, modules=modules):
                 point = InsertionPoint(
                     module=path, after=c.node.name, kind=c.kind,
                     block_size=rule.block_size or recipe.dropblock.block_size, shape=c.shape,
