@@ -4,6 +4,7 @@ recomputed forward draws the same DropBlock masks."""
 
 import copy
 import functools
+import warnings
 
 import pytest
 import timm
@@ -423,24 +424,30 @@ def _cp(model, checkpointing):
             m.no_cp = not checkpointing
 
 
-@pytest.mark.xfail(strict=True, reason="a flag is found only when True checkpoints (trace._found_flags) and the "
-                   "injected forward picks its graph by the flag's raw value (forward.py): an inverted flag is baked in")
 @pytest.mark.parametrize("checkpointing_at_inject", [True, False])
 def test_a_flag_whose_true_means_no_checkpoint(checkpointing_at_inject):
     """``no_cp`` True turns checkpointing off: the blocks get their points (after the norm, whatever the
     flag at inject) and the injected model checkpoints exactly when the original does, flag toggled after
-    inject included, with the original's outputs."""
+    inject included, with the original's outputs, and drops blocks in both states (no warning at inject)."""
     original = _no_cp(True)
     assert _step(original) == 2
     _cp(original, False)
     assert _step(original) == 0
     model = _no_cp(checkpointing_at_inject)
-    dbi.inject(model, _FLAG_RULE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dbi.inject(model, _FLAG_RULE)
     assert sorted((d.point.module, d.point.after) for d in dbi.injected_dropblocks(model)) == [("1", "bn"), ("2", "bn")]
     twin, plain = copy.deepcopy(model), _no_cp(False)
+    set_keep(model, 0.5)
+    dropped = []
+    for db in dbi.injected_dropblocks(model):
+        db.register_forward_hook(lambda m, a, out: dropped.append(bool((out == 0).any())))
     for on in (False, True, False, True):
         _cp(model, on)
+        dropped.clear()
         assert _step(model) == (2 if on else 0), on
+        assert dropped and all(dropped), on  # (recomputation in backward calls them again)
     set_keep(twin, 1.0)
     for on in (False, True):
         _cp(twin, on)

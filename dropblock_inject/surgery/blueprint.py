@@ -96,6 +96,9 @@ def _variants(scope: Scope, sites: tuple[Site, ...], flag_names: tuple[str, ...]
     """The traced graph of each other value of the scope's checkpointing flags (or why it has none, warned)."""
     variants: dict[tuple[bool, ...], fx.Graph | str] = {}
     main = scope.graph.python_code("self").src
+    # flags of inverted sense (``no_cp``): the main graph (every flag False) checkpoints through a call it
+    # recognised, so a value whose graph has no checkpoint call is the code's plain branch, not a trace through
+    main_checkpoints = calls_checkpoint(scope.graph)
     for values in combinations(flag_names):
         state = ", ".join(f"{n}={v}" for n, v in zip(flag_names, values))
         try:
@@ -105,7 +108,7 @@ def _variants(scope: Scope, sites: tuple[Site, ...], flag_names: tuple[str, ...]
             continue
         if graph.python_code("self").src == main:
             continue  # the flags do not change this scope's code
-        if not calls_checkpoint(graph):
+        if not calls_checkpoint(graph) and not main_checkpoints:
             variants[values] = f"with {state} fx traced through its checkpoint call; {_CHECKPOINT_HINT}"
             continue
         node = missing(graph, sites, like=scope.graph)

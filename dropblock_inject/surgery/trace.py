@@ -252,8 +252,10 @@ def _found_flags(scope: nn.Module, path: str, concrete: dict[str, Any], known: t
     """The boolean attributes among :func:`.checkpointing.candidates` that decide whether the forward calls a
     checkpoint function, whatever their names: traced off (False), the forward calls none; traced on (True),
     it calls one or fx cannot trace it (mmcv's ``if self.with_cp and x.requires_grad:``, a checkpointed
-    closure: the injected forward then runs the original code while it is on). Two traces per candidate, and
-    only forwards that can reach a checkpoint function have candidates."""
+    closure: the injected forward then runs the original code while it is on). A flag of inverted sense
+    (``no_cp``: off checkpoints, on does not, both traceable) counts too: the graphs are keyed by the flags'
+    values, whatever they mean. Two traces per candidate, and only forwards that can reach a checkpoint
+    function have candidates."""
     found: list[str] = []
     for name in candidates(scope):
         names = (*known, *found, name)
@@ -266,6 +268,8 @@ def _found_flags(scope: nn.Module, path: str, concrete: dict[str, Any], known: t
         off, on = graphs
         if off is not None and not calls_checkpoint(off) and (on is None or calls_checkpoint(on)):
             found.append(name)
+        elif off is not None and on is not None and calls_checkpoint(off) and not calls_checkpoint(on):
+            found.append(name)  # a flag of inverted sense (``no_cp``): the main graph checkpoints, True does not
     return tuple(found)
 
 
