@@ -10,7 +10,7 @@ import torchvision
 from torch.utils.checkpoint import checkpoint
 
 import dropblock_inject as dbi
-from dropblock_inject.surgery import analyze, blueprint, rewrite, select, sequentials, trace
+from dropblock_inject.surgery import analyze, blueprint, rewrite, select, sequentials, trace, tracer
 from dropblock_inject.surgery.blueprint import make_plan
 from dropblock_inject.surgery.rewrite import install
 
@@ -49,7 +49,7 @@ def test_install_traces_nothing(case, monkeypatch):
         assert plan.scopes[0].delegated
     if case.startswith("checkpointing"):
         assert plan.scopes[0].flags == ("grad_checkpointing",) and plan.scopes[0].variants
-    for module, attr in ((trace, "Tracer"), (trace, "trace_scope"), (trace, "trace_variant"),
+    for module, attr in ((tracer.Tracer, "trace"), (trace, "trace_scope"), (trace, "trace_variant"),
                          (analyze, "analyze"), (select, "build_plan"), (sequentials, "trace_scope")):
         monkeypatch.setattr(module, attr, _refuse)
     install(plan)

@@ -12,11 +12,11 @@ from _models import SmallResNet
 import dropblock_inject as dbi
 from dropblock_inject import surgery
 
-# the stages in data-flow order (``wrappers`` finds the network inside DataParallel, compile, EMA); ``forward`` (the runtime of an injected module) sits right after ``trace``,
-# the only stage it needs, so that ``select`` can ask whether a model is already injected
-STAGES = ["registry", "wrappers", "outputs", "globals_of", "checkpointing", "calls", "points", "trace", "roottrace", "forward", "kinds", "example",
-          "metaforward", "dataflow", "residuals", "normprobe", "roles", "shapes", "analyze",
-          "explain", "select", "sites", "sequentials", "blueprint", "rewrite"]
+# the stages in the order one ``inject`` runs them: the plan phase (unwrap, the already-injected check, the example
+# forward and its dataflow, tracing, analysis, selection, the plan), then the install phase
+STAGES = ["registry", "wrappers", "points", "outputs", "globals_of", "tracer", "kinds", "example", "metaforward",
+          "dataflow", "calls", "shapes", "residuals", "normprobe", "roles", "checkpointing", "trace", "analyze",
+          "explain", "groups", "select", "sites", "sequentials", "blueprint", "forward", "roottrace", "rewrite"]
 PACKAGE = Path(surgery.__file__).parent
 
 

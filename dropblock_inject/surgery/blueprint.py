@@ -24,9 +24,8 @@ from ..recipe import RecipeLike, ScheduleConfig, load_recipe
 from .analyze import Candidate, Scope
 from .calls import Param
 from .checkpointing import calls_checkpoint, combinations, variant_flags
-from .forward import check_not_injected
 from .kinds import is_container
-from .points import InsertionPoint
+from .points import InsertionPoint, check_not_injected
 from .select import build_plan
 from .sequentials import Delegated, delegate
 from .sites import Site, missing

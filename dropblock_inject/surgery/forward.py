@@ -216,9 +216,3 @@ def injected_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     for name, m in model.named_modules():
         if isinstance(m.__dict__.get("forward"), InjectedForward):
             yield name, m
-
-
-def check_not_injected(model: nn.Module) -> None:
-    for name, _ in injected_modules(model):
-        raise SurgeryError(f"the model is already injected (module {name or '<root>'!r} was rewritten); "
-                           f"call dropblock_inject.strip(model) first")

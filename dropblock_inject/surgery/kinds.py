@@ -21,7 +21,7 @@ from torch import nn
 
 from ..ops._modules import _DropBlockNd
 from .registry import CONV_BASE, NORM_BASES, is_registered_class
-from .trace import Tracer
+from .tracer import Tracer
 
 CONV_TYPES = (nn.Conv2d, nn.Conv3d)
 CONV_FUNCTIONS: set[Any] = {torch.conv2d, torch.conv3d, nn.functional.conv2d, nn.functional.conv3d}

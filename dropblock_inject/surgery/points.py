@@ -9,10 +9,12 @@ DropBlocks by this class, never by an attribute name a user's module could also 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from ..errors import SurgeryError
 from ..ops import DropBlock2d, DropBlock3d
 from ..recipe import ScheduleConfig
 
@@ -92,3 +94,28 @@ def is_dropblock_container(m: nn.Module) -> bool:
 def injected_dropblocks(model: nn.Module) -> list[InjectedDropBlock]:
     """The DropBlock modules that ``inject`` inserted into ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, InjectedDropBlock)]
+
+
+def check_not_injected(model: nn.Module) -> None:
+    """Raises :class:`SurgeryError` if ``model`` holds DropBlocks that ``inject`` inserted (install is atomic:
+    every rewritten module holds its own, so a model holds some exactly when it is injected)."""
+    for name, m in model.named_modules():
+        if isinstance(m, InjectedDropBlock):
+            holder = name.rsplit(".", 2)[0] if name.count(".") >= 2 else "<root>"
+            raise SurgeryError(f"the model is already injected (module {holder!r} holds DropBlock {name!r}); "
+                               f"call dropblock_inject.strip(model) first")
+
+
+def format_plan(points: Sequence[InsertionPoint]) -> str:
+    """A plain-text table of insertion points with totals."""
+    header = ("module", "after", "kind", "block", "keep_prob", "shape", "rule")
+    rows = [(p.module, p.after, p.kind, str(p.block_size), f"{p.keep_prob:.4g}",
+             "x".join(map(str, p.shape)) if p.shape else "-", p.rule) for p in points]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    branch = sum(p.kind == "branch" for p in points)
+    modules = len({p.module for p in points})
+    lines.append(f"{len(points)} DropBlock{'' if len(points) == 1 else 's'}: {branch} branch, {len(points) - branch} shortcut, "
+                 f"in {modules} module{'' if modules == 1 else 's'}")
+    return "\n".join(lines)

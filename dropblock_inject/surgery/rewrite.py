@@ -31,7 +31,7 @@ from .forward import InjectedForward, RefuseScripting, injected_modules
 from .points import is_dropblock_container, new_dropblock
 from .roottrace import RefuseRootTrace
 from .sequentials import HOLDER
-from .sites import Site, insert
+from .sites import insert
 from .wrappers import unwrap
 
 

@@ -1,4 +1,4 @@
-"""Selection: recipe rules -> scopes -> insertion points (``format_plan`` prints them).
+"""Selection: recipe rules -> scopes -> insertion points.
 
 Each rule picks *scopes* (the smallest modules whose own forward calls the chosen layers: the owners of
 conv/norm/act leaves, never a container), by module-path glob, class name or output stride; each scope is
@@ -12,9 +12,8 @@ import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -26,9 +25,11 @@ from .points import InsertionPoint
 from .kinds import CONV_TYPES, inside_layer, module_kind, owner, usable_scopes
 from .shapes import ShapeLog, call_log, default_input
 from .roles import Roles
+from .groups import block_group, in_backbone, left_out
 from .calls import wants_call
 from ..errors import SurgeryError
-from .trace import TRACING, trace_scope
+from .trace import trace_scope
+from .tracer import TRACING
 
 
 def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], shapes: ShapeLog | None,
@@ -69,8 +70,8 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
             if rule.stride is not None and roles is not None:
                 # the backbone's live feature maps at the rule's stride (a step of a residual branch: its
                 # block's), none feeding attention
-                group = _block_group(roles, modules, path)
-                if not any(roles.ran(p) and _backbone(roles, shapes, p) and roles.is_live(p)
+                group = block_group(roles, modules, path)
+                if not any(roles.ran(p) and in_backbone(roles, shapes, p) and roles.is_live(p)
                            and not roles.in_attention(p) and not roles.is_gate(p)
                            and (roles.stride(p) if group is None else group) in rule.stride for p in [*leaves, path]):
                     continue
@@ -88,63 +89,11 @@ def _rule_scopes(model: nn.Module, rule: Rule, modules: dict[str, nn.Module], sh
     return chosen
 
 
-def _left_out(model: nn.Module, modules: dict[str, nn.Module], path: str, rule: Rule, roles: Roles | None) -> str:
-    """The backbone layers at ``rule``'s strides that the module at ``path`` calls itself, named for a warning
-    (empty without the dataflow)."""
-    if roles is None or rule.stride is None:
-        return ""
-    kinds = {p: module_kind(m) for p, m in modules.items() if p}
-    found = [p for p, k in kinds.items() if k is not None and not inside_layer(p, kinds) and owner(p, model) == path
-             and roles.ran(p) and roles.is_backbone(p) and roles.stride(p) in rule.stride]
-    return f" (its layers at that stride: {', '.join(found[:4])}{', ...' if len(found) > 4 else ''})" if found else ""
-
-
 def _reached(path: str, paths: list[str], rule: Rule) -> bool:
     """Whether an untraceable ``path`` was matched by a wildcard glob that also selects blocks inside it: the
     glob reaches those, so the module is skipped with a warning instead of failing the plan."""
     wild = any(c in g for g in rule.modules or () for c in "*?")
     return wild and any(q.startswith(path + ".") for q in paths)
-
-
-def _block_group(roles: Roles, modules: dict[str, nn.Module], path: str) -> int | None:
-    """The stride of the residual block whose branch the module at ``path`` is a step of, when that module is
-    the branch itself (pytorchcv's ``ResUnit.body``) or a conv-norm(-act) unit whose norm is one by behaviour
-    (Hugging Face ResNet's ``ResNetConvLayer`` with DETR's frozen BatchNorm): its layers count in that block's
-    group, as torchvision's ``layer3.0.conv1`` does at stride 8; None for any other module (a block of its
-    own inside a block, as Selective Kernel's or ResNeSt's split attention, keeps its own stride)."""
-    if not path or not roles.ran(path):
-        return None
-    outs = set(roles.flow.calls_of(path)[0].outputs)
-    parts = path.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        block = ".".join(parts[:i])
-        adds = [a for a in roles.adds_in(block) if a.skip is not None]
-        if not adds:
-            continue
-        branch = any(a.operands[1 - a.skip] in outs for a in adds)  # type: ignore[operator]
-        return roles.stride(block) if branch or _norm_unit(roles, modules, path) else None
-    return None
-
-
-def _norm_unit(roles: Roles, modules: dict[str, nn.Module], path: str) -> bool:
-    """Whether the module at ``path`` is one conv, then a norm by behaviour (:attr:`.roles.Roles.norms`) on the
-    conv's output, and otherwise only activations, Identity or Dropout (a pre-activation ``bn-act-conv`` is
-    not)."""
-    kids = dict(modules[path].named_children())
-    convs = [n for n, c in kids.items() if module_kind(c) == "conv"]
-    norms = [n for n in kids if roles.is_norm(f"{path}.{n}")]
-    rest = [c for n, c in kids.items() if n not in convs and n not in norms]
-    if len(convs) != 1 or len(norms) != 1 or any(
-            module_kind(c) != "act" and not isinstance(c, (nn.Identity, nn.Dropout)) for c in rest):
-        return False
-    conv, norm = roles.flow.calls_of(f"{path}.{convs[0]}"), roles.flow.calls_of(f"{path}.{norms[0]}")
-    return bool(conv and norm and norm[0].inputs[:1] == conv[0].outputs[:1])
-
-
-def _backbone(roles: Roles, shapes: ShapeLog | None, path: str) -> bool:
-    """Whether the module at ``path`` computes backbone maps; one of 1x1 maps (an input too small for the
-    deepest stages) counts unless it runs after the backbone's deepest map, so that the plan can say why."""
-    return roles.is_backbone(path) or (roles.is_one_cell(path) and shapes is not None and path not in shapes.heads)
 
 
 def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, list[str]],
@@ -153,12 +102,12 @@ def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, li
     """The candidates of ``scope`` that ``rule`` asks for; those it asks for but that may never get a
     DropBlock are counted in ``why`` (reason -> points). With the dataflow's ``roles``, a stride rule keeps
     backbone maps only and takes each module's stride from it (with ``modules``, a step of a residual branch
-    takes its block's: see :func:`_block_group`)."""
+    takes its block's: see :func:`.groups.block_group`)."""
     wanted = set(rule.after)
     own = roles is not None and roles.ran(scope.path)
     out_stride = roles.stride(scope.path) if own else shapes.nominal_stride(scope.output_shape, scope.path) \
         if shapes else None
-    group = _block_group(roles, modules, scope.path) if own and modules is not None and rule.stride else None
+    group = block_group(roles, modules, scope.path) if own and modules is not None and rule.stride else None
     selected = []
     for c in scope.candidates:
         if c.kind == "shortcut":
@@ -175,7 +124,7 @@ def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, li
             at = c.module if c.module is not None and roles is not None and roles.ran(c.module) else \
                 scope.path if own and scope.path else None
             if at is not None:  # roles: a module of the backbone, else the (non-root) scope
-                if not _backbone(roles, shapes, at):  # type: ignore[arg-type]
+                if not in_backbone(roles, shapes, at):  # type: ignore[arg-type]
                     continue
             elif shapes is not None and shapes.in_head(c.node, scope.path):
                 continue
@@ -287,7 +236,7 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
                     if path in wrappers:
                         continue  # tried for its residual addition only
                     warnings.warn(f"{e}; rule {rule.name!r} selects by output stride, so this module is left "
-                                  f"without DropBlock{_left_out(model, modules, path, rule, roles)}" if not named else
+                                  f"without DropBlock{left_out(model, modules, path, rule, roles)}" if not named else
                                   f"{e}; rule {rule.name!r} reaches the blocks inside it by a glob, which get their "
                                   f"points; this module's own layers are left without DropBlock", stacklevel=5)
                     continue
@@ -371,19 +320,3 @@ def _diagnose_layers(rule: Rule, modules: dict[str, nn.Module], focus: dict[str,
 def _node_order(graph: fx.Graph, c: Candidate) -> int:
     target = c.add if c.kind == "shortcut" else c.node
     return next(i for i, n in enumerate(graph.nodes) if n is target)
-
-
-def format_plan(points: Sequence[InsertionPoint]) -> str:
-    """A plain-text table of insertion points with totals."""
-    header = ("module", "after", "kind", "block", "keep_prob", "shape", "rule")
-    rows = [(p.module, p.after, p.kind, str(p.block_size), f"{p.keep_prob:.4g}",
-             "x".join(map(str, p.shape)) if p.shape else "-", p.rule) for p in points]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    branch = sum(p.kind == "branch" for p in points)
-    modules = len({p.module for p in points})
-    lines.append(f"{len(points)} DropBlock{'' if len(points) == 1 else 's'}: {branch} branch, {len(points) - branch} shortcut, "
-                 f"in {modules} module{'' if modules == 1 else 's'}")
-    return "\n".join(lines)
-

@@ -26,7 +26,8 @@ from .analyze import Scope
 from .checkpointing import combinations, variant_flags, wraps_checkpointing
 from .sites import Site
 from ..errors import SurgeryError
-from .trace import is_plain_sequential, trace_scope, trace_variant
+from .trace import trace_scope, trace_variant
+from .tracer import is_plain_sequential
 
 HOLDER = "forward.holder"  # how a Sequential's graph reaches the module holding its DropBlocks
 

@@ -136,13 +136,16 @@ class ShapeLog:
         pre = self._pre_hook
         observer = Recording(model) if self._dataflow else None
         if observer is not None:
+            ours_pre, ours_post = pre, post
+
             def pre(module: nn.Module, args: Any, kwargs: Any) -> None:
                 observer.pre_hook(module, args, kwargs)
-                self._pre_hook(module, args, kwargs)
+                ours_pre(module, args, kwargs)
 
-            def post(module: nn.Module, args: Any, output: Any, _ours: Any = post) -> None:
-                _ours(module, args, output)
+            def post(module: nn.Module, args: Any, output: Any) -> None:
+                ours_post(module, args, output)
                 observer.post_hook(module, args, output)
+
         for m in self.modules.values():
             if not isinstance(m, torch.jit.ScriptModule):  # a leaf that is never hooked
                 snapshot.install(m, pre, post, keep)

@@ -1,9 +1,7 @@
 """Tracing: the training-mode fx graph of one module (a *scope*), specialised to how it is called.
 
-Only one module's own forward is traced: every child is a leaf (it stays a ``call_module`` node that runs the
-child's own code, reading its own ``training`` flag), except plain ``nn.Sequential`` containers, which are
-traced through. Augmented assignments (``out += identity``) are recorded as the in-place operators, so the
-rewritten graph does what the original code did.
+Only one module's own forward is traced, by :class:`.tracer.Tracer` (every child a leaf, except plain
+``nn.Sequential`` containers), in training mode.
 
 How a scope's forward is called matters: fx traces every argument as a Proxy, so ``if shortcut is None:``
 would bake the wrong branch; :mod:`.calls` specialises such arguments (``concrete_args``) from the example
@@ -12,13 +10,9 @@ forward. Blocks of the same class, call and state share one traced graph within 
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import operator
-import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -26,93 +20,7 @@ from torch import nn
 from .calls import Call, Param, specialise
 from .checkpointing import calls_checkpoint, candidates, flags_set, known_flags, remember
 from ..errors import SurgeryError
-from .globals_of import own_globals, own_methods, own_space
-from .outputs import Structure, flatten_output
-
-
-def is_plain_sequential(m: nn.Module) -> bool:
-    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
-
-
-_INPLACE_OPERATORS = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
-                      "ilshift", "irshift", "imatmul")
-
-
-class _Proxy(fx.Proxy):
-    """An fx Proxy that records augmented assignments (``out += identity``) as the in-place operators.
-
-    A plain Proxy has no ``__iadd__``, so Python falls back to ``out = out + identity``, and the rewritten
-    graph would allocate a new tensor where the original code reused one (fx's code generator emits
-    ``operator.iadd`` back as ``+=``).
-    """
-
-
-def _inplace(name: str) -> Callable[[fx.Proxy, Any], fx.Proxy]:
-    target = getattr(operator, name)
-
-    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
-        return self.tracer.create_proxy("call_function", target, (self, other), {})
-
-    method.__name__ = f"__{name}__"
-    return method
-
-
-for _name in _INPLACE_OPERATORS:
-    setattr(_Proxy, f"__{_name}__", _inplace(_name))
-
-
-TRACING = threading.RLock()
-"""Held while the surgery traces or runs an example forward. fx's ``Tracer.trace`` replaces
-``nn.Module.__call__`` for the whole process while it runs: a model called by another thread of ours meanwhile
-(its example forward, its own trace) would be recorded into the wrong graph. Our plans take turns."""
-
-
-class Tracer(fx.Tracer):
-    """Traces one module's own forward; children are leaves, except plain Sequential containers.
-
-    A structured output (a NamedTuple, a ``ModelOutput``, a dataclass) is returned by the graph as a flat list
-    of its leaves; ``out_structure`` rebuilds it with its exact type (fx itself would turn an OrderedDict
-    subclass into a plain dict). Nothing outside the traced module changes: the functions recorded as one
-    call (checkpointing, padding helpers, ``math``: see :mod:`.registry`) are found in a copy of the forward's
-    globals that this trace owns (:func:`.globals_of.own_globals`), not patched into their modules, and the
-    plain Sequentials traced through run their code without the hooks ``Module.__call__`` would fire.
-    """
-
-    def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
-        super().__init__(autowrap_modules=(), autowrap_functions=())
-        self.leaves = leaves  # plain Sequentials kept as leaves too (by qualified name)
-        self.out_structure: Structure | None = None
-
-    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        """fx's trace, one at a time in this process (see :data:`TRACING`), leaving nothing on ``root``."""
-        with TRACING, _state_kept(root) if isinstance(root, nn.Module) else contextlib.nullcontext():
-            return super().trace(root, concrete_args)
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return not is_plain_sequential(m) or module_qualified_name in self.leaves
-
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> Any:
-        if not self.is_leaf_module(m, self.path_of_module(m)):
-            forward = m.forward  # its own code, without the (user's, global) hooks of ``Module.__call__``
-        return super().call_module(m, forward, args, kwargs)
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _Proxy(node, self)
-
-    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
-                             concrete_args: Any = None) -> tuple[Any, list[Any]]:
-        space = own_space(root_fn)
-        fn = own_globals(root_fn, space)
-        if space is not None and is_module:  # its methods next to the forward see the same globals
-            self.root.__dict__.update(own_methods(self.root, root_fn, space))  # (undone by _state_kept)
-
-        @functools.wraps(root_fn)  # fx reads the signature through __wrapped__
-        def flat_output(*args: Any, **kwargs: Any) -> Any:
-            leaves, self.out_structure = flatten_output(fn(*args, **kwargs))
-            return leaves if self.out_structure is not None else leaves[0]
-
-        return super().create_args_for_root(flat_output, is_module, concrete_args)
+from .tracer import Tracer
 
 
 @dataclass
@@ -121,26 +29,6 @@ class Traced:
     params: tuple[Param, ...] | None  # None: a forward with *args/**kwargs, called as it is
     out_spec: Any  # a Structure (or, with list arguments, fx's TreeSpec) rebuilding the output; None: a tensor
     input_shapes: list[tuple[int, ...] | None]  # one per placeholder, from the example forward
-
-
-@contextlib.contextmanager
-def _state_kept(scope: nn.Module) -> Iterator[None]:
-    """While tracing: whatever the forward assigns to the scope (``self.last = x`` keeps an fx Proxy), its
-    parameters, buffers and children, undone afterwards."""
-    saved = dict(scope.__dict__)
-    inner = [(d, dict(d)) for d in (scope._parameters, scope._buffers, scope._modules)]
-    try:
-        yield
-    finally:
-        for key in [k for k in scope.__dict__ if k not in saved]:
-            del scope.__dict__[key]
-        for key, value in saved.items():
-            if scope.__dict__.get(key, saved) is not value:
-                scope.__dict__[key] = value
-        for d, before in inner:
-            if d.keys() != before.keys() or any(d[k] is not v for k, v in before.items()):
-                d.clear()
-                d.update(before)
 
 
 def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
