@@ -98,16 +98,22 @@ def injected_dropblocks(model: nn.Module) -> list[InjectedDropBlock]:
 
 def check_not_injected(model: nn.Module) -> None:
     """Raises :class:`SurgeryError` if ``model`` holds DropBlocks that ``inject`` inserted (install is atomic:
-    every rewritten module holds its own, so a model holds some exactly when it is injected)."""
+    a model holds some exactly when it is injected)."""
     for name, m in model.named_modules():
         if isinstance(m, InjectedDropBlock):
-            holder = name.rsplit(".", 2)[0] if name.count(".") >= 2 else "<root>"
-            raise SurgeryError(f"the model is already injected (module {holder!r} holds DropBlock {name!r}); "
-                               f"call dropblock_inject.strip(model) first")
+            raise SurgeryError(f"the model is already injected (it holds the DropBlock {name!r} that inject "
+                               f"inserted); call dropblock_inject.strip(model) first")
 
 
 def format_plan(points: Sequence[InsertionPoint]) -> str:
-    """A plain-text table of insertion points with totals."""
+    """A plain-text table of insertion points with totals.
+
+    Args:
+        points: the plan's points (``plan(model, recipe)``).
+
+    Returns:
+        The table, one row per point, and a line of totals.
+    """
     header = ("module", "after", "kind", "block", "keep_prob", "shape", "rule")
     rows = [(p.module, p.after, p.kind, str(p.block_size), f"{p.keep_prob:.4g}",
              "x".join(map(str, p.shape)) if p.shape else "-", p.rule) for p in points]
