@@ -191,20 +191,14 @@ class _DeadBranch(torch.nn.Module):
 def test_placement_check_finds_points_before_a_norm_and_on_dead_maps():
     """The sweep's dataflow check flags a point between a conv and its norm (a frozen-norm class no registry
     names: HF DETR) and one on a map that never reaches the outputs; the plan's own points pass it."""
-    transformers = pytest.importorskip("transformers")
-    from dropblock_inject.surgery.points import InsertionPoint
+    pytest.importorskip("transformers")
     from tools.coverage.placement import misplaced
 
     import dropblock_inject as dbi
 
-    cfg = transformers.DetrConfig(
-        use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
-        backbone_config=transformers.ResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256],
-                                                  embedding_size=16, layer_type="bottleneck",
-                                                  out_features=["stage4"]),
-        d_model=32, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        num_queries=5, encoder_layers=1, decoder_layers=1)
-    model = transformers.DetrForObjectDetection(cfg)
+    from tools.coverage.zoo_detect import hf_detr
+
+    model = hf_detr("detr")
     x = torch.zeros(1, 3, 128, 128)
     assert misplaced(model, dbi.plan(model, "paper_generic", example_input=x), x) == ""
     conv = InsertionPoint("model.backbone.model.encoder.stages.2.layers.0.layer.1", "convolution", "branch", 7,
