@@ -37,8 +37,6 @@ TV_FAST = ["resnet18", "resnet50", "mobilenet_v3_small", "mnasnet0_5", "regnet_x
 
 # placements that pass every check but are not the paper's, found by reading the plans; shown in the report
 KNOWN_LIMITS = {
-    ("timm-features", "dla34 (features_only)"): "known limit: DLA trees take their children as lists of maps, so a "
-                                                "features_only DLA (a dense model) counts them as necks: 3 + 1 points only",
     ("timm", "dla34"): "known limit: the projection a DlaTree passes to its first block gets two DropBlocks "
                        "in series (after the tree's `project`, and on the block's `shortcut` argument)",
 }
