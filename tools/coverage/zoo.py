@@ -186,7 +186,8 @@ def smp_models(fast: bool = False) -> list[Entry]:
         return getattr(smp, arch)(enc, encoder_weights=None, classes=3, **extra)
 
     return [(f"{arch}({enc})" + ("" if d is None else f", depth {d}"), arch.lower(),
-             (lambda a=arch, e=enc, d=d: build(a, e, d)), 64) for arch, enc, d in entries]
+             (lambda a=arch, e=enc, d=d: build(a, e, d)), 128 if arch == "PAN" else 64)  # PAN pools stride 32 to 1/4
+            for arch, enc, d in entries]
 
 
 from .zoo_cnn import efficientnet_pytorch_models, monai_models, pytorchcv_models  # noqa: E402
