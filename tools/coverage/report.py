@@ -104,7 +104,7 @@ def write_report(rows: list[CoverageRow], path: Path, recipe: Any = "paper_gener
         "  branch points, and no DropBlock follows a module holding DropBlocks of its own;",
         "- where fx traces the plain model whole, the injected model's training graph holds one DropBlock per point.",
         "",
-        "A model passes with the paper's placement (`ok`) or with a *clear error*: plan refuses it with one",
+        "A model passes when every check holds (`ok`) or with a *clear error*: plan refuses it with one",
         "`RecipeError`/`SurgeryError` saying why (not a CNN the recipe fits, no stride-16/32 stage, a stage fx",
         "cannot trace). A passing row with a reason had modules skipped because fx cannot trace them; a",
         "\"known limit\" passes every check but is not the paper's placement. Vision transformers are skipped.",
