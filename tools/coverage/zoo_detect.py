@@ -55,8 +55,9 @@ def ultralytics_model(name: str) -> nn.Module:
     with _ultralytics_offline(), contextlib.redirect_stdout(None):
         import ultralytics
 
-        cls = ultralytics.RTDETR if name.startswith("rtdetr") else ultralytics.YOLO
-        return cls(f"{name}.yaml", verbose=False).model.eval()
+        if name.startswith("rtdetr"):
+            return ultralytics.RTDETR(f"{name}.yaml").model.eval()
+        return ultralytics.YOLO(f"{name}.yaml", verbose=False).model.eval()
 
 
 def ultralytics_models(fast: bool = False) -> list[Entry]:
