@@ -15,6 +15,7 @@ from dropblock_inject.surgery.roles import Roles
 
 _GATES = {"sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_"}
 _PRODUCTS = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
+_SHAPED = {"expand_as", "view_as", "reshape_as", "broadcast_to", "expand"}
 
 
 def _layer(model_paths: set[str], point: InsertionPoint) -> str | None:
@@ -78,12 +79,14 @@ def _feeds_norm(roles: Roles, path: str) -> bool:
 
 def _ungated(roles: Roles) -> set[int]:
     """Values the model's outputs are computed from other than as a gate: walking back from the outputs, a
-    product of a map and a sigmoid gate (``x * sigmoid(...)``, reshaped or expanded) is followed into the map
-    only, so an SE/CBAM/BAM/attention-U-Net gate's own maps are left out (a swish ``x * sigmoid(x)`` keeps x)."""
+    product of a map and a sigmoid gate (``x * sigmoid(...)``, ``x * (1 + sigmoid(...))``, reshaped or expanded)
+    is followed into the map only, so an SE/CBAM/BAM/attention-U-Net gate's own maps are left out (a swish
+    ``x * sigmoid(x)`` keeps x)."""
     flow = roles.flow
     gate: set[int] = set()
-    for op in flow.ops:
-        if op.name in _GATES or (op.kind == "reshape" and op.inputs and all(v in gate for v in op.inputs)):
+    for op in flow.ops:  # a gate, and what is computed from gates alone (``1 + sigmoid(a)``) or shaped like a map
+        ins = [v for v in op.inputs if v in roles.data]
+        if op.name in _GATES or (ins and all(v in gate for v in ins)) or (op.name in _SHAPED and ins[:1] and ins[0] in gate):
             gate.update(op.outputs)
     seen, todo = set(flow.outputs), list(flow.outputs)
     while todo:
