@@ -258,8 +258,9 @@ class _TinyDense(nn.Module):
     trunk), a stride-32 block with q/k/v attention (its output projected by a conv), then a neck that upsamples
     the stride-32 map and adds it to the stride-16 one (an FPN in one step) and a residual block on the sum."""
 
-    def __init__(self, c: int = 8) -> None:
+    def __init__(self, c: int = 8, residual_gate: bool = False) -> None:
         super().__init__()
+        self.residual_gate = residual_gate  # BAM's x * (1 + sigmoid(...))
         self.stem, self.block16 = nn.Conv2d(3, c, 16, 16), _Res(c)
         self.down, self.block32 = _cbn(c, c, 2), _Res(c)
         self.q, self.k, self.v, self.proj = (nn.Conv2d(c, c, 1) for _ in range(4))
@@ -268,7 +269,8 @@ class _TinyDense(nn.Module):
 
     def forward(self, x):
         a = self.block16(self.stem(x))
-        a = a * torch.sigmoid(self.gate(a))
+        g = torch.sigmoid(self.gate(a))
+        a = a * (1 + g) if self.residual_gate else a * g
         b = self.block32(F.relu(self.down(a)))
         n, c, h, w = b.shape
         attn = torch.softmax(self.q(b).flatten(2).transpose(1, 2) @ self.k(b).flatten(2), -1)
@@ -292,6 +294,8 @@ def test_placement_check_finds_each_misplacement(point, reason):
 
     model = _TinyDense().eval()
     assert reason in misplaced(model, [point], _X)
+    if "gate" in reason:
+        assert reason in misplaced(_TinyDense(residual_gate=True).eval(), [point], _X)
     backbone = [InsertionPoint("block16", "body_1", "branch", 3, None, 0.9),
                 InsertionPoint("block32", "x", "shortcut", 3, None, 0.9)]
     assert misplaced(model, backbone, _X) == ""
