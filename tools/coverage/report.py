@@ -73,6 +73,7 @@ def write_report(rows: list[CoverageRow], path: Path, recipe: Any = "paper_gener
                         + (f", {clear[lib]} of them a clear error)" if clear[lib] else ")")
                         for lib, (p, n) in rates.items())
     skipped = sum(r.status.startswith("skipped") for r in rows)
+    not_run = sum(r.status == "not run" for r in rows)
     lines = [
         "# Zoo coverage",
         "",
@@ -110,7 +111,8 @@ def write_report(rows: list[CoverageRow], path: Path, recipe: Any = "paper_gener
         "\"known limit\" passes every check but is not the paper's placement. Vision transformers are skipped.",
         "Inject times are indicative only.",
         "",
-        f"**Summary:** {summary}; {skipped} skipped (not CNNs).",
+        f"**Summary:** {summary}; {skipped} skipped (not CNNs)"
+        + (f"; {not_run} not run this time (not counted; their rows say why)." if not_run else "."),
         "",
         "| library | model | family | branch | shortcut | inject (s) | status | reason |",
         "|---|---|---|---:|---:|---:|---|---|",
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                     skip = "skipped: not a CNN" if not _is_cnn(name, family) else "not run"
                     rows.append(CoverageRow(name, family, status=skip, library=lib,
                                             reason="" if skip != "not run" else "sweep cut short by the time limit"))
+        order = {lib: i for i, lib in enumerate(ALL_LIBRARIES)}
+        rows.sort(key=lambda r: order.get(r.library, len(order)))  # stable: each library's rows keep their order
         write_report(rows, Path(args.out), args.recipe)
         for lib, (p, n) in pass_rates(rows).items():
             print(f"{lib}: {p}/{n} pass ({100 * p / max(n, 1):.1f}%)")
