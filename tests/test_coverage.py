@@ -39,8 +39,26 @@ def test_check_model_reports_failures_without_raising():
     row = coverage.check_model("broken", broken)
     assert row.status == "fail" and row.reason == "build: RuntimeError: no such model"
 
-    row = coverage.check_model("linear", lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2)))
-    assert row.status == "fail" and row.reason.startswith("plan:")
+    class Crash(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    row = coverage.check_model("crash", Crash)  # no clear verdict: the model does not run at all
+    assert row.status == "fail" and "RuntimeError: boom" in row.reason and not row.ok
+
+
+def test_a_clear_refusal_counts_as_a_pass():
+    """A model plan refuses with one RecipeError/SurgeryError saying why is a clear error, which passes."""
+    row = coverage.check_model("linear", lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 2)))
+    assert row.status == "clear error" and row.ok and row.reason.startswith("plan: RecipeError:"), row
+    assert "is not a CNN" in row.reason
+    rows = [row, coverage.CoverageRow("a", "resnet", 8, 4, 0.1, "ok", "", ""),
+            coverage.CoverageRow("b", "x", status="fail", reason="placement: x", library="")]
+    assert coverage.pass_rates(rows) == {"": (2, 3)}
 
 
 def test_report_table(tmp_path):
@@ -74,8 +92,10 @@ def test_video_models(name):
 
 @pytest.mark.slow
 def test_zoo_sweep_pass_rates(tmp_path):
-    # the whole timm sample, every torchvision classifier but the heaviest (coverage.TV_HEAVY), and the
-    # detection, segmentation, Hugging Face, timm features_only and smp families, with every row's reason
+    # the whole timm sample, every torchvision classifier but the heaviest (coverage.TV_HEAVY), and every other
+    # family (torchvision detection and segmentation, Hugging Face CNNs and DETR-family detectors, timm
+    # features_only, smp at every encoder depth, Ultralytics YOLO and RT-DETR, pytorchcv, MONAI,
+    # efficientnet_pytorch), each at 95% "every check holds or a clear error", with every row's reason
     rows = coverage.sweep(light=True, report=tmp_path / "coverage.md", log=None)
     rates = coverage.pass_rates(rows)
     failures = "\n".join(f"{r.library} {r.model}: {r.reason}" for r in rows if r.status == "fail")
@@ -97,13 +117,23 @@ def test_zoo_sweep_pass_rates(tmp_path):
     pytest.param("transformers", "ResNetForImageClassification", (27, 9), marks=SLOW),
     ("timm-features", "resnet18 (features_only)", (8, 4)),
     pytest.param("smp", "Unet(resnet18)", (8, 4), marks=SLOW),
+    pytest.param("smp", "Unet(resnet18), depth 4", (4, 2), marks=SLOW),  # layer3 only: the encoder stops there
+    pytest.param("smp", "PSPNet(mobilenet_v2)", "clear error", marks=SLOW),  # depth 3: no stride-16 stage
+    pytest.param("pytorchcv", "resnet10", (4, 2), marks=SLOW),
+    ("efficientnet_pytorch", "efficientnet-b0", None),
+    pytest.param("monai", "ResNet18 (2-D)", (4, 2), marks=SLOW),  # a stride-1 stem: layer4 is its stride-16 stage
+    pytest.param("ultralytics", "yolov8n", None, marks=SLOW),
+    pytest.param("transformers-detection", "DetrForObjectDetection", None, marks=SLOW),
 ])
 def test_new_families(library, name, expected):
-    """One model of each new family through the whole check, with the paper's counts."""
+    """One model of each new family through the whole check, with the paper's counts (or a clear refusal)."""
     entry = next(e for e in coverage.FAMILIES[library](False) if e[0] == name)
     row = coverage.check_model(name, entry[2], size=entry[3], family=entry[1], library=library)
+    if expected == "clear error":
+        assert row.status == "clear error" and row.ok, row
+        return
     assert row.status == "ok", row.reason
-    assert (row.branch, row.shortcut) == expected
+    assert row.branch > 0 and (expected is None or (row.branch, row.shortcut) == expected)
 
 
 @pytest.mark.slow  # a DeepLabV3-ResNet-50 through every check
@@ -174,20 +204,14 @@ class _DeadBranch(torch.nn.Module):
 def test_placement_check_finds_points_before_a_norm_and_on_dead_maps():
     """The sweep's dataflow check flags a point between a conv and its norm (a frozen-norm class no registry
     names: HF DETR) and one on a map that never reaches the outputs; the plan's own points pass it."""
-    transformers = pytest.importorskip("transformers")
-    from dropblock_inject.surgery.points import InsertionPoint
+    pytest.importorskip("transformers")
     from tools.coverage.placement import misplaced
 
     import dropblock_inject as dbi
 
-    cfg = transformers.DetrConfig(
-        use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
-        backbone_config=transformers.ResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256],
-                                                  embedding_size=16, layer_type="bottleneck",
-                                                  out_features=["stage4"]),
-        d_model=32, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        num_queries=5, encoder_layers=1, decoder_layers=1)
-    model = transformers.DetrForObjectDetection(cfg)
+    from tools.coverage.zoo_detect import hf_detr
+
+    model = hf_detr("detr")
     x = torch.zeros(1, 3, 128, 128)
     assert misplaced(model, dbi.plan(model, "paper_generic", example_input=x), x) == ""
     conv = InsertionPoint("model.backbone.model.encoder.stages.2.layers.0.layer.1", "convolution", "branch", 7,
@@ -195,3 +219,127 @@ def test_placement_check_finds_points_before_a_norm_and_on_dead_maps():
     assert "before a norm" in misplaced(model, [conv], x)
     dead = InsertionPoint("", "b", "branch", 3, None, 0.9)
     assert "dead map" in misplaced(_DeadBranch(), [dead], torch.zeros(1, 3, 16, 16))
+
+
+# ---- the placement check catches each kind of silent misplacement (tiny models, points placed by hand) ---------
+
+from torch import nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from dropblock_inject.surgery.points import InsertionPoint  # noqa: E402
+
+
+def _cbn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
+
+
+class _Res(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.body = _cbn(c, c)
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+class _Gate(nn.Module):
+    """A spatial gate's logits: conv-BN-ReLU to 4 channels, a 1x1 conv to one (the caller applies the sigmoid,
+    so the gate is invisible from this module's own graph)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = _cbn(c, 4), nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(x)))
+
+
+class _TinyDense(nn.Module):
+    """A stride-16 stem and residual block gated by a sigmoid (a conv of C > 1 channels whose map only gates the
+    trunk), a stride-32 block with q/k/v attention (its output projected by a conv), then a neck that upsamples
+    the stride-32 map and adds it to the stride-16 one (an FPN in one step) and a residual block on the sum."""
+
+    def __init__(self, c: int = 8, residual_gate: bool = False) -> None:
+        super().__init__()
+        self.residual_gate = residual_gate  # BAM's x * (1 + sigmoid(...))
+        self.stem, self.block16 = nn.Conv2d(3, c, 16, 16), _Res(c)
+        self.down, self.block32 = _cbn(c, c, 2), _Res(c)
+        self.q, self.k, self.v, self.proj = (nn.Conv2d(c, c, 1) for _ in range(4))
+        self.neck = _Res(c)
+        self.gate = _Gate(c)
+
+    def forward(self, x):
+        a = self.block16(self.stem(x))
+        g = torch.sigmoid(self.gate(a))
+        a = a * (1 + g) if self.residual_gate else a * g
+        b = self.block32(F.relu(self.down(a)))
+        n, c, h, w = b.shape
+        attn = torch.softmax(self.q(b).flatten(2).transpose(1, 2) @ self.k(b).flatten(2), -1)
+        b = b + self.proj((self.v(b).flatten(2) @ attn.transpose(1, 2)).view(n, c, h, w))
+        return self.neck(F.interpolate(b, scale_factor=2.0) + a)
+
+
+_X = torch.zeros(1, 3, 128, 128)
+
+
+@pytest.mark.parametrize("point, reason", [
+    (InsertionPoint("", "q", "branch", 3, None, 0.9), "on attention"),
+    (InsertionPoint("", "v", "branch", 3, None, 0.9), "on attention"),
+    (InsertionPoint("", "proj", "branch", 3, None, 0.9), "on attention"),
+    (InsertionPoint("gate", "conv1_1", "branch", 3, None, 0.9), "on a sigmoid gate"),
+    (InsertionPoint("neck", "body_1", "branch", 3, None, 0.9), "in a neck or head"),
+    (InsertionPoint("neck", "x", "shortcut", 3, None, 0.9), "in a neck or head"),
+])
+def test_placement_check_finds_each_misplacement(point, reason):
+    from tools.coverage.placement import misplaced
+
+    model = _TinyDense().eval()
+    assert reason in misplaced(model, [point], _X)
+    if "gate" in reason:
+        assert reason in misplaced(_TinyDense(residual_gate=True).eval(), [point], _X)
+    backbone = [InsertionPoint("block16", "body_1", "branch", 3, None, 0.9),
+                InsertionPoint("block32", "x", "shortcut", 3, None, 0.9)]
+    assert misplaced(model, backbone, _X) == ""
+
+
+@pytest.mark.parametrize("module, reason", [("neck", "neck or head"), ("gate", "placement: gate:conv1_1 on a sigmoid gate")])
+def test_check_model_fails_a_recipe_that_misplaces_points(module, reason):
+    """The whole sweep check (not only the placement function) rejects points a path rule puts in a neck or on
+    a gate (which the feature-map check alone lets through: a stride-16 map of 4 channels)."""
+    recipe = {"dropblock": {"block_size": 3, "keep_prob": 0.5}, "rules": [{"modules": [module], "after": ["norm"]}]}
+    row = coverage.check_model("tiny", _TinyDense, recipe=recipe, size=128)
+    assert row.status == "fail" and reason in row.reason, row
+
+
+class _RepBlock(nn.Module):
+    """A re-parameterisable block: the sum of a 3x3 and a 1x1 conv-BN branch, no skip path."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.dense, self.one = _cbn(c, c), nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return F.relu(self.dense(x) + self.one(x))
+
+
+class _RepNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.rep1, self.res, self.rep2 = nn.Conv2d(3, 8, 16, 16), _RepBlock(), _Res(), _RepBlock()
+
+    def forward(self, x):
+        return self.rep2(self.res(self.rep1(self.stem(x))))
+
+
+def test_block_check_expects_no_shortcut_on_a_sum_of_conv_branches():
+    """RepVGG/MobileOne blocks have branch points and no shortcut point by design: the block check agrees."""
+    import dropblock_inject as dbi
+    from dropblock_inject.surgery.shapes import ShapeLog
+    from tools.coverage.blocks import missing_points
+
+    model = _RepNet().eval()
+    x = torch.zeros(2, 3, 64, 64)
+    points = dbi.plan(model, "paper_generic", example_input=x)
+    assert {p.module for p in points if p.kind == "branch"} >= {"rep1", "rep2"}
+    assert not [p for p in points if p.kind == "shortcut" and p.module.startswith("rep")]
+    assert missing_points(model, points, "paper_generic", ShapeLog(model, x, dataflow=True)) == ""

@@ -119,15 +119,10 @@ def test_hrnet_fusing_stages_are_backbone():
 # -- norms by behaviour -----------------------------------------------------------------------------------
 
 def _detr():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.DetrConfig(
-        use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
-        backbone_config=transformers.ResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256],
-                                                  embedding_size=16, layer_type="bottleneck",
-                                                  out_features=["stage4"]),
-        d_model=32, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        num_queries=5, encoder_layers=1, decoder_layers=1)
-    return transformers.DetrForObjectDetection(cfg)
+    pytest.importorskip("transformers")
+    from tools.coverage.zoo_detect import hf_detr
+
+    return hf_detr("detr")
 
 
 def test_detr_branch_points_after_its_frozen_norms_and_none_in_series():

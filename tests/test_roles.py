@@ -176,15 +176,11 @@ def test_detr_projection_into_the_transformer_is_attention_not_its_resnet():
 
 
 def _detr():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.DetrConfig(
-        use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
-        backbone_config=transformers.ResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256],
-                                                  embedding_size=16, layer_type="bottleneck",
-                                                  out_features=["stage4"]),
-        d_model=32, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        num_queries=5, encoder_layers=1, decoder_layers=1)
-    return cfg, transformers.DetrForObjectDetection(cfg)
+    pytest.importorskip("transformers")
+    from tools.coverage.zoo_detect import hf_detr
+
+    model = hf_detr("detr")
+    return model.config, model
 
 
 # -- norms by behaviour --------------------------------------------------------------------------------
@@ -197,12 +193,10 @@ def test_detr_frozen_norms_are_norms():
 
 
 def test_rt_detr_frozen_norms_backbone_and_hybrid_encoder():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.RTDetrConfig(
-        backbone_config=transformers.RTDetrResNetConfig(depths=[1, 1, 1, 1],
-                                                        out_features=["stage2", "stage3", "stage4"]),
-        use_pretrained_backbone=False, encoder_layers=1, decoder_layers=1, num_queries=20)
-    model = transformers.RTDetrForObjectDetection(cfg)
+    pytest.importorskip("transformers")
+    from tools.coverage.zoo_detect import hf_rt_detr
+
+    model = hf_rt_detr()
     r = _roles(model, torch.zeros(1, 3, 128, 128))
     frozen = {p for p, m in model.named_modules() if type(m).__name__ == "RTDetrFrozenBatchNorm2d"}
     assert frozen and frozen <= r.norms

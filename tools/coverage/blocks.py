@@ -2,7 +2,8 @@
 
 A *residual block* is a module whose traced forward adds a map derived from its input to one computed from
 it by layers (the planner's own analysis, :func:`~dropblock_inject.surgery.analyze.analyze`, finds the
-addition). In groups 3 and 4 (output stride 16 or 32, outside the heads of a dense model), a block whose
+addition) and the recorded dataflow agrees that one operand is a skip path: the sum of two conv branches
+of a re-parameterisable block (RepVGG, MobileOne) has no shortcut and is not expected to get one. In groups 3 and 4 (output stride 16 or 32, outside the heads of a dense model), a block whose
 branch got DropBlocks must get a shortcut point too when the recipe asks for shortcuts, and a block whose
 shortcut got one must have branch points (in itself or in the modules it calls).
 """
@@ -18,6 +19,7 @@ from dropblock_inject.recipe import load_recipe
 from dropblock_inject.surgery.analyze import analyze
 from dropblock_inject.surgery.kinds import is_container
 from dropblock_inject.surgery.points import InsertionPoint
+from dropblock_inject.surgery.roles import Roles
 from dropblock_inject.surgery.shapes import ShapeLog
 from dropblock_inject.surgery.trace import trace_scope
 
@@ -28,9 +30,12 @@ def _ancestors(path: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
 
 
-def _has_residual_point(path: str, module: nn.Module, log: ShapeLog) -> bool:
+def _has_residual_point(path: str, module: nn.Module, log: ShapeLog, roles: Roles | None) -> bool:
     """Whether the block at ``path`` has a residual addition whose shortcut may get a DropBlock (a feature
-    map with C > 1, larger than 1x1, no prediction or pooled map)."""
+    map with C > 1, larger than 1x1, no prediction or pooled map) and, where the dataflow was recorded, an
+    addition with a skip operand (not only sums of parallel conv branches)."""
+    if roles is not None and roles.ran(path) and not any(a.skip is not None for a in roles.adds_in(path)):
+        return False
     try:
         scope = analyze(path, module, trace_scope(module, path, log.call(path)), log)
     except SurgeryError:
@@ -56,6 +61,8 @@ def missing_points(model: nn.Module, points: Sequence[InsertionPoint], recipe: A
     branch = {p.module for p in points if p.kind == "branch"}
     shortcut = {p.module for p in points if p.kind == "shortcut"}
     modules = dict(model.named_modules())
+    flow = getattr(log, "flow", None)
+    roles = Roles(flow, model) if flow is not None and not getattr(log, "partial", False) else None
     for path in sorted(shortcut):
         if not any(b == path or b.startswith(path + ".") for b in branch):
             return f"residual block {path!r} got a shortcut point but no branch point"
@@ -73,7 +80,7 @@ def missing_points(model: nn.Module, points: Sequence[InsertionPoint], recipe: A
             stride = log.nominal_stride(log.module_output(path), path)
             if stride not in (16, 32) or path in shortcut:
                 continue
-            if _has_residual_point(path, m, log):
+            if _has_residual_point(path, m, log, roles):
                 return (f"residual block {path!r} ({type(m).__name__}) has branch points but no shortcut "
                         f"point, though the recipe asks for shortcuts")
     return ""

@@ -1,5 +1,7 @@
-"""The sweep's placement check from the recorded dataflow: no point on attention, on a dead map, or between a
-conv and its norm (norms by behaviour, whatever their class)."""
+"""The sweep's placement check from the recorded dataflow (:class:`~dropblock_inject.surgery.roles.Roles`): no
+point on attention (q, k, v, positional codes, projections), on a sigmoid gate multiplied into the trunk, on a
+dead map, in a neck or head (after an upsampling or a fusion of maps of different strides), or between a conv
+and its norm (norms by behaviour, whatever their class)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,13 @@ from dropblock_inject.surgery.dataflow import record
 from dropblock_inject.surgery.points import InsertionPoint
 from dropblock_inject.surgery.roles import Roles
 
+_GATES = {"sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_"}
+_PRODUCTS = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
+_SHAPED = {"expand_as", "view_as", "reshape_as", "broadcast_to", "expand"}
+
 
 def _layer(model_paths: set[str], point: InsertionPoint) -> str | None:
-    """The module path a branch point's node calls (fx names a call of ``a.b`` ``a_b``, ``a_b_1`` if repeated)."""
+    """The module path a point's node calls (fx names a call of ``a.b`` ``a_b``, ``a_b_1`` if repeated)."""
     prefix = f"{point.module}." if point.module else ""
     for path in model_paths:
         if path.startswith(prefix) and path[len(prefix):].replace(".", "_") in (
@@ -32,18 +38,30 @@ def misplaced(model: nn.Module, points: Sequence[InsertionPoint], example_input:
 
     Returns:
         The first few misplaced points, each with its reason: on a tensor that feeds attention or comes from
-        it, on a map that never reaches the model's outputs, or after a conv whose output goes into a norm.
+        it, on a map that reaches the outputs only through a sigmoid gate, on a map that never reaches the
+        outputs, on a map that is not the backbone's (a neck, decoder or head), or after a conv whose output
+        goes into a norm.
     """
     roles = Roles(record(model, example_input), model)
+    ungated = _ungated(roles)
     paths = {p for p, _ in model.named_modules() if p}
     bad = []
     for point in points:
-        layer = _layer(paths, point) if point.kind == "branch" else None
+        layer = _layer(paths, point)
         where = layer or point.module
-        if roles.ran(where) and roles.in_attention(where):
+        outs = {v for c in roles.flow.calls_of(where) for v in c.outputs}
+        if not roles.ran(where):
+            continue
+        if roles.in_attention(where):
             bad.append(f"{point.module}:{point.after} on attention")
-        elif roles.ran(where) and not roles.is_live(where):
+        elif not roles.is_live(where):
             bad.append(f"{point.module}:{point.after} on a dead map")
+        elif not roles.opaque and not outs & ungated:
+            bad.append(f"{point.module}:{point.after} on a sigmoid gate (its map reaches the outputs only as a "
+                       f"gate multiplied into another map)")
+        elif not roles.is_backbone(where):
+            bad.append(f"{point.module}:{point.after} in a neck or head (after an upsampling or a fusion of "
+                       f"strides, or after the backbone's last map)")
         elif layer is not None and _feeds_norm(roles, layer):
             bad.append(f"{point.module}:{point.after} before a norm")
     return "; ".join(bad[:3]) + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "")
@@ -57,3 +75,30 @@ def _feeds_norm(roles: Roles, path: str) -> bool:
     readers = [c for c in roles.flow.calls if set(c.inputs) & outs and not c.path.startswith(path)]
     direct = [c for c in readers if not any(c is not d and c.start <= d.start and d.end <= c.end for d in readers)]
     return bool(direct) and all(roles.is_norm(c.path) for c in direct)
+
+
+def _ungated(roles: Roles) -> set[int]:
+    """Values the model's outputs are computed from other than as a gate: walking back from the outputs, a
+    product of a map and a sigmoid gate (``x * sigmoid(...)``, ``x * (1 + sigmoid(...))``, reshaped or expanded)
+    is followed into the map only, so an SE/CBAM/BAM/attention-U-Net gate's own maps are left out (a swish
+    ``x * sigmoid(x)`` keeps x)."""
+    flow = roles.flow
+    gate: set[int] = set()
+    for op in flow.ops:  # a gate, and what is computed from gates alone (``1 + sigmoid(a)``) or shaped like a map
+        ins = [v for v in op.inputs if v in roles.data]
+        if op.name in _GATES or (ins and all(v in gate for v in ins)) or (op.name in _SHAPED and ins[:1] and ins[0] in gate):
+            gate.update(op.outputs)
+    seen, todo = set(flow.outputs), list(flow.outputs)
+    while todo:
+        p = flow.values[todo.pop()].producer
+        if p is None:
+            continue
+        op = flow.ops[p]
+        ins = list(op.inputs)
+        if op.name in _PRODUCTS and any(v in gate for v in ins) and not all(v in gate for v in ins):
+            ins = [v for v in ins if v not in gate]
+        for w in ins:
+            if w not in seen:
+                seen.add(w)
+                todo.append(w)
+    return seen

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from .check import CoverageRow, check_model
+from .check import CLEAR_ERROR, CoverageRow, check_model
 from .zoo import FAMILIES, KNOWN_LIMITS, _is_cnn, timm_models, torchvision_models
 
 
@@ -57,7 +57,7 @@ def pass_rates(rows: list[CoverageRow]) -> dict[str, tuple[int, int]]:
     """``library -> (passed, checked)``; skipped models are not counted."""
     out: dict[str, tuple[int, int]] = {}
     for lib in dict.fromkeys(r.library for r in rows):
-        checked = [r for r in rows if r.library == lib and r.status in ("ok", "fail")]
+        checked = [r for r in rows if r.library == lib and r.status in ("ok", CLEAR_ERROR, "fail")]
         out[lib] = (sum(r.ok for r in checked), len(checked))
     return out
 
@@ -68,8 +68,12 @@ def write_report(rows: list[CoverageRow], path: Path, recipe: Any = "paper_gener
     import torchvision
 
     rates = pass_rates(rows)
-    summary = "; ".join(f"{lib}: {p}/{n} CNNs pass ({100 * p / max(n, 1):.1f}%)" for lib, (p, n) in rates.items())
+    clear = {lib: sum(r.library == lib and r.status == CLEAR_ERROR for r in rows) for lib in rates}
+    summary = "; ".join(f"{lib}: {p}/{n} CNNs pass ({100 * p / max(n, 1):.1f}%"
+                        + (f", {clear[lib]} of them a clear error)" if clear[lib] else ")")
+                        for lib, (p, n) in rates.items())
     skipped = sum(r.status.startswith("skipped") for r in rows)
+    not_run = sum(r.status == "not run" for r in rows)
     lines = [
         "# Zoo coverage",
         "",
@@ -77,27 +81,39 @@ def write_report(rows: list[CoverageRow], path: Path, recipe: Any = "paper_gener
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__})."
         + (" **Partial: sweep in progress.**" if partial else ""),
         "",
-        "Each model goes through `dropblock_inject.check` (the check `python -m dropblock_inject check` runs on",
-        "your own model) on a 2x3xSxS input (S = 64 px unless the model needs more): plan and inject agree on",
-        "the points and leave `state_dict` unchanged; eval output is bit-identical after inject, and so is",
-        "training output at keep_prob 1 under the same seed; a training step at the recipe's final keep_prob",
-        "runs every DropBlock, drops, and is finite; strip restores module types, `state_dict` keys and the",
-        "eval output (export is not checked here). The sweep adds its own checks: every residual block of",
-        "groups 3/4 with branch points has its shortcut point and every shortcut point has branch points in",
-        "its block; no DropBlock directly follows a module holding DropBlocks of its own; every DropBlock sees",
-        "only (N, C, H, W) maps larger than 1x1, with C > 1, at stride 16 or 32 (or stride 8 inside a block",
-        "whose output stride is 16) -- strides measured from the input of the network's first convolution, a",
-        "dilated stage counting as the stride it replaced --, never in a neck or head of a dense model; where",
-        "fx traces the plain model whole (`torch.fx.symbolic_trace`, training mode), the injected model's",
-        "training graph holds one DropBlock call per point, or, where the top module runs DropBlocks in its",
-        "own code (fx traces its class's forward), the training trace is refused with an error naming them.",
-        "Detectors get a list of SxS images (and targets for the train step); segmenters, Hugging Face models",
-        "(built from their default configs), timm `features_only` models and segmentation_models_pytorch models a",
-        "tensor. A passing model whose reason is not empty had modules skipped because fx cannot trace",
-        "them; a \"known limit\" is a placement that passes every check but is not the paper's (found by reading",
-        "the plans). Vision transformers (ViT, Swin, MaxViT) are skipped. Inject times are indicative only.",
+        "Each model (random weights, built offline) goes through `dropblock_inject.check`, the check",
+        "`python -m dropblock_inject check` runs on your own model, on a 2x3xSxS input (S = 64 px unless the",
+        "model needs more; detectors get a list of images and targets): plan and inject agree and leave",
+        "`state_dict` unchanged; eval output is bit-identical after inject, and so is training output at",
+        "keep_prob 1 under the same seed; a training step at the final keep_prob drops and is finite; strip",
+        "restores module types, `state_dict` keys and eval output. The sweep then looks for silent misplacement:",
         "",
-        f"**Summary:** {summary}; {skipped} skipped (not CNNs).",
+        "- **necks and heads**: no point on a map computed after an upsampling or a fusion of maps of different",
+        "  strides (FPN, PAN, U-Net decoders, YOLO heads), or after the backbone's last map, by the recorded",
+        "  dataflow; and none in a module that takes several maps unless the dataflow shows it is backbone;",
+        "- **attention**: no point on a tensor that reaches a matmul, softmax or attention op before any",
+        "  convolution (q, k, v, positional codes) or comes from one (output projections), nor on a map that",
+        "  reaches the outputs only through a sigmoid gate multiplied into another map (SE, CBAM, attention gates);",
+        "- **dead maps**: no point on a map that never reaches the model's outputs;",
+        "- **norms**: no point between a conv and the norm that reads it (norms found by behaviour, whatever",
+        "  their class);",
+        "- **feature maps**: every DropBlock sees (N, C, H, W) maps larger than 1x1 with C > 1, at stride 16 or 32",
+        "  (or stride 8 inside a block whose output stride is 16), a dilated trunk stage counting as the stride",
+        "  it replaced;",
+        "- **residual blocks**: every residual block of groups 3/4 with branch points has its shortcut point",
+        "  (the sum of two conv branches of a re-parameterisable block has none), every shortcut point has",
+        "  branch points, and no DropBlock follows a module holding DropBlocks of its own;",
+        "- where fx traces the plain model whole, the injected model's training graph holds one DropBlock per point",
+        "  (or, where the top module runs DropBlocks in its own code, the training trace is refused naming them).",
+        "",
+        "A model passes when every check holds (`ok`) or with a *clear error*: plan refuses it with one",
+        "`RecipeError`/`SurgeryError` saying why (not a CNN the recipe fits, no stride-16/32 stage, a stage fx",
+        "cannot trace). A passing row with a reason had modules skipped because fx cannot trace them; a",
+        "\"known limit\" passes every check but is not the paper's placement. Vision transformers are skipped.",
+        "Inject times are indicative only.",
+        "",
+        f"**Summary:** {summary}; {skipped} skipped (not CNNs)"
+        + (f"; {not_run} not run this time (not counted; their rows say why)." if not_run else "."),
         "",
         "| library | model | family | branch | shortcut | inject (s) | status | reason |",
         "|---|---|---|---:|---:|---:|---|---|",
@@ -139,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                     skip = "skipped: not a CNN" if not _is_cnn(name, family) else "not run"
                     rows.append(CoverageRow(name, family, status=skip, library=lib,
                                             reason="" if skip != "not run" else "sweep cut short by the time limit"))
+        order = {lib: i for i, lib in enumerate(ALL_LIBRARIES)}
+        rows.sort(key=lambda r: order.get(r.library, len(order)))  # stable: each library's rows keep their order
         write_report(rows, Path(args.out), args.recipe)
         for lib, (p, n) in pass_rates(rows).items():
             print(f"{lib}: {p}/{n} pass ({100 * p / max(n, 1):.1f}%)")

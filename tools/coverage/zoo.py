@@ -37,8 +37,6 @@ TV_FAST = ["resnet18", "resnet50", "mobilenet_v3_small", "mnasnet0_5", "regnet_x
 
 # placements that pass every check but are not the paper's, found by reading the plans; shown in the report
 KNOWN_LIMITS = {
-    ("timm-features", "dla34 (features_only)"): "known limit: DLA trees take their children as lists of maps, so a "
-                                                "features_only DLA (a dense model) counts them as necks: 3 + 1 points only",
     ("timm", "dla34"): "known limit: the projection a DlaTree passes to its first block gets two DropBlocks "
                        "in series (after the tree's `project`, and on the block's `shortcut` argument)",
 }
@@ -95,10 +93,21 @@ def _is_cnn(name: str, family: str) -> bool:
 # ---- dense-prediction models and other libraries' families ----------------------------------------------------
 
 Entry = tuple[str, str, Callable[[], nn.Module], int]
-TIMM_FEATURES = ["resnet18", "resnet50d", "efficientnet_b0", "convnext_atto", "regnetx_002", "mobilenetv3_small_100",
-                 "cspresnet50", "dla34"]
-SMP_MODELS = [(arch, enc) for arch in ("Unet", "FPN", "DeepLabV3Plus") for enc in ("resnet18", "resnet34",
-                                                                                    "efficientnet-b0")]
+TIMM_FEATURES: list[tuple[str, tuple[int, ...] | None]] = [  # (name, out_indices or None for all)
+    ("resnet18", None), ("resnet50d", None), ("efficientnet_b0", None), ("convnext_atto", None), ("regnetx_002", None),
+    ("mobilenetv3_small_100", None), ("cspresnet50", None), ("dla34", None), ("hrnet_w18_small", None),
+    ("densenet121", None), ("ghostnet_100", None), ("repvgg_a0", None), ("res2net50_14w_8s", None),
+    ("resnet50d", (3, 4)), ("resnet18", (1, 2)), ("efficientnet_b0", (2, 3, 4)), ("mobilenetv3_small_100", (3, 4)),
+    ("convnext_atto", (2, 3)), ("dla34", (4, 5)), ("regnety_002", (2, 3, 4)),
+]
+SMP_MODELS: list[tuple[str, str, int | None]] = [  # (architecture, encoder, encoder_depth or None for the default)
+    *((arch, enc, None) for arch in ("Unet", "FPN", "DeepLabV3Plus") for enc in ("resnet18", "resnet34",
+                                                                                 "efficientnet-b0")),
+    *(("Unet", "resnet18", d) for d in (3, 4)), ("Unet", "mobilenet_v2", 4), ("FPN", "resnet18", 4),
+    ("FPN", "resnet18", 3), ("PSPNet", "mobilenet_v2", None), ("PSPNet", "efficientnet-b0", None),
+    *(("PSPNet", "resnet18", d) for d in (None, 4, 5)), ("Linknet", "resnet18", None), ("MAnet", "resnet18", None),
+    ("UnetPlusPlus", "resnet18", None), ("PAN", "resnet18", None), ("DeepLabV3", "resnet18", None),
+]
 
 
 def tv_detection_models(fast: bool = False) -> list[Entry]:
@@ -153,20 +162,40 @@ def hf_models(fast: bool = False) -> list[Entry]:
 def timm_features_models(fast: bool = False) -> list[Entry]:
     import timm
 
-    names = TIMM_FEATURES[:2] if fast else TIMM_FEATURES
-    return [(f"{n} (features_only)", _timm_family(n),
-             (lambda n=n: timm.create_model(n, pretrained=False, features_only=True)), 64) for n in names]
+    entries = TIMM_FEATURES[:2] if fast else TIMM_FEATURES
+
+    def label(n: str, idx: tuple[int, ...] | None) -> str:
+        return f"{n} (features_only)" if idx is None else f"{n} (features_only, out_indices={idx})"
+
+    def build(n: str, idx: tuple[int, ...] | None) -> nn.Module:
+        return timm.create_model(n, pretrained=False, features_only=True, **({} if idx is None else
+                                                                              {"out_indices": idx}))
+
+    return [(label(n, i), _timm_family(n), (lambda n=n, i=i: build(n, i)), 64) for n, i in entries]
 
 
 def smp_models(fast: bool = False) -> list[Entry]:
     import segmentation_models_pytorch as smp
 
     entries = SMP_MODELS[:1] if fast else SMP_MODELS
-    return [(f"{arch}({enc})", arch.lower(), (lambda a=arch, e=enc: getattr(smp, a)(e, encoder_weights=None, classes=3)),
-             64) for arch, enc in entries]
 
+    def build(arch: str, enc: str, depth: int | None) -> nn.Module:
+        extra = {} if depth is None else {"encoder_depth": depth}
+        if arch == "Unet" and depth is not None:
+            extra["decoder_channels"] = (256, 128, 64, 32, 16)[:depth]
+        return getattr(smp, arch)(enc, encoder_weights=None, classes=3, **extra)
+
+    return [(f"{arch}({enc})" + ("" if d is None else f", depth {d}"), arch.lower(),
+             (lambda a=arch, e=enc, d=d: build(a, e, d)), 128 if arch == "PAN" else 64)  # PAN pools stride 32 to 1/4
+            for arch, enc, d in entries]
+
+
+from .zoo_cnn import efficientnet_pytorch_models, monai_models, pytorchcv_models  # noqa: E402
+from .zoo_detect import hf_detection_models, ultralytics_models  # noqa: E402
 
 FAMILIES: dict[str, Callable[[bool], list[Entry]]] = {
     "torchvision-detection": tv_detection_models, "torchvision-segmentation": tv_segmentation_models,
     "transformers": hf_models, "timm-features": timm_features_models, "smp": smp_models,
+    "ultralytics": ultralytics_models, "transformers-detection": hf_detection_models, "pytorchcv": pytorchcv_models,
+    "monai": monai_models, "efficientnet_pytorch": efficientnet_pytorch_models,
 }
