@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 
 import dropblock_inject as dbi
-from dropblock_inject.surgery.shapes import ShapeLog
+from dropblock_inject.surgery.s12_shapes import ShapeLog
 
 X = torch.randn(1, 3, 224, 224)
 IMAGES = [torch.rand(3, 480, 640), torch.rand(3, 427, 640)]

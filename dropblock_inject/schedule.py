@@ -41,7 +41,7 @@ from torch import nn
 
 from ._args import check_model, check_probability, check_step, check_total_steps, quote
 from .surgery import injected_dropblocks
-from .surgery.points import InjectedDropBlock
+from .surgery.s03_points import InjectedDropBlock
 from .recipe import ScheduleConfig
 
 __all__ = ["KeepProbScheduler"]

@@ -153,7 +153,7 @@ def test_check_requires_shortcut_and_branch_points_of_residual_blocks():
 
     import dropblock_inject as dbi
     from tools.coverage.blocks import missing_points
-    from dropblock_inject.surgery.shapes import ShapeLog
+    from dropblock_inject.surgery.s12_shapes import ShapeLog
 
     model = torchvision.models.resnet50().eval()
     x = torch.randn(1, 3, 64, 64)
@@ -179,7 +179,7 @@ def test_check_requires_the_whole_model_fx_graph_to_hold_every_dropblock(monkeyp
     missing from the graph, and the check says so."""
     import timm
 
-    from dropblock_inject.surgery import roottrace
+    from dropblock_inject.surgery import s26_roottrace as roottrace
 
     ctor = lambda: timm.create_model("efficientnet_b0", pretrained=False)  # noqa: E731
     assert coverage.check_model("efficientnet_b0", ctor, library="timm").status == "ok"
@@ -226,7 +226,7 @@ def test_placement_check_finds_points_before_a_norm_and_on_dead_maps():
 from torch import nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from dropblock_inject.surgery.points import InsertionPoint  # noqa: E402
+from dropblock_inject.surgery.s03_points import InsertionPoint  # noqa: E402
 
 
 def _cbn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -334,7 +334,7 @@ class _RepNet(nn.Module):
 def test_block_check_expects_no_shortcut_on_a_sum_of_conv_branches():
     """RepVGG/MobileOne blocks have branch points and no shortcut point by design: the block check agrees."""
     import dropblock_inject as dbi
-    from dropblock_inject.surgery.shapes import ShapeLog
+    from dropblock_inject.surgery.s12_shapes import ShapeLog
     from tools.coverage.blocks import missing_points
 
     model = _RepNet().eval()

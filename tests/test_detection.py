@@ -10,7 +10,7 @@ import torchvision
 from torchvision.models import detection
 
 import dropblock_inject as dbi
-from dropblock_inject.surgery.shapes import ShapeLog
+from dropblock_inject.surgery.s12_shapes import ShapeLog
 
 SMALL = dict(weights=None, weights_backbone=None, min_size=320, max_size=480)
 RESNET_FPN = ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn",

@@ -1,4 +1,4 @@
-"""Stage 2, node kinds (``surgery.kinds``): conv-norm units, layers inside units, gates."""
+"""Stage 2, node kinds (``surgery.s07_kinds``): conv-norm units, layers inside units, gates."""
 
 import re
 
@@ -15,7 +15,7 @@ import dropblock_inject as dbi
 def test_conv_norm_units_recognised_by_their_forward():
     from torchvision.models.inception import BasicConv2d
 
-    from dropblock_inject.surgery.kinds import module_kind as _module_kind
+    from dropblock_inject.surgery.s07_kinds import module_kind as _module_kind
 
     assert _module_kind(BasicConv2d(8, 8, kernel_size=3)) == "unit"  # conv, bn, functional relu
     assert _module_kind(ConvBnNamed()) == "unit"
@@ -66,7 +66,7 @@ def test_parallel_convolutions_over_channel_groups_are_one_conv():
     branch points, so MixNet's residual blocks get branch points beside their shortcut points."""
     from timm.layers import MixedConv2d
 
-    from dropblock_inject.surgery.kinds import module_kind
+    from dropblock_inject.surgery.s07_kinds import module_kind
 
     assert module_kind(MixedConv2d(16, 16, kernel_size=[3, 5])) == "conv"
     assert module_kind(nn.ModuleList([nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)])) is None  # a plain container

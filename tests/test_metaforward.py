@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dropblock_inject.surgery.dataflow import record
+from dropblock_inject.surgery.s10_dataflow import record
 
 
 class _NeedsValues(nn.Module):
@@ -78,7 +78,7 @@ def test_grid_sample_on_meta_has_the_grid_s_size():
 
 
 def test_meta_shapes_are_the_real_forward_s():
-    from dropblock_inject.surgery.dataflow import _run
+    from dropblock_inject.surgery.s10_dataflow import _run
 
     class Block(nn.Module):
         def __init__(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dropblock_inject.surgery.normprobe import is_stat_norm
+from dropblock_inject.surgery.s14_normprobe import is_stat_norm
 
 
 class _Frozen(nn.Module):

@@ -1,4 +1,4 @@
-"""Stage 3, shapes (``surgery.shapes``): the example forward and what it records."""
+"""Stage 3, shapes (``surgery.s12_shapes``): the example forward and what it records."""
 
 
 import pytest
@@ -8,7 +8,7 @@ import torchvision
 from _models import OPTIONAL_RECIPE, CachingNet, OptionalNet, SmallResNet, hook_state
 from torch import nn
 
-from dropblock_inject.surgery.shapes import ShapeLog
+from dropblock_inject.surgery.s12_shapes import ShapeLog
 
 import dropblock_inject as dbi
 

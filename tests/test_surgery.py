@@ -1,6 +1,7 @@
 """The ``surgery`` package as a whole: its public names, the import order of its stages, old pickles."""
 
 import ast
+import sys
 import copy
 import io
 from pathlib import Path
@@ -18,20 +19,43 @@ STAGES = ["registry", "wrappers", "points", "outputs", "globals_of", "tracer", "
           "dataflow", "calls", "shapes", "residuals", "normprobe", "roles", "checkpointing", "trace", "analyze",
           "explain", "groups", "select", "sites", "sequentials", "blueprint", "forward", "roottrace", "rewrite"]
 PACKAGE = Path(surgery.__file__).parent
+FILES = [f"s{i:02d}_{stage}" for i, stage in enumerate(STAGES, 1)]  # numbered so the listing reads as run order
 
 
-def test_every_module_is_a_stage():
-    assert sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__") == sorted(STAGES)
+def test_the_folder_listing_is_the_run_order():
+    assert sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__") == FILES
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", FILES)
 def test_imports_only_go_down_the_chain(stage):
     """No stage imports a later one (nor, through ``..``, the package ``__init__`` that imports them all)."""
     tree = ast.parse((PACKAGE / f"{stage}.py").read_text())
     imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1]
-    assert all(name in STAGES for name in imported), imported
-    later = [name for name in imported if STAGES.index(name) >= STAGES.index(stage)]
+    assert all(name in FILES for name in imported), imported
+    later = [name for name in imported if FILES.index(name) >= FILES.index(stage)]
     assert not later, f"{stage} imports the later stage(s) {later}"
+
+
+def test_one_inject_runs_the_stages_in_file_order():
+    """The main step of each stage (not the orchestrators that call them: ``inject``, ``make_plan``,
+    ``build_plan``) first runs in file order during one ``inject``."""
+    steps = [("s02_wrappers", "unwrap"), ("s03_points", "check_not_injected"), ("s12_shapes", "__init__"),
+             ("s17_trace", "trace_scope"), ("s18_analyze", "analyze"), ("s21_select", "_select"),
+             ("s24_blueprint", "_scope_plan"), ("s25_forward", "__init__")]  # (rewrite installs what forward builds)
+    first: dict[tuple[str, str], int] = {}
+
+    def profile(frame, event, arg):
+        if event == "call":
+            key = (frame.f_globals.get("__name__", "").rsplit(".", 1)[-1], frame.f_code.co_name)
+            if key in steps:
+                first.setdefault(key, len(first))
+
+    sys.setprofile(profile)
+    try:
+        dbi.inject(SmallResNet(), "resnet_paper", example_input=torch.randn(1, 3, 64, 64))
+    finally:
+        sys.setprofile(None)
+    assert sorted(first, key=first.get) == steps
 
 
 def test_public_api_unchanged():

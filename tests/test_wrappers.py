@@ -1,4 +1,4 @@
-"""Stage 0, wrappers (``surgery.wrappers``): recipes apply to the network inside DataParallel, DDP,
+"""Stage 0, wrappers (``surgery.s02_wrappers``): recipes apply to the network inside DataParallel, DDP,
 torch.compile's OptimizedModule and EMA / SWA copies; the wrapper itself is left as it was."""
 
 import copy
@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 import dropblock_inject as dbi
-from dropblock_inject.surgery.wrappers import unwrap
+from dropblock_inject.surgery.s02_wrappers import unwrap
 
 RECIPE = "resnet50_paper"  # module paths layer3.* / layer4.*: they select nothing through a "module." prefix
 

@@ -1,4 +1,4 @@
-"""What each tensor and module of a recorded forward is for, derived from its dataflow (:mod:`.dataflow`).
+"""What each tensor and module of a recorded forward is for, derived from its dataflow (:mod:`.s10_dataflow`).
 
 :class:`Roles` answers, per module path (or value), the questions placement asks:
 
@@ -14,10 +14,10 @@
 * **live** (:meth:`Roles.is_live`): a tensor the model's outputs are computed from;
 * **gates** (:meth:`Roles.is_gate`): maps that reach the outputs only as an attention gate (through a sigmoid
   or softmax whose result scales a trunk map: BAM's and CBAM's spatial attention);
-* **residual additions** (:attr:`Roles.residual_adds`): see :func:`.residuals.residual_adds`;
+* **residual additions** (:attr:`Roles.residual_adds`): see :func:`.s13_residuals.residual_adds`;
 * **stride** (:meth:`Roles.stride`): measured stride times the dilation a backbone stage traded for it;
 * **CNN or not** (:attr:`Roles.not_a_cnn`);
-* **norms by behaviour** (:func:`.normprobe.is_stat_norm`, :attr:`Roles.norms`).
+* **norms by behaviour** (:func:`.s14_normprobe.is_stat_norm`, :attr:`Roles.norms`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from .dataflow import Dataflow, Op, Value
-from .normprobe import is_stat_norm
-from .residuals import ResidualAdd, residual_adds
+from .s10_dataflow import Dataflow, Op, Value
+from .s14_normprobe import is_stat_norm
+from .s13_residuals import ResidualAdd, residual_adds
 
 _ELEMENTWISE = {"mul", "mul_", "__mul__", "__rmul__", "sub", "__sub__", "__rsub__", "maximum", "where"}
 _STOPS = ("conv", "pool", "adaptive_pool", "resample", "attention", "matmul", "cat")
@@ -41,7 +41,7 @@ class Roles:
     """The facts placement needs, derived from one recorded forward (see the module docstring).
 
     Args:
-        flow: the record of :func:`.dataflow.record`.
+        flow: the record of :func:`.s10_dataflow.record`.
         model: the recorded model (needed only for :attr:`norms`).
     """
 
@@ -367,7 +367,7 @@ class Roles:
 
     def adds_in(self, scope: str) -> list[ResidualAdd]:
         """The residual additions the first call of the module at ``scope`` ran itself (not in a submodule),
-        in order; each one's :attr:`~.residuals.ResidualAdd.position` is its index among all the additions
+        in order; each one's :attr:`~.s13_residuals.ResidualAdd.position` is its index among all the additions
         (``+``, ``+=``, ``torch.add``, ``Tensor.add``/``add_`` on tensors) that call ran."""
         calls = self.flow.calls_of(scope)
         if not calls:
@@ -397,7 +397,7 @@ class Roles:
     @cached_property
     def norms(self) -> set[str]:
         """Paths of the modules that normalise per channel with statistics held in buffers (see
-        :func:`.normprobe.is_stat_norm`), among those called on one map and returning a map of its shape."""
+        :func:`.s14_normprobe.is_stat_norm`), among those called on one map and returning a map of its shape."""
         if self.model is None:
             raise ValueError("Roles.norms needs the model: pass it to Roles(flow, model)")
         modules = dict(self.model.named_modules())

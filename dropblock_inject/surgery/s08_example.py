@@ -1,7 +1,7 @@
-"""The example forward's machinery (used by :mod:`.shapes`): how it runs cheaply and leaves no trace.
+"""The example forward's machinery (used by :mod:`.s12_shapes`): how it runs cheaply and leaves no trace.
 
 * :func:`attempts` -- the ways to run it, cheapest first: an empty batch, the meta device
-  (:class:`.metaforward.MetaForward`, which :mod:`.shapes` enters), a real forward;
+  (:class:`.s09_metaforward.MetaForward`, which :mod:`.s12_shapes` enters), a real forward;
 * :class:`Snapshot` -- the model's forward run without the user's hooks (per module and global: by calling
   each module through a function of its own, never by clearing a registry), and every attribute, parameter,
   buffer and child a forward assigned undone afterwards;
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .registry import CALL_IMPL_SLOT, global_hooks_present
+from .s01_registry import CALL_IMPL_SLOT, global_hooks_present
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
@@ -136,7 +136,7 @@ class Snapshot:
     def install(self, m: nn.Module, pre: Any, post: Any, keep: bool) -> None:
         """Our recording hooks on ``m``: around the module's own ones and the process's global ones
         (``keep``), or alone: ``m`` is then called through a function of its own (see
-        :data:`.registry.CALL_IMPL_SLOT`) that runs ``pre``, its forward and ``post``, and no other hook."""
+        :data:`.s01_registry.CALL_IMPL_SLOT`) that runs ``pre``, its forward and ``post``, and no other hook."""
         d = m.__dict__
         if not keep:
             def call(*args: Any, **kwargs: Any) -> Any:

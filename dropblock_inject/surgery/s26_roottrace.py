@@ -8,9 +8,9 @@ root holds is handed the tracer before that class forward runs (the model's type
 is inspected), so the trace cannot be pointed at the installed forward. :class:`RefuseRootTrace`, stored as the
 module's ``_get_name``, which ``Tracer.trace`` calls on its root before tracing, raises a
 :class:`~dropblock_inject.SurgeryError` instead when it is called while fx traces (fx's own tracing flag, read
-through :mod:`.registry`) and the module is in training mode. Eval traces (the original code, exact) and every
+through :mod:`.s01_registry`) and the module is in training mode. Eval traces (the original code, exact) and every
 other caller (``repr``) get the module's name.
-Used by :mod:`.rewrite` (installing it); depends on :mod:`.registry` only.
+Used by :mod:`.s27_rewrite` (installing it); depends on :mod:`.s01_registry` only.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import SurgeryError
-from .registry import fx_tracing
+from .s01_registry import fx_tracing
 
 
 class RefuseRootTrace:
@@ -29,7 +29,7 @@ class RefuseRootTrace:
     ``torch.fx.Tracer.trace`` calls ``root._get_name()`` right after choosing ``type(root).forward`` as the
     function to trace; that trace (``symbolic_trace``, ``create_feature_extractor``, timm's ``FeatureGraphNet``)
     would hold the original code of ``module``, without the DropBlocks its installed forward runs. Called while
-    fx's tracing flag is set (see :func:`.registry.fx_tracing`) and ``module`` is in training mode, this raises
+    fx's tracing flag is set (see :func:`.s01_registry.fx_tracing`) and ``module`` is in training mode, this raises
     a :class:`SurgeryError` saying which DropBlocks and what to do; otherwise it returns the module's name.
 
     Args:
@@ -38,7 +38,7 @@ class RefuseRootTrace:
         points: the DropBlocks its own code runs (``after bn2``, ``shortcut of add``), for the message.
         original: an instance-level ``_get_name`` that was there before, if any (``strip`` puts it back).
         holder: the module holding its DropBlocks when it is not ``module`` (a Sequential running its owner's
-            points, see :mod:`.sequentials`), for the message.
+            points, see :mod:`.s23_sequentials`), for the message.
     """
 
     def __init__(self, module: nn.Module, name: str, points: tuple[str, ...],

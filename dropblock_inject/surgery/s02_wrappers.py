@@ -6,7 +6,7 @@
 ``strip`` apply to the module inside; the wrapper itself is never changed. An ``OptimizedModule`` calls the
 network's ``forward`` at run time, so an injected network inside one runs its DropBlocks (compile the model
 after ``inject``, or reset dynamo's cache, so that dynamo traces the new code). The wrapper classes are
-listed in :mod:`.registry`.
+listed in :mod:`.s01_registry`.
 
 A model object that holds a network but trains a new one (Ultralytics' ``YOLO(...)``: ``YOLO.train`` builds
 its network afresh) is not seen through but refused, with what to pass instead: DropBlock injected into
@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import SurgeryError
-from .registry import is_registered_class, network_owner, wrapper_types
+from .s01_registry import is_registered_class, network_owner, wrapper_types
 
 
 def _refuse_owner(model: nn.Module, found: tuple[str, str]) -> None:

@@ -5,7 +5,7 @@ child's own code, reading its own ``training`` flag), except plain ``nn.Sequenti
 traced through. Augmented assignments (``out += identity``) are recorded as the in-place operators, so a
 rewritten graph does what the original code did. What the forward assigns to the module while it is traced is
 undone, and the functions the registry records as one call are found in globals owned by the trace
-(:mod:`.globals_of`). Used by :mod:`.kinds` (is a module a conv-norm-act chain?) and :mod:`.trace` (a scope's
+(:mod:`.s05_globals_of`). Used by :mod:`.s07_kinds` (is a module a conv-norm-act chain?) and :mod:`.s17_trace` (a scope's
 graph).
 """
 
@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator
 import torch.fx as fx
 from torch import nn
 
-from .globals_of import own_globals, own_methods, own_space
-from .outputs import Structure, flatten_output
+from .s05_globals_of import own_globals, own_methods, own_space
+from .s04_outputs import Structure, flatten_output
 
 
 def is_plain_sequential(m: nn.Module) -> bool:
@@ -67,8 +67,8 @@ class Tracer(fx.Tracer):
     A structured output (a NamedTuple, a ``ModelOutput``, a dataclass) is returned by the graph as a flat list
     of its leaves; ``out_structure`` rebuilds it with its exact type (fx itself would turn an OrderedDict
     subclass into a plain dict). Nothing outside the traced module changes: the functions recorded as one
-    call (checkpointing, padding helpers, ``math``: see :mod:`.registry`) are found in a copy of the forward's
-    globals that this trace owns (:func:`.globals_of.own_globals`), not patched into their modules, and the
+    call (checkpointing, padding helpers, ``math``: see :mod:`.s01_registry`) are found in a copy of the forward's
+    globals that this trace owns (:func:`.s05_globals_of.own_globals`), not patched into their modules, and the
     plain Sequentials traced through run their code without the hooks ``Module.__call__`` would fire.
     """
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .dataflow import Dataflow, ModuleCall, Op
+from .s10_dataflow import Dataflow, ModuleCall, Op
 
 _LAYERS = ("conv", "linear")
 

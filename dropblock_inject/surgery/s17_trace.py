@@ -1,10 +1,10 @@
 """Tracing: the training-mode fx graph of one module (a *scope*), specialised to how it is called.
 
-Only one module's own forward is traced, by :class:`.tracer.Tracer` (every child a leaf, except plain
+Only one module's own forward is traced, by :class:`.s06_tracer.Tracer` (every child a leaf, except plain
 ``nn.Sequential`` containers), in training mode.
 
 How a scope's forward is called matters: fx traces every argument as a Proxy, so ``if shortcut is None:``
-would bake the wrong branch; :mod:`.calls` specialises such arguments (``concrete_args``) from the example
+would bake the wrong branch; :mod:`.s11_calls` specialises such arguments (``concrete_args``) from the example
 forward. Blocks of the same class, call and state share one traced graph within a plan (:func:`trace_scope`).
 """
 
@@ -17,10 +17,10 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from .calls import Call, Param, specialise
-from .checkpointing import calls_checkpoint, candidates, flags_set, known_flags, remember
+from .s11_calls import Call, Param, specialise
+from .s16_checkpointing import calls_checkpoint, candidates, flags_set, known_flags, remember
 from ..errors import SurgeryError
-from .tracer import Tracer
+from .s06_tracer import Tracer
 
 
 @dataclass
@@ -89,7 +89,7 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
                 cache: dict[Any, tuple[fx.Graph, Any, tuple[str, ...]]] | None = None) -> Traced:
     """The training-mode graph of ``scope``, with its checkpointing flags off: those timm and Hugging Face name,
     and any boolean attribute found deciding whether the forward calls a checkpoint function
-    (:func:`_found_flags`; remembered for :func:`.checkpointing.flags`).
+    (:func:`_found_flags`; remembered for :func:`.s16_checkpointing.flags`).
 
     Args:
         scope: the module whose own forward is traced.
@@ -137,7 +137,7 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
 
 
 def _found_flags(scope: nn.Module, path: str, concrete: dict[str, Any], known: tuple[str, ...]) -> tuple[str, ...]:
-    """The boolean attributes among :func:`.checkpointing.candidates` that decide whether the forward calls a
+    """The boolean attributes among :func:`.s16_checkpointing.candidates` that decide whether the forward calls a
     checkpoint function, whatever their names: traced off (False), the forward calls none; traced on (True),
     it calls one or fx cannot trace it (mmcv's ``if self.with_cp and x.requires_grad:``, a checkpointed
     closure: the injected forward then runs the original code while it is on). A flag of inverted sense

@@ -2,7 +2,7 @@
 
 ``conv`` (``nn.Conv2d``/``nn.Conv3d``), ``norm`` (BatchNorm, GroupNorm, InstanceNorm and the timm/torchvision
 variants named below), ``act`` (activation modules and functions; other libraries' norms and activations are named in
-:mod:`.registry`), ``unit`` (a module whose traced forward is
+:mod:`.s01_registry`), ``unit`` (a module whose traced forward is
 the chain ``act(norm(conv(x)))``, such as timm's ``ConvNormAct``), residual additions (``+``, ``+=``,
 ``torch.add``, ``Tensor.add``/``add_``), functional convolutions (``F.conv2d``/``F.conv3d``) and *gates* (softmax, sigmoid, matrix products: what reaches the
 output only through one is attention, not a feature map). torch's classes are matched by type, other
@@ -20,8 +20,8 @@ import torch.fx as fx
 from torch import nn
 
 from ..ops._modules import _DropBlockNd
-from .registry import CONV_BASE, NORM_BASES, is_registered_class
-from .tracer import Tracer
+from .s01_registry import CONV_BASE, NORM_BASES, is_registered_class
+from .s06_tracer import Tracer
 
 CONV_TYPES = (nn.Conv2d, nn.Conv3d)
 CONV_FUNCTIONS: set[Any] = {torch.conv2d, torch.conv3d, nn.functional.conv2d, nn.functional.conv3d}

@@ -4,7 +4,7 @@ a copy this trace owns.
 fx's ``autowrap_functions`` and ``autowrap_modules`` patch the forward's module globals (and ``math``) for
 the duration of a trace: process state that another thread sees half-patched. Here the traced forward is a
 copy of the function bound to a copy of its globals, in which the functions the registry names (checkpointing,
-padding helpers: see :mod:`.registry`), partials of checkpoint functions, ``math``'s functions, and the
+padding helpers: see :mod:`.s01_registry`), partials of checkpoint functions, ``math``'s functions, and the
 ``torch`` / ``torch.utils.checkpoint`` modules (so that ``torch.utils.checkpoint.checkpoint(...)`` is found
 too) are stand-ins recording one ``call_function`` node when called on an fx Proxy. Nothing else changes.
 """
@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .registry import CHECKPOINT_MODULE, CHECKPOINT_NAMES, checkpoint_functions, leaf_functions
+from .s01_registry import CHECKPOINT_MODULE, CHECKPOINT_NAMES, checkpoint_functions, leaf_functions
 
 _MATH = tuple(v for k, v in vars(math).items() if callable(v) and not k.startswith("_"))
 

@@ -26,11 +26,11 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from .example import Flow, Snapshot, attempts, leaves
-from .metaforward import MetaForward
-from .dataflow import Dataflow, Recording
-from .kinds import ACT_FUNCTIONS, ACT_METHODS, CONV_TYPES, add_operands, is_container, is_layer, module_kind, owner
-from .calls import Call, describe
+from .s08_example import Flow, Snapshot, attempts, leaves
+from .s09_metaforward import MetaForward
+from .s10_dataflow import Dataflow, Recording
+from .s07_kinds import ACT_FUNCTIONS, ACT_METHODS, CONV_TYPES, add_operands, is_container, is_layer, module_kind, owner
+from .s11_calls import Call, describe
 from ..errors import SurgeryError
 
 Shape = tuple[int, ...]
@@ -69,7 +69,7 @@ class ShapeLog:
     """Output shapes and origins of every module call, and the arguments of each module's first call, from
     one eval forward of ``model`` on ``example_input`` (a tensor, a tuple of arguments, or e.g. a list of
     image tensors for a detector). With ``dataflow``, the same forward also records its dataflow
-    (:attr:`flow`, see :mod:`.dataflow`; None when the forward stopped in a detector's post-processing)."""
+    (:attr:`flow`, see :mod:`.s10_dataflow`; None when the forward stopped in a detector's post-processing)."""
 
     def __init__(self, model: nn.Module, example_input: Any, dataflow: bool = False) -> None:
         self.model = model

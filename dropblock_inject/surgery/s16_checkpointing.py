@@ -4,10 +4,10 @@ timm modules read ``self.grad_checkpointing`` in their forward (``checkpoint_seq
 Face encoders ``self.gradient_checkpointing``, other code any boolean attribute of its own (``use_checkpoint``,
 mmcv's ``with_cp``); fx would bake the value the flag had at trace time into the graph. Those other flags are
 found from what the forward does, not from their names: :func:`candidates` lists the boolean attributes read by
-a forward whose code can reach a checkpoint function, and :func:`.trace.trace_scope` keeps those whose value
+a forward whose code can reach a checkpoint function, and :func:`.s17_trace.trace_scope` keeps those whose value
 decides whether a checkpoint call is traced (:func:`remember`). So the main graph of a scope is traced with
-every flag off (:mod:`.trace`), one more graph per other value of the flags, in which the checkpoint call stays
-one node (its modules ``get_attr`` nodes), and the injected forward (:mod:`.forward`) picks the graph by the
+every flag off (:mod:`.s17_trace`), one more graph per other value of the flags, in which the checkpoint call stays
+one node (its modules ``get_attr`` nodes), and the injected forward (:mod:`.s25_forward`) picks the graph by the
 flags' current values; while a flag whose graph fx cannot trace is on (a checkpointed closure), it runs the
 original forward. Hugging Face's
 ``GradientCheckpointingLayer`` decides in a class-level wrapper around the layer's own forward: the injected
@@ -27,8 +27,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .globals_of import checkpoint_call, recording
-from .registry import CHECKPOINT_MODULE, CHECKPOINT_NAMES, checkpoint_functions, is_checkpointing_layer
+from .s05_globals_of import checkpoint_call, recording
+from .s01_registry import CHECKPOINT_MODULE, CHECKPOINT_NAMES, checkpoint_functions, is_checkpointing_layer
 
 FLAGS = ("grad_checkpointing", "gradient_checkpointing")  # timm, Hugging Face
 # the flags found in each module's code by its last trace (see :func:`remember`): a plan's later stages
@@ -101,7 +101,7 @@ def candidates(scope: nn.Module) -> tuple[str, ...]:
     that forward can reach a checkpoint function: through its globals (a checkpoint function or a partial of
     one, ``torch.utils.checkpoint``), an attribute named as one of its functions, an instance attribute holding
     one, or the methods of its class and plain functions of its module it calls. Whether each decides the
-    checkpoint call is for a trace to tell (see :func:`.trace.trace_scope`).
+    checkpoint call is for a trace to tell (see :func:`.s17_trace.trace_scope`).
 
     Args:
         scope: the module about to be traced.
@@ -156,7 +156,7 @@ def flags_set(scope: nn.Module, names: tuple[str, ...], values: tuple[bool, ...]
     """While tracing ``scope``: its flags ``names`` set to these ``values`` (restored, class attributes too), and
     the checkpoint functions it holds as instance attributes (``self.checkpoint_fn = checkpoint``, a
     ``functools.partial`` of one) recording one call; those its forward's module holds are found by
-    :func:`.globals_of.own_globals`. Only the scope's own attributes change, and are restored."""
+    :func:`.s05_globals_of.own_globals`. Only the scope's own attributes change, and are restored."""
     saved = {n: scope.__dict__[n] for n in names if n in scope.__dict__}
     held = [(n, found) for n, v in list(scope.__dict__.items()) if (found := checkpoint_call(v)) is not None]
     original = {n: scope.__dict__[n] for n, _ in held}

@@ -1,4 +1,4 @@
-"""How the example forward (:mod:`.dataflow`) runs cheaply and leaves nothing behind.
+"""How the example forward (:mod:`.s10_dataflow`) runs cheaply and leaves nothing behind.
 
 * :func:`attempts` -- the ways to run it, cheapest first: an empty batch, the meta device, a real forward;
 * :class:`MetaForward` -- the meta device, keeping small constants real so that code reading them runs;
@@ -13,7 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from .registry import dispatch_mode_base
+from .s01_registry import dispatch_mode_base
 
 
 def leaves(value: Any) -> list[Tensor]:

@@ -1,4 +1,4 @@
-"""The example forward's dataflow: what actually ran, recorded once (facts derived from it: :mod:`.roles`).
+"""The example forward's dataflow: what actually ran, recorded once (facts derived from it: :mod:`.s15_roles`).
 
 :func:`record` runs one forward of the model on its example input and records every module call (path,
 input and output tensors) and every functional op on tensors (convolutions, additions, concatenations,
@@ -7,7 +7,7 @@ resampling, matrix products, softmax, attention, pooling, norms, reshaping...), 
 model's first convolution.
 
 It costs at most one forward: on an empty batch, else on the meta device (no compute), else a real forward
-of the example as given (a detector's post-processing may need real values; see :mod:`.metaforward`). It
+of the example as given (a detector's post-processing may need real values; see :mod:`.s09_metaforward`). It
 leaves nothing behind: its hooks sit on this model's modules only and are removed when it ends, training
 flags and any attribute the forward assigned (a cache of meta tensors) are restored, no random number is
 drawn on meta, and the interception modes are per thread, so two threads can record two models at once.
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .metaforward import MetaForward, ModuleState, attempts, leaves
+from .s09_metaforward import MetaForward, ModuleState, attempts, leaves
 
 Shape = tuple[int, ...]
 
@@ -236,7 +236,7 @@ def _run(model: nn.Module, args: tuple[Any, ...], how: str) -> Dataflow:
 
 class Recording:
     """:func:`record`'s machinery for a forward that another pass runs (the surgery's example forward,
-    :class:`.shapes.ShapeLog`, which calls each module without the user's hooks): enter :attr:`mode` around
+    :class:`.s12_shapes.ShapeLog`, which calls each module without the user's hooks): enter :attr:`mode` around
     the forward, call :meth:`pre_hook` / :meth:`post_hook` around each module call, then :meth:`finish`.
 
     Args:
