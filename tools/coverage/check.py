@@ -105,6 +105,20 @@ def _join(path: str, target: Any) -> str:
     return f"{path}.{target}" if path else str(target)
 
 
+def _in_stride16_block(roles: Roles | None, path: str) -> bool:
+    """Whether the module at ``path`` is a step inside a residual block (a module running a residual addition)
+    whose output is at stride 16: the first, downsampling block of group 3 (Hugging Face ResNet's conv-norm
+    units, as torchvision's ``layer3.0.conv1``)."""
+    if roles is None:
+        return False
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        block = ".".join(parts[:i])
+        if roles.ran(block) and any(a.skip is not None for a in roles.adds_in(block)):
+            return roles.stride(block) == 16
+    return False
+
+
 def _feature_maps(log: ShapeLog) -> Callable[[nn.Module, Any], str]:
     """The feature-map check, on the shapes each DropBlock saw in ``dbi.check``'s training step."""
 
@@ -127,11 +141,13 @@ def _feature_maps(log: ShapeLog) -> Callable[[nn.Module, Any], str]:
                 # (DLA's trees are handed their shortcut: no upsampling, no fusion of strides)
                 return f"DropBlock at {where} is in a neck or head of the model"
             stride = log.nominal_stride((1, *shape[1:]), point.module)
+            out_shape = log.module_output(point.module)
+            if roles is not None and roles.ran(point.module) and out_shape and tuple(out_shape[2:]) == tuple(shape[2:]):
+                stride = roles.stride(point.module) or stride  # the dataflow's stride (dilation on the trunk only)
             if stride in (16, 32):
                 continue
-            out_shape = log.module_output(point.module)
             out_stride = log.nominal_stride(out_shape, point.module) if out_shape and len(out_shape) == 4 else None
-            if stride == 8 and out_stride == 16:
+            if stride == 8 and (out_stride == 16 or _in_stride16_block(roles, point.module)):
                 continue
             return f"DropBlock at {where} ({point.kind}) sees stride {stride} {shape} (its block outputs stride {out_stride})"
         return ""

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from .check import CLEAR_ERROR, CoverageRow, check_model
-from .zoo import FAMILIES, KNOWN_LIMITS, _is_cnn, timm_models, torchvision_models
+from .zoo import FAMILIES, KNOWN_LIMITS, OPEN_FAILURES, _is_cnn, timm_models, torchvision_models
 
 
 ALL_LIBRARIES = ("torchvision", "timm", *FAMILIES)
@@ -123,6 +123,8 @@ def write_report(rows: list[CoverageRow], path: Path, recipe: Any = "paper_gener
         reason = r.reason
         if r.ok and (r.library, r.model) in KNOWN_LIMITS:
             reason = "; ".join(filter(None, [reason, KNOWN_LIMITS[(r.library, r.model)]]))
+        if not r.ok and (r.library, r.model) in OPEN_FAILURES:
+            reason = f"open: {OPEN_FAILURES[(r.library, r.model)]}; {reason}"
         reason = reason.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {r.library} | {r.model} | {r.family} | {r.branch} | {r.shortcut} | {t} | {r.status} | {reason} |")
     path.parent.mkdir(parents=True, exist_ok=True)

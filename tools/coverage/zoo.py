@@ -42,6 +42,23 @@ KNOWN_LIMITS = {
 }
 
 
+# misplacements the sweep finds and the package does not fix yet, each with its diagnosis: they stay failures in
+# the report; the pass-rate test holds every other row at its rate and fails once one of these passes (remove it)
+OPEN_FAILURES = {
+    ("transformers-detection", "MaskFormerForInstanceSegmentation"):
+        "a point after the pixel-level module's input_projection, a conv whose output feeds the transformer "
+        "decoder's attention: the stride rule's per-point filter does not ask the dataflow about that layer",
+    ("pytorchcv", "preresnet10"):
+        "pre-activation units (bn-act-conv): the point after a unit's conv sits before the next unit's norm "
+        "(a conv-norm pair across modules); the units' tuple-unpacking forward is untraceable (no shortcuts)",
+    ("pytorchcv", "densenet121"): "pre-activation units: points after a conv, before the next unit's norm",
+    ("pytorchcv", "dpn68"): "pre-activation units: points after a conv, before the next unit's norm",
+    ("pytorchcv", "ghostnet"):
+        "two DropBlocks in series on a projection shortcut: branch points inside identity_conv and a shortcut "
+        "point on its output",
+}
+
+
 # torchvision classifiers too slow for a 30-minute CI sweep on 2 CPU cores (the full sweep still runs them)
 TV_HEAVY = frozenset({
     "convnext_base", "convnext_large", "densenet161", "densenet201", "efficientnet_b4", "efficientnet_b5",
