@@ -181,7 +181,7 @@ def _ruled_files():
     (the op's kernels need torch's internals) and the command line and demo (``cli.py``, ``_cli_models.py``,
     ``_demo.py``), which build third-party models by name for the user."""
     return [p for p in [*(PACKAGE / "surgery").glob("*.py"), *PACKAGE.glob("*.py")]
-            if p.name not in ("registry.py", "cli.py", "_cli_models.py", "_demo.py")]
+            if p.name not in ("s01_registry.py", "cli.py", "_cli_models.py", "_demo.py")]
 
 
 def _own_classes():
