@@ -3,7 +3,6 @@ with random weights), not counts alone."""
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import pytest
@@ -161,14 +160,6 @@ def test_resnet50_paper_placement_unchanged():
         points = _plan(torchvision.models.resnet50(), recipe)
         assert len(points) == 36 and sum(p.kind == "branch" for p in points) == 27, recipe
         assert {p.module.split(".")[0] for p in points} == {"layer3", "layer4"}
-
-
-@pytest.mark.slow
-def test_inject_time():
-    model = torchvision.models.resnet50()
-    start = time.perf_counter()
-    dbi.inject(model, "paper_generic")
-    assert time.perf_counter() - start < 0.5
 
 
 # -- residuals by dataflow --------------------------------------------------------------------------------
