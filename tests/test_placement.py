@@ -85,6 +85,18 @@ def test_pspnet_dead_encoder_stages_get_no_point():
     assert set(range(1, 7)) <= stages and not stages & dead
 
 
+def test_a_decoder_block_fusing_several_maps_gets_no_point():
+    """smp's MAnet: its first decoder block convolves the encoder's deepest map before it upsamples and fuses
+    it with a skip; a layer of a module that fuses maps of several sizes and computes no backbone map is no
+    backbone, so the points are the encoder's alone, as on the same encoder under a U-Net."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    x = torch.zeros(1, 3, 64, 64)
+    manet = _plan(smp.MAnet("resnet18", encoder_weights=None, classes=3), x=x)
+    unet = _plan(smp.Unet("resnet18", encoder_weights=None, classes=3), x=x)
+    assert manet and all(p.module.startswith("encoder.") for p in manet), [p.module for p in manet]
+    assert [(p.module, p.after, p.kind) for p in manet] == [(p.module, p.after, p.kind) for p in unet]
+
+
 def test_dla34_features_only_gets_the_classifier_block_points():
     timm = pytest.importorskip("timm")
     x = torch.zeros(1, 3, 128, 128)

@@ -126,6 +126,9 @@ def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, li
             if at is not None:  # roles: a module of the backbone, else the (non-root) scope
                 if not in_backbone(roles, shapes, at):  # type: ignore[arg-type]
                     continue
+                if scope.path and shapes is not None and scope.path in shapes.heads and \
+                        not roles.is_backbone(scope.path):  # type: ignore[union-attr]
+                    continue  # a layer of a module fusing maps of several sizes that computes no backbone map
             elif shapes is not None and shapes.in_head(c.node, scope.path):
                 continue
             stride = roles.stride(c.module) if c.module is not None and at == c.module else \
