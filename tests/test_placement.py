@@ -97,6 +97,19 @@ def test_a_decoder_block_fusing_several_maps_gets_no_point():
     assert [(p.module, p.after, p.kind) for p in manet] == [(p.module, p.after, p.kind) for p in unet]
 
 
+def test_a_projection_shortcut_module_gets_no_branch_point_inside():
+    """pytorchcv GhostNet's downsampling units project their skip path with a depthwise-separable
+    ``identity_conv``: its output gets the shortcut point, and no branch point goes inside it (two DropBlocks
+    in series on the skip path, which is no residual branch)."""
+    pytorchcv = pytest.importorskip("pytorchcv.model_provider")
+    model = pytorchcv.get_model("ghostnet", pretrained=False)
+    points = _plan(model, x=torch.zeros(1, 3, 224, 224))
+    shortcuts = {f"{p.module}.{p.after}" for p in points if p.kind == "shortcut" and p.after == "identity_conv"}
+    assert shortcuts  # the projections' outputs are dropped as shortcuts
+    inside = [p for p in points if any(p.module == s or p.module.startswith(s + ".") for s in shortcuts)]
+    assert not inside, inside
+
+
 def test_dla34_features_only_gets_the_classifier_block_points():
     timm = pytest.importorskip("timm")
     x = torch.zeros(1, 3, 128, 128)

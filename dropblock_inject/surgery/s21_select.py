@@ -274,31 +274,29 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
         warnings.warn(f"{len(small)} insertion points of recipe {recipe.name!r} were dropped because their maps are "
                       f"1x1 at this input size (e.g. {small[0]}); a larger example_input (such as 1x3x224x224) "
                       f"gives the full plan", stacklevel=5)
-    _no_series(chosen, scopes)
+    _no_series(chosen)
     order = {name: i for i, name in enumerate(modules)}
     points = {p: sorted(chosen[p].values(), key=lambda cp: _node_order(scopes[p].graph, cp[0]))
               for p in sorted(chosen, key=order.__getitem__)}
     return Selection(scopes, points)
 
 
-def _no_series(chosen: dict[str, dict[tuple[str, str], tuple[Candidate, InsertionPoint]]],
-               scopes: dict[str, Scope]) -> None:
-    """A shortcut point on the output of a module that is a scope of its own (Hugging Face's ResNet
-    ``shortcut`` projection, conv then norm) already drops that module's output: its branch point on that
-    output would be a second DropBlock in series, and is removed."""
+def _no_series(chosen: dict[str, dict[tuple[str, str], tuple[Candidate, InsertionPoint]]]) -> None:
+    """A shortcut point on the output of a module (a projection shortcut) drops the skip path there: branch
+    points inside that module, in it or in scopes nested in it (Hugging Face's ResNet ``shortcut``, conv then
+    norm; pytorchcv's depthwise-separable ``identity_conv``), would put DropBlocks in series on the skip path,
+    which is no residual branch, and are removed."""
     for path, cands in list(chosen.items()):
         for c, _ in list(cands.values()):
             if c.kind != "shortcut" or c.node.op != "call_module":
                 continue
             inner = f"{path}.{c.node.target}" if path else str(c.node.target)
-            if inner not in chosen:
-                continue
-            output = next(n for n in reversed(scopes[inner].graph.nodes) if n.op == "output").args[0]
-            for key, (b, _) in list(chosen[inner].items()):
-                if b.kind == "branch" and b.node is output:
-                    del chosen[inner][key]
-            if not chosen[inner]:
-                del chosen[inner]
+            for sub in [q for q in chosen if q == inner or q.startswith(inner + ".")]:
+                for key, (b, _) in list(chosen[sub].items()):
+                    if b.kind == "branch":
+                        del chosen[sub][key]
+                if not chosen[sub]:
+                    del chosen[sub]
 
 
 def _diagnose_layers(rule: Rule, modules: dict[str, nn.Module], focus: dict[str, set[str]], shapes: ShapeLog | None,

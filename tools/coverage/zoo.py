@@ -57,9 +57,6 @@ OPEN_FAILURES = {
         "the point after the last transition's conv (features.transition3.conv, followed by its pool) is found "
         "before a norm by the sweep's dataflow check; appeared with this release's placement changes, not "
         "diagnosed yet",
-    ("pytorchcv", "ghostnet"):
-        "two DropBlocks in series on a projection shortcut: branch points inside identity_conv and a shortcut "
-        "point on its output",
 }
 
 
