@@ -43,6 +43,21 @@ def _step(model):
     return len(CALLS)
 
 
+def _assert_same_outputs(twin, plain, set_flag):
+    """The injected ``twin`` at keep_prob 1 gives ``plain``'s outputs, flag on and off, in train and eval."""
+    set_keep(twin, 1.0)
+    for on in (False, True):
+        set_flag(twin, on)
+        set_flag(plain, on)
+        for train in (True, False):
+            twin.train(train)
+            plain.train(train)
+            torch.manual_seed(3)
+            want = plain(X)
+            torch.manual_seed(3)
+            assert torch.equal(twin(X), want), (on, train)
+
+
 def _timm(name):
     return timm.create_model(name, pretrained=False, num_classes=4).train()
 
@@ -332,17 +347,7 @@ def test_any_flag_that_decides_a_checkpoint_call_is_decided_per_call(flag, when)
     for on in (False, True, False, True):
         _set(model, on)
         assert _step(model) == (expected if on else 0), on
-    set_keep(twin, 1.0)
-    for on in (False, True):
-        _set(twin, on)
-        _set(plain, on)
-        for train in (True, False):
-            twin.train(train)
-            plain.train(train)
-            torch.manual_seed(3)
-            want = plain(X)
-            torch.manual_seed(3)
-            assert torch.equal(twin(X), want), (on, train)
+    _assert_same_outputs(twin, plain, _set)
 
 
 def _densenet(memory_efficient):
@@ -448,14 +453,4 @@ def test_a_flag_whose_true_means_no_checkpoint(checkpointing_at_inject):
         dropped.clear()
         assert _step(model) == (2 if on else 0), on
         assert dropped and all(dropped), on  # (recomputation in backward calls them again)
-    set_keep(twin, 1.0)
-    for on in (False, True):
-        _cp(twin, on)
-        _cp(plain, on)
-        for train in (True, False):
-            twin.train(train)
-            plain.train(train)
-            torch.manual_seed(3)
-            want = plain(X)
-            torch.manual_seed(3)
-            assert torch.equal(twin(X), want), (on, train)
+    _assert_same_outputs(twin, plain, _cp)
