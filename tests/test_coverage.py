@@ -350,3 +350,17 @@ def test_block_check_expects_no_shortcut_on_a_sum_of_conv_branches():
     assert {p.module for p in points if p.kind == "branch"} >= {"rep1", "rep2"}
     assert not [p for p in points if p.kind == "shortcut" and p.module.startswith("rep")]
     assert missing_points(model, points, "paper_generic", ShapeLog(model, x, dataflow=True)) == ""
+
+
+@pytest.mark.parametrize("paths", [["features.transition3", "features.transition3.conv"],
+                                   ["features.transition3.conv", "features.transition3"]])
+def test_placement_check_reads_a_points_node_as_its_own_layer_not_the_parent(paths):
+    """A node ``features_transition3_conv`` calls ``features.transition3.conv``, never its parent
+    ``features.transition3`` (whatever order the model's paths come in: a set's order changes with the
+    process's string hash seed); ``conv_1`` is the second call of ``conv``."""
+    from tools.coverage.placement import _layer
+
+    point = InsertionPoint("", "features_transition3_conv", "branch", 3, None, 0.9)
+    assert _layer(paths, point) == "features.transition3.conv"
+    again = InsertionPoint("features", "transition3_conv_1", "branch", 3, None, 0.9)
+    assert _layer(paths, again) == "features.transition3.conv"

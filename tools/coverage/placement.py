@@ -5,7 +5,7 @@ and its norm (norms by behaviour, whatever their class)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from torch import nn
 
@@ -18,14 +18,13 @@ _PRODUCTS = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
 _SHAPED = {"expand_as", "view_as", "reshape_as", "broadcast_to", "expand"}
 
 
-def _layer(model_paths: set[str], point: InsertionPoint) -> str | None:
+def _layer(model_paths: Iterable[str], point: InsertionPoint) -> str | None:
     """The module path a point's node calls (fx names a call of ``a.b`` ``a_b``, ``a_b_1`` if repeated)."""
     prefix = f"{point.module}." if point.module else ""
-    for path in model_paths:
-        if path.startswith(prefix) and path[len(prefix):].replace(".", "_") in (
-                point.after, point.after.rsplit("_", 1)[0]):
-            return path
-    return None
+    names = {path[len(prefix):].replace(".", "_"): path for path in sorted(model_paths) if path.startswith(prefix)}
+    base, _, count = point.after.rpartition("_")
+    # ``features_transition3_conv`` is ``features.transition3.conv``, never ``features.transition3``
+    return names.get(point.after) or (names.get(base) if count.isdigit() else None)
 
 
 def misplaced(model: nn.Module, points: Sequence[InsertionPoint], example_input: Any) -> str:

@@ -53,10 +53,6 @@ OPEN_FAILURES = {
         "(a conv-norm pair across modules); the units' tuple-unpacking forward is untraceable (no shortcuts)",
     ("pytorchcv", "densenet121"): "pre-activation units: points after a conv, before the next unit's norm",
     ("pytorchcv", "dpn68"): "pre-activation units: points after a conv, before the next unit's norm",
-    ("monai", "DenseNet121"):
-        "the point after the last transition's conv (features.transition3.conv, followed by its pool) is found "
-        "before a norm by the sweep's dataflow check; appeared with this release's placement changes, not "
-        "diagnosed yet",
 }
 
 
