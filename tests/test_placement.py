@@ -110,6 +110,60 @@ def test_a_projection_shortcut_module_gets_no_branch_point_inside():
     assert not inside, inside
 
 
+def _feeds_norm_only(model: nn.Module, x: torch.Tensor) -> set[str]:
+    """The conv modules whose output the example forward hands to a norm module and nothing else."""
+    norms = {p for p, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    convs = {p for p, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    made: dict[int, tuple[str, torch.Tensor]] = {}  # holds each output, so that no id is reused
+    read: dict[str, set[str]] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, p=p: made.__setitem__(id(o), (p, o)))
+             for p, m in model.named_modules() if p in convs]
+    hooks += [m.register_forward_pre_hook(
+        lambda m, i, p=p: read.setdefault(made[id(i[0])][0], set()).add(p) if id(i[0]) in made else None)
+        for p, m in model.named_modules() if p in norms or p in convs]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return {conv for conv, readers in read.items() if readers <= norms}
+
+
+@pytest.mark.parametrize("name, shortcuts", [("preresnet10", 2), ("densenet121", 0)])
+def test_pre_activation_units_get_their_points_after_the_next_norm(name, shortcuts):
+    """Pre-activation units (``bn-act-conv``, pytorchcv PreResNet and DenseNet): a conv whose output the next
+    unit's norm reads gets no point, that norm does (after the norm of a conv-norm pair, across modules); a
+    pre-activation projection unit's ``identity_conv`` (fed from its body's pre-activation, returned as a tuple)
+    is the shortcut, not a branch."""
+    pytorchcv = pytest.importorskip("pytorchcv.model_provider")
+    model = pytorchcv.get_model(name, pretrained=False).eval()
+    x = torch.zeros(1, 3, 224, 224)
+    points = _plan(model, x=x)
+    at = {f"{p.module}.{p.after}" for p in points if p.kind == "branch"}
+    before_norm = {c for c in _feeds_norm_only(model, x) if c.startswith(("features.stage3", "features.stage4"))}
+    assert before_norm and not at & before_norm
+    norms_after = {c.rsplit(".", 2)[0] + "." + _next(c) + ".bn" for c in before_norm}
+    assert norms_after <= at
+    assert all(p.after == "identity_conv" for p in points if p.kind == "shortcut")
+    assert sum(p.kind == "shortcut" for p in points) == shortcuts
+    assert not any(p.after == "identity_conv" for p in points if p.kind == "branch")
+
+
+def _next(conv: str) -> str:
+    """``...unit1.body.conv1.conv`` -> ``conv2``: the pre-activation block after the one holding ``conv``."""
+    block = conv.rsplit(".", 2)[1]
+    return block[:-1] + str(int(block[-1]) + 1)
+
+
+def test_dpn_projection_split_into_the_skip_gets_the_shortcut_point_only():
+    """DPN's first unit of a stage splits its projection ``conv_proj`` into the residual skip and the dense
+    path: the residual part gets the shortcut point and the projection no branch point (two DropBlocks in
+    series on the skip path)."""
+    pytorchcv = pytest.importorskip("pytorchcv.model_provider")
+    points = _plan(pytorchcv.get_model("dpn68", pretrained=False).eval(), x=torch.zeros(1, 3, 224, 224))
+    assert {p.module for p in points if p.kind == "shortcut"} >= {"features.stage3.unit1", "features.stage4.unit1"}
+    assert not [p for p in points if ".conv_proj" in f"{p.module}.{p.after}"]
+
+
 def test_dla34_features_only_gets_the_classifier_block_points():
     timm = pytest.importorskip("timm")
     x = torch.zeros(1, 3, 128, 128)

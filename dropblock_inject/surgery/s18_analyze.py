@@ -128,7 +128,11 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
         starts = [m for m in nodes if excl[shortcut] >> index[m] & 1] or [shortcut]
         feeders = {p for m in starts for p in m.all_input_nodes if not excl[shortcut] >> index[p] & 1}
         if shortcut.op != "placeholder" and not all(p.op == "placeholder" for p in feeders):
-            if found is None or found.skip is None or not _is_source(roles, found):  # type: ignore[arg-type]
+            # the dataflow's skip decides instead when it is the branch's source (``x + f(x)``) or one projection
+            # of it beside a deeper branch (a pre-activation unit's ``identity_conv(preact)``, preact returned by
+            # its body); a norm of it beside one conv is a re-parameterisable pair (RepGhost's fusion BN)
+            if found is None or found.skip is None or not (
+                    _is_source(roles, found) or found.branch_convs[found.skip] == 1):  # type: ignore[arg-type]
                 continue
             shortcut, branch = (a, b) if found.skip == 0 else (b, a)
         residual = True
@@ -147,7 +151,8 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
         if "composite" in kinds[n] and not residual:
             continue  # a SelectiveKernel-like step counts only on a residual branch, not a whole block elsewhere
         if kinds[n] and not (on_shortcut >> index[n] & 1) and n in features:
-            candidates.append(Candidate(n, "branch", unit_kinds(n, kinds), shape=node_shapes.get(n.name),
+            candidates.append(Candidate(n, "branch", _paired(unit_kinds(n, kinds), full.get(n), roles),
+                                        shape=node_shapes.get(n.name),
                                         banned=banned.get(n.name, "") or extra.get(n, ""), module=full.get(n)))
     output = next(n for n in reversed(nodes) if n.op == "output")
     out_arg = output.args[0]
@@ -157,6 +162,31 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
     conv3d = any(isinstance(m, (nn.Conv3d, nn.BatchNorm3d)) for m in scope.modules())
     return Scope(path, scope, graph, candidates, residual, out_shape, 3 if conv3d else 2, traced.params,
                  traced.out_spec)
+
+
+def _paired(kinds: frozenset[str], path: str | None, roles: Roles | None) -> frozenset[str]:
+    """A node's kinds with its conv-norm pairing read from the dataflow when the pair spans two modules (a
+    pre-activation ``bn-act-conv`` unit's conv feeds the next unit's norm): a conv module whose output is read
+    by norms alone is no ``unit`` (the point goes after the norm), a norm module reading a conv's output is."""
+    if roles is None or path is None or not roles.ran(path):
+        return kinds
+    flow = roles.flow
+    call = flow.calls_of(path)[0]
+    if "conv" in kinds and "unit" in kinds:
+        outs = set(call.outputs)
+        readers = [c for c in flow.calls if set(c.inputs) & outs and not c.path.startswith(path)
+                   and c.start >= call.end]
+        direct = [c for c in readers if not any(c is not d and c.start <= d.start and d.end <= c.end
+                                                for d in readers)]
+        ops = [op for op in flow.ops[call.end:] if set(op.inputs) & outs and not any(
+            c.start <= op.index < c.end for c in readers)]
+        if direct and not ops and all(roles.is_norm(c.path) for c in direct):
+            return kinds - {"unit"}
+    if kinds == {"norm"} and call.inputs:
+        producer = flow.values[call.inputs[0]].producer
+        if producer is not None and flow.ops[producer].kind == "conv":
+            return kinds | {"unit"}
+    return kinds
 
 
 def _is_source(roles: Roles, add: ResidualAdd) -> bool:

@@ -284,13 +284,18 @@ def _build_plan(model: nn.Module, recipe: Recipe, example_input: Any, shapes: Sh
 def _no_series(chosen: dict[str, dict[tuple[str, str], tuple[Candidate, InsertionPoint]]]) -> None:
     """A shortcut point on the output of a module (a projection shortcut) drops the skip path there: branch
     points inside that module, in it or in scopes nested in it (Hugging Face's ResNet ``shortcut``, conv then
-    norm; pytorchcv's depthwise-separable ``identity_conv``), would put DropBlocks in series on the skip path,
-    which is no residual branch, and are removed."""
+    norm; pytorchcv's depthwise-separable ``identity_conv``), and a branch point on the module whose output (or a
+    part of it: DPN's split ``conv_proj``) is the shortcut, would put DropBlocks in series on the skip path, which
+    is no residual branch, and are removed."""
     for path, cands in list(chosen.items()):
         for c, _ in list(cands.values()):
-            if c.kind != "shortcut" or c.node.op != "call_module":
+            node = c.node
+            while node.op in ("call_function", "call_method") and len(node.all_input_nodes) == 1:
+                node = node.all_input_nodes[0]  # a part of the module's output (DPN's split projection)
+            if c.kind != "shortcut" or node.op != "call_module":
                 continue
-            inner = f"{path}.{c.node.target}" if path else str(c.node.target)
+            cands.pop(("branch", node.name), None)
+            inner = f"{path}.{node.target}" if path else str(node.target)
             for sub in [q for q in chosen if q == inner or q.startswith(inner + ".")]:
                 for key, (b, _) in list(chosen[sub].items()):
                     if b.kind == "branch":

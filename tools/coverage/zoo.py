@@ -48,11 +48,6 @@ OPEN_FAILURES = {
     ("transformers-detection", "MaskFormerForInstanceSegmentation"):
         "a point after the pixel-level module's input_projection, a conv whose output feeds the transformer "
         "decoder's attention: the stride rule's per-point filter does not ask the dataflow about that layer",
-    ("pytorchcv", "preresnet10"):
-        "pre-activation units (bn-act-conv): the point after a unit's conv sits before the next unit's norm "
-        "(a conv-norm pair across modules); the units' tuple-unpacking forward is untraceable (no shortcuts)",
-    ("pytorchcv", "densenet121"): "pre-activation units: points after a conv, before the next unit's norm",
-    ("pytorchcv", "dpn68"): "pre-activation units: points after a conv, before the next unit's norm",
 }
 
 
