@@ -77,6 +77,26 @@ def test_grid_sample_on_meta_has_the_grid_s_size():
     assert flow.how == "meta" and flow.values[flow.outputs[0]].shape == (1, 3, 5, 7)
 
 
+def test_attention_on_large_real_tensors_runs_on_meta():
+    """``scaled_dot_product_attention`` on large tensors the model holds (learned queries and memory, real on
+    the meta forward) runs on meta: its CPU kernel is tagged random (for its dropout) and takes no device
+    argument, which was given it; the forward fell back to a real one, and a model that cannot run on an
+    empty batch either (Hugging Face MaskFormer) lost its dataflow."""
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.memory = nn.Parameter(torch.randn(1, 2, 4096, 128))
+
+        def forward(self, x):
+            y = self.conv(x).reshape(x.shape[0], 8, 2, -1)  # -1 is ambiguous on an empty batch
+            a = torch.nn.functional.scaled_dot_product_attention(self.memory, self.memory, self.memory)
+            return y, a
+
+    flow = record(Attend(), torch.randn(1, 3, 64, 64))
+    assert flow.how == "meta" and flow.values[flow.outputs[1]].shape == (1, 2, 4096, 128)
+
+
 def test_meta_shapes_are_the_real_forward_s():
     from dropblock_inject.surgery.s10_dataflow import _run
 

@@ -234,6 +234,19 @@ def test_detr_resnet_backbone_gets_the_paper_placement():
     assert len(points) == 8
 
 
+def test_maskformer_points_only_in_its_backbone():
+    """Hugging Face MaskFormer projects the backbone's last map with a conv that feeds its transformer
+    decoder's attention (``transformer_module.input_projection``): no point there nor in the pixel decoder,
+    the backbone's groups 3 and 4 get theirs (its dataflow is recorded on meta: the attention ran there)."""
+    pytest.importorskip("transformers")
+    from tools.coverage.zoo_detect import hf_mask2former
+
+    points = _plan(hf_mask2former(maskformer=True).eval(), x=torch.zeros(1, 3, 128, 128))
+    backbone = "model.pixel_level_module.encoder.encoder.stages."
+    assert points and all(p.module.startswith(backbone) for p in points), [p.module for p in points]
+    assert {p.module[len(backbone)] for p in points} == {"2", "3"}
+
+
 def test_resnet50_paper_placement_unchanged():
     for recipe in ("resnet50_paper", "paper_generic"):
         points = _plan(torchvision.models.resnet50(), recipe)

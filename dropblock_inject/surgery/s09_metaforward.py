@@ -80,8 +80,8 @@ class MetaForward(dispatch_mode_base()):  # type: ignore[misc]
                 return func(*args, **kwargs)
         args = tuple(self._map(a) for a in args)
         kwargs = {k: self._map(v) for k, v in kwargs.items()}
-        if seeded or (not tensors and "device" in kwargs):
-            kwargs["device"] = torch.device("meta")
+        if (seeded or "device" in kwargs) and any(a.name == "device" for a in func._schema.arguments):
+            kwargs["device"] = torch.device("meta")  # a random factory (not an op on tensors, SDPA's kernel)
         if func in _SHAPE_ONLY:  # slow Python meta kernels; only the shape matters
             return torch.empty_like(args[0]), args[0].new_empty(0), args[0].new_empty(0)
         if func in _SAME_SHAPE:  # activations and softmax: the input's shape (and dtype, unless given)

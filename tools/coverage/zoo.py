@@ -44,11 +44,7 @@ KNOWN_LIMITS = {
 
 # misplacements the sweep finds and the package does not fix yet, each with its diagnosis: they stay failures in
 # the report; the pass-rate test holds every other row at its rate and fails once one of these passes (remove it)
-OPEN_FAILURES = {
-    ("transformers-detection", "MaskFormerForInstanceSegmentation"):
-        "a point after the pixel-level module's input_projection, a conv whose output feeds the transformer "
-        "decoder's attention: the stride rule's per-point filter does not ask the dataflow about that layer",
-}
+OPEN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 # torchvision classifiers too slow for a 30-minute CI sweep on 2 CPU cores (the full sweep still runs them)
