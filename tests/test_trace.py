@@ -1,4 +1,4 @@
-"""Stage 1, tracing (``surgery.s17_trace``): call patterns, untraceable modules, augmented assignments."""
+"""Stage 1, tracing (``surgery.s18_trace``): call patterns, untraceable modules, augmented assignments."""
 
 import copy
 import warnings
@@ -180,7 +180,7 @@ class _MathCheck(nn.Module):
 def test_scope_traced_without_patching_math(use_proxy):
     """Tracing never patches the ``math`` module (process state another thread would see): the forward's own
     globals are stood in for, in a copy the trace owns."""
-    from dropblock_inject.surgery.s17_trace import trace_scope
+    from dropblock_inject.surgery.s18_trace import trace_scope
 
     _SEEN.clear()
     trace_scope(_MathCheck(use_proxy=use_proxy), "")
@@ -189,7 +189,7 @@ def test_scope_traced_without_patching_math(use_proxy):
 
 def test_math_on_a_proxy_still_traced():
     """A forward calling ``math`` on a traced value gets fx's wrapped call, as before."""
-    from dropblock_inject.surgery.s17_trace import trace_scope
+    from dropblock_inject.surgery.s18_trace import trace_scope
 
     m = _MathCheck(use_proxy=True)
     graph = trace_scope(m, "").graph
@@ -244,7 +244,7 @@ def test_float_argument_branched_on_is_specialised_to_its_value():
 def test_identical_scopes_share_one_trace(monkeypatch):
     """ResNet-50's layer3/layer4 blocks: 9 scopes, 4 distinct (the first block of each stage differs by its
     downsample), so 4 traces; the plan is the same as with one trace per scope."""
-    from dropblock_inject.surgery import s17_trace as trace
+    from dropblock_inject.surgery import s18_trace as trace
 
     calls = []
     real = trace._trace
@@ -270,7 +270,7 @@ class _Flagged(nn.Module):
 def test_scopes_differing_in_state_are_traced_apart():
     """A plain attribute the forward branches on, a child's type or a parameter's shape makes another graph;
     an attribute that is not plain data (a function) keeps the scope out of the cache."""
-    from dropblock_inject.surgery.s17_trace import _state_key, trace_scope
+    from dropblock_inject.surgery.s18_trace import _state_key, trace_scope
 
     a, b, c = _Flagged(True), _Flagged(False), _Flagged(True)
     assert _state_key(a, {}, ()) == _state_key(c, {}, ()) != _state_key(b, {}, ())

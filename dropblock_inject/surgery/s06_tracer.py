@@ -5,7 +5,7 @@ child's own code, reading its own ``training`` flag), except plain ``nn.Sequenti
 traced through. Augmented assignments (``out += identity``) are recorded as the in-place operators, so a
 rewritten graph does what the original code did. What the forward assigns to the module while it is traced is
 undone, and the functions the registry records as one call are found in globals owned by the trace
-(:mod:`.s05_globals_of`). Used by :mod:`.s07_kinds` (is a module a conv-norm-act chain?) and :mod:`.s17_trace` (a scope's
+(:mod:`.s05_globals_of`). Used by :mod:`.s07_kinds` (is a module a conv-norm-act chain?) and :mod:`.s18_trace` (a scope's
 graph).
 """
 
