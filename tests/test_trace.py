@@ -284,3 +284,30 @@ def test_scopes_differing_in_state_are_traced_apart():
     x = torch.randn(1, 4, 8, 8)
     for m, g in zip((a, b), graphs):
         torch.testing.assert_close(torch.fx.GraphModule(m, g)(x), m(x))
+
+
+class _ChunkList(nn.Module):
+    """Ultralytics' C2f pattern: the parts of a chunk taken as a list, extended, concatenated."""
+
+    def __init__(self, split: bool = False) -> None:
+        super().__init__()
+        self.split = split
+        self.cv1, self.m, self.cv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(12, 8, 1)
+
+    def forward(self, x):
+        y = list(self.cv1(x).split([4, 4], 1) if self.split else self.cv1(x).chunk(2, 1))
+        y.extend(self.m(p) for p in y[-1:])
+        return self.cv2(torch.cat(y, 1))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["chunk", "split"])
+def test_the_parts_of_a_chunk_taken_as_a_list_are_traced(split):
+    """``list(x.chunk(2, 1))`` (and a split into given sizes) traces: the module gets its points and runs as
+    before in eval mode (fx alone cannot iterate a Proxy but by unpacking it into names)."""
+    model = _ChunkList(split).eval()
+    x = torch.randn(1, 3, 8, 8)
+    ref = model(x)
+    recipe = {"rules": [{"types": ["_ChunkList"], "after": ["conv"]}], "dropblock": {"block_size": 3}}
+    dbi.inject(model, recipe, example_input=x)
+    assert set(model.dropblocks) == {"cv1", "m"}  # (cv2 computes the model's output: a prediction)
+    assert torch.equal(model(x), ref)
