@@ -3,13 +3,16 @@ medians and how the example forward ran (empty batch, meta device or real), asse
 
     python benchmarks/bench_inject.py --threads 1 [--repeats 5]
 
-Goals (issue 15): ResNet-50 ``paper_generic`` < 0.1 s, every torchvision detector < 1 s (a list of two
-images, its natural input), also with both cores busy. Numbers are noisy on shared machines.
+Goals: ResNet-50 ``paper_generic`` < 0.1 s, every torchvision detector, Ultralytics YOLOv8n and Hugging Face
+DETR-R50 < 1 s (a detector on its natural input), also with both cores busy. Numbers are noisy on shared
+machines. Ultralytics builds offline (``YOLO_OFFLINE=1``, set here for this script's process).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -23,6 +26,25 @@ import dropblock_inject as dbi
 from dropblock_inject.surgery.s12_shapes import ShapeLog
 
 X = torch.randn(1, 3, 224, 224)
+X640 = torch.randn(1, 3, 640, 640)
+
+
+def yolov8n() -> nn.Module:
+    """Ultralytics' YOLOv8n network from its YAML (random weights, nothing downloaded)."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    with contextlib.redirect_stdout(None):
+        from ultralytics.nn.tasks import DetectionModel
+
+        return DetectionModel("yolov8n.yaml", verbose=False)
+
+
+def detr_r50() -> nn.Module:
+    """Hugging Face DETR with its default ResNet-50 backbone (transformers' own, random weights)."""
+    import transformers as T
+
+    return T.DetrForObjectDetection(T.DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False,
+                                                 backbone=None, backbone_config=T.ResNetConfig(
+                                                     out_features=["stage4"])))
 IMAGES = [torch.rand(3, 480, 640), torch.rand(3, 427, 640)]
 
 CASES: list[tuple[str, Callable[[], nn.Module], str, Any]] = [
@@ -35,6 +57,8 @@ CASES: list[tuple[str, Callable[[], nn.Module], str, Any]] = [
     ("torchvision deeplabv3_resnet50", lambda: torchvision.models.segmentation.deeplabv3_resnet50(
         weights=None, weights_backbone=None), "paper_generic", X),
 ]
+CASES += [("ultralytics yolov8n", yolov8n, "paper_generic", X640),
+          ("transformers DETR-R50", detr_r50, "paper_generic", X640)]
 for _name in torchvision.models.list_models(module=torchvision.models.detection):
     CASES.append((f"torchvision {_name}", lambda n=_name: torchvision.models.get_model(
         n, weights=None, weights_backbone=None), "paper_generic", IMAGES))

@@ -1,4 +1,4 @@
-"""Stage 4, analysis (``surgery.s18_analyze``): residual additions, shortcut and branch sides."""
+"""Stage 4, analysis (``surgery.s19_analyze``): residual additions, shortcut and branch sides."""
 
 
 import pytest

@@ -10,9 +10,9 @@ import torchvision
 from torch.utils.checkpoint import checkpoint
 
 import dropblock_inject as dbi
-from dropblock_inject.surgery import s18_analyze as analyze, s24_blueprint as blueprint, s27_rewrite as rewrite, s21_select as select, s23_sequentials as sequentials, s17_trace as trace, s06_tracer as tracer
-from dropblock_inject.surgery.s24_blueprint import make_plan
-from dropblock_inject.surgery.s27_rewrite import install
+from dropblock_inject.surgery import s19_analyze as analyze, s25_blueprint as blueprint, s28_rewrite as rewrite, s22_select as select, s24_sequentials as sequentials, s18_trace as trace, s06_tracer as tracer
+from dropblock_inject.surgery.s25_blueprint import make_plan
+from dropblock_inject.surgery.s28_rewrite import install
 
 
 def _refuse(*args, **kwargs):

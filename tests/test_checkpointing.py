@@ -1,4 +1,4 @@
-"""Gradient checkpointing (``surgery.s16_checkpointing``): what a scope's code decides from ``grad_checkpointing``
+"""Gradient checkpointing (``surgery.s17_checkpointing``): what a scope's code decides from ``grad_checkpointing``
 (timm) or ``gradient_checkpointing`` (Hugging Face) is decided per call, as on the original model, and the
 recomputed forward draws the same DropBlock masks."""
 
@@ -97,7 +97,7 @@ def test_same_checkpoint_calls_as_the_original(name, when):
     if when == "before":
         _enable(model)
     dbi.inject(model, "paper_generic", example_input=X[:1])
-    scopes = [m for _, m in dbi.surgery.s25_forward.injected_modules(model)]
+    scopes = [m for _, m in dbi.surgery.s26_forward.injected_modules(model)]
     if when == "after":
         assert _step(model) == 0
         _enable(model)
@@ -384,7 +384,7 @@ def test_only_forwards_that_can_reach_a_checkpoint_function_have_candidate_flags
     """The flags are looked for (two more traces per boolean attribute) only where a forward, its closures or
     the methods it calls can reach a checkpoint function; there, every boolean attribute it reads is a
     candidate, whatever its name, and a trace decides."""
-    from dropblock_inject.surgery.s16_checkpointing import candidates
+    from dropblock_inject.surgery.s17_checkpointing import candidates
 
     class NoCheckpoint(torch.nn.Module):
         def __init__(self):

@@ -182,7 +182,7 @@ def test_check_requires_the_whole_model_fx_graph_to_hold_every_dropblock(monkeyp
     missing from the graph, and the check says so."""
     import timm
 
-    from dropblock_inject.surgery import s26_roottrace as roottrace
+    from dropblock_inject.surgery import s27_roottrace as roottrace
 
     ctor = lambda: timm.create_model("efficientnet_b0", pretrained=False)  # noqa: E731
     assert coverage.check_model("efficientnet_b0", ctor, library="timm").status == "ok"

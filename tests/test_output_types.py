@@ -1,5 +1,5 @@
-"""Rewritten scopes return exactly the type their original forward returned (``surgery.s17_trace`` flattens a
-structured output, ``surgery.s25_forward`` rebuilds it): NamedTuples, dataclasses, OrderedDict subclasses such as
+"""Rewritten scopes return exactly the type their original forward returned (``surgery.s18_trace`` flattens a
+structured output, ``surgery.s26_forward`` rebuilds it): NamedTuples, dataclasses, OrderedDict subclasses such as
 Hugging Face's ``ModelOutput``, dicts, tuples and lists."""
 
 import copy
@@ -68,7 +68,7 @@ def test_hugging_face_models_inject_train_and_strip(name):
     ref = model(X)
     state = copy.deepcopy(model.state_dict())
     dbi.inject(model, "paper_generic", example_input=X[:1])
-    scopes = [m for _, m in dbi.surgery.s25_forward.injected_modules(model)]
+    scopes = [m for _, m in dbi.surgery.s26_forward.injected_modules(model)]
     assert scopes
     if name == "efficientnet":  # its encoder owns the head conv: a scope returning a ModelOutput
         assert model.efficientnet.encoder in scopes
@@ -83,6 +83,6 @@ def test_hugging_face_models_inject_train_and_strip(name):
         hidden = model.efficientnet.embeddings(X)
         assert type(model.efficientnet.encoder(hidden)) is transformers.modeling_outputs.BaseModelOutputWithNoAttention
     dbi.strip(model)
-    assert not list(dbi.surgery.s25_forward.injected_modules(model))
+    assert not list(dbi.surgery.s26_forward.injected_modules(model))
     model.load_state_dict(state)
     assert torch.equal(model.eval()(X).logits, ref.logits)

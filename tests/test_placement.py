@@ -41,19 +41,19 @@ def test_yolov8n_points_only_in_its_backbone(yolo):
     assert {_index(p) for p in points} >= {6, 8}
 
 
-def test_yolov8n_warns_only_about_untraceable_backbone_modules_naming_their_layers(yolo):
-    """fx cannot trace the whole DetectionModel nor its C2f blocks: inject warns for those of the backbone
-    whose own layers run at the rule's strides (the root's stride-16 downsampling conv ``model.5``, C2f 6 and
-    8), naming the layers left out, never for the neck's or head's C2f blocks, which could hold no point."""
+def test_yolov8n_warns_only_about_its_untraceable_root_naming_its_layers(yolo):
+    """fx cannot trace the whole DetectionModel (its forward routes outputs by index): inject warns once,
+    naming the backbone layer left out (the root's stride-16 downsampling conv ``model.5``). The C2f blocks
+    (``list(self.cv1(x).chunk(2, 1))``) are traced: those of the backbone get their cv1 and cv2 points."""
     model = yolo("yolov8n.yaml")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dbi.inject(model, "paper_generic", example_input=torch.zeros(1, 3, 256, 256))
     untraceable = [str(w.message) for w in caught if "cannot trace module" in str(w.message)]
-    named = sorted(m.split("'")[1] for m in untraceable)
-    assert named == ["<root>", "model.6", "model.8"]
-    root = next(m for m in untraceable if "'<root>'" in m)
-    assert root.endswith("left without DropBlock (its layers at that stride: model.5)")
+    assert len(untraceable) == 1 and "'<root>'" in untraceable[0], untraceable
+    assert untraceable[0].endswith("left without DropBlock (its layers at that stride: model.5)")
+    plan = {(p.module, p.after) for p in _plan(yolo("yolov8n.yaml"), x=torch.zeros(1, 3, 256, 256))}
+    assert {("model.6", "cv1"), ("model.6", "cv2"), ("model.8", "cv1"), ("model.8", "cv2")} <= plan
 
 
 def test_yolo11n_no_point_in_neck_head_or_attention(yolo):
@@ -394,16 +394,16 @@ def test_a_glob_reaches_blocks_nested_in_a_block_it_matches():
 
 
 def test_a_glob_reaches_the_bottlenecks_of_ultralytics_c2f_blocks(yolo):
-    """``model.**`` matches each C2f (which fx cannot trace: it is skipped with a warning naming it) and the
-    Bottlenecks inside it, which get their points."""
+    """``model.**`` matches each C2f and the Bottlenecks inside it: both get their points (the C2f after its
+    own cv1 and cv2, each Bottleneck its branch and shortcut)."""
     model = yolo("yolov8n.yaml")
     recipe = {"rules": [{"modules": ["model.**"], "after": ["unit"], "shortcut": True}]}
-    with pytest.warns(UserWarning, match=r"'model\.6' \(C2f\).*reaches the blocks inside it"):
-        points = dbi.plan(model, recipe, example_input=torch.zeros(1, 3, 256, 256))
+    points = _plan(model, recipe, x=torch.zeros(1, 3, 256, 256))
     blocks = {p.module for p in points}
     assert {"model.2.m.0", "model.4.m.0", "model.4.m.1", "model.6.m.0", "model.6.m.1", "model.8.m.0"} <= blocks
     assert {(p.after, p.kind) for p in points if p.module == "model.6.m.0"} == {
         ("cv1", "branch"), ("cv2", "branch"), ("x", "shortcut")}
+    assert {(p.after, p.kind) for p in points if p.module == "model.6"} == {("cv1", "branch"), ("cv2", "branch")}
 
 
 def test_a_cifar_style_net_is_told_its_largest_stride_and_the_rule_to_write():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropblock_inject.surgery.s10_dataflow import record
-from dropblock_inject.surgery.s15_roles import Roles
+from dropblock_inject.surgery.s16_roles import Roles
 
 torchvision = pytest.importorskip("torchvision")
 

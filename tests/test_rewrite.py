@@ -1,4 +1,4 @@
-"""Stage 6, rewrite (``surgery.s27_rewrite``): inject / strip and the surgery guarantees."""
+"""Stage 6, rewrite (``surgery.s28_rewrite``): inject / strip and the surgery guarantees."""
 
 import copy
 import io

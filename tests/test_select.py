@@ -1,4 +1,4 @@
-"""Stage 5, selection (``surgery.s21_select``): recipes on real models, plans, strides."""
+"""Stage 5, selection (``surgery.s22_select``): recipes on real models, plans, strides."""
 
 
 import pytest

@@ -1,5 +1,5 @@
 """A top module's points inside its plain Sequential children run in those children's forwards
-(``surgery.s23_sequentials``): the top module stays untouched, so the whole model traces with fx in training mode
+(``surgery.s24_sequentials``): the top module stays untouched, so the whole model traces with fx in training mode
 (VGG, DenseNet, MobileNet, EfficientNet, ConvNeXt, ShuffleNet), with exactly what the top module's own rewritten
 graph would have run."""
 
@@ -14,8 +14,8 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import dropblock_inject as dbi
-from dropblock_inject.surgery import s24_blueprint as blueprint
-from dropblock_inject.surgery.s25_forward import InjectedForward
+from dropblock_inject.surgery import s25_blueprint as blueprint
+from dropblock_inject.surgery.s26_forward import InjectedForward
 
 
 def _build(name: str) -> nn.Module:

@@ -16,7 +16,7 @@ from dropblock_inject import surgery
 # the stages in the order one ``inject`` runs them: the plan phase (unwrap, the already-injected check, the example
 # forward and its dataflow, tracing, analysis, selection, the plan), then the install phase
 STAGES = ["registry", "wrappers", "points", "outputs", "globals_of", "tracer", "kinds", "example", "metaforward",
-          "dataflow", "calls", "shapes", "residuals", "normprobe", "roles", "checkpointing", "trace", "analyze",
+          "dataflow", "calls", "shapes", "residuals", "normprobe", "tensors", "roles", "checkpointing", "trace", "analyze",
           "explain", "groups", "select", "sites", "sequentials", "blueprint", "forward", "roottrace", "rewrite"]
 PACKAGE = Path(surgery.__file__).parent
 FILES = [f"s{i:02d}_{stage}" for i, stage in enumerate(STAGES, 1)]  # numbered so the listing reads as run order
@@ -40,8 +40,8 @@ def test_one_inject_runs_the_stages_in_file_order():
     """The main step of each stage (not the orchestrators that call them: ``inject``, ``make_plan``,
     ``build_plan``) first runs in file order during one ``inject``."""
     steps = [("s02_wrappers", "unwrap"), ("s03_points", "check_not_injected"), ("s12_shapes", "__init__"),
-             ("s17_trace", "trace_scope"), ("s18_analyze", "analyze"), ("s21_select", "_select"),
-             ("s24_blueprint", "_scope_plan"), ("s25_forward", "__init__")]  # (rewrite installs what forward builds)
+             ("s18_trace", "trace_scope"), ("s19_analyze", "analyze"), ("s22_select", "_select"),
+             ("s25_blueprint", "_scope_plan"), ("s26_forward", "__init__")]  # (rewrite installs what forward builds)
     first: dict[tuple[str, str], int] = {}
 
     def profile(frame, event, arg):

@@ -1,4 +1,4 @@
-"""Stage 1, tracing (``surgery.s17_trace``): call patterns, untraceable modules, augmented assignments."""
+"""Stage 1, tracing (``surgery.s18_trace``): call patterns, untraceable modules, augmented assignments."""
 
 import copy
 import warnings
@@ -180,7 +180,7 @@ class _MathCheck(nn.Module):
 def test_scope_traced_without_patching_math(use_proxy):
     """Tracing never patches the ``math`` module (process state another thread would see): the forward's own
     globals are stood in for, in a copy the trace owns."""
-    from dropblock_inject.surgery.s17_trace import trace_scope
+    from dropblock_inject.surgery.s18_trace import trace_scope
 
     _SEEN.clear()
     trace_scope(_MathCheck(use_proxy=use_proxy), "")
@@ -189,7 +189,7 @@ def test_scope_traced_without_patching_math(use_proxy):
 
 def test_math_on_a_proxy_still_traced():
     """A forward calling ``math`` on a traced value gets fx's wrapped call, as before."""
-    from dropblock_inject.surgery.s17_trace import trace_scope
+    from dropblock_inject.surgery.s18_trace import trace_scope
 
     m = _MathCheck(use_proxy=True)
     graph = trace_scope(m, "").graph
@@ -244,7 +244,7 @@ def test_float_argument_branched_on_is_specialised_to_its_value():
 def test_identical_scopes_share_one_trace(monkeypatch):
     """ResNet-50's layer3/layer4 blocks: 9 scopes, 4 distinct (the first block of each stage differs by its
     downsample), so 4 traces; the plan is the same as with one trace per scope."""
-    from dropblock_inject.surgery import s17_trace as trace
+    from dropblock_inject.surgery import s18_trace as trace
 
     calls = []
     real = trace._trace
@@ -270,7 +270,7 @@ class _Flagged(nn.Module):
 def test_scopes_differing_in_state_are_traced_apart():
     """A plain attribute the forward branches on, a child's type or a parameter's shape makes another graph;
     an attribute that is not plain data (a function) keeps the scope out of the cache."""
-    from dropblock_inject.surgery.s17_trace import _state_key, trace_scope
+    from dropblock_inject.surgery.s18_trace import _state_key, trace_scope
 
     a, b, c = _Flagged(True), _Flagged(False), _Flagged(True)
     assert _state_key(a, {}, ()) == _state_key(c, {}, ()) != _state_key(b, {}, ())
@@ -284,3 +284,30 @@ def test_scopes_differing_in_state_are_traced_apart():
     x = torch.randn(1, 4, 8, 8)
     for m, g in zip((a, b), graphs):
         torch.testing.assert_close(torch.fx.GraphModule(m, g)(x), m(x))
+
+
+class _ChunkList(nn.Module):
+    """Ultralytics' C2f pattern: the parts of a chunk taken as a list, extended, concatenated."""
+
+    def __init__(self, split: bool = False) -> None:
+        super().__init__()
+        self.split = split
+        self.cv1, self.m, self.cv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(12, 8, 1)
+
+    def forward(self, x):
+        y = list(self.cv1(x).split([4, 4], 1) if self.split else self.cv1(x).chunk(2, 1))
+        y.extend(self.m(p) for p in y[-1:])
+        return self.cv2(torch.cat(y, 1))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["chunk", "split"])
+def test_the_parts_of_a_chunk_taken_as_a_list_are_traced(split):
+    """``list(x.chunk(2, 1))`` (and a split into given sizes) traces: the module gets its points and runs as
+    before in eval mode (fx alone cannot iterate a Proxy but by unpacking it into names)."""
+    model = _ChunkList(split).eval()
+    x = torch.randn(1, 3, 8, 8)
+    ref = model(x)
+    recipe = {"rules": [{"types": ["_ChunkList"], "after": ["conv"]}], "dropblock": {"block_size": 3}}
+    dbi.inject(model, recipe, example_input=x)
+    assert set(model.dropblocks) == {"cv1", "m"}  # (cv2 computes the model's output: a prediction)
+    assert torch.equal(model(x), ref)

@@ -1,4 +1,4 @@
-"""The injected model stays traceable as a whole (``surgery.s25_forward`` called with Proxies, under an outer
+"""The injected model stays traceable as a whole (``surgery.s26_forward`` called with Proxies, under an outer
 tracer): ``torch.fx.symbolic_trace``, torchvision's ``create_feature_extractor`` (train and eval graphs) and
 timm's FX feature models see each DropBlock as one node, in training mode only. A rewritten module traced as
 fx's root in training mode (fx would trace its class's forward, without its own DropBlocks) is refused with a

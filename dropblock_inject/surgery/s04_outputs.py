@@ -1,8 +1,8 @@
 """Outputs: a module's structured output as a flat list of leaves, and back with its exact type.
 
 fx records a module's output as the argument of its graph's ``output`` node and would turn an ``OrderedDict``
-subclass (Hugging Face's ``ModelOutput``) into a plain ``dict``; the tracer (:mod:`.s17_trace`) makes the graph
-return the flat leaves instead, and the injected forward (:mod:`.s25_forward`) rebuilds the original type.
+subclass (Hugging Face's ``ModelOutput``) into a plain ``dict``; the tracer (:mod:`.s18_trace`) makes the graph
+return the flat leaves instead, and the injected forward (:mod:`.s26_forward`) rebuilds the original type.
 """
 
 from __future__ import annotations

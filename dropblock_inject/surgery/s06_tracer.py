@@ -5,7 +5,7 @@ child's own code, reading its own ``training`` flag), except plain ``nn.Sequenti
 traced through. Augmented assignments (``out += identity``) are recorded as the in-place operators, so a
 rewritten graph does what the original code did. What the forward assigns to the module while it is traced is
 undone, and the functions the registry records as one call are found in globals owned by the trace
-(:mod:`.s05_globals_of`). Used by :mod:`.s07_kinds` (is a module a conv-norm-act chain?) and :mod:`.s17_trace` (a scope's
+(:mod:`.s05_globals_of`). Used by :mod:`.s07_kinds` (is a module a conv-norm-act chain?) and :mod:`.s18_trace` (a scope's
 graph).
 """
 
@@ -33,12 +33,35 @@ _INPLACE_OPERATORS = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "
 
 
 class _Proxy(fx.Proxy):
-    """An fx Proxy that records augmented assignments (``out += identity``) as the in-place operators.
+    """An fx Proxy that records augmented assignments (``out += identity``) as the in-place operators, and
+    iterates over the parts of a ``chunk``/``split`` whose count its arguments give.
 
     A plain Proxy has no ``__iadd__``, so Python falls back to ``out = out + identity``, and the rewritten
     graph would allocate a new tensor where the original code reused one (fx's code generator emits
-    ``operator.iadd`` back as ``+=``).
+    ``operator.iadd`` back as ``+=``). A plain Proxy cannot be iterated but by unpacking into names.
     """
+
+
+def _parts(node: fx.Node) -> int | None:
+    """How many tensors a ``chunk(n)`` or ``split([sizes])`` node returns, when its arguments say (literals)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op not in ("call_method", "call_function") or name not in ("chunk", "split"):
+        return None
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections"))
+    if name == "chunk":
+        return arg if isinstance(arg, int) and not isinstance(arg, bool) and arg > 0 else None
+    return len(arg) if isinstance(arg, (list, tuple)) and all(isinstance(a, int) for a in arg) else None
+
+
+class _Parts(_Proxy):
+    """The proxy of a ``chunk(n)``/``split([sizes])`` node: it iterates over its parts (``list(x.chunk(2, 1))``,
+    Ultralytics' C2f), which fx's own Proxy does only when unpacked into names."""
+
+    def __iter__(self) -> Iterator[fx.Proxy]:
+        return iter([self[i] for i in range(_parts(self.node) or 0)])
+
+    def __len__(self) -> int:  # ``list()`` asks for the length first
+        return _parts(self.node) or 0
 
 
 def _inplace(name: str) -> Callable[[fx.Proxy, Any], fx.Proxy]:
@@ -92,7 +115,7 @@ class Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _Proxy(node, self)
+        return _Parts(node, self) if _parts(node) is not None else _Proxy(node, self)
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
                              concrete_args: Any = None) -> tuple[Any, list[Any]]:

@@ -1,4 +1,4 @@
-"""The example forward's dataflow: what actually ran, recorded once (facts derived from it: :mod:`.s15_roles`).
+"""The example forward's dataflow: what actually ran, recorded once (facts derived from it: :mod:`.s16_roles`).
 
 :func:`record` runs one forward of the model on its example input and records every module call (path,
 input and output tensors) and every functional op on tensors (convolutions, additions, concatenations,

@@ -3,7 +3,7 @@
 fx traces every argument as a Proxy, so an argument that was None, a list/tuple of tensors, a plain constant
 (or a float the forward branches on) in the example forward is specialised with ``concrete_args``
 (:func:`specialise`); :class:`Param` records the resulting layout, which the injected forward
-(:mod:`.s25_forward`) checks every call against. Used by :mod:`.s17_trace`, :mod:`.s12_shapes` and :mod:`.s25_forward`.
+(:mod:`.s26_forward`) checks every call against. Used by :mod:`.s18_trace`, :mod:`.s12_shapes` and :mod:`.s26_forward`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The coverage check's block test: branch and shortcut points present wherever a residual block has them.
 
 A *residual block* is a module whose traced forward adds a map derived from its input to one computed from
-it by layers (the planner's own analysis, :func:`~dropblock_inject.surgery.s18_analyze.analyze`, finds the
+it by layers (the planner's own analysis, :func:`~dropblock_inject.surgery.s19_analyze.analyze`, finds the
 addition) and the recorded dataflow agrees that one operand is a skip path: the sum of two conv branches
 of a re-parameterisable block (RepVGG, MobileOne) has no shortcut and is not expected to get one. In groups 3 and 4 (output stride 16 or 32, outside the heads of a dense model), a block whose
 branch got DropBlocks must get a shortcut point too when the recipe asks for shortcuts, and a block whose
@@ -16,12 +16,12 @@ from torch import nn
 
 from dropblock_inject.errors import SurgeryError
 from dropblock_inject.recipe import load_recipe
-from dropblock_inject.surgery.s18_analyze import analyze
+from dropblock_inject.surgery.s19_analyze import analyze
 from dropblock_inject.surgery.s07_kinds import is_container
 from dropblock_inject.surgery.s03_points import InsertionPoint
-from dropblock_inject.surgery.s15_roles import Roles
+from dropblock_inject.surgery.s16_roles import Roles
 from dropblock_inject.surgery.s12_shapes import ShapeLog
-from dropblock_inject.surgery.s17_trace import trace_scope
+from dropblock_inject.surgery.s18_trace import trace_scope
 
 
 def _ancestors(path: str) -> list[str]:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from dropblock_inject.ops._modules import _DropBlockNd
-from dropblock_inject.surgery.s15_roles import Roles
+from dropblock_inject.surgery.s16_roles import Roles
 from dropblock_inject.surgery.s12_shapes import ShapeLog
 
 from .blocks import missing_points
@@ -157,7 +157,7 @@ def _feature_maps(log: ShapeLog) -> Callable[[nn.Module, Any], str]:
 
 def _whole_model_fx(model: nn.Module, report: Any) -> str:
     import dropblock_inject as dbi
-    from dropblock_inject.surgery.s25_forward import injected_modules
+    from dropblock_inject.surgery.s26_forward import injected_modules
 
     total = len(dbi.injected_dropblocks(model))
     try:

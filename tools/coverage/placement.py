@@ -1,4 +1,4 @@
-"""The sweep's placement check from the recorded dataflow (:class:`~dropblock_inject.surgery.s15_roles.Roles`): no
+"""The sweep's placement check from the recorded dataflow (:class:`~dropblock_inject.surgery.s16_roles.Roles`): no
 point on attention (q, k, v, positional codes, projections), on a sigmoid gate multiplied into the trunk, on a
 dead map, in a neck or head (after an upsampling or a fusion of maps of different strides), or between a conv
 and its norm (norms by behaviour, whatever their class)."""
@@ -11,7 +11,7 @@ from torch import nn
 
 from dropblock_inject.surgery.s10_dataflow import record
 from dropblock_inject.surgery.s03_points import InsertionPoint
-from dropblock_inject.surgery.s15_roles import Roles
+from dropblock_inject.surgery.s16_roles import Roles
 
 _GATES = {"sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_"}
 _PRODUCTS = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}

@@ -10,7 +10,7 @@ module's ``_get_name``, which ``Tracer.trace`` calls on its root before tracing,
 :class:`~dropblock_inject.SurgeryError` instead when it is called while fx traces (fx's own tracing flag, read
 through :mod:`.s01_registry`) and the module is in training mode. Eval traces (the original code, exact) and every
 other caller (``repr``) get the module's name.
-Used by :mod:`.s27_rewrite` (installing it); depends on :mod:`.s01_registry` only.
+Used by :mod:`.s28_rewrite` (installing it); depends on :mod:`.s01_registry` only.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class RefuseRootTrace:
         points: the DropBlocks its own code runs (``after bn2``, ``shortcut of add``), for the message.
         original: an instance-level ``_get_name`` that was there before, if any (``strip`` puts it back).
         holder: the module holding its DropBlocks when it is not ``module`` (a Sequential running its owner's
-            points, see :mod:`.s23_sequentials`), for the message.
+            points, see :mod:`.s24_sequentials`), for the message.
     """
 
     def __init__(self, module: nn.Module, name: str, points: tuple[str, ...],

@@ -1,10 +1,10 @@
 """The end of the plan phase: one immutable :class:`Plan` holding, per rewritten scope, everything the install
-phase (:mod:`.s27_rewrite`) needs, so that installing never traces nor analyses.
+phase (:mod:`.s28_rewrite`) needs, so that installing never traces nor analyses.
 
-After selection (:mod:`.s21_select`) a scope's points become *sites* (:mod:`.s22_sites`); then, here, the other
+After selection (:mod:`.s22_select`) a scope's points become *sites* (:mod:`.s23_sites`); then, here, the other
 graphs that scope's rewrite needs are traced: one per other value of its gradient-checkpointing flags
-(:mod:`.s16_checkpointing`; a value that cannot keep its DropBlocks is a reason, warned about now), and, for the
-top module, the plain Sequentials its points may be handed to (:mod:`.s23_sequentials`). ``plan()`` returns the
+(:mod:`.s17_checkpointing`; a value that cannot keep its DropBlocks is a reason, warned about now), and, for the
+top module, the plain Sequentials its points may be handed to (:mod:`.s24_sequentials`). ``plan()`` returns the
 points of this plan, so ``plan`` refuses exactly what ``inject`` refuses.
 """
 
@@ -21,15 +21,15 @@ from torch import nn
 from ..errors import SurgeryError
 from .._args import check_surgery_args
 from ..recipe import RecipeLike, ScheduleConfig, load_recipe
-from .s18_analyze import Candidate, Scope
+from .s19_analyze import Candidate, Scope
 from .s11_calls import Param
-from .s16_checkpointing import calls_checkpoint, combinations, variant_flags
+from .s17_checkpointing import calls_checkpoint, combinations, variant_flags
 from .s07_kinds import is_container
 from .s03_points import InsertionPoint, check_not_injected
-from .s21_select import build_plan
-from .s23_sequentials import Delegated, delegate
-from .s22_sites import Site, missing
-from .s17_trace import trace_variant
+from .s22_select import build_plan
+from .s24_sequentials import Delegated, delegate
+from .s23_sites import Site, missing
+from .s18_trace import trace_variant
 from .s02_wrappers import unwrap
 
 CONTAINER = "dropblocks"  # the name of a scope's DropBlock ModuleDict (underscores added if it is taken)
@@ -71,7 +71,7 @@ class ScopePlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything :func:`.s27_rewrite.inject` installs: the scopes' rewrites, in module order, and the recipe's
+    """Everything :func:`.s28_rewrite.inject` installs: the scopes' rewrites, in module order, and the recipe's
     schedule (carried by each DropBlock)."""
 
     scopes: tuple[ScopePlan, ...]

@@ -4,10 +4,10 @@ timm modules read ``self.grad_checkpointing`` in their forward (``checkpoint_seq
 Face encoders ``self.gradient_checkpointing``, other code any boolean attribute of its own (``use_checkpoint``,
 mmcv's ``with_cp``); fx would bake the value the flag had at trace time into the graph. Those other flags are
 found from what the forward does, not from their names: :func:`candidates` lists the boolean attributes read by
-a forward whose code can reach a checkpoint function, and :func:`.s17_trace.trace_scope` keeps those whose value
+a forward whose code can reach a checkpoint function, and :func:`.s18_trace.trace_scope` keeps those whose value
 decides whether a checkpoint call is traced (:func:`remember`). So the main graph of a scope is traced with
-every flag off (:mod:`.s17_trace`), one more graph per other value of the flags, in which the checkpoint call stays
-one node (its modules ``get_attr`` nodes), and the injected forward (:mod:`.s25_forward`) picks the graph by the
+every flag off (:mod:`.s18_trace`), one more graph per other value of the flags, in which the checkpoint call stays
+one node (its modules ``get_attr`` nodes), and the injected forward (:mod:`.s26_forward`) picks the graph by the
 flags' current values; while a flag whose graph fx cannot trace is on (a checkpointed closure), it runs the
 original forward. Hugging Face's
 ``GradientCheckpointingLayer`` decides in a class-level wrapper around the layer's own forward: the injected
@@ -101,7 +101,7 @@ def candidates(scope: nn.Module) -> tuple[str, ...]:
     that forward can reach a checkpoint function: through its globals (a checkpoint function or a partial of
     one, ``torch.utils.checkpoint``), an attribute named as one of its functions, an instance attribute holding
     one, or the methods of its class and plain functions of its module it calls. Whether each decides the
-    checkpoint call is for a trace to tell (see :func:`.s17_trace.trace_scope`).
+    checkpoint call is for a trace to tell (see :func:`.s18_trace.trace_scope`).
 
     Args:
         scope: the module about to be traced.

@@ -2,7 +2,7 @@
 
 A layer counts at the stride of the map it computes, except a step of a residual branch, which counts in its
 block's group (torchvision's ``layer3.0.conv1`` runs at stride 8 but belongs to the stride-16 stage), and
-only backbone maps count at all (:class:`~.s15_roles.Roles`). Used by :mod:`.s21_select`.
+only backbone maps count at all (:class:`~.s16_roles.Roles`). Used by :mod:`.s22_select`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 from ..recipe import Rule
 from .s07_kinds import inside_layer, module_kind, owner
 from .s12_shapes import ShapeLog
-from .s15_roles import Roles
+from .s16_roles import Roles
 
 
 def left_out(model: nn.Module, modules: dict[str, nn.Module], path: str, rule: Rule, roles: Roles | None) -> str:
@@ -47,7 +47,7 @@ def block_group(roles: Roles, modules: dict[str, nn.Module], path: str) -> int |
 
 
 def norm_unit(roles: Roles, modules: dict[str, nn.Module], path: str) -> bool:
-    """Whether the module at ``path`` is one conv, then a norm by behaviour (:attr:`.s15_roles.Roles.norms`) on the
+    """Whether the module at ``path`` is one conv, then a norm by behaviour (:attr:`.s16_roles.Roles.norms`) on the
     conv's output, and otherwise only activations, Identity or Dropout (a pre-activation ``bn-act-conv`` is
     not)."""
     kids = dict(modules[path].named_children())

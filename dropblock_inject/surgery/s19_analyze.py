@@ -4,7 +4,7 @@ A residual addition is an add whose two operands both derive from the scope's in
 holds a layer; its *shortcut* is the side with fewer convolutions (counting those inside leaf modules),
 then fewer layers, then fewer nodes, and must start at the scope's input. Branch candidates are the conv /
 norm / act / unit nodes off the shortcut whose value reaches the output as a feature map (not only through
-a gate). Nothing here depends on a recipe: :mod:`.s21_select` filters the candidates by rule.
+a gate). Nothing here depends on a recipe: :mod:`.s22_select` filters the candidates by rule.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from torch import nn
 from .s01_registry import extra_levels
 from .s07_kinds import add_operands, conv_count, is_add, is_gate, node_kinds, unit_kinds
 from .s12_shapes import ShapeLog
-from .s15_roles import Roles
+from .s16_roles import Roles
 from .s13_residuals import ResidualAdd, source_outside
 from .s11_calls import Param
-from .s17_trace import Traced
+from .s18_trace import Traced
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from .s11_calls import Call, Param, specialise
-from .s16_checkpointing import calls_checkpoint, candidates, flags_set, known_flags, remember
+from .s17_checkpointing import calls_checkpoint, candidates, flags_set, known_flags, remember
 from ..errors import SurgeryError
 from .s06_tracer import Tracer
 
@@ -89,7 +89,7 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
                 cache: dict[Any, tuple[fx.Graph, Any, tuple[str, ...]]] | None = None) -> Traced:
     """The training-mode graph of ``scope``, with its checkpointing flags off: those timm and Hugging Face name,
     and any boolean attribute found deciding whether the forward calls a checkpoint function
-    (:func:`_found_flags`; remembered for :func:`.s16_checkpointing.flags`).
+    (:func:`_found_flags`; remembered for :func:`.s17_checkpointing.flags`).
 
     Args:
         scope: the module whose own forward is traced.
@@ -137,7 +137,7 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
 
 
 def _found_flags(scope: nn.Module, path: str, concrete: dict[str, Any], known: tuple[str, ...]) -> tuple[str, ...]:
-    """The boolean attributes among :func:`.s16_checkpointing.candidates` that decide whether the forward calls a
+    """The boolean attributes among :func:`.s17_checkpointing.candidates` that decide whether the forward calls a
     checkpoint function, whatever their names: traced off (False), the forward calls none; traced on (True),
     it calls one or fx cannot trace it (mmcv's ``if self.with_cp and x.requires_grad:``, a checkpointed
     closure: the injected forward then runs the original code while it is on). A flag of inverted sense

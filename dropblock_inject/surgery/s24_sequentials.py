@@ -3,7 +3,7 @@ children's own forwards, so that the top module need not be rewritten.
 
 fx traces the *class* forward of the module it is given (``Tracer.trace`` calls ``type(root).forward``), so a
 top module running its DropBlocks from its own rewritten graph cannot be traced whole in training mode: the trace
-would miss them, and :mod:`.s26_roottrace` refuses it. Most such points are not in the
+would miss them, and :mod:`.s27_roottrace` refuses it. Most such points are not in the
 top module's own code, though: they are in a plain Sequential child the scope's tracer traced through (VGG's,
 DenseNet's, MobileNet's and EfficientNet's ``features``, ShuffleNet's ``conv5``). When every point of the top
 module is of that kind and its forward calls each of those Sequentials as a whole (in every
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from .s18_analyze import Scope
-from .s16_checkpointing import combinations, variant_flags, wraps_checkpointing
-from .s22_sites import Site
+from .s19_analyze import Scope
+from .s17_checkpointing import combinations, variant_flags, wraps_checkpointing
+from .s23_sites import Site
 from ..errors import SurgeryError
-from .s17_trace import trace_scope, trace_variant
+from .s18_trace import trace_scope, trace_variant
 from .s06_tracer import is_plain_sequential
 
 HOLDER = "forward.holder"  # how a Sequential's graph reaches the module holding its DropBlocks

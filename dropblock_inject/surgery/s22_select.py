@@ -2,7 +2,7 @@
 
 Each rule picks *scopes* (the smallest modules whose own forward calls the chosen layers: the owners of
 conv/norm/act leaves, never a container), by module-path glob, class name or output stride; each scope is
-traced (:mod:`.s17_trace`) and analysed (:mod:`.s18_analyze`) once, and the rule keeps the candidates of the kinds
+traced (:mod:`.s18_trace`) and analysed (:mod:`.s19_analyze`) once, and the rule keeps the candidates of the kinds
 it asks for (``after``, ``shortcut``). A point chosen by several rules takes the last rule's settings.
 """
 
@@ -19,16 +19,16 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..recipe import Recipe, RecipeError, Rule
-from .s18_analyze import Candidate, Scope, analyze
-from .s19_explain import explain, not_a_cnn, not_a_residual_cnn
+from .s19_analyze import Candidate, Scope, analyze
+from .s20_explain import explain, not_a_cnn, not_a_residual_cnn
 from .s03_points import InsertionPoint
 from .s07_kinds import CONV_TYPES, inside_layer, module_kind, owner, usable_scopes
 from .s12_shapes import ShapeLog, call_log, default_input
-from .s15_roles import Roles
-from .s20_groups import block_group, in_backbone, left_out
+from .s16_roles import Roles
+from .s21_groups import block_group, in_backbone, left_out
 from .s11_calls import wants_call
 from ..errors import SurgeryError
-from .s17_trace import trace_scope
+from .s18_trace import trace_scope
 from .s06_tracer import TRACING
 
 
@@ -102,7 +102,7 @@ def _select(scope: Scope, rule: Rule, shapes: ShapeLog | None, why: dict[str, li
     """The candidates of ``scope`` that ``rule`` asks for; those it asks for but that may never get a
     DropBlock are counted in ``why`` (reason -> points). With the dataflow's ``roles``, a stride rule keeps
     backbone maps only and takes each module's stride from it (with ``modules``, a step of a residual branch
-    takes its block's: see :func:`.s20_groups.block_group`)."""
+    takes its block's: see :func:`.s21_groups.block_group`)."""
     wanted = set(rule.after)
     own = roles is not None and roles.ran(scope.path)
     out_stride = roles.stride(scope.path) if own else shapes.nominal_stride(scope.output_shape, scope.path) \

@@ -1,6 +1,6 @@
 """Explanations: why a rule selects nothing, and whether a model is a CNN at all.
 
-Used by :mod:`.s21_select` when a rule or a recipe matches no insertion point: module paths or classes that do
+Used by :mod:`.s22_select` when a rule or a recipe matches no insertion point: module paths or classes that do
 not exist (with the closest ones that do), maps too small for the stride asked for, a model with no
 stride-16/32 stage in its backbone (naming the largest stride found and the path rule to write instead,
 and where the maps at the rule's strides are: a neck or head, thrown away, attention), or points that may
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..recipe import Recipe, RecipeError, Rule
 from .s07_kinds import CONV_TYPES, owner, usable_scopes
 from .s12_shapes import ShapeLog
-from .s15_roles import Roles
+from .s16_roles import Roles
 
 
 def not_a_cnn(model: nn.Module, recipe: Recipe) -> None:

@@ -1,13 +1,13 @@
-"""The install phase: from the plan phase's immutable :class:`~.s24_blueprint.Plan`, build the DropBlock modules of
-each scope, insert their calls into copies of its graphs (:mod:`.s22_sites`) and install the injected forwards
+"""The install phase: from the plan phase's immutable :class:`~.s25_blueprint.Plan`, build the DropBlock modules of
+each scope, insert their calls into copies of its graphs (:mod:`.s23_sites`) and install the injected forwards
 (``inject``); remove it all again (``strip``). Nothing here traces or analyses.
 
 Each rewritten scope gets a ``dropblocks`` ``ModuleDict`` holding its DropBlock modules (one per point, keyed by
 the node it follows), and each module whose graph calls them an instance ``forward``
-(:class:`~.s25_forward.InjectedForward`), an instance ``__prepare_scriptable__`` refusing TorchScript and an instance
+(:class:`~.s26_forward.InjectedForward`), an instance ``__prepare_scriptable__`` refusing TorchScript and an instance
 ``_get_name`` refusing an fx trace of it as the root in training mode, which would trace its class's forward,
-without its DropBlocks (:class:`~.s26_roottrace.RefuseRootTrace`): the scope itself, or the plain Sequentials that run
-the top module's points (:mod:`.s23_sequentials`). ``strip`` deletes
+without its DropBlocks (:class:`~.s27_roottrace.RefuseRootTrace`): the scope itself, or the plain Sequentials that run
+the top module's points (:mod:`.s24_sequentials`). ``strip`` deletes
 exactly these, as the injected forward (the module's injection record) lists them, putting back what was there,
 so the original objects remain. A container (``Sequential``,
 ``ModuleList``, ``ModuleDict``) never holds DropBlocks: its forward runs every child it has.
@@ -25,13 +25,13 @@ from torch import nn
 
 from .._args import check_surgery_args
 from ..recipe import RecipeLike, ScheduleConfig
-from .s24_blueprint import Plan, ScopePlan, make_plan
+from .s25_blueprint import Plan, ScopePlan, make_plan
 from .s11_calls import Param
-from .s25_forward import InjectedForward, RefuseScripting, injected_modules
+from .s26_forward import InjectedForward, RefuseScripting, injected_modules
 from .s03_points import is_dropblock_container, new_dropblock
-from .s26_roottrace import RefuseRootTrace
-from .s23_sequentials import HOLDER
-from .s22_sites import insert
+from .s27_roottrace import RefuseRootTrace
+from .s24_sequentials import HOLDER
+from .s23_sites import insert
 from .s02_wrappers import unwrap
 
 
@@ -93,7 +93,7 @@ def install(plan: Plan) -> None:
     them all; on any error, take back what was installed, so the model is as it was.
 
     Args:
-        plan: the plan phase's result (:func:`.s24_blueprint.make_plan`); it is not changed.
+        plan: the plan phase's result (:func:`.s25_blueprint.make_plan`); it is not changed.
     """
     rewrites = [(scope.module, scope.container, *_build(scope, plan.schedule)) for scope in plan.scopes]
     added: list[tuple[nn.Module, str]] = []  # containers added, to take back on failure
@@ -145,7 +145,7 @@ def inject(model: nn.Module, recipe: RecipeLike, *, example_input: Any = None) -
 
 
 def _install(i: _Install, container: nn.ModuleDict) -> None:
-    """Install the record on ``i.module``: the :class:`~.s25_forward.InjectedForward` as its ``forward``, and the
+    """Install the record on ``i.module``: the :class:`~.s26_forward.InjectedForward` as its ``forward``, and the
     two guards derived from it (refusing TorchScript; refusing a training-mode fx trace of the module as the
     root), which the record lists so that :func:`strip` removes exactly them."""
     module = i.module

@@ -3,13 +3,13 @@
 :class:`InjectedForward` runs the rewritten graph in training mode and the module's original ``forward`` in
 eval mode, so eval() is the original code bit for bit and whatever fx would bake in from ``self.training``
 follows train()/eval(); the gradient-checkpointing flags likewise pick their graph per call (see
-:mod:`.s16_checkpointing`), and a structured output is rebuilt with its type (:mod:`.s04_outputs`). A graph traced
+:mod:`.s17_checkpointing`), and a structured output is rebuilt with its type (:mod:`.s04_outputs`). A graph traced
 with specialised arguments (see :mod:`.s11_calls`) runs only for calls that match them. :class:`RefuseScripting`
-makes ``torch.jit.script`` of an injected model a clear error (:mod:`.s26_roottrace` likewise refuses an fx trace of
+makes ``torch.jit.script`` of an injected model a clear error (:mod:`.s27_roottrace` likewise refuses an fx trace of
 a rewritten module as the root in training mode: fx would trace its class's forward, not this one). An fx trace
 of an enclosing module calls this forward with Proxies and records its DropBlocks.
-Used by :mod:`.s21_select` (is a model already injected?) and :mod:`.s27_rewrite` (installing it); depends on
-:mod:`.s01_registry`, :mod:`.s04_outputs`, :mod:`.s16_checkpointing` and :mod:`.s11_calls` only.
+Used by :mod:`.s22_select` (is a model already injected?) and :mod:`.s28_rewrite` (installing it); depends on
+:mod:`.s01_registry`, :mod:`.s04_outputs`, :mod:`.s17_checkpointing` and :mod:`.s11_calls` only.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .s16_checkpointing import hf_checkpointing_on, wraps_checkpointing
+from .s17_checkpointing import hf_checkpointing_on, wraps_checkpointing
 from .s04_outputs import unflatten_output
 from .s11_calls import EMPTY, Param
 from ..errors import SurgeryError
@@ -54,7 +54,7 @@ class InjectedForward:
     runs the original forward); a Hugging Face ``GradientCheckpointingLayer`` checkpoints the graph as its own
     wrapper would. A DropBlock listed in ``inplace`` (with the module producing its input) writes in place only
     while no hook can observe that module's output. A plain ``Sequential`` rewritten for its owner (see
-    :mod:`.s23_sequentials`) reaches the DropBlocks in its ``holder``'s container, as ``self.forward.holder``.
+    :mod:`.s24_sequentials`) reaches the DropBlocks in its ``holder``'s container, as ``self.forward.holder``.
     Pickles (torch.save of a whole model), deep-copies and compiles; its code is regenerated from the graphs.
     """
 
