@@ -470,3 +470,30 @@ def test_a_dilated_selective_kernel_path_gives_no_stride_8_point():
     points = _plan(timm.create_model("skresnet18", pretrained=False), x=torch.zeros(1, 3, 224, 224))
     assert {p.module.split(".")[0] for p in points} == {"layer3", "layer4"}
     assert {p.shape[-1] for p in points} == {14, 7}
+
+
+_SEEDED_PLAN = """
+import json, sys, warnings, torch
+warnings.simplefilter("ignore")
+import dropblock_inject as dbi
+from monai.networks.nets import DenseNet121
+from pytorchcv.model_provider import get_model
+models = [DenseNet121(spatial_dims=2, in_channels=3, out_channels=4), get_model("dpn68", pretrained=False)]
+print(json.dumps([[(p.module, p.after, p.kind, p.keep_prob) for p in dbi.plan(
+    m.eval(), "paper_generic", example_input=torch.zeros(1, 3, 224, 224))] for m in models]))
+"""
+
+
+@pytest.mark.slow
+def test_the_plan_does_not_depend_on_the_string_hash_seed():
+    """Placement iterates no set of names in an order that decides anything: the same plan under two
+    ``PYTHONHASHSEED`` values (each a fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("monai")
+    pytest.importorskip("pytorchcv")
+    plans = [subprocess.run([sys.executable, "-c", _SEEDED_PLAN], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
+    assert plans[0] and plans[0] == plans[1]
