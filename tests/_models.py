@@ -433,3 +433,23 @@ class StructuredBlock(nn.Module):
     def forward(self, x: Tensor):
         y = x + self.bn(self.conv(x))
         return OUTPUT_TYPES[self.kind](y, y.mean((2, 3)))
+
+
+class ConvStemTransformer(nn.Module):
+    """Not a CNN: a conv stem to stride 32, a transformer on its tokens, then a residual conv decoder at stride 16
+    (a conv stem and a conv decoder around attention: timm LeViT, MONAI UNETR)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 4, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 8, 1))
+        self.encoder = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True)
+        self.up = nn.ConvTranspose2d(32, 16, 2, 2)
+        self.dec = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16))
+
+    def forward(self, x):
+        y = self.stem(x)
+        n, c, h, w = y.shape
+        t = self.encoder(y.flatten(2).transpose(1, 2))
+        z = self.up(t.transpose(1, 2).reshape(n, c, h, w))
+        return z + self.dec(z)

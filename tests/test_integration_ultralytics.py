@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from _ultralytics_train import load_example
+from tools.coverage.zoo_detect import ultralytics_offline
 
 pytest.importorskip("cv2")
 
@@ -25,24 +26,9 @@ pytest.importorskip("cv2")
 _SETTINGS = tempfile.TemporaryDirectory(prefix="ultralytics_settings_")  # removed when the interpreter exits
 
 
-def _import_ultralytics_offline() -> None:
-    """Import Ultralytics with its settings in a temporary directory and offline (it reads both once, on import)."""
-    if "ultralytics" in sys.modules:
-        return
-    names = ("YOLO_CONFIG_DIR", "YOLO_OFFLINE", "YOLO_AUTOINSTALL")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(YOLO_CONFIG_DIR=_SETTINGS.name, YOLO_OFFLINE="1", YOLO_AUTOINSTALL="false")
-    try:
+if "ultralytics" not in sys.modules:  # it reads its settings directory and offline flag once, on import
+    with ultralytics_offline(_SETTINGS.name):
         pytest.importorskip("ultralytics")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-_import_ultralytics_offline()
 
 import dropblock_inject as dbi  # noqa: E402
 from dropblock_inject.integrations.ultralytics import DropBlockCallbacks, add_dropblock  # noqa: E402

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import dropblock_inject as dbi
+from _models import ConvStemTransformer
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -20,44 +21,36 @@ def _plan(model: nn.Module, recipe="paper_generic", x=None):
         return dbi.plan(model, recipe, example_input=x)
 
 
-@pytest.fixture
-def yolo(monkeypatch, tmp_path):
-    monkeypatch.setenv("YOLO_OFFLINE", "1")
-    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path))  # its settings file, written at import
-    tasks = pytest.importorskip("ultralytics.nn.tasks")
-    return lambda cfg: tasks.DetectionModel(cfg, verbose=False)
-
-
 def _index(point) -> int:
     return int(point.module.split(".")[1])
 
 
 # -- backbone only, no attention, live maps only ---------------------------------------------------------
 
-def test_yolov8n_points_only_in_its_backbone(yolo):
-    points = _plan(yolo("yolov8n.yaml"), x=torch.zeros(1, 3, 256, 256))
+def test_yolov8n_points_only_in_its_backbone(yolo_net):
+    points = _plan(yolo_net("yolov8n.yaml"), x=torch.zeros(1, 3, 256, 256))
     # the backbone is model.0-9; the PAN neck (model.10-21) and the Detect head (model.22) get none
     assert points and max(map(_index, points)) <= 9
     assert {_index(p) for p in points} >= {6, 8}
 
 
-def test_yolov8n_warns_only_about_its_untraceable_root_naming_its_layers(yolo):
+def test_yolov8n_warns_only_about_its_untraceable_root_naming_its_layers(yolo_net):
     """fx cannot trace the whole DetectionModel (its forward routes outputs by index): inject warns once,
     naming the backbone layer left out (the root's stride-16 downsampling conv ``model.5``). The C2f blocks
     (``list(self.cv1(x).chunk(2, 1))``) are traced: those of the backbone get their cv1 and cv2 points."""
-    model = yolo("yolov8n.yaml")
+    model = yolo_net("yolov8n.yaml")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dbi.inject(model, "paper_generic", example_input=torch.zeros(1, 3, 256, 256))
     untraceable = [str(w.message) for w in caught if "cannot trace module" in str(w.message)]
     assert len(untraceable) == 1 and "'<root>'" in untraceable[0], untraceable
     assert untraceable[0].endswith("left without DropBlock (its layers at that stride: model.5)")
-    plan = {(p.module, p.after) for p in _plan(yolo("yolov8n.yaml"), x=torch.zeros(1, 3, 256, 256))}
+    plan = {(p.module, p.after) for p in _plan(yolo_net("yolov8n.yaml"), x=torch.zeros(1, 3, 256, 256))}
     assert {("model.6", "cv1"), ("model.6", "cv2"), ("model.8", "cv1"), ("model.8", "cv2")} <= plan
 
 
-def test_yolo11n_no_point_in_neck_head_or_attention(yolo):
-    model = yolo("yolo11n.yaml")
+def test_yolo11n_no_point_in_neck_head_or_attention(yolo_net):
+    model = yolo_net("yolo11n.yaml")
     points = _plan(model, x=torch.zeros(1, 3, 256, 256))
     assert points and max(map(_index, points)) <= 10
     # C2PSA (model.10): its feed-forward convs may get points, its attention's qkv / pe / proj never
@@ -310,33 +303,15 @@ def test_a_sum_of_two_conv_branches_has_no_shortcut():
 
 # -- not a CNN, and plan and inject agree -----------------------------------------------------------------
 
-class _ConvStemTransformer(nn.Module):
-    """A conv stem to stride 32, a transformer on its tokens, then a residual conv decoder at stride 16."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 4, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 8, 1))
-        self.encoder = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True)
-        self.up = nn.ConvTranspose2d(32, 16, 2, 2)
-        self.dec = _RepBlock(16, 16, 1)
-
-    def forward(self, x):
-        y = self.stem(x)
-        n, c, h, w = y.shape
-        t = self.encoder(y.flatten(2).transpose(1, 2))
-        z = self.up(t.transpose(1, 2).reshape(n, c, h, w))
-        return z + self.dec(z)
-
-
 def test_a_transformer_with_a_conv_stem_and_decoder_is_told_it_is_not_a_cnn():
-    model = _ConvStemTransformer().eval()
+    model = ConvStemTransformer().eval()
     x = torch.zeros(1, 3, 128, 128)
     for call in (dbi.plan, dbi.inject):  # both refuse, with the reason and what to write instead
         with pytest.raises(dbi.RecipeError, match=r"not a CNN.*stride 16 or 32.*attention.*modules: \[\.\.\.\]"):
             call(model, "paper_generic", example_input=x)
     assert not dbi.injected_dropblocks(model)
-    # naming modules by path still places DropBlock where asked
-    assert _plan(model, {"rules": [{"modules": ["dec"], "after": ["unit"]}]}, x)
+    # naming the modules still places DropBlock where asked (the decoder's layers, called by the model itself)
+    assert _plan(model, {"rules": [{"types": ["ConvStemTransformer"], "after": ["unit"]}]}, x)
 
 
 @pytest.mark.parametrize("name", ["levit_128s", "unetr"])
@@ -393,10 +368,10 @@ def test_a_glob_reaches_blocks_nested_in_a_block_it_matches():
         assert {(i, "bn", "branch"), (f"{i}.inner", "bn", "branch"), (f"{i}.inner", "x", "shortcut")} <= points
 
 
-def test_a_glob_reaches_the_bottlenecks_of_ultralytics_c2f_blocks(yolo):
+def test_a_glob_reaches_the_bottlenecks_of_ultralytics_c2f_blocks(yolo_net):
     """``model.**`` matches each C2f and the Bottlenecks inside it: both get their points (the C2f after its
     own cv1 and cv2, each Bottleneck its branch and shortcut)."""
-    model = yolo("yolov8n.yaml")
+    model = yolo_net("yolov8n.yaml")
     recipe = {"rules": [{"modules": ["model.**"], "after": ["unit"], "shortcut": True}]}
     points = _plan(model, recipe, x=torch.zeros(1, 3, 256, 256))
     blocks = {p.module for p in points}

@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from _models import ConvStemTransformer
+
 from dropblock_inject.surgery.s10_dataflow import record
 from dropblock_inject.surgery.s16_roles import Roles
 
@@ -17,18 +19,10 @@ def _roles(model: nn.Module, x) -> Roles:
     return Roles(record(model, x), model)
 
 
-@pytest.fixture
-def yolo(monkeypatch, tmp_path):
-    monkeypatch.setenv("YOLO_OFFLINE", "1")
-    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path))  # its settings file, written at import
-    tasks = pytest.importorskip("ultralytics.nn.tasks")
-    return lambda cfg: tasks.DetectionModel(cfg, verbose=False)
-
-
 # -- backbone vs neck and head -----------------------------------------------------------------------
 
-def test_yolov8n_pan_neck_and_head_are_not_backbone(yolo):
-    model = yolo("yolov8n.yaml").eval()
+def test_yolov8n_pan_neck_and_head_are_not_backbone(yolo_net):
+    model = yolo_net("yolov8n.yaml").eval()
     r = _roles(model, torch.zeros(1, 3, 256, 256))
     assert r.flow.how == "meta"
     with torch.no_grad():
@@ -154,8 +148,8 @@ def test_maps_an_se_gate_scales_are_not_pooled_maps():
 
 # -- attention -----------------------------------------------------------------------------------------
 
-def test_yolo11_c2psa_attention_convs_are_attention(yolo):
-    r = _roles(yolo("yolo11n.yaml"), torch.zeros(1, 3, 256, 256))
+def test_yolo11_c2psa_attention_convs_are_attention(yolo_net):
+    r = _roles(yolo_net("yolo11n.yaml"), torch.zeros(1, 3, 256, 256))
     attn = "model.10.m.0.attn"
     assert r.feeds_attention(f"{attn}.qkv") and r.feeds_attention(f"{attn}.qkv.conv")
     assert all(r.in_attention(f"{attn}.{p}") for p in ("qkv", "qkv.conv", "qkv.bn", "pe", "proj", "proj.bn"))
@@ -223,25 +217,8 @@ def test_pspnet_encoder_stages_it_throws_away_are_not_live():
 
 # -- not a CNN -----------------------------------------------------------------------------------------
 
-class _ConvStemTransformer(nn.Module):
-    """A conv stem to stride 32, then a transformer on its tokens, then a residual conv decoder at stride 16."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 4, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 8, 1))
-        self.encoder = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True)
-        self.up = nn.ConvTranspose2d(32, 16, 2, 2)
-        self.dec = _Res(16, 16)
-
-    def forward(self, x):
-        y = self.stem(x)
-        n, c, h, w = y.shape
-        t = self.encoder(y.flatten(2).transpose(1, 2))
-        return self.dec(self.up(t.transpose(1, 2).reshape(n, c, h, w)))
-
-
 def test_a_transformer_with_a_conv_stem_and_decoder_is_not_a_cnn():
-    r = _roles(_ConvStemTransformer(), torch.zeros(1, 3, 128, 128))
+    r = _roles(ConvStemTransformer(), torch.zeros(1, 3, 128, 128))
     assert r.stride("dec") == 16 and r.residual_adds[-1].skip is not None
     assert r.not_a_cnn is not None and "stride 16 or 32" in r.not_a_cnn
     assert r.in_attention("stem.2") and not r.is_backbone("dec")

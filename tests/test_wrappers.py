@@ -101,11 +101,8 @@ def test_unwrap_leaves_plain_models_and_sees_through_nesting():
 
 
 @pytest.fixture
-def yolo(monkeypatch, tmp_path):
+def yolo(ultralytics):
     """Ultralytics' model object, built offline from a YAML with random weights."""
-    monkeypatch.setenv("YOLO_OFFLINE", "1")
-    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path))  # its settings file, written at import
-    ultralytics = pytest.importorskip("ultralytics")
     return ultralytics.YOLO("yolov8n.yaml")
 
 

@@ -26,13 +26,22 @@ ULTRALYTICS_FAST = ["yolov8n"]
 
 
 @contextlib.contextmanager
-def _ultralytics_offline() -> Iterator[None]:
-    """``YOLO_OFFLINE=1`` and a private settings directory while Ultralytics imports and builds (restored after:
-    the sweep changes no environment variable of the process it runs in)."""
-    saved = {k: os.environ.get(k) for k in ("YOLO_OFFLINE", "YOLO_CONFIG_DIR")}
-    with tempfile.TemporaryDirectory() as settings:
-        os.environ["YOLO_OFFLINE"] = "1"
-        os.environ.setdefault("YOLO_CONFIG_DIR", settings)
+def ultralytics_offline(settings: str | None = None) -> Iterator[None]:
+    """``YOLO_OFFLINE=1``, no automatic installs, and a settings directory (``settings``, else a temporary one
+    unless one is set) while Ultralytics imports and builds; the variables are restored after (the sweep
+    changes no environment variable of the process it runs in). Ultralytics reads them once, on import.
+
+    Args:
+        settings: the settings directory to use (it must outlive the process's use of Ultralytics).
+    """
+    names = ("YOLO_OFFLINE", "YOLO_CONFIG_DIR", "YOLO_AUTOINSTALL")
+    saved = {k: os.environ.get(k) for k in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.update(YOLO_OFFLINE="1", YOLO_AUTOINSTALL="false")
+        if settings is not None:
+            os.environ["YOLO_CONFIG_DIR"] = settings
+        else:
+            os.environ.setdefault("YOLO_CONFIG_DIR", tmp)
         try:
             yield
         finally:
@@ -52,7 +61,7 @@ def ultralytics_model(name: str) -> nn.Module:
     Returns:
         The ``nn.Module`` (``DetectionModel``, ``SegmentationModel``, ``PoseModel``...), in eval mode.
     """
-    with _ultralytics_offline(), contextlib.redirect_stdout(None):
+    with ultralytics_offline(), contextlib.redirect_stdout(None):
         import ultralytics
 
         if name.startswith("rtdetr"):
