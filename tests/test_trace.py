@@ -311,3 +311,27 @@ def test_the_parts_of_a_chunk_taken_as_a_list_are_traced(split):
     dbi.inject(model, recipe, example_input=x)
     assert set(model.dropblocks) == {"cv1", "m"}  # (cv2 computes the model's output: a prediction)
     assert torch.equal(model(x), ref)
+
+
+class _VarArgs(nn.Module):
+    """A forward taking ``*args, **kwargs`` beside its input (Ultralytics' ``BaseModel.forward``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x, *args, **kwargs):
+        return self.conv2(self.conv1(x)).mean((2, 3))
+
+
+def test_a_forward_with_star_args_is_traced():
+    """fx rewrites the code of a forward with ``*args``/``**kwargs`` to take its arguments one by one: the
+    forward traced is the model's own (it failed with "co_varnames is too small" on our output wrapper)."""
+    model = _VarArgs().eval()
+    x = torch.randn(1, 3, 8, 8)
+    ref = model(x)
+    dbi.inject(model, {"rules": [{"types": ["_VarArgs"], "after": ["conv"]}], "dropblock": {"block_size": 3}},
+               example_input=x)
+    assert set(model.dropblocks) == {"conv1"}  # (conv2's map is pooled into the output)
+    assert torch.equal(model(x), ref) and torch.equal(model(x, "extra", flag=True), ref)
+    model.train()(x, "extra", flag=True).sum().backward()

@@ -12,7 +12,6 @@ graph).
 from __future__ import annotations
 
 import contextlib
-import functools
 import operator
 import threading
 from typing import Any, Callable, Iterator
@@ -124,12 +123,15 @@ class Tracer(fx.Tracer):
         if space is not None and is_module:  # its methods next to the forward see the same globals
             self.root.__dict__.update(own_methods(self.root, root_fn, space))  # (undone by _state_kept)
 
-        @functools.wraps(root_fn)  # fx reads the signature through __wrapped__
-        def flat_output(*args: Any, **kwargs: Any) -> Any:
-            leaves, self.out_structure = flatten_output(fn(*args, **kwargs))
+        # fx reads the forward's own signature (and rewrites its code for ``*args``/``**kwargs``: Ultralytics'
+        # ``forward(self, x, *args, **kwargs)``); what it will call is wrapped after
+        traced_fn, args = super().create_args_for_root(fn, is_module, concrete_args)
+
+        def flat_output(*args: Any) -> Any:
+            leaves, self.out_structure = flatten_output(traced_fn(*args))
             return leaves if self.out_structure is not None else leaves[0]
 
-        return super().create_args_for_root(flat_output, is_module, concrete_args)
+        return flat_output, args
 
 
 @contextlib.contextmanager
