@@ -60,13 +60,13 @@ def test_call_differing_from_traced_pattern_runs_original_forward():
     dbi.strip(twin)
     x, s = torch.randn(2, 8, 16, 16), torch.randn(2, 8, 16, 16)
     with pytest.warns(UserWarning, match=r"'OptionalShortcutBlock b2' was rewritten for calls with "
-                                         r"\(x=not None, shortcut=None, children=None\)"):
+                                         r"\(x=Tensor, shortcut=None, children=None\)"):
         out = block(x, s)
     assert torch.equal(out, twin(x, s))  # the original forward: the tensor shortcut is used, nothing dropped
     for call in [(x, None, None), (x,)]:  # the traced pattern, positionally or by default
         torch.manual_seed(0)
         assert not torch.equal(block(*call), twin(*call))
-    with pytest.warns(UserWarning, match="called otherwise"), pytest.raises(TypeError, match="bogus"):
+    with pytest.raises(TypeError, match="bogus"):
         block(x, bogus=1)  # an unknown keyword reaches the original forward, which raises as it would
 
 
@@ -335,3 +335,37 @@ def test_a_forward_with_star_args_is_traced():
     assert set(model.dropblocks) == {"conv1"}  # (conv2's map is pooled into the output)
     assert torch.equal(model(x), ref) and torch.equal(model(x, "extra", flag=True), ref)
     model.train()(x, "extra", flag=True).sum().backward()
+
+
+class _DictOrTensor(nn.Module):
+    """Ultralytics' pattern: ``model(batch_dict)`` computes a loss on ``self.forward(batch["img"])``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x, *args, **kwargs):
+        if isinstance(x, dict):
+            return self.forward(x["img"]).square().mean() if x.get("loss", True) else x["img"].sum()
+        return self.conv2(self.conv1(x)).mean((2, 3))
+
+
+def test_a_call_unlike_the_traced_one_runs_the_original_forward_which_may_call_the_traced_one():
+    """Traced for a tensor, called with a dict: the original forward decides (fx baked ``isinstance(x, dict)``
+    as False); it warns only when that call ran no DropBlock of the module (here, when the original forward
+    does not call ``self.forward`` on the tensor)."""
+    model = _DictOrTensor()
+    x = torch.randn(2, 3, 8, 8)
+    dbi.inject(model, {"rules": [{"types": ["_DictOrTensor"], "after": ["conv"]}], "dropblock": {"block_size": 3}},
+               example_input=x)
+    set_keep(model, 0.5)
+    ran = []
+    model.dropblocks["conv1"].register_forward_hook(lambda *a: ran.append(1))
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model({"img": x}).backward()
+    assert ran == [1]
+    with pytest.warns(UserWarning, match=r"rewritten for calls with \(x=Tensor\) but is called otherwise"):
+        model({"img": x, "loss": False})
+    assert ran == [1]

@@ -119,4 +119,4 @@ def test_ultralytics_model_object_is_refused_with_what_to_pass(yolo, call):
     assert not dbi.injected_dropblocks(yolo.model)
     assert same_state(yolo.model, before) and type(yolo.model).forward is yolo.model.forward.__func__
     points = dbi.plan(yolo.model, "paper_generic", example_input=torch.zeros(1, 3, 64, 64))  # what to pass works
-    assert points and all(p.module.startswith("model.") for p in points)
+    assert points and all(f"{p.module}.{p.after}".startswith(("model.", ".model_")) for p in points)

@@ -12,6 +12,7 @@ graph).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 import threading
 from typing import Any, Callable, Iterator
@@ -94,15 +95,20 @@ class Tracer(fx.Tracer):
     plain Sequentials traced through run their code without the hooks ``Module.__call__`` would fire.
     """
 
-    def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
+    def __init__(self, leaves: frozenset[str] = frozenset(), varargs: bool = True) -> None:
         super().__init__(autowrap_modules=(), autowrap_functions=())
         self.leaves = leaves  # plain Sequentials kept as leaves too (by qualified name)
+        self.varargs = varargs  # False: a forward's ``*args``/``**kwargs`` traced empty, not as placeholders
         self.out_structure: Structure | None = None
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         """fx's trace, one at a time in this process (see :data:`TRACING`), leaving nothing on ``root``."""
         with TRACING, _state_kept(root) if isinstance(root, nn.Module) else contextlib.nullcontext():
-            return super().trace(root, concrete_args)
+            graph = super().trace(root, concrete_args)
+        if not self.varargs:  # the placeholders of ``*args``/``**kwargs``, called empty
+            for node in [n for n in graph.find_nodes(op="placeholder") if str(n.target).startswith("*")]:
+                graph.erase_node(node)
+        return graph
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return not is_plain_sequential(m) or module_qualified_name in self.leaves
@@ -126,6 +132,10 @@ class Tracer(fx.Tracer):
         # fx reads the forward's own signature (and rewrites its code for ``*args``/``**kwargs``: Ultralytics'
         # ``forward(self, x, *args, **kwargs)``); what it will call is wrapped after
         traced_fn, args = super().create_args_for_root(fn, is_module, concrete_args)
+        flags = inspect.unwrap(root_fn).__code__.co_flags
+        if not self.varargs and flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+            empty = ([()] if flags & inspect.CO_VARARGS else []) + ([{}] if flags & inspect.CO_VARKEYWORDS else [])
+            args = [*args[:len(args) - len(empty)], *empty]
 
         def flat_output(*args: Any) -> Any:
             leaves, self.out_structure = flatten_output(traced_fn(*args))

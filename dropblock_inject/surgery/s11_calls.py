@@ -57,7 +57,8 @@ class Param:
 
     ``kind`` "none" / "seq" / "const": specialised at trace time to None, a list (or tuple) of ``expect[1]``
     tensors of type ``expect[0]``, or the constant ``expect``; "free": one placeholder, which must not be
-    None unless ``expect`` is true.
+    None unless ``expect`` is True, and must be a Tensor where ``expect`` is ``Tensor`` (the example passed one:
+    a forward that branches on ``isinstance(x, dict)`` was traced for tensors only).
     """
 
     name: str
@@ -67,7 +68,8 @@ class Param:
     expect: Any = None
 
     def describe(self) -> str:
-        what = {"none": "None", "free": "any" if self.expect else "not None"}.get(self.kind)
+        what = {"none": "None", "free": "any" if self.expect is True else "Tensor" if self.expect is Tensor
+                else "not None"}.get(self.kind)
         if self.kind == "seq":
             what = f"{self.expect[0].__name__} of {self.expect[1]} tensors"
         elif self.kind == "const":
@@ -93,7 +95,8 @@ def specialise(scope: nn.Module, call: Call | None, floats: int = 0
     if sig is None:
         return {}, None, positional
     params = list(sig.parameters.values())[1:]  # without self
-    if not params or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+    var = {p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    if not params or (var and call is None):
         return {}, None, positional
     passed: dict[str, Any] = {}
     if call is not None:
@@ -101,6 +104,9 @@ def specialise(scope: nn.Module, call: Call | None, floats: int = 0
             passed = dict(sig.bind(None, *call.args, **call.kwargs).arguments)
         except TypeError:
             call = None
+    if var and (call is None or any(passed.get(name) for name in var)):
+        return {}, None, positional  # ``*args``/``**kwargs`` given: the forward is called as it is
+    params = [p for p in params if p.name not in var]  # ``*args``/``**kwargs`` left empty: traced empty
     concrete: dict[str, Any] = {}
     layout: list[Param] = []
     shapes: list[tuple[int, ...] | None] = []
@@ -116,7 +122,8 @@ def specialise(scope: nn.Module, call: Call | None, floats: int = 0
             const = floats == 2 or (floats == 1 and p.default is None)
             arg = Arg("const", value=arg.value) if const else Arg("other")
         if arg is None or arg.kind in ("tensor", "other"):
-            layout.append(Param(p.name, index, p.default, "free", arg is None or arg.kind == "other"))
+            layout.append(Param(p.name, index, p.default, "free",
+                                Tensor if arg is not None and arg.kind == "tensor" else arg is None or arg.kind == "other"))
             shapes.append(arg.shapes[0] if arg is not None and arg.kind == "tensor" else None)
         elif arg.kind == "none":
             concrete[p.name] = None

@@ -26,20 +26,20 @@ from .s06_tracer import Tracer
 @dataclass
 class Traced:
     graph: fx.Graph
-    params: tuple[Param, ...] | None  # None: a forward with *args/**kwargs, called as it is
+    params: tuple[Param, ...] | None  # None: called with *args/**kwargs filled (or unrecorded): run as called
     out_spec: Any  # a Structure (or, with list arguments, fx's TreeSpec) rebuilding the output; None: a tensor
     input_shapes: list[tuple[int, ...] | None]  # one per placeholder, from the example forward
 
 
 def _trace(scope: nn.Module, path: str, concrete: dict[str, Any],
-           checkpointing: tuple[tuple[str, ...], tuple[bool, ...]], leaves: frozenset[str] = frozenset()
-           ) -> tuple[fx.Graph, Any]:
+           checkpointing: tuple[tuple[str, ...], tuple[bool, ...]], leaves: frozenset[str] = frozenset(),
+           varargs: bool = True) -> tuple[fx.Graph, Any]:
     was_training = scope.training
     scope.training = True  # only the scope's own flag can be baked: children are leaves
     try:
         with warnings.catch_warnings(), flags_set(scope, *checkpointing):
             warnings.simplefilter("ignore")  # fx warns about constants it cannot guard; the layout checks them
-            tracer = Tracer(leaves=leaves)
+            tracer = Tracer(leaves=leaves, varargs=varargs)
             graph = tracer.trace(scope, concrete_args=concrete or None)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
@@ -111,10 +111,10 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
         graph, structure, found = cache[key]  # type: ignore[index]
         remember(scope, found)
         return Traced(graph, params, structure, shapes)
-    found = _found_flags(scope, path, concrete, known)
+    found = _found_flags(scope, path, concrete, known, params is None)
     names = (*known, *found)
     try:
-        graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
+        graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)), varargs=params is None)
     except SurgeryError:
         # ``if drop_connect_rate:`` (efficientnet_pytorch's MBConvBlock): a float argument the forward branches
         # on is specialised to its value in the example forward; other values run the original forward
@@ -122,10 +122,10 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
             raise
         try:  # first only the optional ones (``rate=None``), then every float
             concrete, params, shapes = specialise(scope, call, floats=1)
-            graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
+            graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)), varargs=params is None)
         except SurgeryError:
             concrete, params, shapes = specialise(scope, call, floats=2)
-            graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)))
+            graph, structure = _trace(scope, path, concrete, (names, (False,) * len(names)), varargs=params is None)
     placeholders = sum(n.op == "placeholder" for n in graph.nodes)
     if params is not None and placeholders != len(shapes):
         raise SurgeryError(f"cannot trace module {path or '<root>'!r} ({type(scope).__name__}) with torch.fx: "
@@ -136,7 +136,8 @@ def trace_scope(scope: nn.Module, path: str, call: Call | None = None,
     return Traced(graph, params, structure, shapes)
 
 
-def _found_flags(scope: nn.Module, path: str, concrete: dict[str, Any], known: tuple[str, ...]) -> tuple[str, ...]:
+def _found_flags(scope: nn.Module, path: str, concrete: dict[str, Any], known: tuple[str, ...],
+                 varargs: bool = True) -> tuple[str, ...]:
     """The boolean attributes among :func:`.s17_checkpointing.candidates` that decide whether the forward calls a
     checkpoint function, whatever their names: traced off (False), the forward calls none; traced on (True),
     it calls one or fx cannot trace it (mmcv's ``if self.with_cp and x.requires_grad:``, a checkpointed
@@ -150,7 +151,8 @@ def _found_flags(scope: nn.Module, path: str, concrete: dict[str, Any], known: t
         graphs = []
         for value in (False, True):
             try:
-                graphs.append(_trace(scope, path, concrete, (names, (False,) * (len(names) - 1) + (value,)))[0])
+                graphs.append(_trace(scope, path, concrete, (names, (False,) * (len(names) - 1) + (value,)),
+                                     varargs=varargs)[0])
             except SurgeryError:
                 graphs.append(None)
         off, on = graphs
@@ -166,7 +168,7 @@ def trace_variant(scope: nn.Module, path: str, params: tuple[Param, ...] | None,
     """The graph of ``scope`` specialised as :func:`trace_scope` did (``params``), with the checkpointing flags
     ``names`` set to ``values`` and the plain Sequentials named in ``leaves`` kept as leaves; SurgeryError if fx
     cannot trace it."""
-    return _trace(scope, path, concrete_args(params), (names, values), leaves)[0]
+    return _trace(scope, path, concrete_args(params), (names, values), leaves, varargs=params is None)[0]
 
 
 def concrete_args(params: tuple[Param, ...] | None) -> dict[str, Any]:

@@ -82,6 +82,7 @@ class InjectedForward:
         self._producers: list[tuple[nn.Module, nn.Module]] | None = None  # resolved on the first call
         self._names = frozenset(p.name for p in params or ())
         self._positional = sum(p.index is not None for p in params or ())
+        self._falling_back = self._reentered = False  # see _fall_back
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.module.training:
@@ -98,19 +99,35 @@ class InjectedForward:
                 warnings.warn(f"dropblock_inject: {self.name!r} runs its original forward, without DropBlock, "
                               f"while {', '.join(f'{f}={v}' for f, v in zip(self.flags, key))}: {fn}", stacklevel=2)
                 return self._original(*args, **kwargs)
+        if self._falling_back:
+            self._reentered = True
         if self.params is not None:
             flat = self._flatten(args, kwargs)
             if flat is None:
-                warnings.warn(f"dropblock_inject: {self.name!r} was rewritten for calls with "
-                              f"({', '.join(p.describe() for p in self.params)}) but is called otherwise; this "
-                              f"call runs its original forward, without DropBlock", stacklevel=2)
-                return self._original(*args, **kwargs)
+                return self._fall_back(args, kwargs)
             args, kwargs = tuple(flat), {}
         if self.inplace and not torch.compiler.is_compiling():  # compiled DropBlocks never write in place
             self._allow_inplace()
         if self._checkpoints_itself and hf_checkpointing_on(self.module):
             return self.module._gradient_checkpointing_func(functools.partial(self._run, fn, **kwargs), *args)
         return self._run(fn, *args, **kwargs)
+
+    def _fall_back(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A call unlike the traced one runs the original forward; it warns unless that forward called the
+        module's forward again in a way that was traced (Ultralytics' ``model(batch_dict)`` computes the loss
+        on ``self.forward(batch["img"])``, which runs with its DropBlocks)."""
+        outer = self._falling_back, self._reentered
+        self._falling_back, self._reentered = True, False
+        try:
+            out = self._original(*args, **kwargs)
+            reentered = self._reentered
+        finally:
+            self._falling_back, self._reentered = outer
+        if not reentered:
+            warnings.warn(f"dropblock_inject: {self.name!r} was rewritten for calls with "
+                          f"({', '.join(p.describe() for p in self.params or ())}) but is called otherwise; this "
+                          f"call runs its original forward, without DropBlock", stacklevel=3)
+        return out
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -169,7 +186,8 @@ class InjectedForward:
             else:
                 return None
             if p.kind == "free":
-                if value is None and not p.expect:
+                if (value is None and p.expect is not True) or (
+                        p.expect is torch.Tensor and not isinstance(value, (torch.Tensor, fx.Proxy))):
                     return None
                 flat.append(value)
             elif p.kind == "none":
