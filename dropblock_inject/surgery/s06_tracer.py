@@ -12,6 +12,7 @@ graph).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import operator
 import threading
@@ -129,19 +130,28 @@ class Tracer(fx.Tracer):
         if space is not None and is_module:  # its methods next to the forward see the same globals
             self.root.__dict__.update(own_methods(self.root, root_fn, space))  # (undone by _state_kept)
 
-        # fx reads the forward's own signature (and rewrites its code for ``*args``/``**kwargs``: Ultralytics'
-        # ``forward(self, x, *args, **kwargs)``); what it will call is wrapped after
-        traced_fn, args = super().create_args_for_root(fn, is_module, concrete_args)
         flags = inspect.unwrap(root_fn).__code__.co_flags
-        if not self.varargs and flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+        if not flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+            @functools.wraps(root_fn)  # fx reads the signature through __wrapped__
+            def flat_output(*args: Any, **kwargs: Any) -> Any:
+                leaves, self.out_structure = flatten_output(fn(*args, **kwargs))
+                return leaves if self.out_structure is not None else leaves[0]
+
+            return super().create_args_for_root(flat_output, is_module, concrete_args)
+
+        # ``forward(self, x, *args, **kwargs)`` (Ultralytics'): fx rewrites the forward's own code to take them one
+        # by one, so it gets the forward itself, and what it will call is wrapped after; traced empty unless
+        # ``varargs``
+        traced_fn, args = super().create_args_for_root(fn, is_module, concrete_args)
+        if not self.varargs:
             empty = ([()] if flags & inspect.CO_VARARGS else []) + ([{}] if flags & inspect.CO_VARKEYWORDS else [])
             args = [*args[:len(args) - len(empty)], *empty]
 
-        def flat_output(*args: Any) -> Any:
+        def flat_varargs_output(*args: Any) -> Any:
             leaves, self.out_structure = flatten_output(traced_fn(*args))
             return leaves if self.out_structure is not None else leaves[0]
 
-        return flat_output, args
+        return flat_varargs_output, args
 
 
 @contextlib.contextmanager
