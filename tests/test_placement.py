@@ -22,7 +22,8 @@ def _plan(model: nn.Module, recipe="paper_generic", x=None):
 
 
 def _index(point) -> int:
-    return int(point.module.split(".")[1])
+    """The index of the Ultralytics layer ``model.<i>`` a point is in (or after, for the root's own points)."""
+    return int(point.module.split(".")[1] if point.module else point.after.split("_")[1])
 
 
 # -- backbone only, no attention, live maps only ---------------------------------------------------------
@@ -34,19 +35,18 @@ def test_yolov8n_points_only_in_its_backbone(yolo_net):
     assert {_index(p) for p in points} >= {6, 8}
 
 
-def test_yolov8n_warns_only_about_its_untraceable_root_naming_its_layers(yolo_net):
-    """fx cannot trace the whole DetectionModel (its forward routes outputs by index): inject warns once,
-    naming the backbone layer left out (the root's stride-16 downsampling conv ``model.5``). The C2f blocks
-    (``list(self.cv1(x).chunk(2, 1))``) are traced: those of the backbone get their cv1 and cv2 points."""
+def test_yolov8n_backbone_convs_and_c2f_blocks_get_their_points_without_warnings(yolo_net):
+    """fx traces the whole DetectionModel (``forward(self, x, *args, **kwargs)``, called with the image only) and
+    its C2f blocks (``list(self.cv1(x).chunk(2, 1))``): no module is skipped, the root's stride-16/32
+    downsampling convs (``model.5``, ``model.7``) and the backbone's C2f blocks get their points."""
     model = yolo_net("yolov8n.yaml")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dbi.inject(model, "paper_generic", example_input=torch.zeros(1, 3, 256, 256))
-    untraceable = [str(w.message) for w in caught if "cannot trace module" in str(w.message)]
-    assert len(untraceable) == 1 and "'<root>'" in untraceable[0], untraceable
-    assert untraceable[0].endswith("left without DropBlock (its layers at that stride: model.5)")
+    assert not [str(w.message) for w in caught if "cannot trace module" in str(w.message)]
     plan = {(p.module, p.after) for p in _plan(yolo_net("yolov8n.yaml"), x=torch.zeros(1, 3, 256, 256))}
-    assert {("model.6", "cv1"), ("model.6", "cv2"), ("model.8", "cv1"), ("model.8", "cv2")} <= plan
+    assert {("", "model_5"), ("", "model_7"), ("model.6", "cv1"), ("model.6", "cv2"), ("model.8", "cv1"),
+            ("model.8", "cv2")} <= plan
 
 
 def test_yolo11n_no_point_in_neck_head_or_attention(yolo_net):
