@@ -364,3 +364,13 @@ def test_placement_check_reads_a_points_node_as_its_own_layer_not_the_parent(pat
     assert _layer(paths, point) == "features.transition3.conv"
     again = InsertionPoint("features", "transition3_conv_1", "branch", 3, None, 0.9)
     assert _layer(paths, again) == "features.transition3.conv"
+
+
+def test_placement_check_reads_fx_node_names_in_snake_case():
+    """fx names a call of ``adn.N`` (MONAI's ADN norm) ``adn_n`` and one of ``convBlock`` ``conv_block``."""
+    from tools.coverage.placement import _layer
+
+    paths = ["down_4.convs.conv_0.adn", "down_4.convs.conv_0.adn.N", "body.convBlock"]
+    assert _layer(paths, InsertionPoint("", "down_4_convs_conv_0_adn_n", "branch", 3, None, 0.9)) == \
+        "down_4.convs.conv_0.adn.N"
+    assert _layer(paths, InsertionPoint("body", "conv_block", "branch", 3, None, 0.9)) == "body.convBlock"

@@ -5,6 +5,8 @@ and its norm (norms by behaviour, whatever their class)."""
 
 from __future__ import annotations
 
+import re
+
 from typing import Any, Iterable, Sequence
 
 from torch import nn
@@ -21,10 +23,16 @@ _SHAPED = {"expand_as", "view_as", "reshape_as", "broadcast_to", "expand"}
 def _layer(model_paths: Iterable[str], point: InsertionPoint) -> str | None:
     """The module path a point's node calls (fx names a call of ``a.b`` ``a_b``, ``a_b_1`` if repeated)."""
     prefix = f"{point.module}." if point.module else ""
-    names = {path[len(prefix):].replace(".", "_"): path for path in sorted(model_paths) if path.startswith(prefix)}
+    names = {_node_name(path[len(prefix):]): path for path in sorted(model_paths) if path.startswith(prefix)}
     base, _, count = point.after.rpartition("_")
     # ``features_transition3_conv`` is ``features.transition3.conv``, never ``features.transition3``
     return names.get(point.after) or (names.get(base) if count.isdigit() else None)
+
+
+def _node_name(target: str) -> str:
+    """The name fx gives a call of the module at ``target``: snake case, dots as underscores (``adn.N`` ->
+    ``adn_n``, ``convBlock`` -> ``conv_block``)."""
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", target).lower().replace(".", "_")
 
 
 def misplaced(model: nn.Module, points: Sequence[InsertionPoint], example_input: Any) -> str:
