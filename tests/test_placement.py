@@ -472,3 +472,15 @@ def test_the_plan_does_not_depend_on_the_string_hash_seed():
     plans = [subprocess.run([sys.executable, "-c", _SEEDED_PLAN], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
     assert plans[0] and plans[0] == plans[1]
+
+
+def test_pan_decoder_fusing_the_dilated_stage_with_the_one_before_gets_no_point():
+    """smp PAN's encoder keeps stride 16 in its last stage (dilated): its first attention upsampling block
+    (``decoder.gau3``) fuses that stage's map with the previous stage's at one resolution, without
+    resampling; it is decoder, not a continuation of the stride-32 stage. No point gets a one-channel map
+    (the feature pyramid attention's sums)."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    points = _plan(smp.PAN(encoder_name="resnet18", encoder_weights=None).eval(), x=torch.zeros(2, 3, 128, 128))
+    assert not [p for p in points if p.module.startswith("decoder.gau")]
+    assert all(p.shape is not None and p.shape[1] > 1 for p in points)
+    assert {p.module for p in points if p.module.startswith("encoder.layer4")}

@@ -62,7 +62,7 @@ class Roles(TensorRoles):
             elif op.kind in ("resample", "conv") and ins and outs and len(outs[0].shape) == len(ins[0].shape) and all(
                     o > i for o, i in zip(outs[0].shape[2:], ins[0].shape[2:])):
                 found.append(op.index)
-        return found
+        return sorted({*found, *self._stage_fusions()})
 
     def _fusing_call(self, op: int) -> int | None:
         """The start of the earliest module call that reads maps of different strides and runs fusion op
@@ -134,23 +134,8 @@ class Roles(TensorRoles):
         next addition's stage when it has that stride, else to none; values made after the first fusion
         (necks, decoders, heads) keep their measured stride."""
         end = self.backbone_end
-        anchors = [(r.op, self._key(r.op), r.dilation) for r in self.residual_adds
-                   if r.skip is not None and self.first_conv <= r.op < end and self._map(self._out(r.op))]
-        stages: list[list[int]] = []  # per anchor: its stage's anchor indices
-        for i, (_, key, _) in enumerate(anchors):
-            if i and anchors[i - 1][1] == key:
-                stages[-1].append(i)
-            else:
-                stages.append([i])
-        dil = [1] * len(anchors)
-        prev_stride, factor = None, 1
-        for stage in stages:
-            stride = anchors[stage[0]][1][0]
-            if stride == prev_stride and max(anchors[j][2] for j in stage) > 1:
-                factor *= 2  # it kept the previous stage's stride and dilates instead: the stride it replaced
-            prev_stride = stride
-            for i in stage:
-                dil[i] = factor
+        anchors = self._anchors(end)
+        dil = _factors(anchors)
         out: list[int | None] = []
         k = 0  # anchors[:k] ran before the current value
         for val in self.flow.values:
@@ -165,6 +150,33 @@ class Roles(TensorRoles):
                     factor = dil[k]
             out.append(None if val.stride is None else val.stride * factor)
         return out
+
+    def _anchors(self, end: int) -> list[tuple[int, tuple[int | None, int], int]]:
+        """The residual additions before op ``end`` that make maps: (op index, (stride, channels), dilation)."""
+        return [(r.op, self._key(r.op), r.dilation) for r in self.residual_adds
+                if r.skip is not None and self.first_conv <= r.op < end and self._map(self._out(r.op))]
+
+    def _stage_fusions(self) -> list[int]:
+        """Ops combining maps of one measured stride from stages of different dilation (a dilated backbone's
+        last stage and the stage before it, at the same resolution: smp PAN's attention upsampling fuses
+        them without resampling); each value is counted in the stage of the last residual addition its maps are
+        computed from."""
+        anchors = self._anchors(len(self.flow.ops))
+        factor = dict(zip((a[0] for a in anchors), _factors(anchors)))
+        if len(set(factor.values())) < 2:
+            return []
+        last: list[int] = [-1] * len(self.flow.values)  # the latest anchor each value is computed from
+        found = []
+        for op in self.flow.ops:
+            ins = [v for v in op.inputs if self._map(v)]
+            before = max((last[v] for v in ins or op.inputs), default=-1)  # a map scaled by a gate: the map's
+            if (op.kind in ("add", "cat") or op.name in _ELEMENTWISE) and len(ins) > 1 and len(
+                    {self.flow.values[v].stride for v in ins}) == 1 and len(
+                    {factor.get(last[v], 1) for v in ins}) > 1:
+                found.append(op.index)
+            for v in op.outputs:
+                last[v] = op.index if op.index in factor else before
+        return found
 
     def _out(self, op: int) -> int:
         return self.flow.ops[op].outputs[0]
@@ -259,6 +271,29 @@ class Roles(TensorRoles):
             if all(len(i) == 1 and i == o and len(i[0]) >= 3 for i, o in shapes) and is_stat_norm(modules[path]):
                 out.add(path)
         return out
+
+
+def _factors(anchors: list[tuple[int, tuple[int | None, int], int]]) -> list[int]:
+    """Per anchor (a residual addition: op, (stride, channels), branch dilation), the stride factor its stage
+    traded for dilation: the additions of one (stride, channels) run form a stage; a stage that keeps the
+    previous stage's stride and dilates its branches stands for twice its stride; a downsampling stage keeps
+    the factor of the stages before it."""
+    stages: list[list[int]] = []  # per stage: its anchors' indices
+    for i, (_, key, _) in enumerate(anchors):
+        if i and anchors[i - 1][1] == key:
+            stages[-1].append(i)
+        else:
+            stages.append([i])
+    dil = [1] * len(anchors)
+    prev_stride, factor = None, 1
+    for stage in stages:
+        stride = anchors[stage[0]][1][0]
+        if stride == prev_stride and max(anchors[j][2] for j in stage) > 1:
+            factor *= 2  # it kept the previous stage's stride and dilates instead: the stride it replaced
+        prev_stride = stride
+        for i in stage:
+            dil[i] = factor
+    return dil
 
 
 def _cells(val: Value) -> int:

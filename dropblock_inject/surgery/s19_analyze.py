@@ -137,7 +137,7 @@ def analyze(path: str, scope: nn.Module, traced: Traced, shapes: ShapeLog | None
             shortcut, branch = (a, b) if found.skip == 0 else (b, a)
         residual = True
         on_shortcut |= excl[shortcut]
-        shape = node_shapes.get(branch.name) or node_shapes.get(n.name)
+        shape = node_shapes.get(branch.name) or node_shapes.get(n.name) or _flow_shape(roles, found, node_shapes)
         candidates.append(Candidate(shortcut, "shortcut", frozenset(), add=n, shape=shape,
                                     banned=banned.get(shortcut.name, "") or own_ban))
     # nodes whose value reaches the output as a feature map, not only as attention logits or a gate
@@ -187,6 +187,16 @@ def _paired(kinds: frozenset[str], path: str | None, roles: Roles | None) -> fro
         if producer is not None and flow.ops[producer].kind == "conv":
             return kinds | {"unit"}
     return kinds
+
+
+def _flow_shape(roles: Roles | None, add: ResidualAdd | None, node_shapes: dict[str, Any]) -> tuple[int, ...] | None:
+    """The shape of the sum a residual addition made, as the example forward recorded it (a sum of functional
+    ops has no module output to read it from), with the batch size of the scope's other shapes."""
+    if roles is None or add is None:
+        return None
+    shape = roles.flow.values[roles.flow.ops[add.op].outputs[0]].shape
+    batch = max((s[0] for s in node_shapes.values() if isinstance(s, tuple) and s), default=None)
+    return (batch, *shape[1:]) if batch is not None and shape else shape
 
 
 def _is_source(roles: Roles, add: ResidualAdd) -> bool:

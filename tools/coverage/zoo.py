@@ -39,6 +39,9 @@ TV_FAST = ["resnet18", "resnet50", "mobilenet_v3_small", "mnasnet0_5", "regnet_x
 KNOWN_LIMITS = {
     ("timm", "dla34"): "known limit: the projection a DlaTree passes to its first block gets two DropBlocks "
                        "in series (after the tree's `project`, and on the block's `shortcut` argument)",
+    ("smp", "PAN(resnet18)"): "known limit: the decoder's feature pyramid attention on the encoder's last map (its "
+                              "pyramid runs on one-channel maps, its global context is a pooled map added back) "
+                              "reads as part of the stride-32 stage: its middle conv and that addition get points",
 }
 
 
