@@ -141,6 +141,17 @@ class Dataflow:
             index = self.__dict__["_by_path"] = (len(self.calls), by_path)
         return index[1].get(path, [])
 
+    def calls_reading(self, value: int) -> list[ModuleCall]:
+        """The module calls that took ``value`` as an input, in the order they ended."""
+        index = self.__dict__.get("_by_input")
+        if index is None or index[0] != len(self.calls):
+            by_input: dict[int, list[ModuleCall]] = {}
+            for c in self.calls:
+                for v in dict.fromkeys(c.inputs):
+                    by_input.setdefault(v, []).append(c)
+            index = self.__dict__["_by_input"] = (len(self.calls), by_input)
+        return index[1].get(value, [])
+
     def consumers(self) -> list[list[int]]:
         """For each value, the indices of the ops that read it."""
         out: list[list[int]] = [[] for _ in self.values]

@@ -173,13 +173,12 @@ def _paired(kinds: frozenset[str], path: str | None, roles: Roles | None) -> fro
     flow = roles.flow
     call = flow.calls_of(path)[0]
     if "conv" in kinds and "unit" in kinds:
-        outs = set(call.outputs)
-        readers = [c for c in flow.calls if set(c.inputs) & outs and not c.path.startswith(path)
-                   and c.start >= call.end]
+        readers = [c for v in dict.fromkeys(call.outputs) for c in flow.calls_reading(v)
+                   if not c.path.startswith(path) and c.start >= call.end]
         direct = [c for c in readers if not any(c is not d and c.start <= d.start and d.end <= c.end
                                                 for d in readers)]
-        ops = [op for op in flow.ops[call.end:] if set(op.inputs) & outs and not any(
-            c.start <= op.index < c.end for c in readers)]
+        ops = [i for v in call.outputs for i in roles.consumers[v] if i >= call.end and not any(
+            c.start <= i < c.end for c in readers)]
         if direct and not ops and all(roles.is_norm(c.path) for c in direct):
             return kinds - {"unit"}
     if kinds == {"norm"} and call.inputs:
