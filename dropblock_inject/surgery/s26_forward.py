@@ -48,8 +48,9 @@ class InjectedForward:
     """Stored as ``module.forward``: the rewritten graph in training mode, the original forward in eval.
 
     A graph traced with specialised arguments (see :func:`.s11_calls.specialise`) runs only for calls that match them:
-    another call pattern (e.g. ``shortcut=None`` where the trace saw a tensor) warns and runs the original
-    forward, without DropBlock. The scope's gradient-checkpointing ``flags`` pick one of the ``variants``
+    another call pattern (e.g. ``shortcut=None`` where the trace saw a tensor, a dict where it saw a tensor)
+    runs the original forward, which warns unless that forward called this one in the traced pattern
+    (Ultralytics' ``model(batch)`` runs ``self.forward(batch["img"])``). The scope's gradient-checkpointing ``flags`` pick one of the ``variants``
     graphs per call (a string where a value could not be traced with its checkpoint call: that call warns and
     runs the original forward); a Hugging Face ``GradientCheckpointingLayer`` checkpoints the graph as its own
     wrapper would. A DropBlock listed in ``inplace`` (with the module producing its input) writes in place only
