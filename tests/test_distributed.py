@@ -79,6 +79,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.all_gather(gathered, params)
         record["params_in_sync"] = all(torch.equal(gathered[0], t) for t in gathered)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+        dist.barrier()  # no rank tears gloo down while another still talks to it (an abort on a busy machine)
     finally:
         dist.destroy_process_group()
 
