@@ -134,8 +134,7 @@ class Tracer(fx.Tracer):
         if not flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
             @functools.wraps(root_fn)  # fx reads the signature through __wrapped__
             def flat_output(*args: Any, **kwargs: Any) -> Any:
-                leaves, self.out_structure = flatten_output(fn(*args, **kwargs))
-                return leaves if self.out_structure is not None else leaves[0]
+                return self._flat(fn(*args, **kwargs))
 
             return super().create_args_for_root(flat_output, is_module, concrete_args)
 
@@ -147,11 +146,13 @@ class Tracer(fx.Tracer):
             empty = ([()] if flags & inspect.CO_VARARGS else []) + ([{}] if flags & inspect.CO_VARKEYWORDS else [])
             args = [*args[:len(args) - len(empty)], *empty]
 
-        def flat_varargs_output(*args: Any) -> Any:
-            leaves, self.out_structure = flatten_output(traced_fn(*args))
-            return leaves if self.out_structure is not None else leaves[0]
+        return lambda *args: self._flat(traced_fn(*args)), args
 
-        return flat_varargs_output, args
+    def _flat(self, out: Any) -> Any:
+        """The traced output as the graph returns it: its leaves, one leaf alone (:attr:`out_structure` rebuilds
+        a structured one)."""
+        leaves, self.out_structure = flatten_output(out)
+        return leaves if self.out_structure is not None else leaves[0]
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 * :func:`attempts` -- the ways to run it, cheapest first: an empty batch, the meta device, a real forward;
 * :class:`MetaForward` -- the meta device, keeping small constants real so that code reading them runs;
+* :func:`run` -- one call of the model the way an attempt says;
 * :class:`ModuleState` -- every module's attributes, put back after the forward (a cache of meta tensors).
 """
 
@@ -126,3 +127,11 @@ def attempts(args: tuple[Any, ...]) -> list[tuple[str, tuple[Any, ...]]]:
     if args and all(isinstance(a, Tensor) and a.dim() >= 3 and a.shape[0] >= 1 for a in args):
         ways.append(("empty batch", tuple(a[:0] for a in args)))
     return [*ways, ("meta", pytree.tree_map_only(Tensor, lambda t: t.to("meta"), args)), ("real", args)]
+
+
+def run(model: Any, args: tuple[Any, ...], how: str) -> Any:
+    """``model(*args)``, under :class:`MetaForward` when ``how`` is ``"meta"`` (the args already on meta)."""
+    if how == "meta":
+        with MetaForward():
+            return model(*args)
+    return model(*args)

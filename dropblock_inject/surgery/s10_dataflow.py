@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .s09_metaforward import MetaForward, ModuleState, attempts, leaves
+from .s09_metaforward import ModuleState, attempts, leaves, run
 
 Shape = tuple[int, ...]
 
@@ -152,6 +152,19 @@ class Dataflow:
             index = self.__dict__["_by_input"] = (len(self.calls), by_input)
         return index[1].get(value, [])
 
+    def ancestors(self, seeds: Iterable[int]) -> set[int]:
+        """``seeds`` and every value they were computed from."""
+        seen = set(seeds)
+        todo = list(seen)
+        while todo:
+            p = self.values[todo.pop()].producer
+            if p is not None:
+                for w in self.ops[p].inputs:
+                    if w not in seen:
+                        seen.add(w)
+                        todo.append(w)
+        return seen
+
     def consumers(self) -> list[list[int]]:
         """For each value, the indices of the ops that read it."""
         out: list[list[int]] = [[] for _ in self.values]
@@ -234,11 +247,7 @@ def _run(model: nn.Module, args: tuple[Any, ...], how: str) -> Dataflow:
         model.eval()
         with torch.no_grad(), rec:
             rec.flow.inputs = tuple(rec.new_value(t, None) for t in leaves(args))
-            if how == "meta":
-                with MetaForward():
-                    out = model(*args)
-            else:
-                out = model(*args)
+            out = run(model, args, how)
     finally:
         for h in handles:
             h.remove()

@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from .s08_example import Flow, Snapshot, attempts, leaves
-from .s09_metaforward import MetaForward
+from .s09_metaforward import run
 from .s10_dataflow import Dataflow, Recording
 from .s07_kinds import ACT_FUNCTIONS, ACT_METHODS, CONV_TYPES, add_operands, is_container, is_layer, module_kind, owner
 from .s11_calls import Call, describe
@@ -159,11 +159,7 @@ class ShapeLog:
             with torch.no_grad(), flow, inner:
                 if observer is not None:
                     observer.inputs(args)
-                if how == "meta":
-                    with MetaForward():
-                        out = model(*args)
-                else:
-                    out = model(*args)
+                out = run(model, args, how)
         finally:
             for m, mode in modes.items():
                 m.training = mode

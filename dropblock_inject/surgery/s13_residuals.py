@@ -37,18 +37,6 @@ class ResidualAdd:
     dilation: int = 1
 
 
-def _ancestors(flow: Dataflow, v: int) -> set[int]:
-    seen, todo = {v}, [v]
-    while todo:
-        p = flow.values[todo.pop()].producer
-        if p is not None:
-            for w in flow.ops[p].inputs:
-                if w not in seen:
-                    seen.add(w)
-                    todo.append(w)
-    return seen
-
-
 def residual_adds(flow: Dataflow, data: set[int]) -> list[ResidualAdd]:
     """Every addition of two data tensors of one shape that share a source, wherever it runs (chained in a
     loop, after a transition). The operand that *is* the source is the skip (``x + f(x)``); when both
@@ -76,7 +64,7 @@ def residual_adds(flow: Dataflow, data: set[int]) -> list[ResidualAdd]:
         ins = [v for v in op.inputs if v in data]
         if len(ins) != 2 or flow.values[ins[0]].shape != flow.values[ins[1]].shape:
             continue
-        anc = [_ancestors(flow, v) for v in ins]
+        anc = [flow.ancestors((v,)) for v in ins]
         common = anc[0] & anc[1]
         if not common:
             continue
@@ -97,7 +85,7 @@ def source_outside(flow: Dataflow, add: ResidualAdd) -> bool:
     """Whether the latest common source of ``add``'s operands was computed before the module call that ran
     the addition and is none of its inputs: two maps that call was handed (HRNet's branches, fused), not a
     branch and a skip of its own input."""
-    anc = [_ancestors(flow, v) for v in add.operands]
+    anc = [flow.ancestors((v,)) for v in add.operands]
     common = anc[0] & anc[1]
     if not common:
         return True

@@ -58,15 +58,7 @@ class TensorRoles:
     @cached_property
     def live(self) -> set[int]:
         """Values the model's outputs are computed from (the outputs included)."""
-        seen, todo = set(self.flow.outputs), list(self.flow.outputs)
-        while todo:
-            p = self.flow.values[todo.pop()].producer
-            if p is not None:
-                for w in self.flow.ops[p].inputs:
-                    if w not in seen:
-                        seen.add(w)
-                        todo.append(w)
-        return seen
+        return self.flow.ancestors(self.flow.outputs)
 
     @cached_property
     def ungated(self) -> set[int]:

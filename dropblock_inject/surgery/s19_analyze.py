@@ -201,16 +201,7 @@ def _flow_shape(roles: Roles | None, add: ResidualAdd | None, node_shapes: dict[
 def _is_source(roles: Roles, add: ResidualAdd) -> bool:
     """Whether the addition's skip operand is what its other operand was computed from (``x + f(x)``)."""
     skip, other = add.operands[add.skip], add.operands[1 - add.skip]  # type: ignore[index, operator]
-    seen, todo = {other}, [other]
-    while todo:
-        p = roles.flow.values[todo.pop()].producer
-        for w in roles.flow.ops[p].inputs if p is not None else ():
-            if w == skip:
-                return True
-            if w not in seen:
-                seen.add(w)
-                todo.append(w)
-    return False
+    return skip != other and skip in roles.flow.ancestors((other,))
 
 
 _SCALAR_METHODS = {"size", "dim", "numel", "__len__"}
